@@ -1,0 +1,211 @@
+"""Ablation grid: (method × options × query source × ratio) over texts, scored by held-out KL.
+
+    python benchmarks/ablate.py --model smollm2-135m --grid core --ratios 0.3 0.5 --out benchmarks/results/ablation_smollm2
+
+Writes ``OUT.jsonl`` (one line per run; an interrupted run resumes from it), ``OUT.json`` and ``OUT.md``.
+Each row carries the ``repr`` of the method that made it. The table gives geo-mean KL over windows, and the
+ratio to Select+Fit (same query source) and to the best eviction baseline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from kvsculpt import load_model
+from kvsculpt.capture import capture
+from kvsculpt.compress import compress_captured
+from kvsculpt.evaluate import score, teacher, text_index, windows
+from kvsculpt.solvers import make_method
+
+# name: (method, query source, options)
+GRIDS = {
+    "core": {
+        "h2o/context": ("h2o", "context", {}),
+        "snapkv": ("snapkv", "context", {}),
+        "tova": ("tova", "context", {}),
+        "streaming-llm": ("streaming-llm", "context", {}),
+        "knorm": ("knorm", "context", {}),
+        "h2o/self": ("h2o", "self", {}),
+        "h2o/self+context": ("h2o", "self+context", {}),
+        "select-fit/context": ("select-fit", "context", {}),
+        "select-fit/self": ("select-fit", "self", {}),
+        "select-fit/self+context": ("select-fit", "self+context", {}),
+        "select-fit/self prior=zero": ("select-fit", "self", {"prior": "zero"}),
+        "snapkv-fit": ("snapkv-fit", "self+context", {}),
+        "sculpt/context": ("sculpt", "context", {}),
+        "sculpt/self": ("sculpt", "self", {}),
+        "sculpt/self+context": ("sculpt", "self+context", {}),
+    },
+    "smoke": {
+        "h2o/context": ("h2o", "context", {}),
+        "select-fit/context": ("select-fit", "context", {}),
+        "sculpt/context": ("sculpt", "context", {"iters": 5}),
+    },
+}
+EVICTION = ("h2o", "snapkv", "tova", "streaming-llm", "knorm")
+
+
+def geomean(xs):
+    return math.exp(sum(math.log(max(x, 1e-12)) for x in xs) / len(xs))
+
+
+def run(args):
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    done = {}
+    jsonl = out.with_suffix(".jsonl")
+    if jsonl.exists():
+        for line in jsonl.read_text().splitlines():
+            r = json.loads(line)
+            done[(r["window"], r["config"], r["ratio"])] = r
+    grid = GRIDS[args.grid]
+    model, tok = load_model(args.model)
+    texts = args.texts or [k for k, v in text_index().items() if not v["memorised"]]
+    wins = windows(tok, texts, args.context_tokens, args.continuation_tokens, per_text=args.per_text)
+    by_source = defaultdict(list)
+    for name, (_, src, _) in grid.items():
+        by_source[src].append(name)
+    todo = [
+        (w, c, r)
+        for w in wins
+        for c in grid
+        for r in args.ratios
+        if (f"{w.name}@{w.start}", c, r) not in done
+    ]
+    bar = tqdm(total=len(todo), desc="ablation", unit="run")
+    with open(jsonl, "a") as f:
+        for w in wins:
+            wid = f"{w.name}@{w.start}"
+            if all((wid, c, r) in done for c in grid for r in args.ratios):
+                continue
+            ref = teacher(model, w)
+            for src, names in by_source.items():
+                if all((wid, c, r) in done for c in names for r in args.ratios):
+                    continue
+                cap = capture(
+                    model,
+                    w.context,
+                    src,
+                    max_queries=args.max_queries,
+                    tokenizer=tok,
+                    keep_context_queries=True,
+                )
+                for name in names:
+                    method, _, opts = grid[name]
+                    for r in args.ratios:
+                        if (wid, name, r) in done:
+                            continue
+                        solver = make_method(method, **opts)
+                        t0 = time.perf_counter()
+                        cache = compress_captured(model, cap, r, solver, progress=False)
+                        solve_s = time.perf_counter() - t0
+                        res = score(model, cache, w, ref)
+                        stats = cache.info["stats"]["heldout_rel_mse"]
+                        row = {
+                            "window": wid,
+                            "config": name,
+                            "ratio": r,
+                            "method": repr(solver),
+                            "queries": src,
+                            "model": args.model,
+                            **res,
+                            "teacher_nll": ref.nll,
+                            "heldout_rel_mse": sum(map(sum, stats)) / max(1, sum(map(len, stats))),
+                            "prefill_seconds": ref.prefill_seconds,
+                            "query_seconds": cap.query_seconds,
+                            "solve_seconds": solve_s,
+                            "compress_over_prefill": (cap.prefill_seconds + cap.query_seconds + solve_s)
+                            / ref.prefill_seconds,
+                        }
+                        f.write(json.dumps(row) + "\n")
+                        f.flush()
+                        done[(wid, name, r)] = row
+                        bar.update()
+                        bar.set_postfix_str(f"{name} r={r} kl={res['kl']:.4f}")
+    bar.close()
+    rows = [done[(f"{w.name}@{w.start}", c, r)] for w in wins for c in grid for r in args.ratios]
+    write_report(rows, args, out)
+
+
+def write_report(rows, args, out: Path):
+    table = defaultdict(dict)
+    for r in rows:
+        table[(r["config"], r["ratio"])].setdefault("kl", []).append(r["kl"])
+        table[(r["config"], r["ratio"])].setdefault("cp", []).append(r["compress_over_prefill"])
+        table[(r["config"], r["ratio"])]["method"] = r["method"]
+    configs = list(dict.fromkeys(r["config"] for r in rows))
+    summary = []
+    for ratio in args.ratios:
+        gm = {c: geomean(table[(c, ratio)]["kl"]) for c in configs}
+        evict = [c for c in configs if c.split("/")[0] in EVICTION]
+        best_evict = min(evict, key=gm.get) if evict else None
+        for c in configs:
+            src = c.split("/")[1].split(" ")[0] if "/" in c else None
+            sf = f"select-fit/{src}" if src else None
+            summary.append(
+                {
+                    "config": c,
+                    "ratio": ratio,
+                    "method": table[(c, ratio)]["method"],
+                    "kl_geomean": gm[c],
+                    "vs_select_fit": gm[sf] / gm[c] if sf in gm else None,
+                    "vs_best_eviction": gm[best_evict] / gm[c] if best_evict else None,
+                    "best_eviction": best_evict,
+                    "compress_over_prefill": sum(table[(c, ratio)]["cp"]) / len(table[(c, ratio)]["cp"]),
+                    "windows": len(table[(c, ratio)]["kl"]),
+                }
+            )
+    out.with_suffix(".json").write_text(
+        json.dumps({"args": vars(args), "summary": summary, "rows": rows}, indent=1)
+    )
+    lines = [
+        f"# Ablation: {args.model}, n={args.context_tokens}, T={args.continuation_tokens}",
+        "",
+        f"Command: `python {' '.join(sys.argv)}`",
+        "",
+        f"Geo-mean held-out KL (nats) over {len({r['window'] for r in rows})} windows "
+        f"({', '.join(sorted({r['window'] for r in rows}))}). "
+        "`×S+F` = KL(Select+Fit, same queries) / KL(row); `×evict` = KL(best eviction baseline) / KL(row): "
+        "above 1 means the row is better.",
+        "",
+        "| config | ratio | KL | ×S+F | ×evict | compress/prefill | method |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for s in summary:
+        f = lambda x: "–" if x is None else f"{x:.2f}"  # noqa: E731
+        lines.append(
+            f"| {s['config']} | {s['ratio']} | {s['kl_geomean']:.4f} | {f(s['vs_select_fit'])} | "
+            f"{f(s['vs_best_eviction'])} | {s['compress_over_prefill']:.1f} | `{s['method']}` |"
+        )
+    nll = {r["window"]: r["teacher_nll"] for r in rows}
+    lines += ["", "Teacher NLL per window (nats/token): " + ", ".join(f"{k} {v:.2f}" for k, v in nll.items())]
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--grid", default="core", choices=GRIDS)
+    ap.add_argument("--texts", nargs="*")
+    ap.add_argument("--per-text", type=int, default=1)
+    ap.add_argument("--context-tokens", type=int, default=1024)
+    ap.add_argument("--continuation-tokens", type=int, default=128)
+    ap.add_argument("--ratios", type=float, nargs="+", default=[0.3, 0.5])
+    ap.add_argument("--max-queries", type=int, default=4096)
+    ap.add_argument("--out", default="benchmarks/results/ablation")
+    run(ap.parse_args(argv))
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(2)
+    main()

@@ -1,0 +1,161 @@
+"""``compress()``: capture a context, solve every layer, return a :class:`CompressedCache`."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from tqdm.auto import tqdm
+
+from . import budget
+from .attention import model_dims
+from .cache import CompressedCache
+from .capture import QUERY_SOURCES, capture, split_heldout
+from .solvers import Method, fidelity, make_method
+
+DEFAULT_METHOD = "select-fit"
+DEFAULT_QUERIES = "self"
+ALLOCATIONS = ("uniform", "adaptive")
+
+
+def _check_queries(queries: str) -> None:
+    parts = queries.split("+") if isinstance(queries, str) else list(queries)
+    if not parts or any(p not in QUERY_SOURCES for p in parts):
+        raise ValueError(
+            f"unknown queries {queries!r}; choose from {', '.join(QUERY_SOURCES)} (or join with '+')"
+        )
+
+
+def compress(
+    model,
+    context_ids: torch.Tensor,
+    ratio: float = 0.5,
+    method: str | Method = DEFAULT_METHOD,
+    allocation: str = "uniform",
+    queries: str = DEFAULT_QUERIES,
+    tokenizer=None,
+    max_queries: int | None = 4096,
+    heldout: float = 0.2,
+    self_samples: int = 10,
+    self_length: int = 64,
+    temperature: float = 1.0,
+    top_p: float = 0.95,
+    seed: int = 0,
+    alpha: float = 1.0,
+    progress: bool = True,
+    **options,
+) -> CompressedCache:
+    """Compress the cache of ``context_ids [1, n]`` to a fraction ``ratio`` of its entries (kept, not removed).
+
+    ``method``: a registered name (``kvsculpt.solvers.METHODS``) or a method object; ``options`` go to its
+    dataclass. ``queries``: the reference-query source(s): ``self``, ``context``, ``repeat`` or a mix joined by
+    ``+``. A fraction ``heldout`` of the query groups is kept out of fitting and used for the fidelity stats
+    in ``cache.info["stats"]``.
+    """
+    t_start = time.perf_counter()
+    budget.check_ratio(ratio)
+    _check_queries(queries)
+    if allocation not in ALLOCATIONS:
+        raise ValueError(f"unknown allocation {allocation!r}; choose from {', '.join(ALLOCATIONS)}")
+    solver = method if isinstance(method, Method) else make_method(method, **options)
+    if isinstance(context_ids, torch.Tensor) and context_ids.numel() == 0:
+        raise ValueError("the context is empty")
+    cap = capture(
+        model,
+        context_ids,
+        queries,
+        max_queries=max_queries,
+        tokenizer=tokenizer,
+        self_samples=self_samples,
+        self_length=self_length,
+        temperature=temperature,
+        top_p=top_p,
+        seed=seed,
+        keep_context_queries=solver.needs_context_queries,
+    )
+    cache = compress_captured(model, cap, ratio, solver, allocation, heldout, seed, alpha, progress)
+    cache.info.update(queries=queries, compress_seconds=time.perf_counter() - t_start)
+    return cache
+
+
+def compress_captured(
+    model,
+    cap,
+    ratio: float,
+    solver: Method,
+    allocation="uniform",
+    heldout=0.2,
+    seed=0,
+    alpha=1.0,
+    progress=True,
+) -> CompressedCache:
+    """Solve every layer of an existing :class:`~kvsculpt.capture.Capture` (lets experiments reuse one capture)."""
+    t_start = time.perf_counter()
+    L, _, Hkv, _, scale = model_dims(model)
+    n = cap.n
+    held = split_heldout(cap.groups, heldout, seed).to(cap.queries[0].device)
+    fit_q = [q[:, ~held] for q in cap.queries]
+    check_q = [q[:, held] for q in cap.queries] if held.any() else None
+    t_solve = time.perf_counter()
+    if type(solver).__name__ == "Identity":
+        budgets = [[n] * Hkv for _ in range(L)]
+    elif allocation == "uniform":
+        budgets = budget.uniform(n, ratio, L, Hkv)
+    else:
+        budgets, pilot = _adaptive_budgets(cap, fit_q, check_q, ratio, alpha, scale)
+    keys, values, biases, rel_mse, mass_err = [], [], [], [], []
+    has_bias = False
+    for li in tqdm(range(L), desc=f"compress {type(solver).__name__}", unit="layer", disable=not progress):
+        K, V = cap.keys[li], cap.values[li]
+        cq = None if cap.context_queries is None else cap.context_queries[li]
+        heads = solver(K, V, fit_q[li], budgets[li], scale, cq)
+        dtype = model.dtype
+        keys.append([k.to(dtype) for k, _, _ in heads])
+        values.append([v.to(dtype) for _, v, _ in heads])
+        biases.append(
+            [torch.zeros(k.shape[0], device=k.device) if b is None else b.float() for k, _, b in heads]
+        )
+        has_bias = has_bias or any(b is not None for _, _, b in heads)
+        if check_q is not None:
+            errs = [fidelity(check_q[li][h], K[h], V[h], *heads[h], scale) for h in range(Hkv)]
+            rel_mse.append([float(e) for e, _ in errs])
+            mass_err.append([float(z) for _, z in errs])
+    has_bias = any(float(b.abs().max()) > 0 for layer in biases for b in layer)
+    solve_s = time.perf_counter() - t_solve
+    info = {
+        "method": repr(solver),
+        "ratio": ratio,
+        "allocation": allocation,
+        "n": n,
+        "fit_queries": int(fit_q[0].shape[1]),
+        "heldout_queries": int(0 if check_q is None else check_q[0].shape[1]),
+        "prefill_seconds": cap.prefill_seconds,
+        "query_seconds": cap.query_seconds,
+        "solve_seconds": solve_s,
+        "compress_seconds": cap.prefill_seconds + cap.query_seconds + time.perf_counter() - t_start,
+        "stats": {"heldout_rel_mse": rel_mse, "heldout_mass_err": mass_err},
+    }
+    if allocation == "adaptive":
+        info["pilot"] = pilot
+    return CompressedCache.from_heads(
+        model, keys, values, n, biases if has_bias else None, repr(solver), info, cap.context_ids
+    )
+
+
+def _adaptive_budgets(cap, fit_q, check_q, ratio, alpha, scale):
+    """Pilot: Select+Fit at the uniform budget; difficulty = its relative output MSE per (layer, head)."""
+    from .solvers import SelectFit
+
+    t0 = time.perf_counter()
+    L, Hkv, n = len(cap.keys), cap.keys[0].shape[0], cap.n
+    m = budget.kept(n, ratio)
+    pilot_q = check_q if check_q is not None else fit_q
+    diff = torch.zeros(L, Hkv)
+    for li in range(L):
+        heads = SelectFit()(cap.keys[li], cap.values[li], fit_q[li], [m] * Hkv, scale)
+        for h in range(Hkv):
+            diff[li, h] = fidelity(pilot_q[li][h], cap.keys[li][h], cap.values[li][h], *heads[h], scale)[0]
+    floor = max(1, min(m, n // 64))
+    budgets = budget.allocate(diff, m * L * Hkv, floor, n, alpha).tolist()
+    pilot = {"difficulty": diff.tolist(), "alpha": alpha, "seconds": time.perf_counter() - t0}
+    return budgets, pilot

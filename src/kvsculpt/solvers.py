@@ -1,0 +1,320 @@
+"""Solvers: pure tensor math, independent of any model, batched over the KV heads of a layer.
+
+Every method is a small dataclass called as::
+
+    method(K [H, n, d], V [H, n, d], Q [H, N, d], budgets [H], scale, context_queries=None)
+        -> list over heads of (K' [m_h, d], V' [m_h, d], β [m_h] or None)
+
+``Q`` are the reference queries the block is fitted to; ``context_queries [H, G, n, d]`` (the context's own
+prefill queries, per GQA head) are only needed by the eviction baselines that are defined by them
+(``snapkv``, ``tova``). The ``repr`` of a method is recorded in results and saved caches.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from .attention import attend, logits
+
+# ----------------------------------------------------------------------------- shared primitives
+
+
+def relative_error(O_student: torch.Tensor, O: torch.Tensor) -> torch.Tensor:
+    """Per-head relative output MSE ``‖O' − O‖² / ‖O‖²``: ``[H, N, d]`` → ``[H]``."""
+    return ((O_student - O) ** 2).sum((-2, -1)) / (O**2).sum((-2, -1)).clamp_min(1e-30)
+
+
+def fidelity(Q, K, V, Kc, Vc, bias, scale) -> tuple[torch.Tensor, torch.Tensor]:
+    """How well ``(Kc, Vc, bias)`` reproduces attention over ``(K, V)`` for queries ``Q`` (one head or batched).
+
+    Returns relative output MSE and mean squared log-mass error, each ``[H]`` (or scalars for one head).
+    """
+    O, z = attend(Q, K, V, scale)
+    Oc, zc = attend(Q, Kc, Vc, scale, bias)
+    return relative_error(Oc, O), ((zc - z) ** 2).mean(-1)
+
+
+def ridge_values(
+    A: torch.Tensor, O: torch.Tensor, lam: float, prior: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``argmin_V ‖A V − O‖² + λ'‖V − prior‖²`` in fp32, batched: A ``[H, N, m]``, O ``[H, N, d]`` → ``[H, m, d]``.
+
+    ``λ' = lam · mean(diag AᵀA)`` per head (scale-free); ``prior`` ``[H, m, d]`` defaults to zero.
+    Solved by Cholesky, with a least-squares fallback for heads where it fails.
+    """
+    A, O = A.float(), O.float()
+    R = O if prior is None else O - A @ prior.float()
+    AtA = A.transpose(-1, -2) @ A
+    reg = (lam * AtA.diagonal(dim1=-2, dim2=-1).mean(-1)).clamp_min(1e-12)
+    AtA = AtA + reg[:, None, None] * torch.eye(A.shape[-1], device=A.device, dtype=A.dtype)
+    rhs = A.transpose(-1, -2) @ R
+    chol, info = torch.linalg.cholesky_ex(AtA)
+    sol = torch.cholesky_solve(rhs, chol)
+    bad = info != 0
+    if bad.any():
+        sol[bad] = torch.linalg.lstsq(AtA[bad], rhs[bad]).solution
+    return sol if prior is None else sol + prior.float()
+
+
+def attention_scores(Q: torch.Tensor, K: torch.Tensor, scale: float) -> torch.Tensor:
+    """Attention each key receives, summed over queries: Q ``[H, N, d]``, K ``[H, n, d]`` → ``[H, n]``."""
+    return torch.softmax(logits(Q, K, scale), dim=-1).sum(1)
+
+
+def top_indices(scores: torch.Tensor, m: int) -> torch.Tensor:
+    """Indices ``[H, m]`` of the ``m`` highest scores per head, in original order."""
+    return scores.topk(m, dim=-1).indices.sort(dim=-1).values
+
+
+def gather(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Rows ``idx [H, m]`` of ``x [H, n, d]`` → ``[H, m, d]``."""
+    return x.gather(1, idx[..., None].expand(-1, -1, x.shape[-1]))
+
+
+def nnls_bias(Q, Kc, z, scale, max_rows: int = 2048) -> torch.Tensor:
+    """β ``[H, m]`` with ``w = exp(β) ≥ 0`` fitted by NNLS so that ``Σ_j w_j exp(s q·k'_j) ≈ exp(z)`` (mass).
+
+    Attention Matching's fit, solved with scipy per head on at most ``max_rows`` queries.
+    """
+    from scipy.optimize import nnls
+
+    E = torch.exp(logits(Q[:, :max_rows], Kc, scale) - z[:, :max_rows, None]).double().cpu().numpy()
+    out = []
+    for h in range(E.shape[0]):
+        w, _ = nnls(E[h], [1.0] * E.shape[1], maxiter=20 * E.shape[2])
+        out.append(torch.log(torch.from_numpy(w).clamp_min(1e-6)).float())
+    return torch.stack(out).to(Kc.device)
+
+
+def _split(Kc, Vc, bias) -> list[tuple]:
+    return [(Kc[h], Vc[h], None if bias is None else bias[h]) for h in range(Kc.shape[0])]
+
+
+def _by_budget(budgets: list[int]) -> dict[int, list[int]]:
+    """Heads grouped by budget, so each group is solved as one batch."""
+    groups: dict[int, list[int]] = {}
+    for h, m in enumerate(budgets):
+        groups.setdefault(int(m), []).append(h)
+    return groups
+
+
+class Method:
+    """Base: validates inputs and batches heads of equal budget through ``solve``."""
+
+    needs_context_queries = False
+
+    def __call__(self, K, V, Q, budgets, scale, context_queries=None):
+        H, n, _ = K.shape
+        if len(budgets) != H or min(budgets) < 1 or max(budgets) > n:
+            raise ValueError(f"budgets {list(budgets)} must be {H} integers in [1, {n}]")
+        if self.needs_context_queries and context_queries is None:
+            raise ValueError(f"{self!r} needs the context's own queries")
+        out: list = [None] * H
+        for m, heads in _by_budget(list(budgets)).items():
+            idx = torch.tensor(heads, device=K.device)
+            cq = None if context_queries is None else context_queries[idx]
+            Kc, Vc, bias = self.solve(K[idx].float(), V[idx].float(), Q[idx].float(), m, scale, cq)
+            for j, h in enumerate(heads):
+                out[h] = (Kc[j], Vc[j], None if bias is None else bias[j])
+        return out
+
+    def solve(self, K, V, Q, m, scale, context_queries):  # -> (K' [H, m, d], V' [H, m, d], β [H, m] | None)
+        raise NotImplementedError
+
+
+# ----------------------------------------------------------------------------- methods
+
+
+@dataclass
+class Identity(Method):
+    """Keep every entry unchanged (exactness checks of the compressed-cache path)."""
+
+    def solve(self, K, V, Q, m, scale, context_queries):
+        if m != K.shape[1]:
+            raise ValueError("identity keeps every entry: use ratio 1.0")
+        return K, V, None
+
+
+def _fit_values(Q, K, V, idx, Kc, scale, lam, prior, bias=None):
+    O, _ = attend(Q, K, V, scale)
+    A = torch.softmax(logits(Q, Kc, scale, bias), dim=-1)
+    return ridge_values(A, O, lam, gather(V, idx) if prior == "original" else None)
+
+
+@dataclass
+class Evict(Method):
+    """Keep a subset of the original entries, chosen by ``score``; values copied, or refitted if ``fit``.
+
+    Scores: ``h2o`` (attention accumulated over the reference queries), ``snapkv`` (attention from the
+    context's last ``window`` positions, pooled over GQA heads), ``tova`` (attention from the context's last
+    position), ``streaming-llm`` (``sinks`` first entries + the most recent), ``knorm`` (lowest key norm),
+    ``random``.
+    """
+
+    score: str = "h2o"
+    fit: bool = False
+    lam: float = 1e-2
+    prior: str = "original"
+    window: int = 64
+    sinks: int = 4
+    seed: int = 0
+
+    SCORES = ("h2o", "snapkv", "tova", "streaming-llm", "knorm", "random")
+
+    def __post_init__(self):
+        if self.score not in self.SCORES:
+            raise ValueError(f"unknown eviction score {self.score!r}; choose from {', '.join(self.SCORES)}")
+        self.needs_context_queries = self.score in ("snapkv", "tova")
+
+    def scores(self, K, Q, scale, context_queries):
+        H, n, _ = K.shape
+        if self.score == "h2o":
+            return attention_scores(Q, K, scale)
+        if self.score in ("snapkv", "tova"):
+            w = self.window if self.score == "snapkv" else 1
+            cq = context_queries[:, :, -w:].reshape(H, -1, K.shape[-1])
+            s = torch.softmax(logits(cq, K, scale), -1).sum(1)
+            s[:, -w:] = float("inf")  # the observation window itself is always kept, as in SnapKV
+            return s
+        if self.score == "streaming-llm":
+            pos = torch.arange(n, device=K.device, dtype=torch.float32).expand(H, n).clone()
+            pos[:, : self.sinks] = float("inf")
+            return pos
+        if self.score == "knorm":
+            return -K.norm(dim=-1)
+        gen = torch.Generator().manual_seed(self.seed)
+        return torch.rand(H, n, generator=gen).to(K.device)
+
+    def solve(self, K, V, Q, m, scale, context_queries):
+        idx = top_indices(self.scores(K, Q, scale, context_queries), m)
+        Kc = gather(K, idx)
+        Vc = _fit_values(Q, K, V, idx, Kc, scale, self.lam, self.prior) if self.fit else gather(V, idx)
+        return Kc, Vc, None
+
+
+@dataclass
+class SelectFit(Method):
+    """The paper's baseline: top-m keys by attention from the reference queries, values by ridge least squares.
+
+    ``prior="original"`` regularises toward the selected original values (zero otherwise);
+    ``beta="nnls"`` adds a per-entry bias fitted to the attention mass.
+    """
+
+    lam: float = 1e-2
+    prior: str = "original"
+    beta: str = "none"
+
+    def solve(self, K, V, Q, m, scale, context_queries):
+        idx = top_indices(attention_scores(Q, K, scale), m)
+        Kc = gather(K, idx)
+        bias = None
+        if self.beta == "nnls":
+            bias = nnls_bias(Q, Kc, attend(Q, K, V, scale)[1], scale)
+        return Kc, _fit_values(Q, K, V, idx, Kc, scale, self.lam, self.prior, bias), bias
+
+
+@dataclass
+class Sculpt(Method):
+    """KVSculpt: keys optimised by L-BFGS, values re-solved in closed form every ``inner`` steps.
+
+    Initialised from Select+Fit. Objective per head: relative output MSE + ``mass_weight`` ·
+    mean((z' − z)²). ``beta``: ``none``, ``nnls`` (fitted once at the start), or ``joint`` (optimised
+    with the keys). The best iterate is kept, so the objective never ends above the initialisation.
+    """
+
+    iters: int = 20
+    inner: int = 5
+    lam: float = 1e-2
+    prior: str = "original"
+    mass_weight: float = 1.0
+    beta: str = "none"
+
+    def objective(self, Q, O, z, Kc, Vc, bias, scale) -> torch.Tensor:
+        """Per-head objective ``[H]``."""
+        Oc, zc = attend(Q, Kc, Vc, scale, bias)
+        return relative_error(Oc, O) + self.mass_weight * ((zc - z) ** 2).mean(-1)
+
+    def solve(self, K, V, Q, m, scale, context_queries):
+        O, z = attend(Q, K, V, scale)
+        idx = top_indices(attention_scores(Q, K, scale), m)
+        prior = gather(V, idx) if self.prior == "original" else None
+        Kc = gather(K, idx).clone()
+        bias = nnls_bias(Q, Kc, z, scale) if self.beta == "nnls" else None
+        if self.beta == "joint":
+            bias = torch.zeros(Kc.shape[:2], device=K.device)
+
+        def values(Kc, bias):
+            return ridge_values(torch.softmax(logits(Q, Kc, scale, bias), -1), O, self.lam, prior)
+
+        Vc = values(Kc, bias)
+        best = self.objective(Q, O, z, Kc, Vc, bias, scale)
+        best_state = [Kc.clone(), Vc.clone(), None if bias is None else bias.clone()]
+        for _ in range(math.ceil(self.iters / max(1, self.inner))):
+            Kc, bias = self._key_steps(Q, O, z, Kc, Vc, bias, scale)
+            with torch.no_grad():
+                Vc = values(Kc, bias)
+                obj = self.objective(Q, O, z, Kc, Vc, bias, scale)
+            if not torch.isfinite(obj).all():
+                warnings.warn(
+                    "sculpt diverged (non-finite objective); keeping the best iterate", stacklevel=2
+                )
+                break
+            better = obj < best
+            best = torch.where(better, obj, best)
+            best_state[0][better], best_state[1][better] = Kc[better], Vc[better]
+            if bias is not None:
+                best_state[2][better] = bias[better]
+        return tuple(best_state)
+
+    def _key_steps(self, Q, O, z, Kc, Vc, bias, scale):
+        Kp = Kc.detach().clone().requires_grad_(True)
+        params = [Kp]
+        bp = None if bias is None else bias.detach().clone().requires_grad_(self.beta == "joint")
+        if self.beta == "joint":
+            params.append(bp)
+        opt = torch.optim.LBFGS(
+            params,
+            lr=1.0,
+            max_iter=self.inner,
+            history_size=10,
+            line_search_fn="strong_wolfe",
+            tolerance_grad=1e-12,
+            tolerance_change=1e-14,
+        )
+
+        def closure():
+            opt.zero_grad()
+            loss = self.objective(Q, O, z, Kp, Vc, bp, scale).sum()
+            loss.backward()
+            return loss
+
+        with torch.enable_grad():
+            opt.step(closure)
+        return Kp.detach(), None if bp is None else bp.detach()
+
+
+def _evict(score: str, fit: bool = False):
+    return lambda **kw: Evict(score=score, fit=fit, **kw)
+
+
+METHODS = {
+    "sculpt": Sculpt,
+    "select-fit": SelectFit,
+    "identity": Identity,
+    **{s: _evict(s) for s in Evict.SCORES},
+    **{f"{s}-fit": _evict(s, fit=True) for s in Evict.SCORES},
+}
+
+
+def make_method(name: str, **options) -> Method:
+    """A method by registered name, with options (its dataclass fields)."""
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; known: {', '.join(METHODS)}")
+    try:
+        return METHODS[name](**options)
+    except TypeError as exc:
+        raise ValueError(f"bad option for method {name!r}: {exc}") from None

@@ -1,0 +1,41 @@
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def tiny_model(kind: str, seed: int = 0):
+    """A random-weight model of the given family, built from a config (no download)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+    from kvsculpt.attention import ATTENTION_NAME
+
+    torch.manual_seed(seed)
+    common = dict(
+        vocab_size=97,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+    )
+    cfg = LlamaConfig(**common) if kind == "llama" else Qwen2Config(**common, use_sliding_window=False)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32, attn_implementation=ATTENTION_NAME)
+    return model.eval()
+
+
+@pytest.fixture(params=["llama", "qwen2"])
+def tiny(request):
+    return tiny_model(request.param)
+
+
+@pytest.fixture(scope="session")
+def smollm():
+    from kvsculpt import load_model
+
+    return load_model("smollm2-135m")

@@ -1,0 +1,125 @@
+import pytest
+import torch
+from transformers import DynamicCache
+
+from kvsculpt.attention import attend, capture_queries, check_supported
+from kvsculpt.capture import capture, pool_gqa, prefill, split_heldout, subsample
+
+from .conftest import tiny_model
+
+
+def _attention_outputs(model, ids):
+    """Each layer's attention output before o_proj, [n, H*d], via forward pre-hooks."""
+    outs, hooks = [], []
+    for layer in model.model.layers:
+        hooks.append(
+            layer.self_attn.o_proj.register_forward_pre_hook(lambda m, a: outs.append(a[0][0].clone()))
+        )
+    try:
+        with torch.no_grad():
+            model(ids, past_key_values=DynamicCache(), use_cache=True)
+    finally:
+        for h in hooks:
+            h.remove()
+    return outs
+
+
+def test_recomputed_attention_matches_each_layer(tiny):
+    ids = torch.randint(0, 97, (1, 40))
+    reference = _attention_outputs(tiny, ids)
+    cache, _, queries, _ = prefill(tiny, ids, with_queries=True)
+    H = tiny.config.num_attention_heads
+    G = H // tiny.config.num_key_value_heads
+    for li, layer in enumerate(cache.layers):
+        q = queries[li][0]  # [H, n, d]
+        k = layer.keys[0].repeat_interleave(G, 0)
+        v = layer.values[0].repeat_interleave(G, 0)
+        n, d = q.shape[1], q.shape[2]
+        scores = q @ k.transpose(1, 2) / d**0.5
+        scores = scores.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
+        out = torch.softmax(scores, -1) @ v  # [H, n, d]
+        got = out.transpose(0, 1).reshape(n, H * d)
+        assert (got - reference[li]).abs().max() < 1e-4
+
+
+def test_captured_keys_equal_a_plain_sdpa_cache(tiny):
+    ids = torch.randint(0, 97, (1, 30))
+    cap = capture(tiny, ids, queries="context")
+    tiny.set_attn_implementation("sdpa")
+    plain = DynamicCache()
+    with torch.no_grad():
+        tiny(ids, past_key_values=plain, use_cache=True)
+    for li, layer in enumerate(plain.layers):
+        assert torch.equal(cap.keys[li], layer.keys[0])
+        assert torch.equal(cap.values[li], layer.values[0])
+
+
+def test_pool_gqa_groups_query_heads_by_kv_head():
+    q = torch.arange(2 * 4 * 3).float().reshape(1, 4, 3, 2).repeat(1, 1, 1, 1)  # [B=1, H=4, T=3, d=2]
+    pooled = pool_gqa(q, kv_heads=2)
+    assert pooled.shape == (2, 2 * 3, 2)
+    assert torch.equal(pooled[0], torch.cat([q[0, 0], q[0, 1]]))
+    assert torch.equal(pooled[1], torch.cat([q[0, 2], q[0, 3]]))
+
+
+def test_query_sources_shapes_and_subsampling(tiny):
+    ids = torch.randint(0, 97, (1, 24))
+    L, Hkv, G = 2, 2, 2
+    ctx = capture(tiny, ids, queries="context")
+    assert len(ctx.queries) == L and ctx.queries[0].shape == (Hkv, G * 24, 16)
+    assert ctx.groups.shape == (G * 24,)
+    slf = capture(tiny, ids, queries="self", self_samples=3, self_length=5)
+    assert slf.queries[0].shape == (Hkv, 3 * G * 5, 16) and slf.samples.shape == (3, 5)
+    mixed = capture(tiny, ids, queries="self+context", self_samples=2, self_length=4, max_queries=50)
+    assert mixed.queries[0].shape == (Hkv, 50, 16) and mixed.groups.shape == (50,)
+    with pytest.raises(ValueError, match="tokenizer"):
+        capture(tiny, ids, queries="repeat")
+
+
+def test_self_queries_replay_matches_sampling(tiny):
+    """Queries captured while sampling equal those of a batch-1 replay of the same tokens."""
+    ids = torch.randint(0, 97, (1, 20))
+    cap = capture(tiny, ids, queries="self", self_samples=2, self_length=6, seed=3)
+    cache, _, _, _ = prefill(tiny, ids)
+    with capture_queries(tiny) as sinks, torch.no_grad():
+        tiny(cap.samples[1:2], past_key_values=cache, position_ids=torch.arange(20, 26)[None], use_cache=True)
+    replay = pool_gqa(torch.cat(sinks[1], 2), 2)  # [Hkv, G*6, d] for sample 1, layer 1
+    sampled = cap.queries[1][:, cap.groups == 1]
+    assert (replay - sampled).abs().max() < 1e-4
+
+
+def test_subsample_and_heldout_split():
+    qs = [torch.randn(2, 100, 4)]
+    groups = torch.arange(100) // 10
+    sub_q, sub_g = subsample(qs, groups, 30)
+    assert sub_q[0].shape == (2, 30, 4) and sub_g.shape == (30,)
+    held = split_heldout(groups, 0.3)
+    held_groups = torch.unique(groups[held])
+    assert len(held_groups) == 3
+    assert not torch.isin(groups[~held], held_groups).any()
+
+
+def test_attend_matches_softmax():
+    Q, K, V = torch.randn(5, 8), torch.randn(7, 8), torch.randn(7, 8)
+    out, z = attend(Q, K, V, 0.3)
+    lg = Q @ K.T * 0.3
+    assert torch.allclose(out, torch.softmax(lg, -1) @ V, atol=1e-6)
+    assert torch.allclose(z, torch.logsumexp(lg, -1), atol=1e-6)
+
+
+def test_unsupported_models_get_clear_errors():
+    model = tiny_model("qwen2")
+    model.config.use_sliding_window = True
+    model.config.sliding_window = 16
+    with pytest.raises(NotImplementedError, match="sliding-window"):
+        check_supported(model)
+    model.config.model_type = "gpt2"
+    with pytest.raises(NotImplementedError, match="not supported"):
+        check_supported(model)
+
+
+def test_bad_context_ids(tiny):
+    with pytest.raises(ValueError, match="empty"):
+        capture(tiny, torch.zeros(1, 0, dtype=torch.long))
+    with pytest.raises(ValueError, match="unknown query source"):
+        capture(tiny, torch.zeros(1, 4, dtype=torch.long), queries="future")
