@@ -45,6 +45,16 @@ GRIDS = {
         "sculpt/self": ("sculpt", "self", {}),
         "sculpt/self+context": ("sculpt", "self+context", {}),
     },
+    "focus": {
+        "h2o/context": ("h2o", "context", {}),
+        "snapkv": ("snapkv", "context", {}),
+        "streaming-llm": ("streaming-llm", "context", {}),
+        "h2o/self+context": ("h2o", "self+context", {}),
+        "select-fit/context": ("select-fit", "context", {}),
+        "select-fit/self": ("select-fit", "self", {}),
+        "select-fit/self+context": ("select-fit", "self+context", {}),
+        "sculpt/self+context": ("sculpt", "self+context", {}),
+    },
     "smoke": {
         "h2o/context": ("h2o", "context", {}),
         "select-fit/context": ("select-fit", "context", {}),
@@ -67,6 +77,9 @@ def run(args):
         for line in jsonl.read_text().splitlines():
             r = json.loads(line)
             done[(r["window"], r["config"], r["ratio"])] = r
+    if args.report_only:
+        write_report(list(done.values()), args, out)
+        return
     grid = GRIDS[args.grid]
     model, tok = load_model(args.model)
     texts = args.texts or [k for k, v in text_index().items() if not v["memorised"]]
@@ -132,36 +145,46 @@ def run(args):
                         bar.update()
                         bar.set_postfix_str(f"{name} r={r} kl={res['kl']:.4f}")
     bar.close()
-    rows = [done[(f"{w.name}@{w.start}", c, r)] for w in wins for c in grid for r in args.ratios]
+    rows = list(done.values())  # everything measured so far, including other grids' rows
     write_report(rows, args, out)
 
 
+def paired_ratio(kl: dict, a: str, b: str, ratio: float):
+    """Geo-mean over the windows both configs ran on of KL(a) / KL(b); None if they share none."""
+    common = [w for (c, r, w) in kl if c == a and r == ratio and (b, ratio, w) in kl]
+    if not common:
+        return None
+    return geomean([kl[(a, ratio, w)] / kl[(b, ratio, w)] for w in common])
+
+
 def write_report(rows, args, out: Path):
-    table = defaultdict(dict)
+    kl = {(r["config"], r["ratio"], r["window"]): r["kl"] for r in rows}
+    cp = defaultdict(list)
+    methods = {}
     for r in rows:
-        table[(r["config"], r["ratio"])].setdefault("kl", []).append(r["kl"])
-        table[(r["config"], r["ratio"])].setdefault("cp", []).append(r["compress_over_prefill"])
-        table[(r["config"], r["ratio"])]["method"] = r["method"]
+        cp[(r["config"], r["ratio"])].append(r["compress_over_prefill"])
+        methods[(r["config"], r["ratio"])] = r["method"]
     configs = list(dict.fromkeys(r["config"] for r in rows))
     summary = []
     for ratio in args.ratios:
-        gm = {c: geomean(table[(c, ratio)]["kl"]) for c in configs}
-        evict = [c for c in configs if c.split("/")[0] in EVICTION]
+        present = [c for c in configs if (c, ratio) in methods]
+        gm = {c: geomean([v for (cc, r, _), v in kl.items() if cc == c and r == ratio]) for c in present}
+        evict = [c for c in present if c.split("/")[0] in EVICTION]
         best_evict = min(evict, key=gm.get) if evict else None
-        for c in configs:
+        for c in present:
             src = c.split("/")[1].split(" ")[0] if "/" in c else None
             sf = f"select-fit/{src}" if src else None
             summary.append(
                 {
                     "config": c,
                     "ratio": ratio,
-                    "method": table[(c, ratio)]["method"],
+                    "method": methods[(c, ratio)],
                     "kl_geomean": gm[c],
-                    "vs_select_fit": gm[sf] / gm[c] if sf in gm else None,
-                    "vs_best_eviction": gm[best_evict] / gm[c] if best_evict else None,
+                    "vs_select_fit": paired_ratio(kl, sf, c, ratio) if sf in gm else None,
+                    "vs_best_eviction": paired_ratio(kl, best_evict, c, ratio) if best_evict else None,
                     "best_eviction": best_evict,
-                    "compress_over_prefill": sum(table[(c, ratio)]["cp"]) / len(table[(c, ratio)]["cp"]),
-                    "windows": len(table[(c, ratio)]["kl"]),
+                    "compress_over_prefill": sum(cp[(c, ratio)]) / len(cp[(c, ratio)]),
+                    "windows": sum(1 for (cc, r, _) in kl if cc == c and r == ratio),
                 }
             )
     out.with_suffix(".json").write_text(
@@ -172,18 +195,20 @@ def write_report(rows, args, out: Path):
         "",
         f"Command: `python {' '.join(sys.argv)}`",
         "",
-        f"Geo-mean held-out KL (nats) over {len({r['window'] for r in rows})} windows "
+        f"Geo-mean held-out KL (nats) over up to {len({r['window'] for r in rows})} windows "
         f"({', '.join(sorted({r['window'] for r in rows}))}). "
         "`×S+F` = KL(Select+Fit, same queries) / KL(row); `×evict` = KL(best eviction baseline) / KL(row): "
         "above 1 means the row is better.",
         "",
-        "| config | ratio | KL | ×S+F | ×evict | compress/prefill | method |",
-        "|---|---|---|---|---|---|---|",
+        "Ratios are paired: geo-mean over the windows both configs ran on.",
+        "",
+        "| config | ratio | windows | KL | ×S+F | ×evict | compress/prefill | method |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for s in summary:
         f = lambda x: "–" if x is None else f"{x:.2f}"  # noqa: E731
         lines.append(
-            f"| {s['config']} | {s['ratio']} | {s['kl_geomean']:.4f} | {f(s['vs_select_fit'])} | "
+            f"| {s['config']} | {s['ratio']} | {s['windows']} | {s['kl_geomean']:.4f} | {f(s['vs_select_fit'])} | "
             f"{f(s['vs_best_eviction'])} | {s['compress_over_prefill']:.1f} | `{s['method']}` |"
         )
     nll = {r["window"]: r["teacher_nll"] for r in rows}
@@ -203,6 +228,9 @@ def main(argv=None):
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.3, 0.5])
     ap.add_argument("--max-queries", type=int, default=4096)
     ap.add_argument("--out", default="benchmarks/results/ablation")
+    ap.add_argument(
+        "--report-only", action="store_true", help="rewrite JSON/Markdown from the JSONL and stop"
+    )
     run(ap.parse_args(argv))
 
 

@@ -14,7 +14,7 @@ from .capture import QUERY_SOURCES, capture, split_heldout
 from .solvers import Method, fidelity, make_method
 
 DEFAULT_METHOD = "select-fit"
-DEFAULT_QUERIES = "self"
+DEFAULT_QUERIES = "self+context"
 ALLOCATIONS = ("uniform", "adaptive")
 
 

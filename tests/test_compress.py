@@ -1,0 +1,128 @@
+import json
+
+import pytest
+import torch
+
+from kvsculpt import CompressedCache, compress
+from kvsculpt.cli import main
+from kvsculpt.evaluate import continuation_logits
+
+from .conftest import tiny_model
+
+
+def test_compress_uniform_on_tiny_model():
+    model = tiny_model("llama")
+    ids = torch.randint(0, 97, (1, 40))
+    cache = compress(model, ids, ratio=0.25, method="select-fit", queries="context", progress=False)
+    assert cache.budgets == [[10, 10], [10, 10]]
+    assert "SelectFit" in cache.method and cache.info["ratio"] == 0.25
+    stats = cache.info["stats"]["heldout_rel_mse"]
+    assert len(stats) == 2 and all(0 <= x < 10 for layer in stats for x in layer)
+    out = continuation_logits(model, cache, torch.randint(0, 97, (1, 4)), 40)
+    assert torch.isfinite(out).all()
+
+
+def test_adaptive_allocation_keeps_the_total():
+    model = tiny_model("qwen2")
+    ids = torch.randint(0, 97, (1, 64))
+    cache = compress(
+        model, ids, ratio=0.25, method="select-fit", queries="context", allocation="adaptive", progress=False
+    )
+    assert cache.kept_entries() == 16 * 2 * 2
+    assert cache.nbytes() <= 1.02 * cache.logical_nbytes() + sum(4 * sum(b) for b in cache.budgets)
+    assert "pilot" in cache.info
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"ratio": 0.0}, "ratio"),
+        ({"ratio": 1.5}, "ratio"),
+        ({"method": "magic"}, "unknown method"),
+        ({"queries": "tomorrow"}, "unknown queries"),
+        ({"allocation": "lottery"}, "unknown allocation"),
+    ],
+)
+def test_bad_input_errors(kwargs, match):
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match=match):
+        compress(model, torch.randint(0, 97, (1, 20)), progress=False, **kwargs)
+
+
+def test_empty_context_error():
+    with pytest.raises(ValueError, match="empty"):
+        compress(tiny_model("llama"), torch.zeros(1, 0, dtype=torch.long), progress=False)
+
+
+def test_identity_through_cli_has_zero_kl(smollm, capsys):
+    main(
+        [
+            "eval",
+            "--text",
+            "openai_agents_tar_utils",
+            "--context-tokens",
+            "256",
+            "--continuation-tokens",
+            "32",
+            "--ratio",
+            "1.0",
+            "--method",
+            "identity",
+            "--queries",
+            "context",
+            "--json",
+        ]
+    )
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for key in (
+        "kl",
+        "ppl",
+        "method",
+        "ratio",
+        "allocation",
+        "kept_entries",
+        "full_entries",
+        "cache_bytes",
+        "logical_bytes",
+        "compress_seconds",
+        "prefill_seconds",
+        "model",
+        "context_tokens",
+        "continuation_tokens",
+    ):
+        assert key in row
+    assert row["kl"] < 1e-6
+    assert row["kept_entries"] == row["full_entries"] == 256 * 30 * 3
+
+
+def test_cli_compress_then_generate(smollm, tmp_path, capsys):
+    out = tmp_path / "c.kvs"
+    main(
+        [
+            "compress",
+            "--text",
+            "openai_agents_tar_utils",
+            "--context-tokens",
+            "200",
+            "--ratio",
+            "0.5",
+            "--method",
+            "h2o",
+            "--queries",
+            "context",
+            "--out",
+            str(out),
+        ]
+    )
+    model, _ = smollm
+    cache = CompressedCache.load(out, model)
+    assert cache.kept_entries() == 100 * 30 * 3
+    capsys.readouterr()
+    main(["generate", "--cache", str(out), "--prompt", "\nThe function above", "--max-new-tokens", "5"])
+    assert capsys.readouterr().out.strip()
+
+
+def test_cli_errors_are_clear(capsys):
+    with pytest.raises(SystemExit):
+        main(["eval", "--model", "no-such-model", "--ratio", "0.5"])
+    assert "smollm2-135m" in capsys.readouterr().err

@@ -1,0 +1,62 @@
+import pytest
+import torch
+
+from kvsculpt import CompressedCache
+from kvsculpt.capture import capture
+from kvsculpt.evaluate import (
+    TextTooShortError,
+    full_cache_result,
+    kl_per_position,
+    load_text,
+    make_window,
+    score,
+    teacher,
+    text_index,
+    windows,
+)
+
+
+def test_kl_basics():
+    p = torch.randn(5, 11)
+    assert kl_per_position(p, p).abs().max() < 1e-6
+    assert (kl_per_position(p, torch.randn(5, 11)) > 0).all()
+
+
+def test_full_cache_has_zero_kl_and_a_damaged_cache_does_not(smollm):
+    model, tok = smollm
+    w = make_window(tok, load_text("openai_agents_tar_utils"), 256, 32)
+    ref = teacher(model, w)
+    assert full_cache_result(model, w, ref)["kl"] < 1e-6
+    # drop the last half of the context from every head
+    cap = capture(model, w.context, queries="context")
+    half = [[k[:128] for k in layer] for layer in cap.keys]
+    halfv = [[v[:128] for v in layer] for layer in cap.values]
+    damaged = CompressedCache.from_heads(model, half, halfv, 256)
+    assert score(model, damaged, w, ref)["kl"] > 0.05
+    assert 1.0 < ref.nll < 6.0
+
+
+def test_short_text_error_names_the_lengths(smollm):
+    _, tok = smollm
+    with pytest.raises(TextTooShortError, match=r"1000 context \+ 50 continuation"):
+        make_window(tok, "too short", 1000, 50)
+
+
+def test_shipped_texts_have_provenance_and_licences():
+    from importlib import resources
+
+    index = text_index()
+    assert sum(not v["memorised"] for v in index.values()) >= 4
+    total = 0
+    for name, meta in index.items():
+        assert meta["licence"] and meta["source"]
+        total += len(load_text(name).encode())
+        if meta["licence_file"]:
+            assert resources.files("kvsculpt").joinpath("texts", meta["licence_file"]).is_file()
+    assert total < 1_000_000
+
+
+def test_windows_do_not_overlap(smollm):
+    _, tok = smollm
+    ws = windows(tok, ["markitdown_core"], 512, 64, per_text=2)
+    assert len(ws) == 2 and ws[1].start == 576

@@ -1,0 +1,17 @@
+"""Quality claims on a real model (SmolLM2-135M) and a shipped text written after its training."""
+
+from kvsculpt import compress
+from kvsculpt.evaluate import load_text, make_window, score, teacher
+
+
+def test_default_compression_beats_plain_eviction(smollm):
+    model, tok = smollm
+    w = make_window(tok, load_text("openai_agents_human_in_the_loop"), 512, 64)
+    ref = teacher(model, w)
+    default = compress(
+        model, w.context, ratio=0.3, tokenizer=tok, progress=False, self_samples=6, self_length=32
+    )
+    evict = compress(model, w.context, ratio=0.3, method="h2o", queries="context", progress=False)
+    kl_default, kl_evict = score(model, default, w, ref)["kl"], score(model, evict, w, ref)["kl"]
+    print(f"default {kl_default:.4f} vs h2o/context {kl_evict:.4f}")
+    assert kl_default < 0.75 * kl_evict  # measured 0.069 vs 0.125 (1.8x) when this test was written

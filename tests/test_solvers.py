@@ -1,0 +1,95 @@
+import pytest
+import torch
+
+from kvsculpt.attention import attend
+from kvsculpt.solvers import Evict, Sculpt, SelectFit, fidelity, make_method, ridge_values
+
+
+def problem(H=2, n=48, N=200, d=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    K = torch.randn(H, n, d, generator=g)
+    V = torch.randn(H, n, d, generator=g)
+    Q = torch.randn(H, N, d, generator=g) * 1.5
+    return K, V, Q, d**-0.5
+
+
+def test_ridge_solution_has_zero_gradient():
+    g = torch.Generator().manual_seed(1)
+    A = torch.softmax(torch.randn(3, 50, 10, generator=g), -1)
+    O = torch.randn(3, 50, 4, generator=g)
+    prior = torch.randn(3, 10, 4, generator=g)
+    lam = 1e-2
+    Vs = ridge_values(A, O, lam, prior).requires_grad_(True)
+    reg = lam * (A.transpose(1, 2) @ A).diagonal(dim1=1, dim2=2).mean(-1)
+    loss = ((A @ Vs - O) ** 2).sum() + (reg[:, None, None] * (Vs - prior) ** 2).sum()
+    loss.backward()
+    assert Vs.grad.abs().max() < 1e-4
+    # and it beats a perturbed solution
+    worse = Vs.detach() + 1e-2 * torch.randn_like(Vs)
+    assert ((A @ worse - O) ** 2).sum() + (reg[:, None, None] * (worse - prior) ** 2).sum() > loss
+
+
+def test_sculpt_never_ends_above_its_init_and_improves_a_random_problem():
+    K, V, Q, s = problem()
+    sculpt = Sculpt(iters=10, inner=5)
+    init = SelectFit(lam=sculpt.lam, prior=sculpt.prior)
+    O, z = attend(Q, K, V, s)
+    for m in (6, 12):
+        start = [sculpt.objective(Q[h], O[h], z[h], *init(K, V, Q, [m, m], s)[h], s) for h in range(2)]
+        end = [sculpt.objective(Q[h], O[h], z[h], *sculpt(K, V, Q, [m, m], s)[h], s) for h in range(2)]
+        for a, b in zip(start, end, strict=True):
+            assert b <= a + 1e-6
+        assert sum(end) < 0.9 * sum(start)
+
+
+def test_select_fit_beats_copied_values_in_sample():
+    K, V, Q, s = problem()
+    for h, (sf, ev) in enumerate(
+        zip(SelectFit()(K, V, Q, [8, 8], s), Evict()(K, V, Q, [8, 8], s), strict=True)
+    ):
+        assert torch.equal(sf[0], ev[0])  # same keys
+        assert fidelity(Q[h], K[h], V[h], *sf, s)[0] < fidelity(Q[h], K[h], V[h], *ev, s)[0]
+
+
+def test_variable_budgets_and_shapes():
+    K, V, Q, s = problem(H=3)
+    out = SelectFit()(K, V, Q, [5, 20, 5], s)
+    assert [o[0].shape[0] for o in out] == [5, 20, 5]
+    assert all(o[1].shape == (o[0].shape[0], 16) for o in out)
+
+
+@pytest.mark.parametrize("score", Evict.SCORES)
+def test_eviction_baselines_keep_original_entries(score):
+    K, V, Q, s = problem()
+    ctx = torch.randn(2, 2, 48, 16)
+    out = make_method(score)(K, V, Q, [10, 10], s, context_queries=ctx)
+    for h, (k, v, b) in enumerate(out):
+        match = (K[h][None] == k[:, None]).all(-1)  # [10, n]
+        assert match.any(-1).all() and b is None
+        assert torch.equal(v, V[h][match.float().argmax(-1)])  # values copied with their keys
+        assert k.shape == (10, 16)
+    if score == "streaming-llm":
+        assert torch.equal(out[0][0], torch.cat([K[0, :4], K[0, -6:]]))
+
+
+def test_beta_options_fix_the_mass():
+    K, V, Q, s = problem(N=300)
+    plain = SelectFit()(K, V, Q, [8, 8], s)
+    with_beta = SelectFit(beta="nnls")(K, V, Q, [8, 8], s)
+    joint = Sculpt(iters=5, beta="joint")(K, V, Q, [8, 8], s)
+    for h in range(2):
+        z_err = fidelity(Q[h], K[h], V[h], *plain[h], s)[1]
+        assert fidelity(Q[h], K[h], V[h], *with_beta[h], s)[1] < z_err
+        assert fidelity(Q[h], K[h], V[h], *joint[h], s)[1] < z_err
+
+
+def test_bad_inputs():
+    K, V, Q, s = problem()
+    with pytest.raises(ValueError, match="unknown method"):
+        make_method("magic")
+    with pytest.raises(ValueError, match="budgets"):
+        SelectFit()(K, V, Q, [0, 4], s)
+    with pytest.raises(ValueError, match="context's own queries"):
+        make_method("snapkv")(K, V, Q, [4, 4], s)
+    with pytest.raises(ValueError, match="bad option"):
+        make_method("sculpt", colour="red")
