@@ -35,3 +35,37 @@ def test_bad_input():
     with pytest.raises(ValueError, match="ratio"):
         uniform(100, 1.5, 2, 2)
     assert kept(1000, 0.3) == 300
+
+
+def test_curves_equalise_marginal_gains():
+    from kvsculpt.budget import allocate_curves, fit_curves
+
+    # head 0: error falls fast with budget, head 1 slowly -> head 0 gets more at the same total
+    sizes = [10, 20, 40]
+    errs = torch.tensor([[[1.0, 0.1]], [[0.25, 0.07]], [[0.0625, 0.05]]])  # [K, L=1, H=2]
+    a, b = fit_curves(sizes, errs)
+    assert abs(float(b[0, 0]) - 2.0) < 1e-6 and float(b[0, 1]) < 1.0
+    out = allocate_curves(a, b, total=60, floor=2, cap=100)
+    assert int(out.sum()) == 60 and out[0, 0] > out[0, 1]
+
+
+def test_plan_scopes_keep_their_totals():
+    from kvsculpt.budget import plan
+
+    torch.manual_seed(0)
+    base = torch.rand(4, 3) + 0.01
+
+    def pilot(m):
+        return base * (20 / m) ** 1.5
+
+    for rule in ("adaptive", "curves"):
+        for scope in ("all", "heads", "layers"):
+            b, rec = plan(rule, pilot, n=100, ratio=0.3, layers=4, kv_heads=3, scope=scope)
+            t = torch.tensor(b)
+            assert int(t.sum()) == 30 * 12 and t.min() >= 1 and t.max() <= 100
+            if scope == "heads":
+                assert t.sum(1).eq(90).all()
+            if scope == "layers":
+                assert (t == t[:, :1]).all()
+    with pytest.raises(ValueError, match="unknown allocation"):
+        plan("lottery", pilot, 100, 0.3, 4, 3)

@@ -25,51 +25,134 @@ def uniform(n: int, ratio: float, layers: int, kv_heads: int) -> list[list[int]]
     return [[m] * kv_heads for _ in range(layers)]
 
 
-def allocate(difficulty: torch.Tensor, total: int, floor: int, cap: int, alpha: float = 1.0) -> torch.Tensor:
-    """Integer budgets ``[L, H]`` ∝ ``difficulty^alpha``, clipped to ``[floor, cap]``, summing to ``total`` exactly.
+RULES = ("uniform", "adaptive", "curves")
+SCOPES = ("all", "heads", "layers")
 
-    Water-filling finds the continuous budgets (clipping what binds and sharing the rest), then
-    largest-remainder rounding makes them integers without breaking the caps.
-    """
-    e = torch.as_tensor(difficulty, dtype=torch.float64)
-    count = e.numel()
-    if alpha < 0:
-        raise ValueError(f"alpha must be ≥ 0; got {alpha}")
-    if (e < 0).any() or not torch.isfinite(e).all():
-        raise ValueError("difficulties must be finite and ≥ 0")
-    if not (floor * count <= total <= cap * count) or floor < 1 or cap < floor:
-        raise ValueError(
-            f"a total of {total} cannot be met by {count} heads with budgets in [{floor}, {cap}]"
-        )
-    w = e**alpha if alpha > 0 else torch.ones_like(e)
-    w = torch.where(e > 0, w, torch.zeros_like(w))
-    if w.sum() == 0:
-        w = torch.ones_like(e)
+
+def _water_fill(size_at, total: int, floor: int, cap: int) -> torch.Tensor:
+    """Continuous budgets ``size_at(level)`` clipped to ``[floor, cap]``, with the level set by bisection so
+    they sum to ``total``; ``size_at`` must grow with the level."""
     lo, hi = 0.0, 1.0
-    while (w * hi).clamp(floor, cap).sum() < total:
+    while size_at(hi).clamp(floor, cap).sum() < total and hi < 1e300:
         hi *= 2
-    for _ in range(200):  # bisection on the water level
+    for _ in range(200):
         mid = (lo + hi) / 2
-        if (w * mid).clamp(floor, cap).sum() < total:
+        if size_at(mid).clamp(floor, cap).sum() < total:
             lo = mid
         else:
             hi = mid
-    x = (w * hi).clamp(floor, cap)
-    base = x.floor().clamp(floor, cap)
-    short = int(total - base.sum())
-    frac = (x - base).flatten()
-    room = base.flatten() < cap
-    order = torch.argsort(torch.where(room, frac, torch.full_like(frac, -1.0)), descending=True)
-    flat = base.flatten().clone()
+    return size_at(hi).clamp(floor, cap)
+
+
+def _round_to_total(x: torch.Tensor, total: int, floor: int, cap: int) -> torch.Tensor:
+    """Largest-remainder rounding of continuous budgets ``x`` to integers in ``[floor, cap]`` summing to ``total``."""
+    flat_x = x.flatten()
+    flat = flat_x.floor().clamp(floor, cap)
+    short = int(total - flat.sum())
+    frac = torch.where(flat < cap, flat_x - flat, torch.full_like(flat_x, -1.0))
+    order = torch.argsort(frac, descending=True)
     i = 0
     while short > 0:  # largest remainders first, then any head with room left
-        j = order[i % count]
+        j = order[i % flat.numel()]
         if flat[j] < cap:
             flat[j] += 1
             short -= 1
         i += 1
-    while short < 0:
-        j = torch.argmax(torch.where(flat > floor, flat - x.flatten(), torch.full_like(flat, -1e9)))
+    while short < 0:  # (only when clipping pushed the floors above the total's share)
+        j = torch.argmax(torch.where(flat > floor, flat - flat_x, torch.full_like(flat, -1e9)))
         flat[j] -= 1
         short += 1
-    return flat.reshape(e.shape).long()
+    return flat.reshape(x.shape).long()
+
+
+def _check_total(count: int, total: int, floor: int, cap: int) -> None:
+    if floor < 1 or cap < floor or not (floor * count <= total <= cap * count):
+        raise ValueError(
+            f"a total of {total} cannot be met by {count} heads with budgets in [{floor}, {cap}]"
+        )
+
+
+def allocate(difficulty: torch.Tensor, total: int, floor: int, cap: int, alpha: float = 1.0) -> torch.Tensor:
+    """Integer budgets ``[L, H]`` ∝ ``difficulty^alpha``, clipped to ``[floor, cap]``, summing to ``total`` exactly.
+
+    Water-filling finds the continuous budgets (clipping what binds and sharing the rest), then
+    largest-remainder rounding makes them integers without breaking the caps. Zero difficulty gets the floor.
+    """
+    e = torch.as_tensor(difficulty, dtype=torch.float64)
+    if alpha < 0:
+        raise ValueError(f"alpha must be ≥ 0; got {alpha}")
+    if (e < 0).any() or not torch.isfinite(e).all():
+        raise ValueError("difficulties must be finite and ≥ 0")
+    _check_total(e.numel(), total, floor, cap)
+    w = torch.where(e > 0, e**alpha, torch.zeros_like(e))
+    if w.sum() == 0:
+        w = torch.ones_like(e)
+    return _round_to_total(_water_fill(lambda level: w * level, total, floor, cap), total, floor, cap)
+
+
+def fit_curves(budgets: list[int], errors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per head ``e(m) ≈ a · m^(−b)`` by least squares in log-log: errors ``[K, L, H]`` at ``K`` budgets → a, b."""
+    x = torch.log(torch.tensor(budgets, dtype=torch.float64))
+    y = torch.log(torch.as_tensor(errors, dtype=torch.float64).clamp_min(1e-12))
+    xc = x - x.mean()
+    slope = (xc[:, None, None] * (y - y.mean(0))).sum(0) / (xc**2).sum()
+    b = (-slope).clamp(0.05, 8.0)
+    log_a = y.mean(0) + b * x.mean()
+    return log_a.exp(), b
+
+
+def allocate_curves(a: torch.Tensor, b: torch.Tensor, total: int, floor: int, cap: int) -> torch.Tensor:
+    """Integer budgets minimising ``Σ a·m^(−b)`` at a fixed total: equal marginal gains ``a·b·m^(−b−1)``."""
+    a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
+    _check_total(a.numel(), total, floor, cap)
+    # m(level) = (a·b·level)^(1/(b+1)) grows with level (level = 1/λ).
+    return _round_to_total(
+        _water_fill(lambda level: (a * b * level).clamp_min(0) ** (1 / (b + 1)), total, floor, cap),
+        total,
+        floor,
+        cap,
+    )
+
+
+def plan(
+    rule: str, pilot, n: int, ratio: float, layers: int, kv_heads: int, alpha: float = 1.0, scope: str = "all"
+) -> tuple[list[list[int]], dict]:
+    """Budgets ``[L][H]`` summing exactly to ``round(ratio·n)·L·H``, and a record of the pilot.
+
+    ``pilot(m) -> [L, H]`` gives each head's relative error when every head keeps ``m`` entries (e.g. from
+    Select+Fit). ``adaptive``: ``m ∝ e^alpha`` from the pilot at the uniform budget. ``curves``: the pilot
+    at ``m/2, m, 2m`` fits ``e(m) = a·m^(−b)`` per head, then budgets equalise the marginal gains.
+    ``scope``: move budget across ``all`` (layers and heads), only between the ``heads`` of each layer, or
+    only between ``layers``.
+    """
+    if rule not in RULES:
+        raise ValueError(f"unknown allocation {rule!r}; choose from {', '.join(RULES)}")
+    if scope not in SCOPES:
+        raise ValueError(f"unknown scope {scope!r}; choose from {', '.join(SCOPES)}")
+    m = kept(n, ratio)
+    if rule == "uniform":
+        return uniform(n, ratio, layers, kv_heads), {}
+    floor = max(1, min(m, n // 64))
+    sizes = [m] if rule == "adaptive" else sorted({max(floor, m // 2), m, min(n, 2 * m)})
+    errors = torch.stack([torch.as_tensor(pilot(s), dtype=torch.float64) for s in sizes])  # [K, L, H]
+    record = {
+        "rule": rule,
+        "scope": scope,
+        "alpha": alpha,
+        "pilot_budgets": sizes,
+        "pilot_errors": errors.tolist(),
+    }
+
+    def solve(idx_errors: torch.Tensor, total: int) -> torch.Tensor:
+        if rule == "adaptive":
+            return allocate(idx_errors[0], total, floor, n, alpha)
+        a, b = fit_curves(sizes, idx_errors)
+        return allocate_curves(a, b, total, floor, n)
+
+    if scope == "all":
+        out = solve(errors, m * layers * kv_heads)
+    elif scope == "heads":
+        out = torch.stack([solve(errors[:, li : li + 1], m * kv_heads)[0] for li in range(layers)])
+    else:
+        out = solve(errors.mean(-1, keepdim=True), m * layers).expand(layers, kv_heads)
+    return out.tolist(), record

@@ -200,7 +200,7 @@ def _method(p):
         help="fraction of KV entries KEPT (kvpress: 1 - compression_ratio)",
     )
     p.add_argument("--method", default=DEFAULT_METHOD)
-    p.add_argument("--allocation", default="uniform", choices=["uniform", "adaptive"])
+    p.add_argument("--allocation", default="uniform", choices=["uniform", "adaptive", "curves"])
     p.add_argument(
         "--queries", default=DEFAULT_QUERIES, help="self | context | repeat, or a mix such as self+context"
     )

@@ -11,11 +11,11 @@ from . import budget
 from .attention import model_dims
 from .cache import CompressedCache
 from .capture import QUERY_SOURCES, capture, split_heldout
-from .solvers import Method, fidelity, make_method
+from .solvers import Method, SelectFit, fidelity, make_method
 
 DEFAULT_METHOD = "select-fit"
 DEFAULT_QUERIES = "self+context"
-ALLOCATIONS = ("uniform", "adaptive")
+ALLOCATIONS = budget.RULES
 
 
 def _check_queries(queries: str) -> None:
@@ -42,6 +42,7 @@ def compress(
     top_p: float = 0.95,
     seed: int = 0,
     alpha: float = 1.0,
+    scope: str = "all",
     progress: bool = True,
     **options,
 ) -> CompressedCache:
@@ -73,7 +74,7 @@ def compress(
         seed=seed,
         keep_context_queries=solver.needs_context_queries,
     )
-    cache = compress_captured(model, cap, ratio, solver, allocation, heldout, seed, alpha, progress)
+    cache = compress_captured(model, cap, ratio, solver, allocation, heldout, seed, alpha, progress, scope)
     cache.info.update(queries=queries, compress_seconds=time.perf_counter() - t_start)
     return cache
 
@@ -88,6 +89,7 @@ def compress_captured(
     seed=0,
     alpha=1.0,
     progress=True,
+    scope="all",
 ) -> CompressedCache:
     """Solve every layer of an existing :class:`~kvsculpt.capture.Capture` (lets experiments reuse one capture)."""
     t_start = time.perf_counter()
@@ -97,12 +99,24 @@ def compress_captured(
     fit_q = [q[:, ~held] for q in cap.queries]
     check_q = [q[:, held] for q in cap.queries] if held.any() else None
     t_solve = time.perf_counter()
+    pilot_q = check_q if check_q is not None else fit_q
+
+    def pilot(m: int) -> torch.Tensor:
+        """Select+Fit's held-out relative error per (layer, head) when every head keeps ``m``."""
+        errs = torch.zeros(L, Hkv)
+        for li in range(L):
+            heads = SelectFit()(cap.keys[li], cap.values[li], fit_q[li], [m] * Hkv, scale)
+            for h in range(Hkv):
+                errs[li, h] = fidelity(pilot_q[li][h], cap.keys[li][h], cap.values[li][h], *heads[h], scale)[
+                    0
+                ]
+        return errs
+
     if type(solver).__name__ == "Identity":
-        budgets = [[n] * Hkv for _ in range(L)]
-    elif allocation == "uniform":
-        budgets = budget.uniform(n, ratio, L, Hkv)
+        budgets, pilot_record = [[n] * Hkv for _ in range(L)], {}
     else:
-        budgets, pilot = _adaptive_budgets(cap, fit_q, check_q, ratio, alpha, scale)
+        budgets, pilot_record = budget.plan(allocation, pilot, n, ratio, L, Hkv, alpha, scope)
+    pilot_seconds = time.perf_counter() - t_solve
     keys, values, biases, rel_mse, mass_err = [], [], [], [], []
     has_bias = False
     for li in tqdm(range(L), desc=f"compress {type(solver).__name__}", unit="layer", disable=not progress):
@@ -120,12 +134,12 @@ def compress_captured(
             errs = [fidelity(check_q[li][h], K[h], V[h], *heads[h], scale) for h in range(Hkv)]
             rel_mse.append([float(e) for e, _ in errs])
             mass_err.append([float(z) for _, z in errs])
-    has_bias = any(float(b.abs().max()) > 0 for layer in biases for b in layer)
     solve_s = time.perf_counter() - t_solve
     info = {
         "method": repr(solver),
         "ratio": ratio,
         "allocation": allocation,
+        "budgets": budgets,
         "n": n,
         "fit_queries": int(fit_q[0].shape[1]),
         "heldout_queries": int(0 if check_q is None else check_q[0].shape[1]),
@@ -135,27 +149,8 @@ def compress_captured(
         "compress_seconds": cap.prefill_seconds + cap.query_seconds + time.perf_counter() - t_start,
         "stats": {"heldout_rel_mse": rel_mse, "heldout_mass_err": mass_err},
     }
-    if allocation == "adaptive":
-        info["pilot"] = pilot
+    if pilot_record:
+        info["pilot"] = {**pilot_record, "seconds": pilot_seconds}
     return CompressedCache.from_heads(
         model, keys, values, n, biases if has_bias else None, repr(solver), info, cap.context_ids
     )
-
-
-def _adaptive_budgets(cap, fit_q, check_q, ratio, alpha, scale):
-    """Pilot: Select+Fit at the uniform budget; difficulty = its relative output MSE per (layer, head)."""
-    from .solvers import SelectFit
-
-    t0 = time.perf_counter()
-    L, Hkv, n = len(cap.keys), cap.keys[0].shape[0], cap.n
-    m = budget.kept(n, ratio)
-    pilot_q = check_q if check_q is not None else fit_q
-    diff = torch.zeros(L, Hkv)
-    for li in range(L):
-        heads = SelectFit()(cap.keys[li], cap.values[li], fit_q[li], [m] * Hkv, scale)
-        for h in range(Hkv):
-            diff[li, h] = fidelity(pilot_q[li][h], cap.keys[li][h], cap.values[li][h], *heads[h], scale)[0]
-    floor = max(1, min(m, n // 64))
-    budgets = budget.allocate(diff, m * L * Hkv, floor, n, alpha).tolist()
-    pilot = {"difficulty": diff.tolist(), "alpha": alpha, "seconds": time.perf_counter() - t0}
-    return budgets, pilot
