@@ -55,6 +55,24 @@ GRIDS = {
         "select-fit/self+context": ("select-fit", "self+context", {}),
         "sculpt/self+context": ("sculpt", "self+context", {}),
     },
+    "budget": {
+        "select-fit/self+context": ("select-fit", "self+context", {}),
+        "select-fit/self+context adaptive": ("select-fit", "self+context", {"allocation": "adaptive"}),
+        "select-fit/self+context curves": ("select-fit", "self+context", {"allocation": "curves"}),
+        "select-fit/self+context curves-heads": (
+            "select-fit",
+            "self+context",
+            {"allocation": "curves", "scope": "heads"},
+        ),
+        "select-fit/self+context curves-layers": (
+            "select-fit",
+            "self+context",
+            {"allocation": "curves", "scope": "layers"},
+        ),
+        "sculpt/self+context": ("sculpt", "self+context", {}),
+        "sculpt/self+context curves": ("sculpt", "self+context", {"allocation": "curves"}),
+        "h2o/context": ("h2o", "context", {}),
+    },
     "smoke": {
         "h2o/context": ("h2o", "context", {}),
         "select-fit/context": ("select-fit", "context", {}),
@@ -117,9 +135,11 @@ def run(args):
                     for r in args.ratios:
                         if (wid, name, r) in done:
                             continue
+                        opts = dict(opts)
+                        alloc = {k: opts.pop(k) for k in ("allocation", "scope") if k in opts}
                         solver = make_method(method, **opts)
                         t0 = time.perf_counter()
-                        cache = compress_captured(model, cap, r, solver, progress=False)
+                        cache = compress_captured(model, cap, r, solver, progress=False, **alloc)
                         solve_s = time.perf_counter() - t0
                         res = score(model, cache, w, ref)
                         stats = cache.info["stats"]["heldout_rel_mse"]

@@ -7,7 +7,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
-def tiny_model(kind: str, seed: int = 0):
+def tiny_model(kind: str, seed: int = 0, hidden_size: int = 64):
     """A random-weight model of the given family, built from a config (no download)."""
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
@@ -16,7 +16,7 @@ def tiny_model(kind: str, seed: int = 0):
     torch.manual_seed(seed)
     common = dict(
         vocab_size=97,
-        hidden_size=64,
+        hidden_size=hidden_size,
         intermediate_size=128,
         num_hidden_layers=2,
         num_attention_heads=4,

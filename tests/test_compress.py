@@ -126,3 +126,29 @@ def test_cli_errors_are_clear(capsys):
     with pytest.raises(SystemExit):
         main(["eval", "--model", "no-such-model", "--ratio", "0.5"])
     assert "smollm2-135m" in capsys.readouterr().err
+
+
+def test_cli_analyze_writes_json_figures_and_summary(smollm, tmp_path):
+    out = tmp_path / "an"
+    main(
+        [
+            "analyze",
+            "--text",
+            "openai_agents_tar_utils",
+            "--context-tokens",
+            "256",
+            "--ratio",
+            "0.3",
+            "--queries",
+            "context",
+            "--out",
+            str(out),
+        ]
+    )
+    data = json.loads((out / "difficulty.json").read_text())
+    assert len(data["difficulty"]) == 30 and len(data["difficulty"][0]) == 3
+    assert sum(map(sum, data["budgets"])) == round(0.3 * 256) * 30 * 3
+    assert data["layer_spread"] >= 1 and data["max_head_ratio_within_layer"] >= 1
+    for png in ("difficulty.png", "budgets.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "paper: up to 467" in (out / "summary.md").read_text()

@@ -52,6 +52,14 @@ def _eval_one(model, tok, model_name, window, ref, ratio, method, allocation, qu
     }
 
 
+def _capture_options(args) -> dict:
+    return {
+        "max_queries": args.max_queries,
+        "self_samples": args.self_samples,
+        "self_length": args.self_length,
+    }
+
+
 def cmd_models(args):
     from .models import fetch, hf_copy_dir, is_cached, load_model
 
@@ -85,7 +93,16 @@ def cmd_eval(args):
     window = _window(args, tok)
     ref = teacher(model, window)
     _, row = _eval_one(
-        model, tok, args.model, window, ref, args.ratio, args.method, args.allocation, args.queries
+        model,
+        tok,
+        args.model,
+        window,
+        ref,
+        args.ratio,
+        args.method,
+        args.allocation,
+        args.queries,
+        _capture_options(args),
     )
     if args.json:
         print(json.dumps(row))
@@ -113,6 +130,7 @@ def cmd_compress(args):
         allocation=args.allocation,
         queries=args.queries,
         tokenizer=tok,
+        **_capture_options(args),
     )
     path = cache.save(args.out, model_name=args.model)
     print(
@@ -129,6 +147,86 @@ def cmd_generate(args):
     cache = CompressedCache.load(args.cache, model)
     for prompt in args.prompt:
         print(ask(model, tok, cache, prompt, max_new_tokens=args.max_new_tokens))
+
+
+def cmd_analyze(args):
+    from pathlib import Path
+
+    from . import budget, plots
+    from .attention import model_dims
+    from .capture import capture, split_heldout
+    from .compress import pilot_errors
+    from .evaluate import load_text
+    from .models import encode, load_model
+
+    model, tok = load_model(args.model, dtype=args.dtype)
+    ids = encode(tok, load_text(args.text))
+    if ids.shape[1] < args.context_tokens:
+        raise ValueError(
+            f"the text has {ids.shape[1]} tokens, fewer than --context-tokens {args.context_tokens}"
+        )
+    ids = ids[:, : args.context_tokens]
+    L, _, Hkv, _, _ = model_dims(model)
+    cap = capture(model, ids, args.queries, max_queries=4096, tokenizer=tok)
+    held = split_heldout(cap.groups, 0.2)
+    fit_q, check_q = [q[:, ~held] for q in cap.queries], [q[:, held] for q in cap.queries]
+    n = cap.n
+    m = budget.kept(n, args.ratio)
+    difficulty = pilot_errors(cap, fit_q, check_q, m)
+    budgets, record = budget.plan(
+        args.allocation,
+        lambda size: pilot_errors(cap, fit_q, check_q, size),
+        n,
+        args.ratio,
+        L,
+        Hkv,
+        args.alpha,
+    )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    per_layer = difficulty.mean(1)
+    layer_spread = float(per_layer.max() / per_layer.min().clamp_min(1e-12))
+    head_ratio = difficulty.max(1).values / difficulty.min(1).values.clamp_min(1e-12)
+    worst_layer = int(head_ratio.argmax())
+    summary = {
+        "model": args.model,
+        "text": args.text,
+        "context_tokens": n,
+        "ratio": args.ratio,
+        "queries": args.queries,
+        "pilot": f"Select+Fit at m={m} per head, relative output MSE on held-out queries",
+        "difficulty": difficulty.tolist(),
+        "budgets": budgets,
+        "allocation": record,
+        "layer_spread": layer_spread,
+        "max_head_ratio_within_layer": float(head_ratio.max()),
+        "max_head_ratio_layer": worst_layer,
+    }
+    (out / "difficulty.json").write_text(json.dumps(summary, indent=1))
+    title = f"{args.model}: pilot relative MSE (Select+Fit, kept {args.ratio:.0%})"
+    plots.heatmap(difficulty.tolist(), title, "relative output MSE (log)", out / "difficulty.png")
+    plots.heatmap(
+        budgets,
+        f"{args.allocation} budgets (entries kept of {n})",
+        "entries kept",
+        out / "budgets.png",
+        log=False,
+    )
+    md = [
+        f"# Difficulty analysis: {args.model}, {args.text}, n={n}, kept {args.ratio}",
+        "",
+        f"Command: `kvsculpt {' '.join(sys.argv[1:])}`",
+        "",
+        f"- Per-layer mean pilot MSE: max/min across layers = **{layer_spread:.1f}×** (paper: up to 100×).",
+        f"- Largest ratio between two KV heads of one layer: **{float(head_ratio.max()):.1f}×** in layer "
+        f"{worst_layer} (paper: up to 467×).",
+        f"- Budgets ({args.allocation}): min {min(map(min, budgets))}, max {max(map(max, budgets))}, "
+        f"total {sum(map(sum, budgets))} = {m}·{L}·{Hkv}.",
+        "",
+        "![difficulty](difficulty.png) ![budgets](budgets.png)",
+    ]
+    (out / "summary.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
 
 
 DEMO_TEXT = "fastmcp_background_tasks"
@@ -239,6 +337,16 @@ def build_parser():
     p.add_argument("--context-tokens", type=int, default=None, help="use the text's first N tokens")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_compress)
+
+    p = sub.add_parser("analyze", help="pilot difficulty per (layer, KV head), budgets, heatmaps")
+    _common(p)
+    p.add_argument("--context-tokens", type=int, default=1024)
+    p.add_argument("--ratio", type=float, default=0.3)
+    p.add_argument("--queries", default="self+context")
+    p.add_argument("--allocation", default="curves", choices=["adaptive", "curves"])
+    p.add_argument("--alpha", type=float, default=1.0)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_analyze)
 
     p = sub.add_parser("generate", help="answer prompts from a saved compressed cache")
     _common(p, text=False)

@@ -102,15 +102,7 @@ def compress_captured(
     pilot_q = check_q if check_q is not None else fit_q
 
     def pilot(m: int) -> torch.Tensor:
-        """Select+Fit's held-out relative error per (layer, head) when every head keeps ``m``."""
-        errs = torch.zeros(L, Hkv)
-        for li in range(L):
-            heads = SelectFit()(cap.keys[li], cap.values[li], fit_q[li], [m] * Hkv, scale)
-            for h in range(Hkv):
-                errs[li, h] = fidelity(pilot_q[li][h], cap.keys[li][h], cap.values[li][h], *heads[h], scale)[
-                    0
-                ]
-        return errs
+        return pilot_errors(cap, fit_q, pilot_q, m)
 
     if type(solver).__name__ == "Identity":
         budgets, pilot_record = [[n] * Hkv for _ in range(L)], {}
@@ -154,3 +146,16 @@ def compress_captured(
     return CompressedCache.from_heads(
         model, keys, values, n, biases if has_bias else None, repr(solver), info, cap.context_ids
     )
+
+
+def pilot_errors(cap, fit_q, check_q, m: int) -> torch.Tensor:
+    """Select+Fit's relative output error ``[L, Hkv]`` on ``check_q`` when every head keeps ``m`` entries."""
+    L, Hkv = len(cap.keys), cap.keys[0].shape[0]
+    errs = torch.zeros(L, Hkv)
+    for li in range(L):
+        heads = SelectFit()(cap.keys[li], cap.values[li], fit_q[li], [m] * Hkv, cap.scale)
+        for h in range(Hkv):
+            errs[li, h] = fidelity(check_q[li][h], cap.keys[li][h], cap.values[li][h], *heads[h], cap.scale)[
+                0
+            ]
+    return errs
