@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from kvsculpt import load_model
 from kvsculpt.capture import capture
 from kvsculpt.compress import compress_captured
-from kvsculpt.evaluate import score, teacher, text_index, windows
+from kvsculpt.evaluate import ngram_overlap, score, teacher, text_index, windows
 from kvsculpt.solvers import make_method
 
 # name: (method, query source, options)
@@ -152,6 +152,11 @@ def run(args):
                             "model": args.model,
                             **res,
                             "teacher_nll": ref.nll,
+                            "self_ngram_overlap": None
+                            if cap.samples is None
+                            else ngram_overlap(cap.samples, w.continuation),
+                            "allocation": alloc,
+                            "pilot_seconds": cache.info.get("pilot", {}).get("seconds", 0.0),
                             "heldout_rel_mse": sum(map(sum, stats)) / max(1, sum(map(len, stats))),
                             "prefill_seconds": ref.prefill_seconds,
                             "query_seconds": cap.query_seconds,

@@ -60,3 +60,11 @@ def test_windows_do_not_overlap(smollm):
     _, tok = smollm
     ws = windows(tok, ["markitdown_core"], 512, 64, per_text=2)
     assert len(ws) == 2 and ws[1].start == 576
+
+
+def test_ngram_overlap():
+    from kvsculpt.evaluate import ngram_overlap
+
+    samples = torch.tensor([[1, 2, 3, 4, 5, 6], [9, 9, 9, 9, 9, 9]])
+    assert ngram_overlap(samples, torch.tensor([[1, 2, 3, 4, 5, 6]])) == 1.0
+    assert ngram_overlap(samples, torch.tensor([[7, 8, 7, 8, 7, 8]])) == 0.0

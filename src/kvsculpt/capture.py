@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+from tqdm.auto import tqdm
 from transformers import DynamicCache
 
 from .attention import capture_queries, check_supported, model_dims
@@ -114,7 +115,16 @@ def sample_top_p(
 
 @torch.inference_mode()
 def sample_self_queries(
-    model, keys, values, last_logits, samples=8, length=64, temperature=1.0, top_p=0.95, seed=0
+    model,
+    keys,
+    values,
+    last_logits,
+    samples=8,
+    length=64,
+    temperature=1.0,
+    top_p=0.95,
+    seed=0,
+    progress=False,
 ):
     """Sample ``samples`` continuations of ``length`` tokens from the full cache (K/V per layer ``[Hkv, n, d]``).
 
@@ -127,7 +137,7 @@ def sample_self_queries(
     x = sample_top_p(last_logits[None].expand(samples, -1), temperature, top_p, gen)
     tokens = [x]
     with capture_queries(model) as sinks:
-        for t in range(length):
+        for t in tqdm(range(length), desc=f"sample {samples}x{length} self tokens", disable=not progress):
             pos = torch.full((samples, 1), n + t, dtype=torch.long, device=x.device)
             out = model(x, past_key_values=cache, position_ids=pos, use_cache=True)
             if t < length - 1:
@@ -165,6 +175,7 @@ def capture(
     top_p: float = 0.95,
     seed: int = 0,
     keep_context_queries: bool = False,
+    progress: bool = False,
 ) -> Capture:
     """Prefill ``context_ids [1, n]`` and collect K, V and reference queries from one or more sources.
 
@@ -198,7 +209,7 @@ def capture(
             q, g = _repeat_queries(model, context_ids, tokenizer, Hkv, G)
         else:
             q, g, samples = sample_self_queries(
-                model, keys, values, last, self_samples, self_length, temperature, top_p, seed
+                model, keys, values, last, self_samples, self_length, temperature, top_p, seed, progress
             )
         parts.append(q)
         part_groups.append(g + next_group)

@@ -73,6 +73,7 @@ def compress(
         top_p=top_p,
         seed=seed,
         keep_context_queries=solver.needs_context_queries,
+        progress=progress,
     )
     cache = compress_captured(model, cap, ratio, solver, allocation, heldout, seed, alpha, progress, scope)
     cache.info.update(queries=queries, compress_seconds=time.perf_counter() - t_start)

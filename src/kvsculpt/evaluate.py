@@ -163,3 +163,15 @@ def full_cache_result(model, window: Window, ref: Teacher) -> dict:
     """The same measurements for the uncompressed cache (KL 0 by construction, a check of the harness)."""
     cache, _, _, _ = prefill(model, window.context)
     return score(model, cache, window, ref)
+
+
+def ngram_overlap(samples: torch.Tensor, continuation: torch.Tensor, order: int = 4) -> float:
+    """Fraction of the continuation's ``order``-grams that occur in any self sample ``[S, L]``.
+
+    High overlap means the model can recite what comes next (memorised text): self-query gains there
+    do not measure compression.
+    """
+    seen = {tuple(row[i : i + order]) for row in samples.tolist() for i in range(len(row) - order + 1)}
+    cont = continuation.reshape(-1).tolist()[: samples.shape[1]]
+    grams = [tuple(cont[i : i + order]) for i in range(len(cont) - order + 1)]
+    return sum(g in seen for g in grams) / max(1, len(grams))
