@@ -73,12 +73,30 @@ GRIDS = {
         "sculpt/self+context curves": ("sculpt", "self+context", {"allocation": "curves"}),
         "h2o/context": ("h2o", "context", {}),
     },
+    "queries": {
+        "select-fit/self+context": ("select-fit", "self+context", {}),
+        "select-fit/self+context N<=1024": ("select-fit", "self+context", {"max_queries": 1024}),
+        "select-fit/self+context N<=2048": ("select-fit", "self+context", {"max_queries": 2048}),
+        "select-fit/self+context N=all": ("select-fit", "self+context", {"max_queries": None}),
+        "select-fit/self+context S=5": ("select-fit", "self+context", {"self_samples": 5}),
+        "select-fit/self+context S=20 L=32": (
+            "select-fit",
+            "self+context",
+            {"self_samples": 20, "self_length": 32},
+        ),
+        "select-fit/self+context T=0.7": ("select-fit", "self+context", {"temperature": 0.7}),
+        "select-fit/repeat": ("select-fit", "repeat", {}),
+        "select-fit/repeat+context": ("select-fit", "repeat+context", {}),
+        "select-fit/self+repeat+context": ("select-fit", "self+repeat+context", {}),
+        "h2o/context": ("h2o", "context", {}),
+    },
     "smoke": {
         "h2o/context": ("h2o", "context", {}),
         "select-fit/context": ("select-fit", "context", {}),
         "sculpt/context": ("sculpt", "context", {"iters": 5}),
     },
 }
+CAPTURE_OPTIONS = ("max_queries", "self_samples", "self_length", "temperature", "top_p")
 EVICTION = ("h2o", "snapkv", "tova", "streaming-llm", "knorm")
 
 
@@ -102,9 +120,10 @@ def run(args):
     model, tok = load_model(args.model)
     texts = args.texts or [k for k, v in text_index().items() if not v["memorised"]]
     wins = windows(tok, texts, args.context_tokens, args.continuation_tokens, per_text=args.per_text)
-    by_source = defaultdict(list)
-    for name, (_, src, _) in grid.items():
-        by_source[src].append(name)
+    by_source = defaultdict(list)  # configs sharing one capture: same source and capture options
+    for name, (_, src, opts) in grid.items():
+        cap_opts = tuple(sorted((k, v) for k, v in opts.items() if k in CAPTURE_OPTIONS))
+        by_source[(src, cap_opts)].append(name)
     todo = [
         (w, c, r)
         for w in wins
@@ -119,23 +138,17 @@ def run(args):
             if all((wid, c, r) in done for c in grid for r in args.ratios):
                 continue
             ref = teacher(model, w)
-            for src, names in by_source.items():
+            for (src, cap_opts), names in by_source.items():
                 if all((wid, c, r) in done for c in names for r in args.ratios):
                     continue
-                cap = capture(
-                    model,
-                    w.context,
-                    src,
-                    max_queries=args.max_queries,
-                    tokenizer=tok,
-                    keep_context_queries=True,
-                )
+                cap_kw = {"max_queries": args.max_queries, **dict(cap_opts)}
+                cap = capture(model, w.context, src, tokenizer=tok, keep_context_queries=True, **cap_kw)
                 for name in names:
                     method, _, opts = grid[name]
                     for r in args.ratios:
                         if (wid, name, r) in done:
                             continue
-                        opts = dict(opts)
+                        opts = {k: v for k, v in opts.items() if k not in CAPTURE_OPTIONS}
                         alloc = {k: opts.pop(k) for k in ("allocation", "scope") if k in opts}
                         solver = make_method(method, **opts)
                         t0 = time.perf_counter()

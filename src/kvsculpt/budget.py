@@ -139,6 +139,7 @@ def plan(
         "rule": rule,
         "scope": scope,
         "alpha": alpha,
+        "uniform_budget": m,
         "pilot_budgets": sizes,
         "pilot_errors": errors.tolist(),
     }

@@ -229,6 +229,19 @@ def cmd_analyze(args):
     print("\n".join(md))
 
 
+def cmd_bench(args):
+    from .bench import paper
+
+    if args.quick:
+        args.model, args.context_tokens, args.continuation_tokens, args.docs = (
+            "qwen2.5-coder-0.5b",
+            1024,
+            128,
+            2,
+        )
+    paper(args)
+
+
 DEMO_TEXT = "fastmcp_background_tasks"
 DEMO_QUESTION = "\n\nQuestion: What does a client do while a background task is running?\nAnswer:"
 
@@ -347,6 +360,25 @@ def build_parser():
     p.add_argument("--alpha", type=float, default=1.0)
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_analyze)
+
+    p = sub.add_parser(
+        "bench", help="benchmarks; `bench paper` reproduces the KVSculpt table with kvpress peers"
+    )
+    p.add_argument("which", choices=["paper"])
+    p.add_argument("--model", default="qwen2.5-coder-1.5b")
+    p.add_argument("--context-tokens", type=int, default=2048)
+    p.add_argument("--continuation-tokens", type=int, default=256)
+    p.add_argument("--ratios", type=float, nargs="+", default=[0.3, 0.5, 0.7])
+    p.add_argument("--docs", type=int, default=4, help="number of documents (one window each)")
+    p.add_argument(
+        "--texts", nargs="*", help="shipped text names or paths (default: the non-memorised texts)"
+    )
+    p.add_argument("--methods", nargs="*", help="subset of the paper grid's method names")
+    p.add_argument("--quick", action="store_true", help="qwen2.5-coder-0.5b, 1024 tokens, T=128, 2 documents")
+    p.add_argument("--no-peers", dest="peers", action="store_false", help="skip the kvpress presses")
+    p.add_argument("--no-passkey", dest="passkey", action="store_false", help="skip pass-key retrieval")
+    p.add_argument("--out", default="benchmarks/results")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("generate", help="answer prompts from a saved compressed cache")
     _common(p, text=False)

@@ -175,3 +175,41 @@ def ngram_overlap(samples: torch.Tensor, continuation: torch.Tensor, order: int 
     cont = continuation.reshape(-1).tolist()[: samples.shape[1]]
     grams = [tuple(cont[i : i + order]) for i in range(len(cont) - order + 1)]
     return sum(g in seen for g in grams) / max(1, len(grams))
+
+
+@torch.inference_mode()
+def greedy(model, cache, prompt: torch.Tensor, start: int, max_new_tokens: int) -> torch.Tensor:
+    """Greedy tokens ``[max_new_tokens]`` after ``prompt [1, q]`` run on ``cache`` at positions ``start …``.
+
+    Positions are explicit, so this works for any cache, including ones whose physical length is not ``start``.
+    """
+    x, pos, out = prompt.to(model.device), start, []
+    for _ in range(max_new_tokens):
+        ids = torch.arange(pos, pos + x.shape[1], device=model.device)[None]
+        logits = model(x, past_key_values=cache, position_ids=ids, use_cache=True).logits[:, -1]
+        pos += x.shape[1]
+        x = logits.argmax(-1, keepdim=True)
+        out.append(int(x))
+    return torch.tensor(out)
+
+
+PASSKEY_QUESTION = "\n\nWhat is the pass key? The pass key is"
+
+
+def passkey_context(tokenizer, text: str, n: int, seed: int = 0) -> tuple[torch.Tensor, str]:
+    """A context of exactly ``n`` tokens of ``text`` with a random 5-digit pass key planted at a random depth."""
+    gen = torch.Generator().manual_seed(seed)
+    key = str(int(torch.randint(10000, 99999, (1,), generator=gen)))
+    needle = encode(tokenizer, f" The pass key is {key}. Remember it. {key} is the pass key. ")
+    body = encode(tokenizer, text)[:, : n - needle.shape[1]]
+    if body.shape[1] + needle.shape[1] < n:
+        raise TextTooShortError(f"text too short for a {n}-token pass-key context")
+    depth = int(torch.randint(0, body.shape[1], (1,), generator=gen))
+    return torch.cat([body[:, :depth], needle, body[:, depth:]], dim=1), key
+
+
+def passkey_found(model, tokenizer, cache, n: int, key: str) -> bool:
+    """Ask for the pass key after ``cache`` (the context's cache, logical length ``n``); True if answered."""
+    question = encode(tokenizer, PASSKEY_QUESTION)
+    answer = tokenizer.decode(greedy(model, cache, question, n, 8))
+    return key in answer

@@ -1,0 +1,115 @@
+"""NVIDIA kvpress presses as external peers, run in a subprocess.
+
+Importing kvpress patches transformers' attention functions globally, so it never runs in the caller's
+process: :func:`run_presses` starts ``python -m kvsculpt.peers`` on a job file and reads back one JSON row
+per (press, ratio). Install with ``pip install kvsculpt[peers]`` (kvpress 0.5.5, transformers < 5.3).
+
+kvpress's ``compression_ratio`` is the fraction **removed**: a kept fraction ``r`` runs the press at
+``compression_ratio = 1 − r``.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+PRESSES = ("SnapKVPress", "ExpectedAttentionPress", "KVzipPress", "KnormPress", "StreamingLLMPress")
+
+
+def available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("kvpress") is not None
+
+
+def run_presses(model_name: str, context, continuation, ratios, presses=PRESSES, passkey=None) -> list[dict]:
+    """Score each press at each kept ratio on one window; ``passkey``: optional (context ids, question ids, key)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        job = Path(tmp) / "job.pt"
+        torch.save({"model": model_name, "context": context.cpu(), "continuation": continuation.cpu(),
+                    "ratios": list(ratios), "presses": list(presses), "passkey": passkey}, job)  # fmt: skip
+        proc = subprocess.run(
+            [sys.executable, "-m", "kvsculpt.peers", str(job)], capture_output=True, text=True
+        )
+        if proc.returncode != 0:
+            raise RuntimeError(f"kvpress peers failed:\n{proc.stderr[-3000:]}")
+        return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+
+
+def _main(job_path: str) -> None:
+    import resource
+
+    import kvpress
+    from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+
+    from .evaluate import greedy, kl_per_position, nll_per_position
+    from .models import resolve
+
+    job = torch.load(job_path)
+    where, gguf = resolve(job["model"])
+    extra = {"gguf_file": gguf} if gguf else {}
+    model = AutoModelForCausalLM.from_pretrained(
+        where, dtype=torch.float32, attn_implementation="sdpa", **extra
+    )
+    model.eval()
+    tok = AutoTokenizer.from_pretrained(where, **extra)
+    ctx, cont = job["context"], job["continuation"]
+    n, T = ctx.shape[1], cont.shape[1]
+    pos = torch.arange(n, n + T)[None]
+
+    @torch.inference_mode()
+    def run(press):
+        cache = DynamicCache()
+        t0 = time.perf_counter()
+        if press is None:
+            model(input_ids=ctx, past_key_values=cache, use_cache=True)
+        else:
+            with press(model):
+                model(input_ids=ctx, past_key_values=cache, use_cache=True)
+        seconds = time.perf_counter() - t0
+        kept = sum(layer.keys.shape[-2] * layer.keys.shape[-3] for layer in cache.layers)
+        logits = model(cont, past_key_values=cache, position_ids=pos, use_cache=True).logits[0].float()
+        return logits, seconds, kept, cache
+
+    @torch.inference_mode()
+    def passkey_ok(press) -> bool | None:
+        if job["passkey"] is None:
+            return None
+        pctx, question, key = job["passkey"]
+        cache = DynamicCache()
+        if press is None:
+            model(input_ids=pctx, past_key_values=cache, use_cache=True)
+        else:
+            with press(model):
+                model(input_ids=pctx, past_key_values=cache, use_cache=True)
+        return key in tok.decode(greedy(model, cache, question, pctx.shape[1], 8))
+
+    teacher, prefill_s, full_entries, _ = run(None)
+    for name in job["presses"]:
+        for r in job["ratios"]:
+            press = getattr(kvpress, name)(compression_ratio=1.0 - r)
+            logits, seconds, kept, _ = run(press)
+            kl = kl_per_position(teacher, logits)
+            nll = nll_per_position(logits[:-1], cont[0, 1:])
+            masked = name == "KVzipPress"  # KVzip masks entries instead of removing them
+            row = {
+                "method": f"kvpress.{name}", "press": repr(press), "ratio": r, "kvpress_compression_ratio": 1.0 - r,
+                "kl": float(kl.mean()), "ppl": float(torch.exp(nll.mean())),
+                "top1_agree": float((logits.argmax(-1) == teacher.argmax(-1)).float().mean()),
+                "compress_seconds": seconds, "prefill_seconds": prefill_s,
+                "cache_over_full": kept / full_entries if not masked else 1.0,
+                "entries_masked_not_freed": masked, "passkey": passkey_ok(press),
+                "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
+            }  # fmt: skip
+            print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(2)
+    _main(sys.argv[1])

@@ -1,0 +1,43 @@
+import json
+
+import torch
+
+from kvsculpt.cli import main
+
+
+def _tiny_model_dir(tmp_path, smollm):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    _, tok = smollm
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)  # fmt: skip
+    path = tmp_path / "tiny-llama"
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def test_bench_paper_quick_schema_and_resume(tmp_path, smollm):
+    model_dir = _tiny_model_dir(tmp_path, smollm)
+    out = tmp_path / "results"
+    argv = ["bench", "paper", "--model", str(model_dir), "--context-tokens", "96", "--continuation-tokens", "16",
+            "--ratios", "0.5", "--docs", "1", "--no-peers", "--out", str(out),
+            "--methods", "Select+Fit", "Sculpt", "Sculpt adaptive (curves)", "SnapKV"]  # fmt: skip
+    main(argv)
+    for ext in ("json", "md", "png"):
+        assert (out / f"paper_tiny-llama.{ext}").stat().st_size > 0
+    data = json.loads((out / "paper_tiny-llama.json").read_text())
+    assert set(data["kl_geomean"]) == {"Select+Fit", "Sculpt", "Sculpt adaptive (curves)", "SnapKV"}
+    row = data["rows"][0]
+    for key in ("kl", "ppl", "passkey", "compress_over_prefill", "peak_rss_gb", "cache_over_full", "method",
+                "teacher_nll", "window", "ratio"):  # fmt: skip
+        assert key in row
+    assert all(r["cache_over_full"] <= 0.52 for r in data["rows"])
+    comp = data["comparisons"][0]
+    assert comp["select_fit_over_sculpt"] > 0 and comp["pilot_layer_spread_max"] >= 1
+    md = (out / "paper_tiny-llama.md").read_text()
+    assert "paper 3.5–4.1×" in md and "kvpress peers not run" in md
+    lines = (out / "paper_tiny-llama.jsonl").read_text().splitlines()
+    main(argv)  # resumes: nothing recomputed
+    assert (out / "paper_tiny-llama.jsonl").read_text().splitlines() == lines
