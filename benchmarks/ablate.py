@@ -11,20 +11,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
-import time
 from collections import defaultdict
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from kvsculpt import load_model
-from kvsculpt.capture import capture
-from kvsculpt.compress import compress_captured
-from kvsculpt.evaluate import ngram_overlap, score, teacher, text_index, windows
-from kvsculpt.solvers import make_method
+from kvsculpt.bench import EVICTION, geomean, load_rows, run_grid
+from kvsculpt.evaluate import text_index, windows
 
 # name: (method, query source, options)
 GRIDS = {
@@ -96,95 +91,19 @@ GRIDS = {
         "sculpt/context": ("sculpt", "context", {"iters": 5}),
     },
 }
-CAPTURE_OPTIONS = ("max_queries", "self_samples", "self_length", "temperature", "top_p")
-EVICTION = ("h2o", "snapkv", "tova", "streaming-llm", "knorm")
-
-
-def geomean(xs):
-    return math.exp(sum(math.log(max(x, 1e-12)) for x in xs) / len(xs))
 
 
 def run(args):
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    done = {}
     jsonl = out.with_suffix(".jsonl")
-    if jsonl.exists():
-        for line in jsonl.read_text().splitlines():
-            r = json.loads(line)
-            done[(r["window"], r["config"], r["ratio"])] = r
     if args.report_only:
-        write_report(list(done.values()), args, out)
+        write_report(list(load_rows(jsonl).values()), args, out)
         return
-    grid = GRIDS[args.grid]
     model, tok = load_model(args.model)
     texts = args.texts or [k for k, v in text_index().items() if not v["memorised"]]
     wins = windows(tok, texts, args.context_tokens, args.continuation_tokens, per_text=args.per_text)
-    by_source = defaultdict(list)  # configs sharing one capture: same source and capture options
-    for name, (_, src, opts) in grid.items():
-        cap_opts = tuple(sorted((k, v) for k, v in opts.items() if k in CAPTURE_OPTIONS))
-        by_source[(src, cap_opts)].append(name)
-    todo = [
-        (w, c, r)
-        for w in wins
-        for c in grid
-        for r in args.ratios
-        if (f"{w.name}@{w.start}", c, r) not in done
-    ]
-    bar = tqdm(total=len(todo), desc="ablation", unit="run")
-    with open(jsonl, "a") as f:
-        for w in wins:
-            wid = f"{w.name}@{w.start}"
-            if all((wid, c, r) in done for c in grid for r in args.ratios):
-                continue
-            ref = teacher(model, w)
-            for (src, cap_opts), names in by_source.items():
-                if all((wid, c, r) in done for c in names for r in args.ratios):
-                    continue
-                cap_kw = {"max_queries": args.max_queries, **dict(cap_opts)}
-                cap = capture(model, w.context, src, tokenizer=tok, keep_context_queries=True, **cap_kw)
-                for name in names:
-                    method, _, opts = grid[name]
-                    for r in args.ratios:
-                        if (wid, name, r) in done:
-                            continue
-                        opts = {k: v for k, v in opts.items() if k not in CAPTURE_OPTIONS}
-                        alloc = {k: opts.pop(k) for k in ("allocation", "scope") if k in opts}
-                        solver = make_method(method, **opts)
-                        t0 = time.perf_counter()
-                        cache = compress_captured(model, cap, r, solver, progress=False, **alloc)
-                        solve_s = time.perf_counter() - t0
-                        res = score(model, cache, w, ref)
-                        stats = cache.info["stats"]["heldout_rel_mse"]
-                        row = {
-                            "window": wid,
-                            "config": name,
-                            "ratio": r,
-                            "method": repr(solver),
-                            "queries": src,
-                            "model": args.model,
-                            **res,
-                            "teacher_nll": ref.nll,
-                            "self_ngram_overlap": None
-                            if cap.samples is None
-                            else ngram_overlap(cap.samples, w.continuation),
-                            "allocation": alloc,
-                            "pilot_seconds": cache.info.get("pilot", {}).get("seconds", 0.0),
-                            "heldout_rel_mse": sum(map(sum, stats)) / max(1, sum(map(len, stats))),
-                            "prefill_seconds": ref.prefill_seconds,
-                            "query_seconds": cap.query_seconds,
-                            "solve_seconds": solve_s,
-                            "compress_over_prefill": (cap.prefill_seconds + cap.query_seconds + solve_s)
-                            / ref.prefill_seconds,
-                        }
-                        f.write(json.dumps(row) + "\n")
-                        f.flush()
-                        done[(wid, name, r)] = row
-                        bar.update()
-                        bar.set_postfix_str(f"{name} r={r} kl={res['kl']:.4f}")
-    bar.close()
-    rows = list(done.values())  # everything measured so far, including other grids' rows
-    write_report(rows, args, out)
+    run_grid(model, tok, args.model, wins, GRIDS[args.grid], args.ratios, jsonl, max_queries=args.max_queries)
+    write_report(list(load_rows(jsonl).values()), args, out)  # everything measured so far, all grids
 
 
 def paired_ratio(kl: dict, a: str, b: str, ratio: float):
