@@ -19,9 +19,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .capture import capture
+from .capture import capture, prefill, split_heldout
 from .compress import compress_captured
 from .evaluate import (
+    continuation_logits,
+    kl_per_position,
     ngram_overlap,
     passkey_context,
     passkey_found,
@@ -74,6 +76,17 @@ def _pilot_spread(info: dict) -> dict:
     }
 
 
+def heldout_self_sample(cap, heldout: float = 0.2, seed: int = 0):
+    """Tokens ``[1, L]`` of one self sample that :func:`~kvsculpt.compress.compress_captured` holds out from
+    fitting (same split), or None: KL on it measures fidelity on the model's own distribution."""
+    if cap.samples is None or "self_groups" not in cap.info:
+        return None
+    start, end = cap.info["self_groups"]
+    held = torch.unique(cap.groups[split_heldout(cap.groups, heldout, seed)])
+    held = [int(g) - start for g in held if start <= int(g) < end]
+    return cap.samples[held[0]][None] if held else None
+
+
 def run_grid(
     model, tok, model_name, wins, grid, ratios, jsonl, max_queries=4096, passkey=False
 ) -> list[dict]:
@@ -111,6 +124,10 @@ def run_grid(
                     **dict(cap_opts),
                 }
                 cap = capture(model, w.context, src, **kw)
+                held_sample = heldout_self_sample(cap)
+                if held_sample is not None:
+                    full, *_ = prefill(model, w.context)
+                    sample_teacher = continuation_logits(model, full, held_sample, cap.n)
                 pk_cap = capture(model, pk_ids, src, **kw) if passkey else None
                 for name in names:
                     method, _, opts = grid[name]
@@ -123,6 +140,11 @@ def run_grid(
                         cache = compress_captured(model, cap, r, solver, progress=False, **alloc)
                         solve_s = time.perf_counter() - t0
                         res = score(model, cache, w, ref)
+                        if held_sample is not None:
+                            student = continuation_logits(model, cache.fork(), held_sample, cap.n)
+                            res["kl_heldout_self_sample"] = float(
+                                kl_per_position(sample_teacher, student).mean()
+                            )
                         if passkey:
                             pk_cache = compress_captured(model, pk_cap, r, solver, progress=False, **alloc)
                             pk = passkey_found(model, tok, pk_cache, pk_ids.shape[1], pk_key)

@@ -213,6 +213,7 @@ def capture(
             )
         parts.append(q)
         part_groups.append(g + next_group)
+        info[f"{src}_groups"] = (next_group, next_group + int(g.max()) + 1)  # [start, end) of its group ids
         next_group += int(g.max()) + 1
         info[f"{src}_queries"] = int(g.shape[0])
     query_s = time.perf_counter() - t0
