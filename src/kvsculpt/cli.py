@@ -315,6 +315,11 @@ def _method(p):
     p.add_argument(
         "--queries", default=DEFAULT_QUERIES, help="self | context | repeat, or a mix such as self+context"
     )
+    p.add_argument(
+        "--max-queries", type=int, default=4096, help="reference queries kept per head (subsampled)"
+    )
+    p.add_argument("--self-samples", type=int, default=10, help="sampled continuations for 'self' queries")
+    p.add_argument("--self-length", type=int, default=64, help="tokens per sampled continuation")
 
 
 def build_parser():

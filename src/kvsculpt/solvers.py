@@ -175,10 +175,18 @@ class Evict(Method):
         if self.score == "h2o":
             return attention_scores(Q, K, scale)
         if self.score in ("snapkv", "tova"):
-            w = self.window if self.score == "snapkv" else 1
-            cq = context_queries[:, :, -w:].reshape(H, -1, K.shape[-1])
-            s = torch.softmax(logits(cq, K, scale), -1).sum(1)
-            s[:, -w:] = float("inf")  # the observation window itself is always kept, as in SnapKV
+            w = min(n, self.window if self.score == "snapkv" else 1)
+            cq = context_queries[:, :, -w:]  # [H, G, w, d]: causal queries of the context's last w positions
+            lg = logits(cq, K[:, None], scale)  # [H, G, w, n]
+            future = (
+                torch.arange(n, device=K.device)[None, :] > torch.arange(n - w, n, device=K.device)[:, None]
+            )
+            s = torch.softmax(lg.masked_fill(future, float("-inf")), -1).sum((1, 2))  # [H, n]
+            if self.score == "snapkv":  # SnapKV smooths the scores with a 1-D average pool (kernel 5)
+                s = torch.nn.functional.avg_pool1d(
+                    s[:, None], 5, stride=1, padding=2, count_include_pad=False
+                )[:, 0]
+            s[:, -w:] = float("inf")  # the observation window itself is always kept
             return s
         if self.score == "streaming-llm":
             pos = torch.arange(n, device=K.device, dtype=torch.float32).expand(H, n).clone()
