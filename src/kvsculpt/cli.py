@@ -269,8 +269,10 @@ def cmd_demo(args):
         ("h2o", "context", "H2O eviction"),
         ("streaming-llm", "context", "StreamingLLM"),
     ]
+    from tqdm.auto import tqdm
+
     rows, default_cache = [], None
-    for method, queries, label in runs:
+    for method, queries, label in tqdm(runs, desc="demo: compress and score", unit="method"):
         cache, row = _eval_one(
             model, tok, args.model, window, ref, args.ratio, method, "uniform", queries, {"progress": False}
         )
