@@ -279,12 +279,12 @@ def cmd_demo(args):
         rows.append((label, row))
         default_cache = default_cache or cache
     print(
-        f"{'method':<26}{'queries':<9}{'KL (nats)':>10}{'top-1 agree':>13}{'cache MB':>10}{'of full':>9}"
+        f"{'method':<26}{'queries':<14}{'KL (nats)':>10}{'top-1 agree':>13}{'cache MB':>10}{'of full':>9}"
         f"{'compress s':>12}"
     )
     for label, r in rows:
         print(
-            f"{label:<26}{r['queries']:<9}{r['kl']:>10.4f}{r['top1_agree']:>13.2f}{r['cache_bytes'] / 1e6:>10.2f}"
+            f"{label:<26}{r['queries']:<14}{r['kl']:>10.4f}{r['top1_agree']:>13.2f}{r['cache_bytes'] / 1e6:>10.2f}"
             f"{r['cache_bytes'] / r['full_bytes']:>9.0%}{r['compress_seconds']:>12.1f}"
         )
     print(f"\nfull cache: {rows[0][1]['full_bytes'] / 1e6:.2f} MB, prefill {ref.prefill_seconds:.1f} s")
