@@ -219,3 +219,21 @@ def test_ask_many_has_no_leak(smollm):
         pad_token_id=tok.eos_token_id,
     )
     assert together[0] == tok.decode(ref[0, full_ids.shape[1] :], skip_special_tokens=True)
+
+
+def test_bf16_identity_cache_matches_full_cache():
+    model = tiny_model("qwen2").to(torch.bfloat16)
+    ids, cont = torch.randint(0, 97, (1, 40)), torch.randint(0, 97, (1, 8))
+    ref = full_logits(model, ids, cont)
+    cap = capture(model, ids, queries="context")
+    cache = CompressedCache.from_heads(
+        model,
+        [[k.to(torch.bfloat16) for k in layer] for layer in cap.keys],
+        [[v.to(torch.bfloat16) for v in layer] for layer in cap.values],
+        40,
+        bias=[[torch.zeros(40) for _ in range(2)] for _ in range(2)],  # exercises the biased path in bf16
+    )
+    assert cache.layers[0].block_keys.dtype == torch.bfloat16
+    got = continuation_logits(model, cache, cont, 40)
+    assert (got - ref).abs().max() < 2e-2
+    assert torch.equal(got.argmax(-1), ref.argmax(-1))
