@@ -11,7 +11,7 @@ from . import budget
 from .attention import model_dims
 from .cache import CompressedCache
 from .capture import QUERY_SOURCES, capture, split_heldout
-from .solvers import Method, SelectFit, fidelity, make_method
+from .solvers import Identity, Method, SelectFit, fidelity, make_method
 
 DEFAULT_METHOD = "select-fit"
 DEFAULT_QUERIES = "self+context"
@@ -105,7 +105,7 @@ def compress_captured(
     def pilot(m: int) -> torch.Tensor:
         return pilot_errors(cap, fit_q, pilot_q, m)
 
-    if type(solver).__name__ == "Identity":
+    if isinstance(solver, Identity):
         budgets, pilot_record = [[n] * Hkv for _ in range(L)], {}
     else:
         budgets, pilot_record = budget.plan(allocation, pilot, n, ratio, L, Hkv, alpha, scope)
@@ -154,9 +154,8 @@ def pilot_errors(cap, fit_q, check_q, m: int) -> torch.Tensor:
     L, Hkv = len(cap.keys), cap.keys[0].shape[0]
     errs = torch.zeros(L, Hkv)
     for li in range(L):
-        heads = SelectFit()(cap.keys[li], cap.values[li], fit_q[li], [m] * Hkv, cap.scale)
+        K, V = cap.keys[li], cap.values[li]
+        heads = SelectFit()(K, V, fit_q[li], [m] * Hkv, cap.scale)
         for h in range(Hkv):
-            errs[li, h] = fidelity(check_q[li][h], cap.keys[li][h], cap.values[li][h], *heads[h], cap.scale)[
-                0
-            ]
+            errs[li, h] = fidelity(check_q[li][h], K[h], V[h], *heads[h], cap.scale)[0]
     return errs
