@@ -13,7 +13,9 @@ from .conftest import tiny_model
 def test_compress_uniform_on_tiny_model():
     model = tiny_model("llama")
     ids = torch.randint(0, 97, (1, 40))
-    cache = compress(model, ids, ratio=0.25, method="select-fit", queries="context", progress=False)
+    cache = compress(
+        model, ids, ratio=0.25, method="select-fit", queries="context", allocation="uniform", progress=False
+    )
     assert cache.budgets == [[10, 10], [10, 10]]
     assert "SelectFit" in cache.method and cache.info["ratio"] == 0.25
     stats = cache.info["stats"]["heldout_rel_mse"]

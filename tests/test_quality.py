@@ -14,7 +14,8 @@ def test_default_compression_beats_plain_eviction(smollm):
     evict = compress(model, w.context, ratio=0.3, method="h2o", queries="context", progress=False)
     kl_default, kl_evict = score(model, default, w, ref)["kl"], score(model, evict, w, ref)["kl"]
     print(f"default {kl_default:.4f} vs h2o/context {kl_evict:.4f}")
-    assert kl_default < 0.75 * kl_evict  # measured 0.069 vs 0.125 (1.8x) when this test was written
+    # measured 0.041 vs 0.134 (3.3x) with the curves allocation when this test was written
+    assert kl_default < 0.5 * kl_evict
 
 
 def test_curves_allocation_beats_uniform_for_sculpt(smollm):

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import resource
-import sys
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -297,14 +296,14 @@ def write_paper_report(rows, args, out: Path, tag: str, peers_note=None) -> dict
     wins = sorted({r["window"] for r in rows})
     nll = {w: next(r["teacher_nll"] for r in rows if r["window"] == w and "teacher_nll" in r) for w in wins
            if any("teacher_nll" in r for r in rows if r["window"] == w)}  # fmt: skip
-    summary = {"args": {k: v for k, v in vars(args).items() if k != "func"}, "kl_geomean": table,
+    summary = {"args": {k: v for k, v in vars(args).items() if k not in ("func",)}, "kl_geomean": table,
                "comparisons": comparisons, "teacher_nll": nll, "paper": PAPER, "rows": rows}  # fmt: skip
     (out / f"paper_{tag}.json").write_text(json.dumps(summary, indent=1))
     f = lambda x, p=4: "–" if x is None else f"{x:.{p}f}"  # noqa: E731
     lines = [
         f"# KVSculpt paper table on {args.model}: n={args.context_tokens}, T={args.continuation_tokens}",
         "",
-        f"Command: `kvsculpt {' '.join(sys.argv[1:])}`",
+        f"Command: `{getattr(args, 'command_line', 'kvsculpt bench paper')}`",
         "",
         f"Windows ({len(wins)}): {', '.join(wins)}. Teacher NLL (nats/token): "
         + ", ".join(f"{w} {v:.2f}" for w, v in nll.items()),

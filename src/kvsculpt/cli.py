@@ -215,7 +215,7 @@ def cmd_analyze(args):
     md = [
         f"# Difficulty analysis: {args.model}, {args.text}, n={n}, kept {args.ratio}",
         "",
-        f"Command: `kvsculpt {' '.join(sys.argv[1:])}`",
+        f"Command: `{args.command_line}`",
         "",
         f"- Per-layer mean pilot MSE: max/min across layers = **{layer_spread:.1f}×** (paper: up to 100×).",
         f"- Largest ratio between two KV heads of one layer: **{float(head_ratio.max()):.1f}×** in layer "
@@ -248,7 +248,7 @@ DEMO_QUESTION = "\n\nQuestion: What does a client do while a background task is 
 
 def cmd_demo(args):
     from .cache import ask
-    from .compress import DEFAULT_METHOD, DEFAULT_QUERIES
+    from .compress import DEFAULT_ALLOCATION, DEFAULT_METHOD, DEFAULT_QUERIES
     from .evaluate import load_text, make_window, teacher
     from .models import load_model
 
@@ -263,18 +263,18 @@ def cmd_demo(args):
         f" KL over the next {args.continuation_tokens} real tokens (teacher NLL {ref.nll:.2f} nats/token)\n"
     )
     runs = [
-        (DEFAULT_METHOD, DEFAULT_QUERIES, "kvsculpt default"),
-        ("sculpt", DEFAULT_QUERIES, "KVSculpt (L-BFGS keys)"),
-        ("snapkv", "context", "SnapKV eviction"),
-        ("h2o", "context", "H2O eviction"),
-        ("streaming-llm", "context", "StreamingLLM"),
+        (DEFAULT_METHOD, DEFAULT_QUERIES, DEFAULT_ALLOCATION, "kvsculpt default"),
+        ("sculpt", DEFAULT_QUERIES, "uniform", "KVSculpt, uniform budget"),
+        ("snapkv", "context", "uniform", "SnapKV eviction"),
+        ("h2o", "context", "uniform", "H2O eviction"),
+        ("streaming-llm", "context", "uniform", "StreamingLLM"),
     ]
     from tqdm.auto import tqdm
 
     rows, default_cache = [], None
-    for method, queries, label in tqdm(runs, desc="demo: compress and score", unit="method"):
+    for method, queries, allocation, label in tqdm(runs, desc="demo: compress and score", unit="method"):
         cache, row = _eval_one(
-            model, tok, args.model, window, ref, args.ratio, method, "uniform", queries, {"progress": False}
+            model, tok, args.model, window, ref, args.ratio, method, allocation, queries, {"progress": False}
         )
         rows.append((label, row))
         default_cache = default_cache or cache
@@ -304,7 +304,7 @@ def _common(p, text=True):
 
 
 def _method(p):
-    from .compress import DEFAULT_METHOD, DEFAULT_QUERIES
+    from .compress import DEFAULT_ALLOCATION, DEFAULT_METHOD, DEFAULT_QUERIES
 
     p.add_argument(
         "--ratio",
@@ -313,7 +313,7 @@ def _method(p):
         help="fraction of KV entries KEPT (kvpress: 1 - compression_ratio)",
     )
     p.add_argument("--method", default=DEFAULT_METHOD)
-    p.add_argument("--allocation", default="uniform", choices=["uniform", "adaptive", "curves"])
+    p.add_argument("--allocation", default=DEFAULT_ALLOCATION, choices=["uniform", "adaptive", "curves"])
     p.add_argument(
         "--queries", default=DEFAULT_QUERIES, help="self | context | repeat, or a mix such as self+context"
     )
@@ -397,7 +397,11 @@ def build_parser():
 
 
 def main(argv=None):
+    import shlex
+
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.command_line = "kvsculpt " + " ".join(shlex.quote(a) for a in argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     from .models import ModelError
 
