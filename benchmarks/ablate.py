@@ -113,7 +113,7 @@ GRIDS = {
 
 def run(args):
     out = Path(args.out)
-    jsonl = out.with_suffix(".jsonl")
+    jsonl = out.parent / f"{out.name}.jsonl"
     if args.report_only:
         write_report(list(load_rows(jsonl).values()), args, out)
         return
@@ -162,7 +162,7 @@ def write_report(rows, args, out: Path):
                     "windows": sum(1 for (cc, r, _) in kl if cc == c and r == ratio),
                 }
             )
-    out.with_suffix(".json").write_text(
+    (out.parent / f"{out.name}.json").write_text(
         json.dumps({"args": vars(args), "summary": summary, "rows": rows}, indent=1)
     )
     lines = [
@@ -188,7 +188,7 @@ def write_report(rows, args, out: Path):
         )
     nll = {r["window"]: r["teacher_nll"] for r in rows}
     lines += ["", "Teacher NLL per window (nats/token): " + ", ".join(f"{k} {v:.2f}" for k, v in nll.items())]
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    (out.parent / f"{out.name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
