@@ -256,6 +256,13 @@ def write_paper_report(rows, args, out: Path, tag: str, peers_note=None) -> dict
 
     out.mkdir(parents=True, exist_ok=True)
     configs = list(dict.fromkeys(r["config"] for r in rows))
+    # Only windows on which every configuration ran at every ratio, so that all columns compare like with like.
+    have = defaultdict(set)
+    for r in rows:
+        have[r["window"]].add((r["config"], r["ratio"]))
+    need = {(c, r) for c in configs for r in args.ratios}
+    incomplete = sorted(w for w, got in have.items() if not need <= got)
+    rows = [r for r in rows if r["window"] not in incomplete]
     kl = {(r["config"], r["ratio"], r["window"]): r["kl"] for r in rows}
 
     def gm(c, ratio, key="kl"):
@@ -337,6 +344,8 @@ def write_paper_report(rows, args, out: Path, tag: str, peers_note=None) -> dict
         )
     if peers_note:
         lines += ["", peers_note]
+    if incomplete:
+        lines += ["", f"Left out (not every method ran on them yet): {', '.join(incomplete)}."]
     (out / f"paper_{tag}.md").write_text("\n".join(lines) + "\n")
     series = {c: {r: v for r, v in table[c].items() if v is not None} for c in configs}
     kl_vs_ratio(series, f"{args.model}: held-out KL, n={args.context_tokens}", out / f"paper_{tag}.png")
