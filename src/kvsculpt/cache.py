@@ -48,6 +48,7 @@ class CompressedLayer(CacheLayerMixin):
         self.dtype, self.device = keys.dtype, keys.device
         self.is_initialized = True
         self.keys = self.values = None  # appended tokens [B, Hkv, a, d]
+        self._gather = self._pad_bias = None  # padding index/bias for variable head lengths (built lazily)
 
     def _padded_block(self, batch: int):
         """``([B, Hkv, P, d], [B, Hkv, P, d], bias [Hkv, P] or None)``: a view when heads are uniform."""
@@ -57,15 +58,18 @@ class CompressedLayer(CacheLayerMixin):
             v = self.block_values.view(Hkv, P, d)
             bias = None if self.block_bias is None else self.block_bias.view(Hkv, P)
         else:
-            k = self.block_keys.new_zeros(Hkv, P, d)
-            v = self.block_values.new_zeros(Hkv, P, d)
-            bias = torch.full((Hkv, P), float("-inf"), dtype=torch.float32, device=self.device)
-            start = 0
-            for h, m in enumerate(self.lengths):
-                k[h, :m] = self.block_keys[start : start + m]
-                v[h, :m] = self.block_values[start : start + m]
-                bias[h, :m] = 0.0 if self.block_bias is None else self.block_bias[start : start + m].float()
-                start += m
+            if self._gather is None:  # built once: where each padded slot reads from, and its bias
+                starts = torch.tensor([0] + self.lengths[:-1], device=self.device).cumsum(0)
+                slot = torch.arange(P, device=self.device)
+                real = slot[None] < torch.tensor(self.lengths, device=self.device)[:, None]  # [Hkv, P]
+                self._gather = torch.where(real, starts[:, None] + slot[None], 0)
+                flat_bias = torch.zeros(self.block_keys.shape[0], device=self.device)
+                if self.block_bias is not None:
+                    flat_bias = self.block_bias.float()
+                self._pad_bias = flat_bias[self._gather].masked_fill(~real, float("-inf"))
+            k = self.block_keys[self._gather]  # [Hkv, P, d], transient
+            v = self.block_values[self._gather]
+            bias = self._pad_bias
         return k[None].expand(batch, -1, -1, -1), v[None].expand(batch, -1, -1, -1), bias
 
     def lazy_initialization(self, key_states, value_states):
