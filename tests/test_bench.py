@@ -38,6 +38,9 @@ def test_bench_paper_quick_schema_and_resume(tmp_path, smollm):
     assert comp["select_fit_over_sculpt"] > 0 and comp["pilot_layer_spread_max"] >= 1
     md = (out / "paper_tiny-llama.md").read_text()
     assert "paper 3.5–4.1×" in md and "kvpress peers not run" in md
+    # pass-key is tried at the ratio nearest 0.3 (here the only one), with the full cache as reference
+    assert all(r["passkey"] is not None and r["passkey_full"] is not None for r in data["rows"])
+    assert "Pass-key with the full cache (reference)" in md
     lines = (out / "paper_tiny-llama.jsonl").read_text().splitlines()
     main(argv)  # resumes: nothing recomputed
     assert (out / "paper_tiny-llama.jsonl").read_text().splitlines() == lines

@@ -86,14 +86,26 @@ def heldout_self_sample(cap, heldout: float = 0.2, seed: int = 0):
     return cap.samples[held[0]][None] if held else None
 
 
+def passkey_full_cache(model, tok, pk_ids, key) -> bool:
+    """Whether the model finds the pass key with its full, uncompressed cache (the reference for pass-key rows)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    with torch.inference_mode():
+        model(input_ids=pk_ids, past_key_values=cache, use_cache=True)
+    return passkey_found(model, tok, cache, pk_ids.shape[1], key)
+
+
 def run_grid(
-    model, tok, model_name, wins, grid, ratios, jsonl, max_queries=4096, passkey=False
+    model, tok, model_name, wins, grid, ratios, jsonl, max_queries=4096, passkey=False, passkey_ratios=None
 ) -> list[dict]:
     """Run every (window, config, ratio) not yet in ``jsonl``; return all rows for these windows and configs.
 
-    ``passkey``: also compress a pass-key version of each window's text with the same config and ratio, and
-    record whether the key is retrieved afterwards (question asked only after compression).
+    ``passkey``: also compress a pass-key version of each window's text with the same config, at the ratios in
+    ``passkey_ratios`` (default: all), and record whether the key is retrieved afterwards (question asked
+    only after compression). Each such row also carries ``passkey_full``, the full cache's result.
     """
+    passkey_ratios = set(ratios if passkey_ratios is None else passkey_ratios)
     jsonl = Path(jsonl)
     jsonl.parent.mkdir(parents=True, exist_ok=True)
     done = load_rows(jsonl)
@@ -108,11 +120,12 @@ def run_grid(
             if all((wid[id(w)], c, r) in done for c in grid for r in ratios):
                 continue
             ref = teacher(model, w)
-            pk = None
+            pk_full = None
             if passkey:
                 from .evaluate import load_text
 
                 pk_ids, pk_key = passkey_context(tok, load_text(w.name), w.context.shape[1], seed=w.start)
+                pk_full = passkey_full_cache(model, tok, pk_ids, pk_key)
             for (src, cap_opts), names in groups.items():
                 if all((wid[id(w)], c, r) in done for c in names for r in ratios):
                     continue
@@ -127,7 +140,9 @@ def run_grid(
                 if held_sample is not None:
                     full, *_ = prefill(model, w.context)
                     sample_teacher = continuation_logits(model, full, held_sample, cap.n)
-                pk_cap = capture(model, pk_ids, src, **kw) if passkey else None
+                pk_cap = (
+                    capture(model, pk_ids, src, **kw) if passkey and passkey_ratios & set(ratios) else None
+                )
                 for name in names:
                     method, _, opts = grid[name]
                     _, alloc, method_opts = _split_options(opts)
@@ -144,7 +159,8 @@ def run_grid(
                             res["kl_heldout_self_sample"] = float(
                                 kl_per_position(sample_teacher, student).mean()
                             )
-                        if passkey:
+                        pk = None
+                        if pk_cap is not None and r in passkey_ratios:
                             pk_cache = compress_captured(model, pk_cap, r, solver, progress=False, **alloc)
                             pk = passkey_found(model, tok, pk_cache, pk_ids.shape[1], pk_key)
                         stats = cache.info["stats"]["heldout_rel_mse"]
@@ -166,7 +182,8 @@ def run_grid(
                                * cache.layers[0].block_keys.element_size()),
                             "cache_over_logical": cache.nbytes() / cache.logical_nbytes(),
                             "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
-                            "passkey": pk, **_pilot_spread(cache.info),
+                            "passkey": pk, "passkey_full": pk_full if pk is not None else None,
+                            **_pilot_spread(cache.info),
                         }  # fmt: skip
                         f.write(json.dumps(row) + "\n")
                         f.flush()
@@ -177,7 +194,7 @@ def run_grid(
     return [done[k] for k in done if k[0] in wid.values() and k[1] in grid and k[2] in ratios]
 
 
-def run_peers(model_name, wins, ratios, jsonl, tok, passkey=False) -> list[dict]:
+def run_peers(model_name, wins, ratios, jsonl, tok, passkey=False, passkey_ratios=None) -> list[dict]:
     """kvpress presses on the same windows (in a subprocess, see :mod:`kvsculpt.peers`); resumable."""
     from . import peers
     from .evaluate import PASSKEY_QUESTION, load_text
@@ -196,7 +213,9 @@ def run_peers(model_name, wins, ratios, jsonl, tok, passkey=False) -> list[dict]
             if passkey:
                 pk_ids, key = passkey_context(tok, load_text(w.name), w.context.shape[1], seed=w.start)
                 pk = (pk_ids, encode(tok, PASSKEY_QUESTION), key)
-            for row in peers.run_presses(model_name, w.context, w.continuation, ratios, passkey=pk):
+            for row in peers.run_presses(
+                model_name, w.context, w.continuation, ratios, passkey=pk, passkey_ratios=passkey_ratios
+            ):
                 row.update(window=wid, config=row["method"], model=model_name, queries="(kvpress)")
                 f.write(json.dumps(row) + "\n")
                 f.flush()
@@ -235,10 +254,14 @@ def paper(args) -> dict:
     out = Path(args.out)
     jsonl = out / f"paper_{tag}.jsonl"
     grid = {k: v for k, v in PAPER_GRID.items() if not args.methods or k in args.methods}
-    rows = run_grid(model, tok, args.model, wins, grid, args.ratios, jsonl, passkey=args.passkey)
+    pk_ratios = args.passkey_ratios or [min(args.ratios, key=lambda r: abs(r - 0.3))]
     use_peers = args.peers and peers.available()
-    if use_peers:
-        rows += run_peers(args.model, wins, args.ratios, jsonl, tok, passkey=args.passkey)
+    rows = []
+    for w in wins:  # window by window, so that an interrupted run has complete windows to report
+        rows += run_grid(model, tok, args.model, [w], grid, args.ratios, jsonl, passkey=args.passkey,
+                         passkey_ratios=pk_ratios)  # fmt: skip
+        if use_peers:
+            rows += run_peers(args.model, [w], args.ratios, jsonl, tok, args.passkey, pk_ratios)
     summary = write_paper_report(rows, args, out, tag, peers_note=None if use_peers else _peer_note(args))
     return summary
 
@@ -320,7 +343,9 @@ def write_paper_report(rows, args, out: Path, tag: str, peers_note=None) -> dict
         "",
         "| method | "
         + " | ".join(f"KL r={r}" for r in args.ratios)
-        + " | passkey | compress/prefill | cache/full |",
+        + " | passkey (r in "
+        + ", ".join(sorted({str(x["ratio"]) for x in rows if x.get("passkey") is not None}))
+        + ") | compress/prefill | cache/full |",
         "|---|" + "---|" * len(args.ratios) + "---|---|---|",
     ]
     for c in configs:
@@ -342,6 +367,9 @@ def write_paper_report(rows, args, out: Path, tag: str, peers_note=None) -> dict
             f"({c['best_other']} vs {c['best_ours']}) | {f(c['pilot_layer_spread_max'], 0)}×, "
             f"{f(c['pilot_head_ratio_max'], 0)}× |"
         )
+    full = {x["window"]: x["passkey_full"] for x in rows if x.get("passkey_full") is not None}
+    if full:
+        lines += ["", f"Pass-key with the full cache (reference): {sum(full.values())}/{len(full)} windows."]
     if peers_note:
         lines += ["", peers_note]
     if incomplete:

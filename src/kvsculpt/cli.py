@@ -384,6 +384,8 @@ def build_parser():
     p.add_argument("--quick", action="store_true", help="qwen2.5-coder-0.5b, 1024 tokens, T=128, 2 documents")
     p.add_argument("--no-peers", dest="peers", action="store_false", help="skip the kvpress presses")
     p.add_argument("--no-passkey", dest="passkey", action="store_false", help="skip pass-key retrieval")
+    p.add_argument("--passkey-ratios", type=float, nargs="+",
+                   help="ratios at which pass-key retrieval is tried (default: the ratio nearest 0.3)")  # fmt: skip
     p.add_argument("--out", default="benchmarks/results")
     p.set_defaults(func=cmd_bench)
 

@@ -28,12 +28,16 @@ def available() -> bool:
     return importlib.util.find_spec("kvpress") is not None
 
 
-def run_presses(model_name: str, context, continuation, ratios, presses=PRESSES, passkey=None) -> list[dict]:
-    """Score each press at each kept ratio on one window; ``passkey``: optional (context ids, question ids, key)."""
+def run_presses(
+    model_name: str, context, continuation, ratios, presses=PRESSES, passkey=None, passkey_ratios=None
+) -> list[dict]:
+    """Score each press at each kept ratio on one window; ``passkey``: optional (context ids, question ids, key),
+    tried at ``passkey_ratios`` (default: all) and with the full cache (``passkey_full``)."""
     with tempfile.TemporaryDirectory() as tmp:
         job = Path(tmp) / "job.pt"
         torch.save({"model": model_name, "context": context.cpu(), "continuation": continuation.cpu(),
-                    "ratios": list(ratios), "presses": list(presses), "passkey": passkey}, job)  # fmt: skip
+                    "ratios": list(ratios), "presses": list(presses), "passkey": passkey,
+                    "passkey_ratios": list(ratios if passkey_ratios is None else passkey_ratios)}, job)  # fmt: skip
         proc = subprocess.run(
             [sys.executable, "-m", "kvsculpt.peers", str(job)], capture_output=True, text=True
         )
@@ -91,6 +95,7 @@ def _main(job_path: str) -> None:
         return key in tok.decode(greedy(model, cache, question, pctx.shape[1], 8))
 
     teacher, prefill_s, full_entries, _ = run(None)
+    passkey_full = passkey_ok(None)
     for name in job["presses"]:
         for r in job["ratios"]:
             press = getattr(kvpress, name)(compression_ratio=1.0 - r)
@@ -102,9 +107,10 @@ def _main(job_path: str) -> None:
                 "method": f"kvpress.{name}", "press": repr(press), "ratio": r, "kvpress_compression_ratio": 1.0 - r,
                 "kl": float(kl.mean()), "ppl": float(torch.exp(nll.mean())),
                 "top1_agree": float((logits.argmax(-1) == teacher.argmax(-1)).float().mean()),
-                "compress_seconds": seconds, "prefill_seconds": prefill_s,
+                "compress_seconds": seconds, "prefill_seconds": prefill_s, "compress_over_prefill": seconds / prefill_s,
                 "cache_over_full": kept / full_entries if not masked else 1.0,
-                "entries_masked_not_freed": masked, "passkey": passkey_ok(press),
+                "entries_masked_not_freed": masked, "passkey": passkey_ok(press) if r in job["passkey_ratios"] else None,
+                "passkey_full": passkey_full if r in job["passkey_ratios"] else None,
                 "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
             }  # fmt: skip
             print(json.dumps(row), flush=True)
