@@ -15,8 +15,6 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-import torch
-
 from kvsculpt import load_model
 from kvsculpt.bench import EVICTION, geomean, load_rows, run_grid
 from kvsculpt.evaluate import text_index, windows
@@ -102,6 +100,16 @@ GRIDS = {
         "sculpt/self+context mass=0": ("sculpt", "self+context", {"mass_weight": 0.0}),
         "select-fit/context": ("select-fit", "context", {}),
         "sculpt/context": ("sculpt", "context", {}),
+    },
+    # where might Sculpt pay: little room (r=0.1), more iterations, joint β, on-policy layer-by-layer queries
+    "regime": {
+        "select-fit/self+context": ("select-fit", "self+context", {}),
+        "select-fit/self+context on-policy": ("select-fit", "self+context", {"on_policy": 64}),
+        "sculpt/self+context": ("sculpt", "self+context", {}),
+        "sculpt/self+context on-policy": ("sculpt", "self+context", {"on_policy": 64}),
+        "sculpt/self+context iters=60 beta=joint": ("sculpt", "self+context", {"iters": 60, "beta": "joint"}),
+        "h2o/context": ("h2o", "context", {}),
+        "snapkv": ("snapkv", "context", {}),
     },
     "smoke": {
         "h2o/context": ("h2o", "context", {}),
@@ -210,5 +218,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    torch.set_num_threads(2)
-    main()
+    main()  # threads: torch's default (all cores), or OMP_NUM_THREADS

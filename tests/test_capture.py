@@ -123,3 +123,30 @@ def test_bad_context_ids(tiny):
         capture(tiny, torch.zeros(1, 0, dtype=torch.long))
     with pytest.raises(ValueError, match="unknown query source"):
         capture(tiny, torch.zeros(1, 4, dtype=torch.long), queries="future")
+
+
+def test_replay_over_the_full_cache_gives_the_captured_queries(tiny):
+    """Replaying the self samples over an uncompressed block reproduces the sampled queries (subsampled,
+    mixed with context queries); over a compressed block the self queries change and the others do not."""
+    from kvsculpt.cache import CompressedCache
+    from kvsculpt.capture import replay_self_queries
+
+    ids = torch.randint(0, 97, (1, 48))
+    cap = capture(tiny, ids, "context+self", max_queries=100, self_samples=3, self_length=8)
+    assert cap.info["subsample_index"] is not None
+    full = CompressedCache.from_heads(tiny, [list(K) for K in cap.keys], [list(V) for V in cap.values], cap.n)
+    replayed = replay_self_queries(tiny, cap, full)
+    for q_old, q_new in zip(cap.queries, replayed, strict=True):
+        torch.testing.assert_close(q_new, q_old, atol=1e-4, rtol=1e-4)
+    half = CompressedCache.from_heads(
+        tiny, [[k[:10] for k in K] for K in cap.keys], [[v[:10] for v in V] for V in cap.values], cap.n
+    )
+    moved = replay_self_queries(tiny, cap, half)
+    keep = cap.info["subsample_index"]
+    start, end = cap.info["self_span"]
+    is_self = ((keep >= start) & (keep < end)).to(cap.queries[1].device)
+    assert is_self.any() and (~is_self).any()
+    torch.testing.assert_close(moved[1][:, ~is_self], cap.queries[1][:, ~is_self])
+    assert (
+        moved[1][:, is_self] - cap.queries[1][:, is_self]
+    ).abs().max() > 1e-3  # layer 1 sees layer 0's change

@@ -154,3 +154,23 @@ def test_cli_analyze_writes_json_figures_and_summary(smollm, tmp_path):
     for png in ("difficulty.png", "budgets.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "paper: up to 467" in (out / "summary.md").read_text()
+
+
+def test_on_policy_layer_by_layer_keeps_budgets_and_changes_the_fit():
+    from kvsculpt.capture import capture
+    from kvsculpt.compress import compress_captured
+    from kvsculpt.solvers import SelectFit
+
+    model = tiny_model("llama")
+    ids = torch.randint(0, 97, (1, 64))
+    cap = capture(model, ids, "self+context", self_samples=3, self_length=8)
+    plain = compress_captured(model, cap, 0.25, SelectFit(), progress=False)
+    staged = compress_captured(model, cap, 0.25, SelectFit(), progress=False, on_policy=2)
+    assert staged.budgets == plain.budgets and staged.info["on_policy"] == 2
+    # layer 0 is solved before any replay, so it is identical; layer 1 was fitted to replayed queries
+    torch.testing.assert_close(staged.layers[0].block_values, plain.layers[0].block_values)
+    assert not torch.allclose(staged.layers[1].block_values, plain.layers[1].block_values)
+    with pytest.raises(ValueError, match="self queries"):
+        compress_captured(
+            model, capture(model, ids, "context"), 0.25, SelectFit(), progress=False, on_policy=2
+        )

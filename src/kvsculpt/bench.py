@@ -34,7 +34,7 @@ from .evaluate import (
 from .solvers import make_method
 
 CAPTURE_OPTIONS = ("max_queries", "self_samples", "self_length", "temperature", "top_p")
-BUDGET_OPTIONS = ("allocation", "scope")
+COMPRESS_OPTIONS = ("allocation", "scope", "on_policy")  # compress_captured options
 EVICTION = ("h2o", "snapkv", "tova", "streaming-llm", "knorm")
 
 
@@ -55,8 +55,8 @@ def load_rows(jsonl: Path) -> dict:
 
 def _split_options(opts: dict):
     cap = {k: v for k, v in opts.items() if k in CAPTURE_OPTIONS}
-    alloc = {k: v for k, v in opts.items() if k in BUDGET_OPTIONS}
-    method = {k: v for k, v in opts.items() if k not in CAPTURE_OPTIONS + BUDGET_OPTIONS}
+    alloc = {k: v for k, v in opts.items() if k in COMPRESS_OPTIONS}
+    method = {k: v for k, v in opts.items() if k not in CAPTURE_OPTIONS + COMPRESS_OPTIONS}
     return cap, alloc, method
 
 

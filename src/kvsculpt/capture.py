@@ -152,14 +152,20 @@ def _position_groups(batch_len: int, G: int) -> torch.Tensor:
     return pooled_groups((torch.arange(batch_len) // POSITION_GROUP)[None], 1, G)
 
 
-def subsample(queries: list[torch.Tensor], groups: torch.Tensor, max_queries: int | None, seed: int = 0):
-    """Keep at most ``max_queries`` queries per layer (the same random subset for every layer and head)."""
-    N = groups.shape[0]
+def subsample_index(N: int, max_queries: int | None, seed: int = 0) -> torch.Tensor | None:
+    """Sorted indices of at most ``max_queries`` of ``N`` queries (None: keep all)."""
     if max_queries is None or N <= max_queries:
-        return queries, groups
+        return None
     if max_queries <= 0:
         raise ValueError(f"max_queries must be positive; got {max_queries}")
-    keep = torch.randperm(N, generator=torch.Generator().manual_seed(seed))[:max_queries].sort().values
+    return torch.randperm(N, generator=torch.Generator().manual_seed(seed))[:max_queries].sort().values
+
+
+def subsample(queries: list[torch.Tensor], groups: torch.Tensor, max_queries: int | None, seed: int = 0):
+    """Keep at most ``max_queries`` queries per layer (the same random subset for every layer and head)."""
+    keep = subsample_index(groups.shape[0], max_queries, seed)
+    if keep is None:
+        return queries, groups
     return [q[:, keep.to(q.device)] for q in queries], groups[keep]
 
 
@@ -211,6 +217,11 @@ def capture(
             q, g, samples = sample_self_queries(
                 model, keys, values, last, self_samples, self_length, temperature, top_p, seed, progress
             )
+        start = sum(int(x.shape[0]) for x in part_groups)
+        info[f"{src}_span"] = (
+            start,
+            start + int(g.shape[0]),
+        )  # [start, end) of its queries before subsampling
         parts.append(q)
         part_groups.append(g + next_group)
         info[f"{src}_groups"] = (next_group, next_group + int(g.max()) + 1)  # [start, end) of its group ids
@@ -219,13 +230,45 @@ def capture(
     query_s = time.perf_counter() - t0
     qs = [torch.cat([p[i] for p in parts], dim=1) for i in range(len(keys))]
     groups = torch.cat(part_groups)
-    qs, groups = subsample(qs, groups, max_queries, seed)
+    keep = subsample_index(groups.shape[0], max_queries, seed)
+    if keep is not None:
+        qs, groups = [q[:, keep.to(q.device)] for q in qs], groups[keep]
+    info["subsample_index"] = keep
     per_head = None
     if keep_context_queries:
         per_head = [x[0].float().reshape(Hkv, G, n, -1) for x in ctx_q]
     return Capture(
         keys, values, qs, groups, scale, last, prefill_s, query_s, samples, per_head, context_ids.cpu(), info
     )
+
+
+@torch.inference_mode()
+def replay_self_queries(model, cap: Capture, cache) -> list[torch.Tensor]:
+    """``cap.queries`` with the self-sample queries recomputed over ``cache`` (e.g. a partly compressed one).
+
+    The self samples' tokens ``[S, L]`` are teacher-forced through the model on ``cache`` (logical length
+    ``cap.n``, expanded to the S samples); the other sources' queries are kept. Returns per layer
+    ``[Hkv, N, d]``, in the same order as ``cap.queries``.
+    """
+    if cap.samples is None or "self_span" not in cap.info:
+        raise ValueError("replay needs a capture with self samples")
+    _, _, Hkv, _, _ = model_dims(model)
+    S, L = cap.samples.shape
+    tokens = cap.samples.to(model.device)
+    pos = torch.arange(cap.n, cap.n + L, device=model.device)[None].expand(S, -1)
+    with capture_queries(model) as sinks:
+        model(tokens, past_key_values=cache, position_ids=pos, use_cache=True)
+    start, end = cap.info["self_span"]
+    keep = cap.info.get("subsample_index")
+    idx = torch.arange(cap.groups.shape[0]) if keep is None else keep  # position in the unsubsampled order
+    where = ((idx >= start) & (idx < end)).nonzero().squeeze(1)  # which of cap.queries are self queries
+    out = []
+    for q_old, sink in zip(cap.queries, sinks, strict=True):
+        fresh = pool_gqa(torch.cat(sink, dim=2).float(), Hkv)  # [Hkv, S·G·L, d]
+        q = q_old.clone()
+        q[:, where.to(q.device)] = fresh[:, (idx[where] - start).to(q.device)]
+        out.append(q)
+    return out
 
 
 @torch.inference_mode()

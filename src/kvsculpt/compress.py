@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 from . import budget
 from .attention import model_dims
 from .cache import CompressedCache
-from .capture import QUERY_SOURCES, capture, split_heldout
+from .capture import QUERY_SOURCES, capture, replay_self_queries, split_heldout
 from .solvers import Identity, Method, SelectFit, fidelity, make_method
 
 DEFAULT_METHOD = "select-fit"
@@ -46,6 +46,7 @@ def compress(
     seed: int = 0,
     alpha: float = 1.0,
     scope: str = "all",
+    on_policy: int = 0,
     progress: bool = True,
     **options,
 ) -> CompressedCache:
@@ -54,7 +55,7 @@ def compress(
     ``method``: a registered name (``kvsculpt.solvers.METHODS``) or a method object; ``options`` go to its
     dataclass. ``queries``: the reference-query source(s): ``self``, ``context``, ``repeat`` or a mix joined by
     ``+``. A fraction ``heldout`` of the query groups is kept out of fitting and used for the fidelity stats
-    in ``cache.info["stats"]``.
+    in ``cache.info["stats"]``. ``on_policy``: see :func:`compress_captured`.
     """
     t_start = time.perf_counter()
     budget.check_ratio(ratio)
@@ -78,7 +79,9 @@ def compress(
         keep_context_queries=solver.needs_context_queries,
         progress=progress,
     )
-    cache = compress_captured(model, cap, ratio, solver, allocation, heldout, seed, alpha, progress, scope)
+    cache = compress_captured(
+        model, cap, ratio, solver, allocation, heldout, seed, alpha, progress, scope, on_policy
+    )
     cache.info.update(queries=queries, compress_seconds=time.perf_counter() - t_start)
     return cache
 
@@ -94,8 +97,14 @@ def compress_captured(
     alpha=1.0,
     progress=True,
     scope="all",
+    on_policy: int = 0,
 ) -> CompressedCache:
-    """Solve every layer of an existing :class:`~kvsculpt.capture.Capture` (lets experiments reuse one capture)."""
+    """Solve every layer of an existing :class:`~kvsculpt.capture.Capture` (lets experiments reuse one capture).
+
+    ``on_policy``: if > 0, solve the layers in that many stages; before each stage after the first, the self
+    samples are replayed through the model with the layers solved so far compressed, and their queries
+    replace the captured ones for the layers still to solve (``on_policy ≥ L``: layer by layer).
+    """
     t_start = time.perf_counter()
     L, _, Hkv, _, scale = model_dims(model)
     n = cap.n
@@ -115,7 +124,27 @@ def compress_captured(
     pilot_seconds = time.perf_counter() - t_solve
     keys, values, biases, rel_mse, mass_err = [], [], [], [], []
     has_bias = False
+    if on_policy and cap.samples is None:
+        raise ValueError("on_policy needs self queries (queries='self' or a mix with it)")
+    stages = min(on_policy, L)
+    stage_starts = {round(i * L / stages) for i in range(1, stages)} if stages else set()
+    replay_s = 0.0
     for li in tqdm(range(L), desc=f"compress {type(solver).__name__}", unit="layer", disable=not progress):
+        if li in stage_starts:
+            t_replay = time.perf_counter()
+            full_k = [list(K) for K in cap.keys[li:]]
+            full_v = [list(V) for V in cap.values[li:]]
+            no_bias = [None] * (L - li)
+            partial = CompressedCache.from_heads(
+                model, keys + [[k.to(model.dtype) for k in x] for x in full_k],
+                values + [[v.to(model.dtype) for v in x] for x in full_v], n,
+                (biases + no_bias) if has_bias else None,
+            )  # fmt: skip
+            fresh = replay_self_queries(model, cap, partial)
+            fit_q[li:] = [q[:, ~held] for q in fresh[li:]]
+            if check_q is not None:
+                check_q[li:] = [q[:, held] for q in fresh[li:]]
+            replay_s += time.perf_counter() - t_replay
         K, V = cap.keys[li], cap.values[li]
         cq = None if cap.context_queries is None else cap.context_queries[li]
         heads = solver(K, V, fit_q[li], budgets[li], scale, cq)
@@ -142,6 +171,8 @@ def compress_captured(
         "prefill_seconds": cap.prefill_seconds,
         "query_seconds": cap.query_seconds,
         "solve_seconds": solve_s,
+        "on_policy": on_policy,
+        "replay_seconds": replay_s,
         "compress_seconds": cap.prefill_seconds + cap.query_seconds + time.perf_counter() - t_start,
         "stats": {"heldout_rel_mse": rel_mse, "heldout_mass_err": mass_err},
     }

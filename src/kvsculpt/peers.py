@@ -117,5 +117,4 @@ def _main(job_path: str) -> None:
 
 
 if __name__ == "__main__":
-    torch.set_num_threads(2)
     _main(sys.argv[1])
