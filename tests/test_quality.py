@@ -34,3 +34,27 @@ def test_curves_allocation_beats_uniform_for_sculpt(smollm):
     kl_uniform, kl_curves = score(model, uniform, w, ref)["kl"], score(model, curves, w, ref)["kl"]
     print(f"curves {kl_curves:.4f} vs uniform {kl_uniform:.4f}")
     assert kl_curves < 0.75 * kl_uniform  # measured 0.033 vs 0.061 (1.8x) when this test was written
+
+
+def test_sculpt_fits_heldout_queries_at_least_as_well_as_select_fit(smollm):
+    """Sculpt's objective on held-out self-sample queries is no worse than Select+Fit's (fit, not KL: on KL the
+    two are within a few percent, see benchmarks/results/regime_smollm2.md)."""
+    from kvsculpt.capture import capture, split_heldout
+    from kvsculpt.solvers import SelectFit, Sculpt, fidelity
+
+    model, tok = smollm
+    w = make_window(tok, load_text("openai_agents_human_in_the_loop"), 512, 64)
+    cap = capture(model, w.context, "self+context", max_queries=4096, self_samples=6, self_length=32)
+    held = split_heldout(cap.groups, 0.2, 0)
+    budgets = [int(0.3 * cap.n)] * cap.keys[0].shape[0]
+    sculpt_err, sf_err = [], []
+    for li in (2, 15, 28):
+        K, V, Q = cap.keys[li], cap.values[li], cap.queries[li]
+        for solver, errs in ((Sculpt(), sculpt_err), (SelectFit(), sf_err)):
+            heads = solver(K, V, Q[:, ~held], budgets, cap.scale)
+            errs += [float(fidelity(Q[h, held], K[h], V[h], *heads[h], cap.scale)[0]) for h in range(len(heads))]
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    better = sum(s < f for s, f in zip(sculpt_err, sf_err, strict=True))
+    print(f"held-out rel. MSE: sculpt {mean(sculpt_err):.4g} vs select-fit {mean(sf_err):.4g}, {better}/9 heads")
+    # measured 0.0895 vs 0.0984 when written; lower on only 4 of the 9 heads (the mean gain is concentrated)
+    assert mean(sculpt_err) <= mean(sf_err)
