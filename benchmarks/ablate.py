@@ -16,7 +16,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from kvsculpt import load_model
-from kvsculpt.bench import EVICTION, geomean, load_rows, run_grid
+from kvsculpt.bench import EVICTION, geomean, load_rows, memorised_note, run_grid, split_memorised
 from kvsculpt.evaluate import text_index, windows
 
 # name: (method, query source, options)
@@ -101,14 +101,22 @@ GRIDS = {
         "select-fit/context": ("select-fit", "context", {}),
         "sculpt/context": ("sculpt", "context", {}),
     },
-    # where might Sculpt pay: little room (r=0.1), more iterations, joint β, on-policy layer-by-layer queries
+    # where might Sculpt pay: little room (r = 0.05, 0.1), on-policy layer-by-layer queries
     "regime": {
         "select-fit/self+context": ("select-fit", "self+context", {}),
-        "select-fit/self+context on-policy": ("select-fit", "self+context", {"on_policy": 64}),
         "sculpt/self+context": ("sculpt", "self+context", {}),
         "sculpt/self+context on-policy": ("sculpt", "self+context", {"on_policy": 64}),
-        "sculpt/self+context iters=60 beta=joint": ("sculpt", "self+context", {"iters": 60, "beta": "joint"}),
         "h2o/context": ("h2o", "context", {}),
+        "snapkv": ("snapkv", "context", {}),
+    },
+    "regime-extra": {  # run on the first window only (cost)
+        "select-fit/self+context on-policy": ("select-fit", "self+context", {"on_policy": 64}),
+        "sculpt/self+context iters=60 beta=joint": ("sculpt", "self+context", {"iters": 60, "beta": "joint"}),
+    },
+    "passkey": {  # does a query source that reconstructs the context keep a planted needle?
+        "select-fit/self+context": ("select-fit", "self+context", {}),
+        "select-fit/self+repeat+context": ("select-fit", "self+repeat+context", {}),
+        "select-fit/repeat+context": ("select-fit", "repeat+context", {}),
         "snapkv": ("snapkv", "context", {}),
     },
     "smoke": {
@@ -128,7 +136,8 @@ def run(args):
     model, tok = load_model(args.model)
     texts = args.texts or [k for k, v in text_index().items() if not v["memorised"]]
     wins = windows(tok, texts, args.context_tokens, args.continuation_tokens, per_text=args.per_text)
-    run_grid(model, tok, args.model, wins, GRIDS[args.grid], args.ratios, jsonl, max_queries=args.max_queries)
+    run_grid(model, tok, args.model, wins, GRIDS[args.grid], args.ratios, jsonl, max_queries=args.max_queries,
+             passkey=args.passkey)  # fmt: skip
     write_report(list(load_rows(jsonl).values()), args, out)  # everything measured so far, all grids
 
 
@@ -141,11 +150,16 @@ def paired_ratio(kl: dict, a: str, b: str, ratio: float):
 
 
 def write_report(rows, args, out: Path):
+    all_rows = rows
+    rows, flagged = split_memorised(rows)
     kl = {(r["config"], r["ratio"], r["window"]): r["kl"] for r in rows}
     cp = defaultdict(list)
     methods = {}
+    pk = defaultdict(list)
     for r in rows:
         cp[(r["config"], r["ratio"])].append(r["compress_over_prefill"])
+        if r.get("passkey") is not None:
+            pk[(r["config"], r["ratio"])].append((r["passkey"], r.get("passkey_full")))
         methods[(r["config"], r["ratio"])] = r["method"]
     configs = list(dict.fromkeys(r["config"] for r in rows))
     summary = []
@@ -168,15 +182,24 @@ def write_report(rows, args, out: Path):
                     "best_eviction": best_evict,
                     "compress_over_prefill": sum(cp[(c, ratio)]) / len(cp[(c, ratio)]),
                     "windows": sum(1 for (cc, r, _) in kl if cc == c and r == ratio),
+                    "passkey": [
+                        sum(a for a, _ in pk[(c, ratio)]),
+                        sum(bool(b) for _, b in pk[(c, ratio)]),
+                        len(pk[(c, ratio)]),
+                    ]
+                    if pk[(c, ratio)]
+                    else None,
                 }
             )
     (out.parent / f"{out.name}.json").write_text(
-        json.dumps({"args": vars(args), "summary": summary, "rows": rows}, indent=1)
+        json.dumps(
+            {"args": vars(args), "summary": summary, "looks_memorised": flagged, "rows": all_rows}, indent=1
+        )
     )
     lines = [
         f"# Ablation: {args.model}, n={args.context_tokens}, T={args.continuation_tokens}",
         "",
-        f"Command: `python {' '.join(sys.argv)}`",
+        f"Command: `python {' '.join(a for a in sys.argv if a != '--report-only')}`",
         "",
         f"Geo-mean held-out KL (nats) over up to {len({r['window'] for r in rows})} windows "
         f"({', '.join(sorted({r['window'] for r in rows}))}). "
@@ -185,17 +208,21 @@ def write_report(rows, args, out: Path):
         "",
         "Ratios are paired: geo-mean over the windows both configs ran on.",
         "",
-        "| config | ratio | windows | KL | ×S+F | ×evict | compress/prefill | method |",
-        "|---|---|---|---|---|---|---|---|",
+        "`passkey`: windows where the planted key was retrieved after compression / by the full cache / tried.",
+        "",
+        "| config | ratio | windows | KL | ×S+F | ×evict | passkey | compress/prefill | method |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for s in summary:
         f = lambda x: "–" if x is None else f"{x:.2f}"  # noqa: E731
         lines.append(
             f"| {s['config']} | {s['ratio']} | {s['windows']} | {s['kl_geomean']:.4f} | {f(s['vs_select_fit'])} | "
-            f"{f(s['vs_best_eviction'])} | {s['compress_over_prefill']:.1f} | `{s['method']}` |"
+            f"{f(s['vs_best_eviction'])} | {'/'.join(map(str, s['passkey'])) if s['passkey'] else '–'} | "
+            f"{s['compress_over_prefill']:.1f} | `{s['method']}` |"
         )
     nll = {r["window"]: r["teacher_nll"] for r in rows}
     lines += ["", "Teacher NLL per window (nats/token): " + ", ".join(f"{k} {v:.2f}" for k, v in nll.items())]
+    lines += memorised_note(flagged)
     (out.parent / f"{out.name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
@@ -210,6 +237,7 @@ def main(argv=None):
     ap.add_argument("--continuation-tokens", type=int, default=128)
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.3, 0.5])
     ap.add_argument("--max-queries", type=int, default=4096)
+    ap.add_argument("--passkey", action="store_true", help="also try pass-key retrieval at every ratio")
     ap.add_argument("--out", default="benchmarks/results/ablation")
     ap.add_argument(
         "--report-only", action="store_true", help="rewrite JSON/Markdown from the JSONL and stop"

@@ -44,3 +44,17 @@ def test_bench_paper_quick_schema_and_resume(tmp_path, smollm):
     lines = (out / "paper_tiny-llama.jsonl").read_text().splitlines()
     main(argv)  # resumes: nothing recomputed
     assert (out / "paper_tiny-llama.jsonl").read_text().splitlines() == lines
+
+
+def test_memorised_windows_are_reported_apart():
+    from kvsculpt.bench import split_memorised
+
+    rows = [
+        {"window": "a@0", "teacher_nll": 2.0, "self_ngram_overlap": 0.05, "kl": 0.1},
+        {"window": "a@0", "teacher_nll": 2.0, "self_ngram_overlap": None, "kl": 0.2},  # eviction row, no samples
+        {"window": "b@0", "teacher_nll": 1.5, "self_ngram_overlap": 0.45, "kl": 0.01},  # recites the text
+        {"window": "c@0", "teacher_nll": 0.2, "self_ngram_overlap": 0.0, "kl": 0.01},  # predicts it too well
+    ]
+    kept, flagged = split_memorised(rows)
+    assert [r["window"] for r in kept] == ["a@0", "a@0"]
+    assert flagged == {"b@0": (1.5, 0.45), "c@0": (0.2, 0.0)}

@@ -23,6 +23,7 @@ from .compress import compress_captured
 from .evaluate import (
     continuation_logits,
     kl_per_position,
+    looks_memorised,
     ngram_overlap,
     passkey_context,
     passkey_found,
@@ -51,6 +52,27 @@ def load_rows(jsonl: Path) -> dict:
                 r = json.loads(line)
                 done[(r["window"], r["config"], r["ratio"])] = r
     return done
+
+
+def split_memorised(rows: list[dict]) -> tuple[list[dict], dict]:
+    """Rows of windows that do not look memorised, and ``{window: (teacher NLL, max self 4-gram overlap)}``
+    of those that do (:func:`~kvsculpt.evaluate.looks_memorised`), to be reported apart."""
+    stats = {}
+    for r in rows:
+        if "teacher_nll" in r:
+            nll, ov = stats.get(r["window"], (r["teacher_nll"], None))
+            o = r.get("self_ngram_overlap")
+            stats[r["window"]] = (nll, ov if o is None else max(o, ov or 0.0))
+    flagged = {w: v for w, v in stats.items() if looks_memorised(*v)}
+    return [r for r in rows if r["window"] not in flagged], flagged
+
+
+def memorised_note(flagged: dict) -> list[str]:
+    if not flagged:
+        return []
+    return ["", "Reported apart, as they look memorised (teacher NLL < 0.5 or self-sample 4-gram overlap ≥ 0.3): "
+            + ", ".join(f"{w} (NLL {a:.2f}, overlap {b or 0:.2f})" for w, (a, b) in flagged.items())
+            + ". Their rows are in the JSON."]  # fmt: skip
 
 
 def _split_options(opts: dict):
@@ -278,6 +300,8 @@ def write_paper_report(rows, args, out: Path, tag: str, peers_note=None) -> dict
     from .plots import kl_vs_ratio
 
     out.mkdir(parents=True, exist_ok=True)
+    all_rows = rows
+    rows, flagged = split_memorised(rows)
     configs = list(dict.fromkeys(r["config"] for r in rows))
     # Only windows on which every configuration ran at every ratio, so that all columns compare like with like.
     have = defaultdict(set)
@@ -327,7 +351,8 @@ def write_paper_report(rows, args, out: Path, tag: str, peers_note=None) -> dict
     nll = {w: next(r["teacher_nll"] for r in rows if r["window"] == w and "teacher_nll" in r) for w in wins
            if any("teacher_nll" in r for r in rows if r["window"] == w)}  # fmt: skip
     summary = {"args": {k: v for k, v in vars(args).items() if k not in ("func",)}, "kl_geomean": table,
-               "comparisons": comparisons, "teacher_nll": nll, "paper": PAPER, "rows": rows}  # fmt: skip
+               "comparisons": comparisons, "teacher_nll": nll, "paper": PAPER,
+               "looks_memorised": flagged, "rows": all_rows}  # fmt: skip
     (out / f"paper_{tag}.json").write_text(json.dumps(summary, indent=1))
     f = lambda x, p=4: "–" if x is None else f"{x:.{p}f}"  # noqa: E731
     lines = [
@@ -370,6 +395,7 @@ def write_paper_report(rows, args, out: Path, tag: str, peers_note=None) -> dict
     full = {x["window"]: x["passkey_full"] for x in rows if x.get("passkey_full") is not None}
     if full:
         lines += ["", f"Pass-key with the full cache (reference): {sum(full.values())}/{len(full)} windows."]
+    lines += memorised_note(flagged)
     if peers_note:
         lines += ["", peers_note]
     if incomplete:

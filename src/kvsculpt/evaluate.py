@@ -177,6 +177,15 @@ def ngram_overlap(samples: torch.Tensor, continuation: torch.Tensor, order: int 
     return sum(g in seen for g in grams) / max(1, len(grams))
 
 
+MEMORISED_OVERLAP = 0.3  # self samples reproducing ≥ 30 % of the continuation's 4-grams
+MEMORISED_NLL = 0.5  # or a teacher NLL below 0.5 nats/token
+
+
+def looks_memorised(teacher_nll: float, self_overlap: float | None) -> bool:
+    """The rule by which a window is flagged as (probably) memorised and reported apart."""
+    return teacher_nll < MEMORISED_NLL or (self_overlap is not None and self_overlap >= MEMORISED_OVERLAP)
+
+
 @torch.inference_mode()
 def greedy(model, cache, prompt: torch.Tensor, start: int, max_new_tokens: int) -> torch.Tensor:
     """Greedy tokens ``[max_new_tokens]`` after ``prompt [1, q]`` run on ``cache`` at positions ``start …``.
