@@ -57,6 +57,7 @@ def _capture_options(args) -> dict:
         "max_queries": args.max_queries,
         "self_samples": args.self_samples,
         "self_length": args.self_length,
+        "on_policy": args.on_policy,
     }
 
 
@@ -322,6 +323,13 @@ def _method(p):
     )
     p.add_argument("--self-samples", type=int, default=10, help="sampled continuations for 'self' queries")
     p.add_argument("--self-length", type=int, default=64, help="tokens per sampled continuation")
+    p.add_argument(
+        "--on-policy",
+        type=int,
+        default=0,
+        help="solve layers in N stages, re-sampling the self queries' path through the layers already "
+        "compressed (N >= layers: layer by layer; 0: off)",
+    )
 
 
 def build_parser():

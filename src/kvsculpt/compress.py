@@ -124,6 +124,8 @@ def compress_captured(
     pilot_seconds = time.perf_counter() - t_solve
     keys, values, biases, rel_mse, mass_err = [], [], [], [], []
     has_bias = False
+    if not isinstance(on_policy, int) or on_policy < 0:
+        raise ValueError(f"on_policy must be a non-negative number of stages; got {on_policy!r}")
     if on_policy and cap.samples is None:
         raise ValueError("on_policy needs self queries (queries='self' or a mix with it)")
     stages = min(on_policy, L)
