@@ -1,5 +1,6 @@
 import json
 
+import pytest
 import torch
 
 from kvsculpt.cli import main
@@ -43,6 +44,15 @@ def test_bench_paper_quick_schema_and_resume(tmp_path, smollm):
     assert "Pass-key with the full cache (reference)" in md
     lines = (out / "paper_tiny-llama.jsonl").read_text().splitlines()
     main(argv)  # resumes: nothing recomputed
+    assert (out / "paper_tiny-llama.jsonl").read_text().splitlines() == lines
+    (out / "paper_tiny-llama.md").unlink()
+    main([*argv, "--report-only"])  # rewrites the report from the cache alone
+    assert (out / "paper_tiny-llama.jsonl").read_text().splitlines() == lines
+    assert "--report-only" not in (out / "paper_tiny-llama.md").read_text()
+    # cached rows are keyed by window name: another context length must not silently reuse them
+    other = [a if a != "96" else "80" for a in argv]
+    with pytest.raises(SystemExit):
+        main(other)
     assert (out / "paper_tiny-llama.jsonl").read_text().splitlines() == lines
 
 

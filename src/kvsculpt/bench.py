@@ -262,22 +262,45 @@ PAPER_GRID = {
 }
 
 
+def check_cached_setting(jsonl: Path, setting: dict) -> None:
+    """Refuse to mix cached results made with another window setting into ``jsonl`` (rows are keyed by
+    window name, not length). The setting is kept beside it in ``<jsonl>.setting.json``."""
+    meta = jsonl.with_suffix(".setting.json")
+    if meta.exists():
+        cached = json.loads(meta.read_text())
+        if cached != setting:
+            raise ValueError(
+                f"{jsonl} holds results for {cached}, not {setting}: use another --out directory"
+            )
+    else:
+        jsonl.parent.mkdir(parents=True, exist_ok=True)
+        meta.write_text(json.dumps(setting) + "\n")
+
+
 def paper(args) -> dict:
     """``kvsculpt bench paper``: our methods and kvpress peers on the same windows and budgets; writes
     ``paper_<model>.{json,md,png}`` in ``args.out``."""
     from . import peers
     from .models import load_model
 
-    torch.manual_seed(0)
-    model, tok = load_model(args.model)
-    texts = args.texts or [k for k, v in text_index().items() if not v["memorised"]]
-    wins = windows(tok, texts, args.context_tokens, args.continuation_tokens)[: args.docs]
     tag = Path(args.model).name
     out = Path(args.out)
     jsonl = out / f"paper_{tag}.jsonl"
     grid = {k: v for k, v in PAPER_GRID.items() if not args.methods or k in args.methods}
-    pk_ratios = args.passkey_ratios or [min(args.ratios, key=lambda r: abs(r - 0.3))]
     use_peers = args.peers and peers.available()
+    check_cached_setting(jsonl, {"context_tokens": args.context_tokens,
+                                 "continuation_tokens": args.continuation_tokens})  # fmt: skip
+    if getattr(args, "report_only", False):  # rewrite the report from the cached rows; runs nothing
+        if not jsonl.exists():
+            raise FileNotFoundError(f"{jsonl}: no cached results to report (run without --report-only first)")
+        keep = set(grid) | ({k for k in (r[1] for r in load_rows(jsonl)) if k.startswith("kvpress.")})
+        rows = [r for k, r in load_rows(jsonl).items() if k[1] in keep and k[2] in args.ratios]
+        return write_paper_report(rows, args, out, tag, peers_note=None if use_peers else _peer_note(args))
+    torch.manual_seed(0)
+    model, tok = load_model(args.model)
+    texts = args.texts or [k for k, v in text_index().items() if not v["memorised"]]
+    wins = windows(tok, texts, args.context_tokens, args.continuation_tokens)[: args.docs]
+    pk_ratios = args.passkey_ratios or [min(args.ratios, key=lambda r: abs(r - 0.3))]
     rows = []
     for w in wins:  # window by window, so that an interrupted run has complete windows to report
         rows += run_grid(model, tok, args.model, [w], grid, args.ratios, jsonl, passkey=args.passkey,

@@ -395,6 +395,8 @@ def build_parser():
     p.add_argument("--passkey-ratios", type=float, nargs="+",
                    help="ratios at which pass-key retrieval is tried (default: the ratio nearest 0.3)")  # fmt: skip
     p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--report-only", action="store_true",
+                   help="rewrite paper_<model>.{json,md,png} from the cached results; runs nothing")  # fmt: skip
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("generate", help="answer prompts from a saved compressed cache")
@@ -411,7 +413,7 @@ def main(argv=None):
 
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
-    args.command_line = "kvsculpt " + " ".join(shlex.quote(a) for a in argv)
+    args.command_line = "kvsculpt " + " ".join(shlex.quote(a) for a in argv if a != "--report-only")
     torch.set_num_threads(max(1, torch.get_num_threads()))
     from .models import ModelError
 
