@@ -119,6 +119,11 @@ GRIDS = {
         "select-fit/repeat+context": ("select-fit", "repeat+context", {}),
         "snapkv": ("snapkv", "context", {}),
     },
+    "passkey-max": {  # KVzip's rule: rank keys by the largest attention any one reference query gives them
+        "select-fit/self+context select=max": ("select-fit", "self+context", {"select": "max"}),
+        "select-fit/repeat+context select=max": ("select-fit", "repeat+context", {"select": "max"}),
+        "select-fit/self+repeat+context select=max": ("select-fit", "self+repeat+context", {"select": "max"}),
+    },
     "smoke": {
         "h2o/context": ("h2o", "context", {}),
         "select-fit/context": ("select-fit", "context", {}),

@@ -93,3 +93,21 @@ def test_bad_inputs():
         make_method("snapkv")(K, V, Q, [4, 4], s)
     with pytest.raises(ValueError, match="bad option"):
         make_method("sculpt", colour="red")
+    with pytest.raises(ValueError, match="select must be"):
+        make_method("select-fit", select="mean")
+
+
+def test_select_max_keeps_a_key_that_one_query_needs():
+    """A 'needle' key that only one query attends to is dropped by summed attention but kept by its maximum."""
+    g = torch.Generator().manual_seed(0)
+    d, n, N = 16, 32, 200
+    eye = torch.eye(d) * 4
+    K = torch.cat(
+        [eye[:8], eye[8:9], torch.randn(n - 9, d, generator=g) * torch.tensor([0.0] * 9 + [1.0] * 7)]
+    )
+    Q = (eye[:8].sum(0) * 2.5).expand(N, d) + 0.1 * torch.randn(N, d, generator=g)  # spread over keys 0–7
+    Q[0] = eye[8] * 12  # the one query that needs key 8
+    K, V, Q = K[None], torch.randn(1, n, d, generator=g), Q[None]
+    kept = lambda method: (method(K, V, Q, [4], 0.25)[0][0][:, None] == K[0][None]).all(-1).any(0)  # noqa: E731
+    assert not kept(SelectFit())[8]
+    assert kept(SelectFit(select="max"))[8]

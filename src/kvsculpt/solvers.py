@@ -60,9 +60,18 @@ def ridge_values(
     return sol if prior is None else sol + prior.float()
 
 
-def attention_scores(Q: torch.Tensor, K: torch.Tensor, scale: float) -> torch.Tensor:
-    """Attention each key receives, summed over queries: Q ``[H, N, d]``, K ``[H, n, d]`` → ``[H, n]``."""
-    return torch.softmax(logits(Q, K, scale), dim=-1).sum(1)
+def attention_scores(Q: torch.Tensor, K: torch.Tensor, scale: float, reduce: str = "sum") -> torch.Tensor:
+    """Attention each key receives from the queries, summed (``reduce="sum"``) or its maximum over them
+    (``"max"``, KVzip's rule: a key that any one query needs is kept): Q ``[H, N, d]``, K ``[H, n, d]`` →
+    ``[H, n]``."""
+    _check_select(reduce)
+    a = torch.softmax(logits(Q, K, scale), dim=-1)
+    return a.sum(1) if reduce == "sum" else a.amax(1)
+
+
+def _check_select(select: str) -> None:
+    if select not in ("sum", "max"):
+        raise ValueError(f"select must be 'sum' or 'max', not {select!r}")
 
 
 def top_indices(scores: torch.Tensor, m: int) -> torch.Tensor:
@@ -209,15 +218,20 @@ class SelectFit(Method):
     """The paper's baseline: top-m keys by attention from the reference queries, values by ridge least squares.
 
     ``prior="original"`` regularises toward the selected original values (zero otherwise);
-    ``beta="nnls"`` adds a per-entry bias fitted to the attention mass.
+    ``beta="nnls"`` adds a per-entry bias fitted to the attention mass; ``select``: keys ranked by attention
+    summed over the queries (``sum``) or by its maximum (``max``, see :func:`attention_scores`).
     """
 
     lam: float = 1e-2
     prior: str = "original"
     beta: str = "none"
+    select: str = "sum"
+
+    def __post_init__(self):
+        _check_select(self.select)
 
     def solve(self, K, V, Q, m, scale, context_queries):
-        idx = top_indices(attention_scores(Q, K, scale), m)
+        idx = top_indices(attention_scores(Q, K, scale, self.select), m)
         Kc = gather(K, idx)
         bias = None
         if self.beta == "nnls":
@@ -240,6 +254,10 @@ class Sculpt(Method):
     prior: str = "original"
     mass_weight: float = 1.0
     beta: str = "none"
+    select: str = "sum"
+
+    def __post_init__(self):
+        _check_select(self.select)
 
     def objective(self, Q, O, z, Kc, Vc, bias, scale) -> torch.Tensor:
         """Per-head objective ``[H]``."""
@@ -248,7 +266,7 @@ class Sculpt(Method):
 
     def solve(self, K, V, Q, m, scale, context_queries):
         O, z = attend(Q, K, V, scale)
-        idx = top_indices(attention_scores(Q, K, scale), m)
+        idx = top_indices(attention_scores(Q, K, scale, self.select), m)
         prior = gather(V, idx) if self.prior == "original" else None
         Kc = gather(K, idx).clone()
         bias = nnls_bias(Q, Kc, z, scale) if self.beta == "nnls" else None
