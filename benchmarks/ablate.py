@@ -124,6 +124,10 @@ GRIDS = {
         "select-fit/repeat+context select=max": ("select-fit", "repeat+context", {"select": "max"}),
         "select-fit/self+repeat+context select=max": ("select-fit", "self+repeat+context", {"select": "max"}),
     },
+    "recent": {  # always keep the most recent positions (SnapKV keeps its observation window)
+        "select-fit/self+context recent=16": ("select-fit", "self+context", {"recent": 16}),
+        "select-fit/self+context recent=64": ("select-fit", "self+context", {"recent": 64}),
+    },
     "smoke": {
         "h2o/context": ("h2o", "context", {}),
         "select-fit/context": ("select-fit", "context", {}),

@@ -111,3 +111,11 @@ def test_select_max_keeps_a_key_that_one_query_needs():
     kept = lambda method: (method(K, V, Q, [4], 0.25)[0][0][:, None] == K[0][None]).all(-1).any(0)  # noqa: E731
     assert not kept(SelectFit())[8]
     assert kept(SelectFit(select="max"))[8]
+
+
+def test_recent_positions_are_always_kept():
+    K, V, Q, s = problem(H=2, n=48)
+    heads = SelectFit(recent=6)(K, V, Q, [8, 4], s)
+    assert torch.equal(heads[0][0][-6:], K[0, -6:])  # the last 6 of 8 kept entries are the last 6 positions
+    assert torch.equal(heads[1][0], K[1, -4:])  # a budget below `recent` keeps only recent positions
+    assert not torch.equal(SelectFit()(K, V, Q, [8, 4], s)[0][0][-6:], K[0, -6:])

@@ -79,6 +79,15 @@ def top_indices(scores: torch.Tensor, m: int) -> torch.Tensor:
     return scores.topk(m, dim=-1).indices.sort(dim=-1).values
 
 
+def select_indices(Q, K, scale: float, m: int, select: str = "sum", recent: int = 0) -> torch.Tensor:
+    """Select+Fit's key choice: indices ``[H, m]`` of the keys with the most attention from Q ``[H, N, d]``
+    over K ``[H, n, d]`` (see :func:`attention_scores`); the last ``min(recent, m)`` positions are always kept."""
+    scores = attention_scores(Q, K, scale, select)
+    if recent:
+        scores[:, -min(recent, m) :] = float("inf")
+    return top_indices(scores, m)
+
+
 def gather(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """Rows ``idx [H, m]`` of ``x [H, n, d]`` → ``[H, m, d]``."""
     return x.gather(1, idx[..., None].expand(-1, -1, x.shape[-1]))
@@ -219,19 +228,21 @@ class SelectFit(Method):
 
     ``prior="original"`` regularises toward the selected original values (zero otherwise);
     ``beta="nnls"`` adds a per-entry bias fitted to the attention mass; ``select``: keys ranked by attention
-    summed over the queries (``sum``) or by its maximum (``max``, see :func:`attention_scores`).
+    summed over the queries (``sum``) or by its maximum (``max``, see :func:`attention_scores`); the last
+    ``recent`` positions are always kept.
     """
 
     lam: float = 1e-2
     prior: str = "original"
     beta: str = "none"
     select: str = "sum"
+    recent: int = 0
 
     def __post_init__(self):
         _check_select(self.select)
 
     def solve(self, K, V, Q, m, scale, context_queries):
-        idx = top_indices(attention_scores(Q, K, scale, self.select), m)
+        idx = select_indices(Q, K, scale, m, self.select, self.recent)
         Kc = gather(K, idx)
         bias = None
         if self.beta == "nnls":
@@ -243,7 +254,7 @@ class SelectFit(Method):
 class Sculpt(Method):
     """KVSculpt: keys optimised by L-BFGS, values re-solved in closed form every ``inner`` steps.
 
-    Initialised from Select+Fit. Objective per head: relative output MSE + ``mass_weight`` ·
+    Initialised from Select+Fit (same ``select`` and ``recent``). Objective per head: relative output MSE + ``mass_weight`` ·
     mean((z' − z)²). ``beta``: ``none``, ``nnls`` (fitted once at the start), or ``joint`` (optimised
     with the keys). The best iterate is kept, so the objective never ends above the initialisation.
     """
@@ -255,6 +266,7 @@ class Sculpt(Method):
     mass_weight: float = 1.0
     beta: str = "none"
     select: str = "sum"
+    recent: int = 0
 
     def __post_init__(self):
         _check_select(self.select)
@@ -266,7 +278,7 @@ class Sculpt(Method):
 
     def solve(self, K, V, Q, m, scale, context_queries):
         O, z = attend(Q, K, V, scale)
-        idx = top_indices(attention_scores(Q, K, scale, self.select), m)
+        idx = select_indices(Q, K, scale, m, self.select, self.recent)
         prior = gather(V, idx) if self.prior == "original" else None
         Kc = gather(K, idx).clone()
         bias = nnls_bias(Q, Kc, z, scale) if self.beta == "nnls" else None
