@@ -418,6 +418,10 @@ def write_paper_report(rows, args, out: Path, tag: str, peers_note=None) -> dict
     full = {x["window"]: x["passkey_full"] for x in rows if x.get("passkey_full") is not None}
     if full:
         lines += ["", f"Pass-key with the full cache (reference): {sum(full.values())}/{len(full)} windows."]
+    masked = sorted({x["config"] for x in rows if x.get("entries_masked_not_freed")})
+    if masked:
+        lines += ["", f"`cache/full` = 1.00 for {', '.join(masked)}: the press masks the dropped entries instead "
+                  "of removing them, so it keeps the same fraction of entries in attention but frees no memory."]  # fmt: skip
     lines += memorised_note(flagged)
     if peers_note:
         lines += ["", peers_note]
