@@ -61,12 +61,8 @@ def test_memorised_windows_are_reported_apart():
 
     rows = [
         {"window": "a@0", "teacher_nll": 2.0, "self_ngram_overlap": 0.05, "kl": 0.1},
-        {
-            "window": "a@0",
-            "teacher_nll": 2.0,
-            "self_ngram_overlap": None,
-            "kl": 0.2,
-        },  # eviction row, no samples
+        # an eviction row: no self samples, so no overlap
+        {"window": "a@0", "teacher_nll": 2.0, "self_ngram_overlap": None, "kl": 0.2},
         {"window": "b@0", "teacher_nll": 1.5, "self_ngram_overlap": 0.45, "kl": 0.01},  # recites the text
         {"window": "c@0", "teacher_nll": 0.2, "self_ngram_overlap": 0.0, "kl": 0.01},  # predicts it too well
     ]

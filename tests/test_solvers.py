@@ -95,6 +95,8 @@ def test_bad_inputs():
         make_method("sculpt", colour="red")
     with pytest.raises(ValueError, match="select must be"):
         make_method("select-fit", select="mean")
+    with pytest.raises(ValueError, match="recent must be"):
+        make_method("sculpt", recent=-4)
 
 
 def test_select_max_keeps_a_key_that_one_query_needs():

@@ -288,13 +288,14 @@ def paper(args) -> dict:
     jsonl = out / f"paper_{tag}.jsonl"
     grid = {k: v for k, v in PAPER_GRID.items() if not args.methods or k in args.methods}
     use_peers = args.peers and peers.available()
+    report_only = getattr(args, "report_only", False)  # rewrite the report from the cached rows; runs nothing
+    if report_only and not jsonl.exists():
+        raise FileNotFoundError(f"{jsonl}: no cached results to report (run without --report-only first)")
     check_cached_setting(jsonl, {"context_tokens": args.context_tokens,
                                  "continuation_tokens": args.continuation_tokens})  # fmt: skip
-    if getattr(args, "report_only", False):  # rewrite the report from the cached rows; runs nothing
-        if not jsonl.exists():
-            raise FileNotFoundError(f"{jsonl}: no cached results to report (run without --report-only first)")
-        keep = set(grid) | ({k for k in (r[1] for r in load_rows(jsonl)) if k.startswith("kvpress.")})
-        rows = [r for k, r in load_rows(jsonl).items() if k[1] in keep and k[2] in args.ratios]
+    if report_only:
+        rows = [r for (_, config, ratio), r in load_rows(jsonl).items()
+                if (config in grid or config.startswith("kvpress.")) and ratio in args.ratios]  # fmt: skip
         return write_paper_report(rows, args, out, tag, peers_note=None if use_peers else _peer_note(args))
     torch.manual_seed(0)
     model, tok = load_model(args.model)

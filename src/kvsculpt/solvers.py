@@ -60,18 +60,27 @@ def ridge_values(
     return sol if prior is None else sol + prior.float()
 
 
+def _check_selection(select: str, recent: int) -> None:
+    if select not in ("sum", "max"):
+        raise ValueError(f"select must be 'sum' or 'max', not {select!r}")
+    if recent < 0:
+        raise ValueError(f"recent must be >= 0, not {recent}")
+
+
+def keep_recent(scores: torch.Tensor, w: int) -> torch.Tensor:
+    """Scores ``[H, n]`` with the last ``w`` positions raised to +inf, so that top-m always keeps them."""
+    if w > 0:
+        scores[:, -w:] = float("inf")
+    return scores
+
+
 def attention_scores(Q: torch.Tensor, K: torch.Tensor, scale: float, reduce: str = "sum") -> torch.Tensor:
     """Attention each key receives from the queries, summed (``reduce="sum"``) or its maximum over them
     (``"max"``, KVzip's rule: a key that any one query needs is kept): Q ``[H, N, d]``, K ``[H, n, d]`` →
     ``[H, n]``."""
-    _check_select(reduce)
+    _check_selection(reduce, 0)
     a = torch.softmax(logits(Q, K, scale), dim=-1)
     return a.sum(1) if reduce == "sum" else a.amax(1)
-
-
-def _check_select(select: str) -> None:
-    if select not in ("sum", "max"):
-        raise ValueError(f"select must be 'sum' or 'max', not {select!r}")
 
 
 def top_indices(scores: torch.Tensor, m: int) -> torch.Tensor:
@@ -82,10 +91,7 @@ def top_indices(scores: torch.Tensor, m: int) -> torch.Tensor:
 def select_indices(Q, K, scale: float, m: int, select: str = "sum", recent: int = 0) -> torch.Tensor:
     """Select+Fit's key choice: indices ``[H, m]`` of the keys with the most attention from Q ``[H, N, d]``
     over K ``[H, n, d]`` (see :func:`attention_scores`); the last ``min(recent, m)`` positions are always kept."""
-    scores = attention_scores(Q, K, scale, select)
-    if recent:
-        scores[:, -min(recent, m) :] = float("inf")
-    return top_indices(scores, m)
+    return top_indices(keep_recent(attention_scores(Q, K, scale, select), min(recent, m)), m)
 
 
 def gather(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -204,8 +210,7 @@ class Evict(Method):
                 s = torch.nn.functional.avg_pool1d(
                     s[:, None], 5, stride=1, padding=2, count_include_pad=False
                 )[:, 0]
-            s[:, -w:] = float("inf")  # the observation window itself is always kept
-            return s
+            return keep_recent(s, w)  # the observation window itself is always kept
         if self.score == "streaming-llm":
             pos = torch.arange(n, device=K.device, dtype=torch.float32).expand(H, n).clone()
             pos[:, : self.sinks] = float("inf")
@@ -239,7 +244,7 @@ class SelectFit(Method):
     recent: int = 0
 
     def __post_init__(self):
-        _check_select(self.select)
+        _check_selection(self.select, self.recent)
 
     def solve(self, K, V, Q, m, scale, context_queries):
         idx = select_indices(Q, K, scale, m, self.select, self.recent)
@@ -254,8 +259,8 @@ class SelectFit(Method):
 class Sculpt(Method):
     """KVSculpt: keys optimised by L-BFGS, values re-solved in closed form every ``inner`` steps.
 
-    Initialised from Select+Fit (same ``select`` and ``recent``). Objective per head: relative output MSE + ``mass_weight`` ·
-    mean((z' − z)²). ``beta``: ``none``, ``nnls`` (fitted once at the start), or ``joint`` (optimised
+    Initialised from Select+Fit (same ``select`` and ``recent``). Objective per head: relative output MSE
+    + ``mass_weight`` · mean((z' − z)²). ``beta``: ``none``, ``nnls`` (fitted once at the start), or ``joint`` (optimised
     with the keys). The best iterate is kept, so the objective never ends above the initialisation.
     """
 
@@ -269,7 +274,7 @@ class Sculpt(Method):
     recent: int = 0
 
     def __post_init__(self):
-        _check_select(self.select)
+        _check_selection(self.select, self.recent)
 
     def objective(self, Q, O, z, Kc, Vc, bias, scale) -> torch.Tensor:
         """Per-head objective ``[H]``."""
