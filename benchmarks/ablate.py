@@ -16,10 +16,12 @@ from collections import defaultdict
 from pathlib import Path
 
 from kvsculpt import load_model
-from kvsculpt.bench import EVICTION, geomean, load_rows, memorised_note, run_grid, split_memorised
+from kvsculpt.bench import EVICTION, PAPER_GRID, geomean, load_rows, memorised_note, run_grid, split_memorised
 from kvsculpt.evaluate import text_index, windows
 
 # name: (method, query source, options)
+KVZIP_FIT = PAPER_GRID["KVzip-fit (repeat, global)"]  # the default: kvzip-fit, repeat, global, none held out
+
 GRIDS = {
     "core": {
         "h2o/context": ("h2o", "context", {}),
@@ -127,6 +129,43 @@ GRIDS = {
     "recent": {  # always keep the most recent positions (SnapKV keeps its observation window)
         "select-fit/self+context recent=16": ("select-fit", "self+context", {"recent": 16}),
         "select-fit/self+context recent=64": ("select-fit", "self+context", {"recent": 64}),
+    },
+    "global": {  # KVzip's allocation: all entries of all heads ranked together by peak attention
+        "select-fit/self+context": ("select-fit", "self+context", {}),
+        "select-fit/self+context global": ("select-fit", "self+context", {"allocation": "global"}),
+        "select-fit max/self+context global": (
+            "select-fit",
+            "self+context",
+            {"allocation": "global", "select": "max"},
+        ),
+        "select-fit/repeat+context global": ("select-fit", "repeat+context", {"allocation": "global"}),
+        "select-fit max/repeat+context global": (
+            "select-fit",
+            "repeat+context",
+            {"allocation": "global", "select": "max"},
+        ),
+        "kvzip/repeat global (ours)": ("kvzip", "repeat", {"allocation": "global"}),
+    },
+    "fit-or-not": {  # does the value fit help? the same selections without and with it
+        "h2o/self+context": ("h2o", "self+context", {}),
+        "h2o-fit/self+context": ("h2o-fit", "self+context", {}),
+        "kvzip/repeat": ("kvzip", "repeat", {}),
+        "kvzip-fit/repeat global": ("kvzip-fit", "repeat", {"allocation": "global"}),
+    },
+    "kvzip": {  # KVzip-like: selection by peak attention of the repeat queries, global budgets; values fitted or not
+        "kvzip/repeat global": ("kvzip", "repeat", {"allocation": "global"}),
+        "kvzip-fit/repeat global": ("kvzip-fit", "repeat", {"allocation": "global"}),
+        "kvzip-fit/repeat": ("kvzip-fit", "repeat", {}),
+        "kvzip/repeat global, no held-out": ("kvzip", "repeat", {"allocation": "global", "heldout": 0.0}),
+        "kvzip-fit/repeat global, no held-out": KVZIP_FIT,
+        "kvzip-fit/repeat global, no held-out, all queries": (
+            *KVZIP_FIT[:2],
+            {**KVZIP_FIT[2], "max_queries": None},
+        ),
+    },
+    "kvzip-fit": {  # the KVzip-style fit (the default since session 4) against the previous default
+        "select-fit/self+context curves": ("select-fit", "self+context", {"allocation": "curves"}),
+        "kvzip-fit/repeat global, no held-out": KVZIP_FIT,
     },
     "smoke": {
         "h2o/context": ("h2o", "context", {}),

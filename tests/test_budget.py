@@ -69,3 +69,23 @@ def test_plan_scopes_keep_their_totals():
                 assert (t == t[:, :1]).all()
     with pytest.raises(ValueError, match="unknown allocation"):
         plan("lottery", pilot, 100, 0.3, 4, 3)
+
+
+def test_global_ranks_all_entries_together_with_a_floor():
+    from kvsculpt.budget import allocate_global, plan
+
+    scores = torch.full((2, 2, 50), 0.01)
+    scores[0, 1, :30] = 0.9  # one head whose entries all outrank the others
+    b = allocate_global(scores, total=40, floor=2)
+    assert int(b.sum()) == 40 and int(b.min()) == 2
+    assert b[0, 1] == 30  # all of its strong entries, and the rest shared by the weak heads
+    # an entry's rank is global: equal scores everywhere → near-equal shares
+    even = allocate_global(torch.rand(3, 2, 100) * 1e-6 + 1.0, total=120, floor=1)
+    assert int(even.sum()) == 120 and int(even.min()) >= 1
+    with pytest.raises(ValueError, match="cannot be met"):
+        allocate_global(scores, total=201, floor=1)
+    b, rec = plan("global", None, n=50, ratio=0.2, layers=2, kv_heads=2, scope="heads",
+                  entry_scores=lambda: scores)  # fmt: skip
+    assert torch.tensor(b).sum(1).eq(20).all() and rec["rule"] == "global"
+    with pytest.raises(ValueError, match="scope"):
+        plan("global", None, 50, 0.2, 2, 2, scope="layers", entry_scores=lambda: scores)

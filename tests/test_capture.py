@@ -150,3 +150,31 @@ def test_replay_over_the_full_cache_gives_the_captured_queries(tiny):
     assert (
         moved[1][:, is_self] - cap.queries[1][:, is_self]
     ).abs().max() > 1e-3  # layer 1 sees layer 0's change
+
+
+class _StubTokenizer:
+    def __call__(self, text, add_special_tokens=False, return_tensors="pt"):
+        return {"input_ids": torch.tensor([[5, 6, 7]])}
+
+
+def test_repeat_queries_carry_their_mass_outside_the_context(tiny):
+    """Context log-mass ⊕ local log-mass = the log-mass over everything the repeat query really sees."""
+    n = 24
+    ids = torch.randint(0, 97, (1, n))
+    cap = capture(tiny, ids, "repeat", tokenizer=_StubTokenizer())
+    full_ids = torch.cat([ids, torch.tensor([[5, 6, 7]]), ids], dim=1)
+    cache = DynamicCache()
+    with torch.no_grad(), capture_queries(tiny) as sinks:
+        tiny(full_ids, past_key_values=cache, use_cache=True)
+    Hkv = tiny.config.num_key_value_heads
+    for li, layer in enumerate(cache.layers):
+        q = torch.cat(sinks[li], dim=2)[:, :, -n:].float()  # the copy's queries [1, H, n, d]
+        k = layer.keys[0].float().repeat_interleave(q.shape[1] // Hkv, 0)  # [H, 2n+3, d]
+        lg = q[0] @ k.transpose(1, 2) / q.shape[-1] ** 0.5  # [H, n, 2n+3]
+        future = torch.arange(k.shape[1])[None] > torch.arange(k.shape[1] - n, k.shape[1])[:, None]
+        true_lse = pool_gqa(torch.logsumexp(lg.masked_fill(future, float("-inf")), -1)[None, ..., None], Hkv)[
+            ..., 0
+        ]
+        ctx_lse = torch.logsumexp(cap.queries[li] @ cap.keys[li].transpose(1, 2) / q.shape[-1] ** 0.5, -1)
+        assert torch.allclose(torch.logaddexp(ctx_lse, cap.local_lse[li]), true_lse, atol=1e-4)
+    assert capture(tiny, ids, "context").local_lse is None  # no source with keys outside the context

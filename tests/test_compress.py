@@ -14,8 +14,9 @@ def test_compress_uniform_on_tiny_model():
     model = tiny_model("llama")
     ids = torch.randint(0, 97, (1, 40))
     cache = compress(
-        model, ids, ratio=0.25, method="select-fit", queries="context", allocation="uniform", progress=False
-    )
+        model, ids, ratio=0.25, method="select-fit", queries="context", allocation="uniform", heldout=0.2,
+        progress=False,
+    )  # fmt: skip
     assert cache.budgets == [[10, 10], [10, 10]]
     assert "SelectFit" in cache.method and cache.info["ratio"] == 0.25
     stats = cache.info["stats"]["heldout_rel_mse"]

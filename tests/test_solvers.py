@@ -70,6 +70,10 @@ def test_eviction_baselines_keep_original_entries(score):
         assert k.shape == (10, 16)
     if score == "streaming-llm":
         assert torch.equal(out[0][0], torch.cat([K[0, :4], K[0, -6:]]))
+    if score == "kvzip":  # sinks kept, then the keys with the highest peak attention
+        peak = torch.softmax(Q[0] @ K[0].T * s, -1).amax(0)
+        peak[:4] = float("inf")
+        assert torch.equal(out[0][0], K[0][peak.topk(10).indices.sort().values])
 
 
 def test_beta_options_fix_the_mass():
@@ -121,3 +125,24 @@ def test_recent_positions_are_always_kept():
     assert torch.equal(heads[0][0][-6:], K[0, -6:])  # the last 6 of 8 kept entries are the last 6 positions
     assert torch.equal(heads[1][0], K[1, -4:])  # a budget below `recent` keeps only recent positions
     assert not torch.equal(SelectFit()(K, V, Q, [8, 4], s)[0][0][-6:], K[0, -6:])
+
+
+def test_queries_that_look_elsewhere_count_less():
+    """``local_lse``: a query whose attention mostly goes outside the block barely affects selection or fit."""
+    K = torch.zeros(1, 3, 4)
+    K[0, 0, 0], K[0, 1, 1] = 10.0, 8.0
+    V = torch.randn(1, 3, 4)
+    Q = torch.zeros(1, 2, 4)
+    Q[0, 0, 0], Q[0, 1, 1] = 3.0, 3.0  # query 0 peaks on key 0, query 1 (less sharply) on key 1
+    evict = make_method("kvzip", sinks=0)
+    assert evict(K, V, Q, [1], 1.0)[0][0].equal(K[0, :1])
+    z = torch.logsumexp(Q @ K.transpose(1, 2), -1)  # [1, 2]
+    elsewhere = torch.stack([z[0, 0] + 6.0, torch.tensor(float("-inf"))])[None]
+    assert evict(K, V, Q, [1], 1.0, local_lse=elsewhere)[0][0].equal(K[0, 1:2])
+    # no mass elsewhere (-inf) changes nothing
+    K, V, Q, s = problem()
+    none = torch.full(Q.shape[:2], float("-inf"))
+    for a, b in zip(
+        SelectFit()(K, V, Q, [8, 8], s), SelectFit()(K, V, Q, [8, 8], s, local_lse=none), strict=True
+    ):
+        assert torch.equal(a[0], b[0]) and torch.allclose(a[1], b[1], atol=1e-5)

@@ -35,7 +35,7 @@ from .evaluate import (
 from .solvers import make_method
 
 CAPTURE_OPTIONS = ("max_queries", "self_samples", "self_length", "temperature", "top_p")
-COMPRESS_OPTIONS = ("allocation", "scope", "on_policy")  # compress_captured options
+COMPRESS_OPTIONS = ("allocation", "scope", "on_policy", "heldout")  # compress_captured options
 EVICTION = ("h2o", "snapkv", "tova", "streaming-llm", "knorm")
 
 
@@ -85,7 +85,7 @@ def _split_options(opts: dict):
 def _pilot_spread(info: dict) -> dict:
     """Pilot relative MSE spread (at the uniform budget): max/min across layers, max head ratio in a layer."""
     pilot = info.get("pilot")
-    if not pilot:
+    if not pilot or "pilot_errors" not in pilot:
         return {}
     errs = torch.tensor(pilot["pilot_errors"][pilot["pilot_budgets"].index(pilot["uniform_budget"])])
     per_layer = errs.mean(1)
@@ -119,13 +119,24 @@ def passkey_full_cache(model, tok, pk_ids, key) -> bool:
 
 
 def run_grid(
-    model, tok, model_name, wins, grid, ratios, jsonl, max_queries=4096, passkey=False, passkey_ratios=None
+    model,
+    tok,
+    model_name,
+    wins,
+    grid,
+    ratios,
+    jsonl,
+    max_queries=4096,
+    passkey=False,
+    passkey_ratios=None,
+    heldout_self_kl=True,
 ) -> list[dict]:
     """Run every (window, config, ratio) not yet in ``jsonl``; return all rows for these windows and configs.
 
     ``passkey``: also compress a pass-key version of each window's text with the same config, at the ratios in
     ``passkey_ratios`` (default: all), and record whether the key is retrieved afterwards (question asked
     only after compression). Each such row also carries ``passkey_full``, the full cache's result.
+    ``heldout_self_kl``: also score KL on a held-out self sample (one more forward per run).
     """
     passkey_ratios = set(ratios if passkey_ratios is None else passkey_ratios)
     jsonl = Path(jsonl)
@@ -158,7 +169,7 @@ def run_grid(
                     **dict(cap_opts),
                 }
                 cap = capture(model, w.context, src, **kw)
-                held_sample = heldout_self_sample(cap)
+                held_sample = heldout_self_sample(cap) if heldout_self_kl else None
                 if held_sample is not None:
                     full, *_ = prefill(model, w.context)
                     sample_teacher = continuation_logits(model, full, held_sample, cap.n)
@@ -193,7 +204,7 @@ def run_grid(
                             **res, "teacher_nll": ref.nll,
                             "self_ngram_overlap": None if cap.samples is None else ngram_overlap(
                                 cap.samples, w.continuation),
-                            "heldout_rel_mse": sum(map(sum, stats)) / max(1, sum(map(len, stats))),
+                            "heldout_rel_mse": sum(map(sum, stats)) / sum(map(len, stats)) if any(stats) else None,
                             "prefill_seconds": ref.prefill_seconds, "query_seconds": cap.query_seconds,
                             "solve_seconds": solve_s,
                             "compress_seconds": cap.prefill_seconds + cap.query_seconds + solve_s,
@@ -254,12 +265,18 @@ PAPER_GRID = {
     "Sculpt": ("sculpt", "self+context", {}),
     "Sculpt adaptive (curves)": ("sculpt", "self+context", {"allocation": "curves"}),
     "Select+Fit adaptive (curves)": ("select-fit", "self+context", {"allocation": "curves"}),
+    # KVzip's selection (peak attention while the model repeats the context; all heads ranked together),
+    # then our value fit; every repeat query is used (none held out: a held-out block's keys would be lost)
+    "KVzip-fit (repeat, global)": ("kvzip-fit", "repeat", {"allocation": "global", "heldout": 0.0}),
     "H2O": ("h2o", "context", {}),
     "SnapKV": ("snapkv", "context", {}),
     "TOVA": ("tova", "context", {}),
     "StreamingLLM": ("streaming-llm", "context", {}),
     "Knorm": ("knorm", "context", {}),
 }
+
+
+KVPRESS_DUPLICATES = ("SnapKV", "StreamingLLM", "Knorm")
 
 
 def check_cached_setting(jsonl: Path, setting: dict) -> None:
@@ -286,8 +303,12 @@ def paper(args) -> dict:
     tag = Path(args.model).name
     out = Path(args.out)
     jsonl = out / f"paper_{tag}.jsonl"
-    grid = {k: v for k, v in PAPER_GRID.items() if not args.methods or k in args.methods}
     use_peers = args.peers and peers.available()
+    grid = {k: v for k, v in PAPER_GRID.items() if not args.methods or k in args.methods}
+    if (
+        getattr(args, "quick", False) and use_peers
+    ):  # kvpress runs the same presses (equal KL: kvpress_parity.jsonl)
+        grid = {k: v for k, v in grid.items() if k not in KVPRESS_DUPLICATES}
     report_only = getattr(args, "report_only", False)  # rewrite the report from the cached rows; runs nothing
     if report_only and not jsonl.exists():
         raise FileNotFoundError(f"{jsonl}: no cached results to report (run without --report-only first)")
@@ -305,7 +326,7 @@ def paper(args) -> dict:
     rows = []
     for w in wins:  # window by window, so that an interrupted run has complete windows to report
         rows += run_grid(model, tok, args.model, [w], grid, args.ratios, jsonl, passkey=args.passkey,
-                         passkey_ratios=pk_ratios)  # fmt: skip
+                         passkey_ratios=pk_ratios, heldout_self_kl=False)  # fmt: skip
         if use_peers:
             rows += run_peers(args.model, [w], args.ratios, jsonl, tok, args.passkey, pk_ratios)
     summary = write_paper_report(rows, args, out, tag, peers_note=None if use_peers else _peer_note(args))

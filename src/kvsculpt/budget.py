@@ -25,7 +25,7 @@ def uniform(n: int, ratio: float, layers: int, kv_heads: int) -> list[list[int]]
     return [[m] * kv_heads for _ in range(layers)]
 
 
-RULES = ("uniform", "adaptive", "curves")
+RULES = ("uniform", "adaptive", "curves", "global")
 SCOPES = ("all", "heads", "layers")
 
 
@@ -114,16 +114,36 @@ def allocate_curves(a: torch.Tensor, b: torch.Tensor, total: int, floor: int, ca
     )
 
 
+def allocate_global(scores: torch.Tensor, total: int, floor: int) -> torch.Tensor:
+    """KVzip's allocation: every entry of every head ranked together by ``scores [L, H, n]``; a head keeps as
+    many entries as it has among the ``total`` best, but at least ``floor`` (its own best). → ``[L, H]``."""
+    L, H, n = scores.shape
+    _check_total(L * H, total, floor, n)
+    s = scores.detach().double().clone()
+    s.scatter_(-1, s.topk(floor, dim=-1).indices, float("inf"))  # each head's floor is kept first
+    chosen = s.flatten().topk(total).indices // n
+    return torch.bincount(chosen, minlength=L * H).reshape(L, H)
+
+
 def plan(
-    rule: str, pilot, n: int, ratio: float, layers: int, kv_heads: int, alpha: float = 1.0, scope: str = "all"
+    rule: str,
+    pilot,
+    n: int,
+    ratio: float,
+    layers: int,
+    kv_heads: int,
+    alpha: float = 1.0,
+    scope: str = "all",
+    entry_scores=None,
 ) -> tuple[list[list[int]], dict]:
     """Budgets ``[L][H]`` summing exactly to ``round(ratio·n)·L·H``, and a record of the pilot.
 
     ``pilot(m) -> [L, H]`` gives each head's relative error when every head keeps ``m`` entries (e.g. from
     Select+Fit). ``adaptive``: ``m ∝ e^alpha`` from the pilot at the uniform budget. ``curves``: the pilot
     at ``m/2, m, 2m`` fits ``e(m) = a·m^(−b)`` per head, then budgets equalise the marginal gains.
-    ``scope``: move budget across ``all`` (layers and heads), only between the ``heads`` of each layer, or
-    only between ``layers``.
+    ``global``: KVzip's rule, :func:`allocate_global` on ``entry_scores() -> [L, H, n]`` (each entry's peak
+    attention weight); no pilot. ``scope``: move budget across ``all`` (layers and heads), only between the
+    ``heads`` of each layer, or only between ``layers`` (not for ``global``).
     """
     if rule not in RULES:
         raise ValueError(f"unknown allocation {rule!r}; choose from {', '.join(RULES)}")
@@ -133,6 +153,17 @@ def plan(
     if rule == "uniform":
         return uniform(n, ratio, layers, kv_heads), {}
     floor = max(1, min(m, n // 64))
+    if rule == "global":
+        if scope == "layers":
+            raise ValueError("global allocation ranks entries within heads: use scope 'all' or 'heads'")
+        scores = torch.as_tensor(entry_scores())
+        if scope == "all":
+            out = allocate_global(scores, m * layers * kv_heads, floor)
+        else:
+            out = torch.stack(
+                [allocate_global(scores[li : li + 1], m * kv_heads, floor)[0] for li in range(layers)]
+            )
+        return out.tolist(), {"rule": rule, "scope": scope, "uniform_budget": m}
     sizes = [m] if rule == "adaptive" else sorted({max(floor, m // 2), m, min(n, 2 * m)})
     errors = torch.stack([torch.as_tensor(pilot(s), dtype=torch.float64) for s in sizes])  # [K, L, H]
     record = {

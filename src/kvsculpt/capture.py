@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
-from .attention import capture_queries, check_supported, model_dims
+from .attention import capture_queries, check_supported, logits, model_dims
 
 QUERY_SOURCES = ("self", "context", "repeat")
 REPEAT_PROMPT = "\n\nRepeat the text above.\n\n"
@@ -44,6 +44,9 @@ class Capture:
     context_queries: list[torch.Tensor] | None = None  # [Hkv, G, n, d] per layer, if asked for
     context_ids: torch.Tensor | None = None  # [1, n]
     info: dict = field(default_factory=dict)
+    # [Hkv, N] per layer: log-sum-exp of each query's logits over the keys it sees besides the context (the
+    # repeat prompt and copy so far); -inf where there are none (context and self queries, for now)
+    local_lse: list[torch.Tensor] | None = None
 
     @property
     def n(self) -> int:
@@ -203,7 +206,7 @@ def capture(
     keys = [layer.keys[0].float() for layer in cache.layers]
     values = [layer.values[0].float() for layer in cache.layers]
     del cache
-    parts, part_groups, info = [], [], {"sources": list(sources)}
+    parts, part_groups, local_parts, info = [], [], [], {"sources": list(sources)}
     samples = None
     t0 = time.perf_counter()
     next_group = 0
@@ -211,12 +214,17 @@ def capture(
         if src == "context":
             q = [pool_gqa(x.float(), Hkv) for x in ctx_q]
             g = _position_groups(n, G)
+            lse = None
         elif src == "repeat":
-            q, g = _repeat_queries(model, context_ids, tokenizer, Hkv, G)
+            q, g, lse = _repeat_queries(model, context_ids, tokenizer, Hkv, G)
         else:
             q, g, samples = sample_self_queries(
                 model, keys, values, last, self_samples, self_length, temperature, top_p, seed, progress
             )
+            lse = None
+        local_parts.append(
+            lse if lse is not None else [torch.full(x.shape[:2], float("-inf"), device=x.device) for x in q]
+        )
         start = sum(int(x.shape[0]) for x in part_groups)
         info[f"{src}_span"] = (
             start,
@@ -230,16 +238,21 @@ def capture(
     query_s = time.perf_counter() - t0
     qs = [torch.cat([p[i] for p in parts], dim=1) for i in range(len(keys))]
     groups = torch.cat(part_groups)
+    local = None
+    if "repeat" in sources:  # the only source with keys outside the context, so far
+        local = [torch.cat([p[i] for p in local_parts], dim=1) for i in range(len(keys))]
     keep = subsample_index(groups.shape[0], max_queries, seed)
     if keep is not None:
         qs, groups = [q[:, keep.to(q.device)] for q in qs], groups[keep]
+        local = None if local is None else [x[:, keep.to(x.device)] for x in local]
     info["subsample_index"] = keep
     per_head = None
     if keep_context_queries:
         per_head = [x[0].float().reshape(Hkv, G, n, -1) for x in ctx_q]
     return Capture(
-        keys, values, qs, groups, scale, last, prefill_s, query_s, samples, per_head, context_ids.cpu(), info
-    )
+        keys, values, qs, groups, scale, last, prefill_s, query_s, samples, per_head, context_ids.cpu(), info,
+        local,
+    )  # fmt: skip
 
 
 @torch.inference_mode()
@@ -278,10 +291,29 @@ def _repeat_queries(model, context_ids, tokenizer, Hkv: int, G: int):
     prompt = tokenizer(REPEAT_PROMPT, add_special_tokens=False, return_tensors="pt")["input_ids"]
     n = context_ids.shape[1]
     ids = torch.cat([context_ids, prompt.to(context_ids.device), context_ids], dim=1)
+    cache = DynamicCache()
     with capture_queries(model) as sinks:
-        model(ids, past_key_values=DynamicCache(), use_cache=True, logits_to_keep=1)
-    q = [pool_gqa(torch.cat(s, dim=2)[:, :, -n:].float(), Hkv) for s in sinks]
-    return q, _position_groups(n, G)
+        model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    _, _, _, _, scale = model_dims(model)
+    qs, lses = [], []
+    for s, layer in zip(sinks, cache.layers, strict=True):
+        q = torch.cat(s, dim=2)[:, :, -n:].float()  # [1, H, n, d]
+        local_k = layer.keys[0, :, n:].float()  # [Hkv, p + n, d]: prompt and copy, seen causally
+        qs.append(pool_gqa(q, Hkv))
+        lses.append(pool_gqa(local_lse(q, local_k, scale)[..., None], Hkv)[..., 0])
+    return qs, _position_groups(n, G), lses
+
+
+def local_lse(q: torch.Tensor, local_k: torch.Tensor, scale: float) -> torch.Tensor:
+    """Log-sum-exp of the last ``t`` queries ``q [1, H, t, d]`` over the local keys ``[Hkv, s, d]`` they see
+    causally (``s ≥ t``; query i sees the first ``s − t + i + 1``) → ``[1, H, t]``."""
+    _, H, t, _ = q.shape
+    Hkv, s_len, _ = local_k.shape
+    lg = logits(q[0].reshape(Hkv, H // Hkv, t, -1), local_k[:, None], scale)  # [Hkv, G, t, s]
+    future = (
+        torch.arange(s_len, device=q.device)[None] > torch.arange(s_len - t, s_len, device=q.device)[:, None]
+    )
+    return torch.logsumexp(lg.masked_fill(future, float("-inf")), -1).reshape(1, H, t)
 
 
 def split_heldout(groups: torch.Tensor, fraction: float = 0.25, seed: int = 0) -> torch.Tensor:

@@ -58,6 +58,7 @@ def _capture_options(args) -> dict:
         "self_samples": args.self_samples,
         "self_length": args.self_length,
         "on_policy": args.on_policy,
+        "heldout": args.heldout,
     }
 
 
@@ -156,7 +157,7 @@ def cmd_analyze(args):
     from . import budget, plots
     from .attention import model_dims
     from .capture import capture, split_heldout
-    from .compress import pilot_errors
+    from .compress import peak_attention, pilot_errors
     from .evaluate import load_text
     from .models import encode, load_model
 
@@ -182,6 +183,9 @@ def cmd_analyze(args):
         L,
         Hkv,
         args.alpha,
+        entry_scores=lambda: peak_attention(
+            cap, fit_q, None if cap.local_lse is None else [x[:, ~held] for x in cap.local_lse]
+        ),
     )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -233,13 +237,15 @@ def cmd_analyze(args):
 def cmd_bench(args):
     from .bench import paper
 
-    if args.quick:
+    if args.quick:  # ~15 min here: two ratios, and kvpress's presses stand in for our copies of them
         args.model, args.context_tokens, args.continuation_tokens, args.docs = (
             "qwen2.5-coder-0.5b",
             1024,
             128,
             2,
         )
+        args.ratios = args.ratios or [0.3, 0.5]
+    args.ratios = args.ratios or [0.3, 0.5, 0.7]
     paper(args)
 
 
@@ -265,7 +271,8 @@ def cmd_demo(args):
     )
     runs = [
         (DEFAULT_METHOD, DEFAULT_QUERIES, DEFAULT_ALLOCATION, "kvsculpt default"),
-        ("sculpt", DEFAULT_QUERIES, "uniform", "KVSculpt, uniform budget"),
+        ("select-fit", "self+context", "curves", "Select+Fit, curves budget"),
+        ("sculpt", "self+context", "uniform", "KVSculpt, uniform budget"),
         ("snapkv", "context", "uniform", "SnapKV eviction"),
         ("h2o", "context", "uniform", "H2O eviction"),
         ("streaming-llm", "context", "uniform", "StreamingLLM"),
@@ -305,7 +312,7 @@ def _common(p, text=True):
 
 
 def _method(p):
-    from .compress import DEFAULT_ALLOCATION, DEFAULT_METHOD, DEFAULT_QUERIES
+    from .compress import ALLOCATIONS, DEFAULT_ALLOCATION, DEFAULT_HELDOUT, DEFAULT_METHOD, DEFAULT_QUERIES
 
     p.add_argument(
         "--ratio",
@@ -314,13 +321,15 @@ def _method(p):
         help="fraction of KV entries KEPT (kvpress: 1 - compression_ratio)",
     )
     p.add_argument("--method", default=DEFAULT_METHOD)
-    p.add_argument("--allocation", default=DEFAULT_ALLOCATION, choices=["uniform", "adaptive", "curves"])
+    p.add_argument("--allocation", default=DEFAULT_ALLOCATION, choices=ALLOCATIONS)
     p.add_argument(
         "--queries", default=DEFAULT_QUERIES, help="self | context | repeat, or a mix such as self+context"
     )
     p.add_argument(
         "--max-queries", type=int, default=4096, help="reference queries kept per head (subsampled)"
     )
+    p.add_argument("--heldout", type=float, default=DEFAULT_HELDOUT,
+                   help="fraction of query groups kept out of fitting, for the fidelity stats")  # fmt: skip
     p.add_argument("--self-samples", type=int, default=10, help="sampled continuations for 'self' queries")
     p.add_argument("--self-length", type=int, default=64, help="tokens per sampled continuation")
     p.add_argument(
@@ -383,13 +392,16 @@ def build_parser():
     p.add_argument("--model", default="qwen2.5-coder-1.5b")
     p.add_argument("--context-tokens", type=int, default=2048)
     p.add_argument("--continuation-tokens", type=int, default=256)
-    p.add_argument("--ratios", type=float, nargs="+", default=[0.3, 0.5, 0.7])
+    p.add_argument(
+        "--ratios", type=float, nargs="+", help="kept fractions (default 0.3 0.5 0.7; --quick: 0.3 0.5)"
+    )
     p.add_argument("--docs", type=int, default=4, help="number of documents (one window each)")
     p.add_argument(
         "--texts", nargs="*", help="shipped text names or paths (default: the non-memorised texts)"
     )
     p.add_argument("--methods", nargs="*", help="subset of the paper grid's method names")
-    p.add_argument("--quick", action="store_true", help="qwen2.5-coder-0.5b, 1024 tokens, T=128, 2 documents")
+    p.add_argument("--quick", action="store_true",
+                   help="qwen2.5-coder-0.5b, 1024 tokens, T=128, 2 documents, r = 0.3 0.5")  # fmt: skip
     p.add_argument("--no-peers", dest="peers", action="store_false", help="skip the kvpress presses")
     p.add_argument("--no-passkey", dest="passkey", action="store_false", help="skip pass-key retrieval")
     p.add_argument("--passkey-ratios", type=float, nargs="+",

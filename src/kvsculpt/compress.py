@@ -11,12 +11,16 @@ from . import budget
 from .attention import model_dims
 from .cache import CompressedCache
 from .capture import QUERY_SOURCES, capture, replay_self_queries, split_heldout
-from .solvers import Identity, Method, SelectFit, fidelity, make_method
+from .solvers import Identity, Method, SelectFit, attention_scores, fidelity, make_method
 
-DEFAULT_METHOD = "select-fit"
-DEFAULT_QUERIES = "self+context"
-DEFAULT_ALLOCATION = (
-    "curves"  # measured: 1.4-5x lower KL than uniform on SmolLM2 (benchmarks/results/budget_smollm2.md)
+# KVzip's selection (peak attention while the model repeats the context, all heads ranked together) with
+# ridge-fitted values. Measured against the previous default (select-fit, self+context, curves): 1.0x / 1.8x /
+# 8.2x lower KL at r = 0.1 / 0.3 / 0.5 on SmolLM2 (benchmarks/results/kvzip_fit_smollm2.md), the pass-key kept.
+DEFAULT_METHOD = "kvzip-fit"
+DEFAULT_QUERIES = "repeat"
+DEFAULT_ALLOCATION = "global"
+DEFAULT_HELDOUT = (
+    0.0  # peak-attention selection needs every repeat position (a held-out block's keys are lost)
 )
 ALLOCATIONS = budget.RULES
 
@@ -38,7 +42,7 @@ def compress(
     queries: str = DEFAULT_QUERIES,
     tokenizer=None,
     max_queries: int | None = 4096,
-    heldout: float = 0.2,
+    heldout: float = DEFAULT_HELDOUT,
     self_samples: int = 10,
     self_length: int = 64,
     temperature: float = 1.0,
@@ -117,10 +121,14 @@ def compress_captured(
     def pilot(m: int) -> torch.Tensor:
         return pilot_errors(cap, fit_q, pilot_q, m)
 
+    local = None if cap.local_lse is None else [x[:, ~held] for x in cap.local_lse]
+
     if isinstance(solver, Identity):
         budgets, pilot_record = [[n] * Hkv for _ in range(L)], {}
     else:
-        budgets, pilot_record = budget.plan(allocation, pilot, n, ratio, L, Hkv, alpha, scope)
+        budgets, pilot_record = budget.plan(
+            allocation, pilot, n, ratio, L, Hkv, alpha, scope, lambda: peak_attention(cap, fit_q, local)
+        )
     pilot_seconds = time.perf_counter() - t_solve
     keys, values, biases, rel_mse, mass_err = [], [], [], [], []
     has_bias = False
@@ -149,7 +157,7 @@ def compress_captured(
             replay_s += time.perf_counter() - t_replay
         K, V = cap.keys[li], cap.values[li]
         cq = None if cap.context_queries is None else cap.context_queries[li]
-        heads = solver(K, V, fit_q[li], budgets[li], scale, cq)
+        heads = solver(K, V, fit_q[li], budgets[li], scale, cq, None if local is None else local[li])
         dtype = model.dtype
         keys.append([k.to(dtype) for k, _, _ in heads])
         values.append([v.to(dtype) for _, v, _ in heads])
@@ -183,6 +191,16 @@ def compress_captured(
     return CompressedCache.from_heads(
         model, keys, values, n, biases if has_bias else None, repr(solver), info, cap.context_ids
     )
+
+
+def peak_attention(cap, queries, local_lse=None) -> torch.Tensor:
+    """Each entry's largest attention weight from ``queries`` (per layer ``[Hkv, N, d]``; ``local_lse``: their
+    log-mass outside the context, see :class:`~kvsculpt.capture.Capture`) → ``[L, Hkv, n]``, for ``global``
+    budgets."""
+    return torch.stack([
+        attention_scores(q, K.float(), cap.scale, "max", None if local_lse is None else local_lse[li])
+        for li, (q, K) in enumerate(zip(queries, cap.keys, strict=True))
+    ])  # fmt: skip
 
 
 def pilot_errors(cap, fit_q, check_q, m: int) -> torch.Tensor:

@@ -39,14 +39,17 @@ def fidelity(Q, K, V, Kc, Vc, bias, scale) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def ridge_values(
-    A: torch.Tensor, O: torch.Tensor, lam: float, prior: torch.Tensor | None = None
+    A: torch.Tensor, O: torch.Tensor, lam: float, prior: torch.Tensor | None = None, row_weights=None
 ) -> torch.Tensor:
     """``argmin_V ‖A V − O‖² + λ'‖V − prior‖²`` in fp32, batched: A ``[H, N, m]``, O ``[H, N, d]`` → ``[H, m, d]``.
 
     ``λ' = lam · mean(diag AᵀA)`` per head (scale-free); ``prior`` ``[H, m, d]`` defaults to zero.
-    Solved by Cholesky, with a least-squares fallback for heads where it fails.
+    ``row_weights [H, N]`` scale each query's residual. Solved by Cholesky, with a least-squares fallback for
+    heads where it fails.
     """
     A, O = A.float(), O.float()
+    if row_weights is not None:
+        A, O = A * row_weights[..., None], O * row_weights[..., None]
     R = O if prior is None else O - A @ prior.float()
     AtA = A.transpose(-1, -2) @ A
     reg = (lam * AtA.diagonal(dim1=-2, dim2=-1).mean(-1)).clamp_min(1e-12)
@@ -74,12 +77,19 @@ def keep_recent(scores: torch.Tensor, w: int) -> torch.Tensor:
     return scores
 
 
-def attention_scores(Q: torch.Tensor, K: torch.Tensor, scale: float, reduce: str = "sum") -> torch.Tensor:
+def attention_scores(
+    Q: torch.Tensor, K: torch.Tensor, scale: float, reduce: str = "sum", local_lse=None
+) -> torch.Tensor:
     """Attention each key receives from the queries, summed (``reduce="sum"``) or its maximum over them
     (``"max"``, KVzip's rule: a key that any one query needs is kept): Q ``[H, N, d]``, K ``[H, n, d]`` →
-    ``[H, n]``."""
+    ``[H, n]``. ``local_lse [H, N]``: each query's log-sum-exp over keys outside K that it also attends to;
+    the softmax then includes them, so a query that mostly looks elsewhere gives K little weight."""
     _check_selection(reduce, 0)
-    a = torch.softmax(logits(Q, K, scale), dim=-1)
+    lg = logits(Q, K, scale)
+    z = torch.logsumexp(lg, -1, keepdim=True)
+    if local_lse is not None:
+        z = torch.logaddexp(z, local_lse[..., None])
+    a = torch.exp(lg - z)
     return a.sum(1) if reduce == "sum" else a.amax(1)
 
 
@@ -88,10 +98,12 @@ def top_indices(scores: torch.Tensor, m: int) -> torch.Tensor:
     return scores.topk(m, dim=-1).indices.sort(dim=-1).values
 
 
-def select_indices(Q, K, scale: float, m: int, select: str = "sum", recent: int = 0) -> torch.Tensor:
+def select_indices(
+    Q, K, scale: float, m: int, select: str = "sum", recent: int = 0, local_lse=None
+) -> torch.Tensor:
     """Select+Fit's key choice: indices ``[H, m]`` of the keys with the most attention from Q ``[H, N, d]``
     over K ``[H, n, d]`` (see :func:`attention_scores`); the last ``min(recent, m)`` positions are always kept."""
-    return top_indices(keep_recent(attention_scores(Q, K, scale, select), min(recent, m)), m)
+    return top_indices(keep_recent(attention_scores(Q, K, scale, select, local_lse), min(recent, m)), m)
 
 
 def gather(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -131,7 +143,12 @@ class Method:
 
     needs_context_queries = False
 
-    def __call__(self, K, V, Q, budgets, scale, context_queries=None):
+    def __call__(self, K, V, Q, budgets, scale, context_queries=None, local_lse=None):
+        """K, V ``[H, n, d]``, Q ``[H, N, d]``, one budget per head → per head ``(K' [m, d], V' [m, d], β [m] | None)``.
+
+        ``local_lse [H, N]`` (optional): each query's log-mass on keys outside the block (see
+        :func:`block_weight`); selection and fits then weigh a query by the share of its attention on the block.
+        """
         H, n, _ = K.shape
         if len(budgets) != H or min(budgets) < 1 or max(budgets) > n:
             raise ValueError(f"budgets {list(budgets)} must be {H} integers in [1, {n}]")
@@ -141,12 +158,14 @@ class Method:
         for m, heads in _by_budget(list(budgets)).items():
             idx = torch.tensor(heads, device=K.device)
             cq = None if context_queries is None else context_queries[idx]
-            Kc, Vc, bias = self.solve(K[idx].float(), V[idx].float(), Q[idx].float(), m, scale, cq)
+            loc = None if local_lse is None else local_lse[idx].float()
+            Kc, Vc, bias = self.solve(K[idx].float(), V[idx].float(), Q[idx].float(), m, scale, cq, loc)
             for j, h in enumerate(heads):
                 out[h] = (Kc[j], Vc[j], None if bias is None else bias[j])
         return out
 
-    def solve(self, K, V, Q, m, scale, context_queries):  # -> (K' [H, m, d], V' [H, m, d], β [H, m] | None)
+    def solve(self, K, V, Q, m, scale, context_queries, local_lse=None):
+        # -> (K' [H, m, d], V' [H, m, d], β [H, m] | None)
         raise NotImplementedError
 
 
@@ -157,16 +176,25 @@ class Method:
 class Identity(Method):
     """Keep every entry unchanged (exactness checks of the compressed-cache path)."""
 
-    def solve(self, K, V, Q, m, scale, context_queries):
+    def solve(self, K, V, Q, m, scale, context_queries, local_lse=None):
         if m != K.shape[1]:
             raise ValueError("identity keeps every entry: use ratio 1.0")
         return K, V, None
 
 
-def _fit_values(Q, K, V, idx, Kc, scale, lam, prior, bias=None):
-    O, _ = attend(Q, K, V, scale)
+def block_weight(z: torch.Tensor, local_lse=None) -> torch.Tensor | None:
+    """The share of each query's attention that falls on the block, ``σ(z − local_lse)`` ``[H, N]``, from its
+    log-mass on the block ``z`` and elsewhere; None when nothing is elsewhere (all weights 1)."""
+    return None if local_lse is None else torch.sigmoid(z - local_lse)
+
+
+def _fit_values(Q, K, V, idx, Kc, scale, lam, prior, bias=None, local_lse=None):
+    """Ridge values for the kept keys; each query's error weighted by the share of its attention on the block."""
+    O, z = attend(Q, K, V, scale)
     A = torch.softmax(logits(Q, Kc, scale, bias), dim=-1)
-    return ridge_values(A, O, lam, gather(V, idx) if prior == "original" else None)
+    return ridge_values(
+        A, O, lam, gather(V, idx) if prior == "original" else None, block_weight(z, local_lse)
+    )
 
 
 @dataclass
@@ -175,8 +203,9 @@ class Evict(Method):
 
     Scores: ``h2o`` (attention accumulated over the reference queries), ``snapkv`` (attention from the
     context's last ``window`` positions, pooled over GQA heads), ``tova`` (attention from the context's last
-    position), ``streaming-llm`` (``sinks`` first entries + the most recent), ``knorm`` (lowest key norm),
-    ``random``.
+    position), ``kvzip`` (the largest attention any one reference query gives, ``sinks`` first entries kept;
+    KVzip with ``queries="repeat"``, ``allocation="global"``), ``streaming-llm`` (``sinks`` first entries + the
+    most recent), ``knorm`` (lowest key norm), ``random``.
     """
 
     score: str = "h2o"
@@ -187,17 +216,21 @@ class Evict(Method):
     sinks: int = 4
     seed: int = 0
 
-    SCORES = ("h2o", "snapkv", "tova", "streaming-llm", "knorm", "random")
+    SCORES = ("h2o", "snapkv", "tova", "kvzip", "streaming-llm", "knorm", "random")
 
     def __post_init__(self):
         if self.score not in self.SCORES:
             raise ValueError(f"unknown eviction score {self.score!r}; choose from {', '.join(self.SCORES)}")
         self.needs_context_queries = self.score in ("snapkv", "tova")
 
-    def scores(self, K, Q, scale, context_queries):
+    def scores(self, K, Q, scale, context_queries, local_lse=None):
         H, n, _ = K.shape
         if self.score == "h2o":
-            return attention_scores(Q, K, scale)
+            return attention_scores(Q, K, scale, "sum", local_lse)
+        if self.score == "kvzip":
+            s = attention_scores(Q, K, scale, "max", local_lse)
+            s[:, : self.sinks] = float("inf")
+            return s
         if self.score in ("snapkv", "tova"):
             w = min(n, self.window if self.score == "snapkv" else 1)
             cq = context_queries[:, :, -w:]  # [H, G, w, d]: causal queries of the context's last w positions
@@ -220,10 +253,12 @@ class Evict(Method):
         gen = torch.Generator().manual_seed(self.seed)
         return torch.rand(H, n, generator=gen).to(K.device)
 
-    def solve(self, K, V, Q, m, scale, context_queries):
-        idx = top_indices(self.scores(K, Q, scale, context_queries), m)
+    def solve(self, K, V, Q, m, scale, context_queries, local_lse=None):
+        idx = top_indices(self.scores(K, Q, scale, context_queries, local_lse), m)
         Kc = gather(K, idx)
-        Vc = _fit_values(Q, K, V, idx, Kc, scale, self.lam, self.prior) if self.fit else gather(V, idx)
+        if not self.fit:
+            return Kc, gather(V, idx), None
+        Vc = _fit_values(Q, K, V, idx, Kc, scale, self.lam, self.prior, local_lse=local_lse)
         return Kc, Vc, None
 
 
@@ -246,13 +281,13 @@ class SelectFit(Method):
     def __post_init__(self):
         _check_selection(self.select, self.recent)
 
-    def solve(self, K, V, Q, m, scale, context_queries):
-        idx = select_indices(Q, K, scale, m, self.select, self.recent)
+    def solve(self, K, V, Q, m, scale, context_queries, local_lse=None):
+        idx = select_indices(Q, K, scale, m, self.select, self.recent, local_lse)
         Kc = gather(K, idx)
         bias = None
         if self.beta == "nnls":
             bias = nnls_bias(Q, Kc, attend(Q, K, V, scale)[1], scale)
-        return Kc, _fit_values(Q, K, V, idx, Kc, scale, self.lam, self.prior, bias), bias
+        return Kc, _fit_values(Q, K, V, idx, Kc, scale, self.lam, self.prior, bias, local_lse), bias
 
 
 @dataclass
@@ -281,9 +316,9 @@ class Sculpt(Method):
         Oc, zc = attend(Q, Kc, Vc, scale, bias)
         return relative_error(Oc, O) + self.mass_weight * ((zc - z) ** 2).mean(-1)
 
-    def solve(self, K, V, Q, m, scale, context_queries):
+    def solve(self, K, V, Q, m, scale, context_queries, local_lse=None):
         O, z = attend(Q, K, V, scale)
-        idx = select_indices(Q, K, scale, m, self.select, self.recent)
+        idx = select_indices(Q, K, scale, m, self.select, self.recent, local_lse)
         prior = gather(V, idx) if self.prior == "original" else None
         Kc = gather(K, idx).clone()
         bias = nnls_bias(Q, Kc, z, scale) if self.beta == "nnls" else None
