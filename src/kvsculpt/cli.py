@@ -157,7 +157,7 @@ def cmd_analyze(args):
     from . import budget, plots
     from .attention import model_dims
     from .capture import capture, split_heldout
-    from .compress import peak_attention, pilot_errors
+    from .compress import pilot_errors
     from .evaluate import load_text
     from .models import encode, load_model
 
@@ -183,9 +183,6 @@ def cmd_analyze(args):
         L,
         Hkv,
         args.alpha,
-        entry_scores=lambda: peak_attention(
-            cap, fit_q, None if cap.local_lse is None else [x[:, ~held] for x in cap.local_lse]
-        ),
     )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
