@@ -16,161 +16,152 @@ from collections import defaultdict
 from pathlib import Path
 
 from kvsculpt import load_model
-from kvsculpt.bench import EVICTION, PAPER_GRID, geomean, load_rows, memorised_note, run_grid, split_memorised
-from kvsculpt.evaluate import text_index, windows
+from kvsculpt.bench.runner import (
+    EVICTION,
+    geomean,
+    legacy_config,
+    load_rows,
+    memorised_note,
+    paired_ratio,
+    run_grid,  # fmt: skip
+    split_memorised,
+)
+from kvsculpt.eval.texts import text_index, windows
 
-# name: (method, query source, options)
-KVZIP_FIT = PAPER_GRID["KVzip-fit (repeat, global)"]  # the default: kvzip-fit, repeat, global, none held out
+# name: a CompressConfig with the settings the committed rows were made with (kvsculpt.bench.runner.LEGACY)
+C = legacy_config
+EVICT = {"fit": False}  # plain eviction: values copied
+MAX = {"sinks": 0}  # kvzip scores without sinks = the former Select+Fit `select="max"`
+KVZIP_FIT = C("kvzip", "repeat", allocation="global", heldout=0.0)  # the default since session 4
 
 GRIDS = {
     "core": {
-        "h2o/context": ("h2o", "context", {}),
-        "snapkv": ("snapkv", "context", {}),
-        "tova": ("tova", "context", {}),
-        "streaming-llm": ("streaming-llm", "context", {}),
-        "knorm": ("knorm", "context", {}),
-        "h2o/self": ("h2o", "self", {}),
-        "h2o/self+context": ("h2o", "self+context", {}),
-        "select-fit/context": ("select-fit", "context", {}),
-        "select-fit/self": ("select-fit", "self", {}),
-        "select-fit/self+context": ("select-fit", "self+context", {}),
-        "select-fit/self prior=zero": ("select-fit", "self", {"prior": "zero"}),
-        "snapkv-fit": ("snapkv-fit", "self+context", {}),
-        "sculpt/context": ("sculpt", "context", {}),
-        "sculpt/self": ("sculpt", "self", {}),
-        "sculpt/self+context": ("sculpt", "self+context", {}),
+        "h2o/context": C("h2o", "context", **EVICT),
+        "snapkv": C("snapkv", "context", **EVICT),
+        "tova": C("tova", "context", **EVICT),
+        "streaming-llm": C("streaming-llm", "context", **EVICT),
+        "knorm": C("knorm", "context", **EVICT),
+        "h2o/self": C("h2o", "self", **EVICT),
+        "h2o/self+context": C("h2o", "self+context", **EVICT),
+        "select-fit/context": C("h2o", "context"),
+        "select-fit/self": C("h2o", "self"),
+        "select-fit/self+context": C("h2o", "self+context"),
+        "select-fit/self prior=zero": C("h2o", "self", prior="zero"),
+        "snapkv-fit": C("snapkv", "self+context"),
+        "sculpt/context": C("sculpt", "context"),
+        "sculpt/self": C("sculpt", "self"),
+        "sculpt/self+context": C("sculpt", "self+context"),
     },
     "focus": {
-        "h2o/context": ("h2o", "context", {}),
-        "snapkv": ("snapkv", "context", {}),
-        "streaming-llm": ("streaming-llm", "context", {}),
-        "h2o/self+context": ("h2o", "self+context", {}),
-        "select-fit/context": ("select-fit", "context", {}),
-        "select-fit/self": ("select-fit", "self", {}),
-        "select-fit/self+context": ("select-fit", "self+context", {}),
-        "sculpt/self+context": ("sculpt", "self+context", {}),
+        "h2o/context": C("h2o", "context", **EVICT),
+        "snapkv": C("snapkv", "context", **EVICT),
+        "streaming-llm": C("streaming-llm", "context", **EVICT),
+        "h2o/self+context": C("h2o", "self+context", **EVICT),
+        "select-fit/context": C("h2o", "context"),
+        "select-fit/self": C("h2o", "self"),
+        "select-fit/self+context": C("h2o", "self+context"),
+        "sculpt/self+context": C("sculpt", "self+context"),
     },
     "budget": {
-        "select-fit/self+context": ("select-fit", "self+context", {}),
-        "select-fit/self+context adaptive": ("select-fit", "self+context", {"allocation": "adaptive"}),
-        "select-fit/self+context curves": ("select-fit", "self+context", {"allocation": "curves"}),
-        "select-fit/self+context curves-heads": (
-            "select-fit",
-            "self+context",
-            {"allocation": "curves", "scope": "heads"},
+        "select-fit/self+context": C("h2o", "self+context"),
+        "select-fit/self+context adaptive": C("h2o", "self+context", allocation="adaptive"),
+        "select-fit/self+context curves": C("h2o", "self+context", allocation="curves"),
+        "select-fit/self+context curves-heads": C("h2o", "self+context", allocation="curves", scope="heads"),
+        "select-fit/self+context curves-layers": C(
+            "h2o", "self+context", allocation="curves", scope="layers"
         ),
-        "select-fit/self+context curves-layers": (
-            "select-fit",
-            "self+context",
-            {"allocation": "curves", "scope": "layers"},
-        ),
-        "sculpt/self+context": ("sculpt", "self+context", {}),
-        "sculpt/self+context curves": ("sculpt", "self+context", {"allocation": "curves"}),
-        "h2o/context": ("h2o", "context", {}),
+        "sculpt/self+context": C("sculpt", "self+context"),
+        "sculpt/self+context curves": C("sculpt", "self+context", allocation="curves"),
+        "h2o/context": C("h2o", "context", **EVICT),
     },
     "queries": {
-        "select-fit/self+context": ("select-fit", "self+context", {}),
-        "select-fit/self+context N<=1024": ("select-fit", "self+context", {"max_queries": 1024}),
-        "select-fit/self+context N<=2048": ("select-fit", "self+context", {"max_queries": 2048}),
-        "select-fit/self+context N=all": ("select-fit", "self+context", {"max_queries": None}),
-        "select-fit/self+context S=5": ("select-fit", "self+context", {"self_samples": 5}),
-        "select-fit/self+context S=20 L=32": (
-            "select-fit",
-            "self+context",
-            {"self_samples": 20, "self_length": 32},
-        ),
-        "select-fit/self+context T=0.7": ("select-fit", "self+context", {"temperature": 0.7}),
-        "select-fit/repeat": ("select-fit", "repeat", {}),
-        "select-fit/repeat+context": ("select-fit", "repeat+context", {}),
-        "select-fit/self+repeat+context": ("select-fit", "self+repeat+context", {}),
-        "h2o/context": ("h2o", "context", {}),
+        "select-fit/self+context": C("h2o", "self+context"),
+        "select-fit/self+context N<=1024": C("h2o", "self+context", max_queries=1024),
+        "select-fit/self+context N<=2048": C("h2o", "self+context", max_queries=2048),
+        "select-fit/self+context N=all": C("h2o", "self+context", max_queries=None),
+        "select-fit/self+context S=5": C("h2o", "self+context", self_samples=5),
+        "select-fit/self+context S=20 L=32": C("h2o", "self+context", self_samples=20, self_length=32),
+        "select-fit/self+context T=0.7": C("h2o", "self+context", temperature=0.7),
+        "select-fit/repeat": C("h2o", "repeat"),
+        "select-fit/repeat+context": C("h2o", "repeat+context"),
+        "select-fit/self+repeat+context": C("h2o", "self+repeat+context"),
+        "h2o/context": C("h2o", "context", **EVICT),
     },
     "budget-small": {
-        "select-fit/self+context": ("select-fit", "self+context", {}),
-        "select-fit/self+context adaptive": ("select-fit", "self+context", {"allocation": "adaptive"}),
-        "select-fit/self+context curves": ("select-fit", "self+context", {"allocation": "curves"}),
-        "sculpt/self+context": ("sculpt", "self+context", {}),
-        "sculpt/self+context curves": ("sculpt", "self+context", {"allocation": "curves"}),
-        "h2o/context": ("h2o", "context", {}),
+        "select-fit/self+context": C("h2o", "self+context"),
+        "select-fit/self+context adaptive": C("h2o", "self+context", allocation="adaptive"),
+        "select-fit/self+context curves": C("h2o", "self+context", allocation="curves"),
+        "sculpt/self+context": C("sculpt", "self+context"),
+        "sculpt/self+context curves": C("sculpt", "self+context", allocation="curves"),
+        "h2o/context": C("h2o", "context", **EVICT),
     },
     "sculpt": {
-        "select-fit/self+context": ("select-fit", "self+context", {}),
-        "select-fit/self+context beta=nnls": ("select-fit", "self+context", {"beta": "nnls"}),
-        "sculpt/self+context": ("sculpt", "self+context", {}),
-        "sculpt/self+context iters=60": ("sculpt", "self+context", {"iters": 60}),
-        "sculpt/self+context beta=joint": ("sculpt", "self+context", {"beta": "joint"}),
-        "sculpt/self+context mass=0": ("sculpt", "self+context", {"mass_weight": 0.0}),
-        "select-fit/context": ("select-fit", "context", {}),
-        "sculpt/context": ("sculpt", "context", {}),
+        "select-fit/self+context": C("h2o", "self+context"),
+        "select-fit/self+context beta=nnls": C("h2o", "self+context", beta="nnls"),
+        "sculpt/self+context": C("sculpt", "self+context"),
+        "sculpt/self+context iters=60": C("sculpt", "self+context", iters=60),
+        "sculpt/self+context beta=joint": C("sculpt", "self+context", beta="joint"),
+        "sculpt/self+context mass=0": C("sculpt", "self+context", mass_weight=0.0),
+        "select-fit/context": C("h2o", "context"),
+        "sculpt/context": C("sculpt", "context"),
     },
     # where might Sculpt pay: little room (r = 0.05, 0.1), on-policy layer-by-layer queries
     "regime": {
-        "select-fit/self+context": ("select-fit", "self+context", {}),
-        "sculpt/self+context": ("sculpt", "self+context", {}),
-        "sculpt/self+context on-policy": ("sculpt", "self+context", {"on_policy": 64}),
-        "h2o/context": ("h2o", "context", {}),
-        "snapkv": ("snapkv", "context", {}),
+        "select-fit/self+context": C("h2o", "self+context"),
+        "sculpt/self+context": C("sculpt", "self+context"),
+        "sculpt/self+context on-policy": C("sculpt", "self+context", on_policy=64),
+        "h2o/context": C("h2o", "context", **EVICT),
+        "snapkv": C("snapkv", "context", **EVICT),
     },
     "regime-extra": {  # run on the first window only (cost)
-        "select-fit/self+context on-policy": ("select-fit", "self+context", {"on_policy": 64}),
-        "sculpt/self+context iters=60 beta=joint": ("sculpt", "self+context", {"iters": 60, "beta": "joint"}),
+        "select-fit/self+context on-policy": C("h2o", "self+context", on_policy=64),
+        "sculpt/self+context iters=60 beta=joint": C("sculpt", "self+context", iters=60, beta="joint"),
     },
     "passkey": {  # does a query source that reconstructs the context keep a planted needle?
-        "select-fit/self+context": ("select-fit", "self+context", {}),
-        "select-fit/self+repeat+context": ("select-fit", "self+repeat+context", {}),
-        "select-fit/repeat+context": ("select-fit", "repeat+context", {}),
-        "snapkv": ("snapkv", "context", {}),
+        "select-fit/self+context": C("h2o", "self+context"),
+        "select-fit/self+repeat+context": C("h2o", "self+repeat+context"),
+        "select-fit/repeat+context": C("h2o", "repeat+context"),
+        "snapkv": C("snapkv", "context", **EVICT),
     },
     "passkey-max": {  # KVzip's rule: rank keys by the largest attention any one reference query gives them
-        "select-fit/self+context select=max": ("select-fit", "self+context", {"select": "max"}),
-        "select-fit/repeat+context select=max": ("select-fit", "repeat+context", {"select": "max"}),
-        "select-fit/self+repeat+context select=max": ("select-fit", "self+repeat+context", {"select": "max"}),
+        "select-fit/self+context select=max": C("kvzip", "self+context", **MAX),
+        "select-fit/repeat+context select=max": C("kvzip", "repeat+context", **MAX),
+        "select-fit/self+repeat+context select=max": C("kvzip", "self+repeat+context", **MAX),
     },
     "recent": {  # always keep the most recent positions (SnapKV keeps its observation window)
-        "select-fit/self+context recent=16": ("select-fit", "self+context", {"recent": 16}),
-        "select-fit/self+context recent=64": ("select-fit", "self+context", {"recent": 64}),
+        "select-fit/self+context recent=16": C("h2o", "self+context", recent=16),
+        "select-fit/self+context recent=64": C("h2o", "self+context", recent=64),
     },
-    "global": {  # KVzip's allocation: all entries of all heads ranked together by peak attention
-        "select-fit/self+context": ("select-fit", "self+context", {}),
-        "select-fit/self+context global": ("select-fit", "self+context", {"allocation": "global"}),
-        "select-fit max/self+context global": (
-            "select-fit",
-            "self+context",
-            {"allocation": "global", "select": "max"},
-        ),
-        "select-fit/repeat+context global": ("select-fit", "repeat+context", {"allocation": "global"}),
-        "select-fit max/repeat+context global": (
-            "select-fit",
-            "repeat+context",
-            {"allocation": "global", "select": "max"},
-        ),
-        "kvzip/repeat global (ours)": ("kvzip", "repeat", {"allocation": "global"}),
+    "global": {  # KVzip's allocation: all entries of all heads ranked together
+        "select-fit/self+context": C("h2o", "self+context"),
+        "select-fit/self+context global": C("h2o", "self+context", allocation="global"),
+        "select-fit max/self+context global": C("kvzip", "self+context", allocation="global", **MAX),
+        "select-fit/repeat+context global": C("h2o", "repeat+context", allocation="global"),
+        "select-fit max/repeat+context global": C("kvzip", "repeat+context", allocation="global", **MAX),
+        "kvzip/repeat global (ours)": C("kvzip", "repeat", allocation="global", **EVICT),
     },
     "fit-or-not": {  # does the value fit help? the same selections without and with it
-        "h2o/self+context": ("h2o", "self+context", {}),
-        "h2o-fit/self+context": ("h2o-fit", "self+context", {}),
-        "kvzip/repeat": ("kvzip", "repeat", {}),
-        "kvzip-fit/repeat global": ("kvzip-fit", "repeat", {"allocation": "global"}),
+        "h2o/self+context": C("h2o", "self+context", **EVICT),
+        "h2o-fit/self+context": C("h2o", "self+context"),
+        "kvzip/repeat": C("kvzip", "repeat", **EVICT),
+        "kvzip-fit/repeat global": C("kvzip", "repeat", allocation="global"),
     },
-    "kvzip": {  # KVzip-like: selection by peak attention of the repeat queries, global budgets; values fitted or not
-        "kvzip/repeat global": ("kvzip", "repeat", {"allocation": "global"}),
-        "kvzip-fit/repeat global": ("kvzip-fit", "repeat", {"allocation": "global"}),
-        "kvzip-fit/repeat": ("kvzip-fit", "repeat", {}),
-        "kvzip/repeat global, no held-out": ("kvzip", "repeat", {"allocation": "global", "heldout": 0.0}),
+    "kvzip": {  # KVzip-like: peak attention of the repeat queries, global budgets; values fitted or not
+        "kvzip/repeat global": C("kvzip", "repeat", allocation="global", **EVICT),
+        "kvzip-fit/repeat global": C("kvzip", "repeat", allocation="global"),
+        "kvzip-fit/repeat": C("kvzip", "repeat"),
+        "kvzip/repeat global, no held-out": C("kvzip", "repeat", allocation="global", heldout=0.0, **EVICT),
         "kvzip-fit/repeat global, no held-out": KVZIP_FIT,
-        "kvzip-fit/repeat global, no held-out, all queries": (
-            *KVZIP_FIT[:2],
-            {**KVZIP_FIT[2], "max_queries": None},
-        ),
+        "kvzip-fit/repeat global, no held-out, all queries": KVZIP_FIT.replace(max_queries=None),
     },
     "kvzip-fit": {  # the KVzip-style fit (the default since session 4) against the previous default
-        "select-fit/self+context curves": ("select-fit", "self+context", {"allocation": "curves"}),
+        "select-fit/self+context curves": C("h2o", "self+context", allocation="curves"),
         "kvzip-fit/repeat global, no held-out": KVZIP_FIT,
     },
     "smoke": {
-        "h2o/context": ("h2o", "context", {}),
-        "select-fit/context": ("select-fit", "context", {}),
-        "sculpt/context": ("sculpt", "context", {"iters": 5}),
+        "h2o/context": C("h2o", "context", **EVICT),
+        "select-fit/context": C("h2o", "context"),
+        "sculpt/context": C("sculpt", "context", iters=5),
     },
 }
 
@@ -184,17 +175,8 @@ def run(args):
     model, tok = load_model(args.model)
     texts = args.texts or [k for k, v in text_index().items() if not v["memorised"]]
     wins = windows(tok, texts, args.context_tokens, args.continuation_tokens, per_text=args.per_text)
-    run_grid(model, tok, args.model, wins, GRIDS[args.grid], args.ratios, jsonl, max_queries=args.max_queries,
-             passkey=args.passkey)  # fmt: skip
+    run_grid(model, tok, args.model, wins, GRIDS[args.grid], args.ratios, jsonl, passkey=args.passkey)
     write_report(list(load_rows(jsonl).values()), args, out)  # everything measured so far, all grids
-
-
-def paired_ratio(kl: dict, a: str, b: str, ratio: float):
-    """Geo-mean over the windows both configs ran on of KL(a) / KL(b); None if they share none."""
-    common = [w for (c, r, w) in kl if c == a and r == ratio and (b, ratio, w) in kl]
-    if not common:
-        return None
-    return geomean([kl[(a, ratio, w)] / kl[(b, ratio, w)] for w in common])
 
 
 def write_report(rows, args, out: Path):
@@ -284,7 +266,6 @@ def main(argv=None):
     ap.add_argument("--context-tokens", type=int, default=1024)
     ap.add_argument("--continuation-tokens", type=int, default=128)
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.3, 0.5])
-    ap.add_argument("--max-queries", type=int, default=4096)
     ap.add_argument("--passkey", action="store_true", help="also try pass-key retrieval at every ratio")
     ap.add_argument("--out", default="benchmarks/results/ablation")
     ap.add_argument(

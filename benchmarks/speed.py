@@ -22,10 +22,9 @@ RESULTS = Path(__file__).parent / "results"
 
 
 def one_model(name: str) -> dict:
-    from kvsculpt import load_model
-    from kvsculpt.capture import prefill
-    from kvsculpt.evaluate import load_text
-    from kvsculpt.models import encode
+    from kvsculpt import encode, load_model
+    from kvsculpt.eval.texts import load_text
+    from kvsculpt.hf.decode import prefill
 
     load_model(name)  # fetch and build the fp32 copy if needed; not timed
     t0 = time.perf_counter()
@@ -38,7 +37,7 @@ def one_model(name: str) -> dict:
     prefill_s = {}
     for n in (512, 1024, 2048):
         prefill(model, ids[:, :64])  # warm-up
-        prefill_s[n] = min(prefill(model, ids[:, :n])[3] for _ in range(2))
+        prefill_s[n] = min(prefill(model, ids[:, :n])[2] for _ in range(2))
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
     return {
         "model": name,
@@ -51,10 +50,9 @@ def one_model(name: str) -> dict:
 
 
 def decode(args) -> dict:
-    from kvsculpt import compress, load_model
-    from kvsculpt.capture import prefill
-    from kvsculpt.evaluate import load_text
-    from kvsculpt.models import encode
+    from kvsculpt import compress, encode, load_model
+    from kvsculpt.eval.texts import load_text
+    from kvsculpt.hf.decode import decode, prefill
 
     model, tok = load_model(args.model)
     text = " ".join(
@@ -62,16 +60,12 @@ def decode(args) -> dict:
     )
     ids = encode(tok, text)[:, : args.context_tokens]
     n = ids.shape[1]
-    full, *_ = prefill(model, ids)
-    comp = compress(model, ids, ratio=args.ratio, progress=False)
+    full, _, _ = prefill(model, ids)
+    comp = compress(model, ids, ratio=args.ratio, tokenizer=tok, progress=False)
 
     def tokens_per_second(cache):
-        start = torch.full((1, 1), tok.eos_token_id or 0)
-        x, t0 = start, time.perf_counter()
-        with torch.inference_mode():
-            for i in range(args.new_tokens):
-                out = model(x, past_key_values=cache, position_ids=torch.tensor([[n + i]]), use_cache=True)
-                x = out.logits[:, -1:].argmax(-1)
+        t0 = time.perf_counter()
+        decode(model, cache, torch.full((1, 1), tok.eos_token_id or 0), n, args.new_tokens)
         return args.new_tokens / (time.perf_counter() - t0)
 
     return {

@@ -11,7 +11,7 @@ def tiny_model(kind: str, seed: int = 0, hidden_size: int = 64):
     """A random-weight model of the given family, built from a config (no download)."""
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
-    from kvsculpt.attention import ATTENTION_NAME
+    from kvsculpt.hf.attention import register
 
     torch.manual_seed(seed)
     common = dict(
@@ -25,7 +25,7 @@ def tiny_model(kind: str, seed: int = 0, hidden_size: int = 64):
         tie_word_embeddings=False,
     )
     cfg = LlamaConfig(**common) if kind == "llama" else Qwen2Config(**common, use_sliding_window=False)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32, attn_implementation=ATTENTION_NAME)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32, attn_implementation=register())
     return model.eval()
 
 

@@ -38,7 +38,10 @@ def test_bench_paper_quick_schema_and_resume(tmp_path, smollm):
         assert key in row
     assert all(r["cache_over_full"] <= 0.52 for r in data["rows"])
     comp = data["comparisons"][0]
-    assert comp["select_fit_over_sculpt"] > 0 and comp["pilot_layer_spread_max"] >= 1
+    kl = {r["config"]: r["kl"] for r in data["rows"]}
+    assert comp["select_fit_over_sculpt"] == pytest.approx(kl["Select+Fit"] / kl["Sculpt"], rel=1e-9)
+    spread = [r["pilot_layer_spread"] for r in data["rows"] if "pilot_layer_spread" in r]
+    assert spread and comp["pilot_layer_spread_max"] == max(spread)
     md = (out / "paper_tiny-llama.md").read_text()
     assert "paper 3.5–4.1×" in md and "kvpress peers not run" in md
     # pass-key is tried at the ratio nearest 0.3 (here the only one), with the full cache as reference
@@ -59,7 +62,7 @@ def test_bench_paper_quick_schema_and_resume(tmp_path, smollm):
 
 
 def test_memorised_windows_are_reported_apart():
-    from kvsculpt.bench import split_memorised
+    from kvsculpt.bench.runner import split_memorised
 
     rows = [
         {"window": "a@0", "teacher_nll": 2.0, "self_ngram_overlap": 0.05, "kl": 0.1},

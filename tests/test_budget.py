@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from kvsculpt.budget import allocate, kept, uniform
+from kvsculpt.core.budget import allocate, kept, uniform
 
 
 def test_sums_exactly_and_respects_floor_and_cap():
@@ -38,7 +38,7 @@ def test_bad_input():
 
 
 def test_curves_equalise_marginal_gains():
-    from kvsculpt.budget import allocate_curves, fit_curves
+    from kvsculpt.core.budget import allocate_curves, fit_curves
 
     # head 0: error falls fast with budget, head 1 slowly -> head 0 gets more at the same total
     sizes = [10, 20, 40]
@@ -50,7 +50,7 @@ def test_curves_equalise_marginal_gains():
 
 
 def test_plan_scopes_keep_their_totals():
-    from kvsculpt.budget import plan
+    from kvsculpt.core.budget import Adaptive, Curves
 
     torch.manual_seed(0)
     base = torch.rand(4, 3) + 0.01
@@ -58,21 +58,21 @@ def test_plan_scopes_keep_their_totals():
     def pilot(m):
         return base * (20 / m) ** 1.5
 
-    for rule in ("adaptive", "curves"):
+    for rule in (Adaptive, Curves):
         for scope in ("all", "heads", "layers"):
-            b, rec = plan(rule, pilot, n=100, ratio=0.3, layers=4, kv_heads=3, scope=scope)
+            b, rec = rule(scope=scope).plan(100, 0.3, 4, 3, pilot=pilot)
             t = torch.tensor(b)
             assert int(t.sum()) == 30 * 12 and t.min() >= 1 and t.max() <= 100
             if scope == "heads":
                 assert t.sum(1).eq(90).all()
             if scope == "layers":
                 assert (t == t[:, :1]).all()
-    with pytest.raises(ValueError, match="unknown allocation"):
-        plan("lottery", pilot, 100, 0.3, 4, 3)
+    with pytest.raises(ValueError, match="unknown scope"):
+        Curves(scope="lottery")
 
 
 def test_global_ranks_all_entries_together_with_a_floor():
-    from kvsculpt.budget import allocate_global, plan
+    from kvsculpt.core.budget import Global, allocate_global
 
     scores = torch.full((2, 2, 50), 0.01)
     scores[0, 1, :30] = 0.9  # one head whose entries all outrank the others
@@ -84,8 +84,7 @@ def test_global_ranks_all_entries_together_with_a_floor():
     assert int(even.sum()) == 120 and int(even.min()) >= 1
     with pytest.raises(ValueError, match="cannot be met"):
         allocate_global(scores, total=201, floor=1)
-    b, rec = plan("global", None, n=50, ratio=0.2, layers=2, kv_heads=2, scope="heads",
-                  entry_scores=lambda: scores)  # fmt: skip
+    b, rec = Global(scope="heads").plan(50, 0.2, 2, 2, entry_scores=lambda: scores)
     assert torch.tensor(b).sum(1).eq(20).all() and rec["rule"] == "global"
     with pytest.raises(ValueError, match="scope"):
-        plan("global", None, 50, 0.2, 2, 2, scope="layers", entry_scores=lambda: scores)
+        Global(scope="layers")

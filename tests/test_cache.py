@@ -6,11 +6,11 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from kvsculpt import CacheFileError, CompressedCache, encode
-from kvsculpt.attention import kvsculpt_attention
-from kvsculpt.cache import CompressedLayer, ask
-from kvsculpt.capture import capture, prefill
-from kvsculpt.evaluate import continuation_logits
+from kvsculpt import CacheFileError, CompressedCache, ask, capture, encode
+from kvsculpt.cache import CompressedLayer
+from kvsculpt.eval.metrics import continuation_logits
+from kvsculpt.hf.attention import kvsculpt_attention
+from kvsculpt.hf.decode import prefill
 
 from .conftest import tiny_model
 
@@ -23,7 +23,7 @@ def identity_cache(model, ids, **kw):
 
 
 def full_logits(model, ids, cont):
-    cache, _, _, _ = prefill(model, ids)
+    cache, _, _ = prefill(model, ids)
     return continuation_logits(model, cache, cont, ids.shape[1])
 
 

@@ -2,8 +2,11 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from kvsculpt.attention import attend, capture_queries, check_supported
-from kvsculpt.capture import capture, pool_gqa, prefill, split_heldout, subsample
+from kvsculpt.core.attention import attend
+from kvsculpt.hf.attention import capture_queries
+from kvsculpt.hf.capture import capture, pool_gqa, split_heldout, subsample_index
+from kvsculpt.hf.decode import prefill
+from kvsculpt.hf.dims import check_supported
 
 from .conftest import tiny_model
 
@@ -27,7 +30,9 @@ def _attention_outputs(model, ids):
 def test_recomputed_attention_matches_each_layer(tiny):
     ids = torch.randint(0, 97, (1, 40))
     reference = _attention_outputs(tiny, ids)
-    cache, _, queries, _ = prefill(tiny, ids, with_queries=True)
+    with capture_queries(tiny) as sinks:
+        cache, _, _ = prefill(tiny, ids)
+    queries = [torch.cat(s, dim=2) for s in sinks]
     H = tiny.config.num_attention_heads
     G = H // tiny.config.num_key_value_heads
     for li, layer in enumerate(cache.layers):
@@ -80,7 +85,7 @@ def test_self_queries_replay_matches_sampling(tiny):
     """Queries captured while sampling equal those of a batch-1 replay of the same tokens."""
     ids = torch.randint(0, 97, (1, 20))
     cap = capture(tiny, ids, queries="self", self_samples=2, self_length=6, seed=3)
-    cache, _, _, _ = prefill(tiny, ids)
+    cache, _, _ = prefill(tiny, ids)
     with capture_queries(tiny) as sinks, torch.no_grad():
         tiny(cap.samples[1:2], past_key_values=cache, position_ids=torch.arange(20, 26)[None], use_cache=True)
     replay = pool_gqa(torch.cat(sinks[1], 2), 2)  # [Hkv, G*6, d] for sample 1, layer 1
@@ -89,10 +94,10 @@ def test_self_queries_replay_matches_sampling(tiny):
 
 
 def test_subsample_and_heldout_split():
-    qs = [torch.randn(2, 100, 4)]
     groups = torch.arange(100) // 10
-    sub_q, sub_g = subsample(qs, groups, 30)
-    assert sub_q[0].shape == (2, 30, 4) and sub_g.shape == (30,)
+    keep = subsample_index(100, 30, seed=1)
+    assert keep.shape == (30,) and torch.equal(keep, keep.sort().values) and keep.unique().numel() == 30
+    assert torch.equal(keep, subsample_index(100, 30, seed=1)) and subsample_index(100, 100) is None
     held = split_heldout(groups, 0.3)
     held_groups = torch.unique(groups[held])
     assert len(held_groups) == 3
@@ -121,7 +126,7 @@ def test_unsupported_models_get_clear_errors():
 def test_bad_context_ids(tiny):
     with pytest.raises(ValueError, match="empty"):
         capture(tiny, torch.zeros(1, 0, dtype=torch.long))
-    with pytest.raises(ValueError, match="unknown query source"):
+    with pytest.raises(ValueError, match="unknown queries"):
         capture(tiny, torch.zeros(1, 4, dtype=torch.long), queries="future")
 
 
@@ -129,10 +134,10 @@ def test_replay_over_the_full_cache_gives_the_captured_queries(tiny):
     """Replaying the self samples over an uncompressed block reproduces the sampled queries (subsampled,
     mixed with context queries); over a compressed block the self queries change and the others do not."""
     from kvsculpt.cache import CompressedCache
-    from kvsculpt.capture import replay_self_queries
+    from kvsculpt.hf.capture import replay_self_queries
 
     ids = torch.randint(0, 97, (1, 48))
-    cap = capture(tiny, ids, "context+self", max_queries=100, self_samples=3, self_length=8)
+    cap = capture(tiny, ids, queries="context+self", max_queries=100, self_samples=3, self_length=8)
     assert cap.info["subsample_index"] is not None
     full = CompressedCache.from_heads(tiny, [list(K) for K in cap.keys], [list(V) for V in cap.values], cap.n)
     replayed = replay_self_queries(tiny, cap, full)
@@ -161,7 +166,7 @@ def test_repeat_queries_carry_their_mass_outside_the_context(tiny):
     """Context log-mass ⊕ local log-mass = the log-mass over everything the repeat query really sees."""
     n = 24
     ids = torch.randint(0, 97, (1, n))
-    cap = capture(tiny, ids, "repeat", tokenizer=_StubTokenizer())
+    cap = capture(tiny, ids, queries="repeat", tokenizer=_StubTokenizer())
     full_ids = torch.cat([ids, torch.tensor([[5, 6, 7]]), ids], dim=1)
     cache = DynamicCache()
     with torch.no_grad(), capture_queries(tiny) as sinks:
@@ -177,4 +182,4 @@ def test_repeat_queries_carry_their_mass_outside_the_context(tiny):
         ]
         ctx_lse = torch.logsumexp(cap.queries[li] @ cap.keys[li].transpose(1, 2) / q.shape[-1] ** 0.5, -1)
         assert torch.allclose(torch.logaddexp(ctx_lse, cap.local_lse[li]), true_lse, atol=1e-4)
-    assert capture(tiny, ids, "context").local_lse is None  # no source with keys outside the context
+    assert capture(tiny, ids, queries="context").local_lse is None  # no source with keys outside the context

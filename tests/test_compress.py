@@ -3,33 +3,38 @@ import json
 import pytest
 import torch
 
-from kvsculpt import CompressedCache, compress
+from kvsculpt import CompressConfig, CompressedCache, ask, capture, compress
 from kvsculpt.cli import main
-from kvsculpt.evaluate import continuation_logits
+from kvsculpt.eval.metrics import continuation_logits, kl_per_position
+from kvsculpt.hf.decode import prefill
 
 from .conftest import tiny_model
 
 
 def test_compress_uniform_on_tiny_model():
+    """Select+Fit at a quarter of the entries: budgets exact, held-out fit far better than a cache that
+    outputs zeros (relative MSE 1), and the continuation closer to the full cache's than plain eviction."""
     model = tiny_model("llama")
-    ids = torch.randint(0, 97, (1, 40))
-    cache = compress(
-        model, ids, ratio=0.25, method="select-fit", queries="context", allocation="uniform", heldout=0.2,
-        progress=False,
-    )  # fmt: skip
+    ids, cont = torch.randint(0, 97, (1, 40)), torch.randint(0, 97, (1, 8))
+    cfg = CompressConfig(ratio=0.25, method="h2o", queries="context", allocation="uniform", heldout=0.2)
+    cache = compress(model, ids, cfg, progress=False)
     assert cache.budgets == [[10, 10], [10, 10]]
-    assert "SelectFit" in cache.method and cache.info["ratio"] == 0.25
+    assert "H2O" in cache.method and "fit=True" in cache.method and cache.info["config"] == repr(cfg)
     stats = cache.info["stats"]["heldout_rel_mse"]
-    assert len(stats) == 2 and all(0 <= x < 10 for layer in stats for x in layer)
-    out = continuation_logits(model, cache, torch.randint(0, 97, (1, 4)), 40)
-    assert torch.isfinite(out).all()
+    assert len(stats) == 2 and all(0 <= x < 0.5 for layer in stats for x in layer)
+    full, _, _ = prefill(model, ids)
+    ref = continuation_logits(model, full, cont, 40)
+    evicted = compress(model, ids, cfg.replace(fit=False), progress=False)
+    kl_fit = kl_per_position(ref, continuation_logits(model, cache, cont, 40)).mean()
+    kl_evict = kl_per_position(ref, continuation_logits(model, evicted, cont, 40)).mean()
+    assert kl_fit < 0.5 * kl_evict
 
 
 def test_adaptive_allocation_keeps_the_total():
     model = tiny_model("qwen2")
     ids = torch.randint(0, 97, (1, 64))
     cache = compress(
-        model, ids, ratio=0.25, method="select-fit", queries="context", allocation="adaptive", progress=False
+        model, ids, ratio=0.25, method="h2o", queries="context", allocation="adaptive", progress=False
     )
     assert cache.kept_entries() == 16 * 2 * 2
     assert cache.nbytes() <= 1.02 * cache.logical_nbytes() + sum(4 * sum(b) for b in cache.budgets)
@@ -44,6 +49,12 @@ def test_adaptive_allocation_keeps_the_total():
         ({"method": "magic"}, "unknown method"),
         ({"queries": "tomorrow"}, "unknown queries"),
         ({"allocation": "lottery"}, "unknown allocation"),
+        ({"scope": "nowhere"}, "unknown scope"),
+        ({"heldout": 1.0}, "heldout"),
+        ({"max_queries": 0}, "max_queries"),
+        ({"options": {"colour": 1}}, "unknown option colour"),
+        ({"on_policy": 2}, "self queries"),
+        ({"colour": 1}, "unknown compress option colour"),
     ],
 )
 def test_bad_input_errors(kwargs, match):
@@ -73,6 +84,8 @@ def test_identity_through_cli_has_zero_kl(smollm, capsys):
             "identity",
             "--queries",
             "context",
+            "--allocation",
+            "uniform",
             "--json",
         ]
     )
@@ -99,79 +112,92 @@ def test_identity_through_cli_has_zero_kl(smollm, capsys):
 
 
 def test_cli_compress_then_generate(smollm, tmp_path, capsys):
+    """The CLI's saved cache loads with the kept entries it says, with the user's umask, and `generate` prints
+    what the library's `ask` answers from that cache (stopping at --stop)."""
+    import os
+
     out = tmp_path / "c.kvs"
-    main(
-        [
-            "compress",
-            "--text",
-            "openai_agents_tar_utils",
-            "--context-tokens",
-            "200",
-            "--ratio",
-            "0.5",
-            "--method",
-            "h2o",
-            "--queries",
-            "context",
-            "--out",
-            str(out),
-        ]
-    )
-    model, _ = smollm
+    old = os.umask(0o022)
+    try:
+        main(["compress", "--text", "openai_agents_tar_utils", "--context-tokens", "200", "--ratio", "0.5",
+              "--method", "h2o", "--no-fit", "--queries", "context", "--allocation", "uniform", "--out", str(out)])  # fmt: skip
+    finally:
+        os.umask(old)
+    assert out.stat().st_mode & 0o777 == 0o644
+    assert f"saved {out}: {100 * 30 * 3} of {200 * 30 * 3} entries kept" in capsys.readouterr().out
+    model, tok = smollm
     cache = CompressedCache.load(out, model)
-    assert cache.kept_entries() == 100 * 30 * 3
-    capsys.readouterr()
-    main(["generate", "--cache", str(out), "--prompt", "\nThe function above", "--max-new-tokens", "5"])
-    assert capsys.readouterr().out.strip()
+    assert cache.kept_entries() == 100 * 30 * 3 and "fit=False" in cache.method
+    prompt = "\nThe function above"
+    main(["generate", "--cache", str(out), "--prompt", prompt, "--max-new-tokens", "12"])
+    printed = capsys.readouterr().out.rstrip("\n")
+    assert printed == ask(model, tok, cache, prompt, max_new_tokens=12) and printed.strip()
+    stop = printed.strip().split()[1]  # a word in the middle of the answer
+    main(["generate", "--cache", str(out), "--prompt", prompt, "--max-new-tokens", "12", "--stop", stop])
+    assert capsys.readouterr().out.rstrip("\n") == printed.split(stop)[0]
 
 
-def test_cli_errors_are_clear(capsys):
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["eval", "--model", "no-such-model"], "smollm2-135m"),
+        (["eval", "--model", "nobody/no-such-model-anywhere"], "cannot load 'nobody/no-such-model-anywhere'"),
+        (["eval", "--text", "openai_agents_tar_utils", "--context-tokens", "100000"], "100000"),
+        (["compress", "--text", "openai_agents_tar_utils", "--context-tokens", "100000", "--out", "x.kvs"],
+         "fewer than the 100000"),
+        (["eval", "--ratio", "1.5"], "ratio"),
+        (["eval", "--queries", "tomorrow"], "unknown queries"),
+        (["eval", "--option", "colour=red"], "unknown option colour"),
+        (["generate", "--cache", "/nonexistent.kvs", "--prompt", "x"], "no cache file"),
+    ],
+)  # fmt: skip
+def test_cli_user_errors_exit_2_with_one_line(smollm, capsys, argv, message):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 2
+    assert err[-1].startswith("kvsculpt: error: ") and message in err[-1]
+    assert not any("Traceback" in line for line in err)
+
+
+def test_cli_help_shows_every_default(capsys):
     with pytest.raises(SystemExit):
-        main(["eval", "--model", "no-such-model", "--ratio", "0.5"])
-    assert "smollm2-135m" in capsys.readouterr().err
+        main(["compress", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for piece in ("(default: 0.5)", "(default: kvzip)", "(default: global)", "(default: repeat)", "kvzip:", "curves:",
+                  "self:", "(default: 4096)"):  # fmt: skip
+        assert piece in text
 
 
 def test_cli_analyze_writes_json_figures_and_summary(smollm, tmp_path):
     out = tmp_path / "an"
-    main(
-        [
-            "analyze",
-            "--text",
-            "openai_agents_tar_utils",
-            "--context-tokens",
-            "256",
-            "--ratio",
-            "0.3",
-            "--queries",
-            "context",
-            "--out",
-            str(out),
-        ]
-    )
+    main(["analyze", "--text", "openai_agents_tar_utils", "--context-tokens", "256", "--ratio", "0.3", "--queries",
+          "context", "--out", str(out)])  # fmt: skip
     data = json.loads((out / "difficulty.json").read_text())
-    assert len(data["difficulty"]) == 30 and len(data["difficulty"][0]) == 3
+    difficulty = torch.tensor(data["difficulty"])
+    assert difficulty.shape == (30, 3) and (difficulty > 0).all()
     assert sum(map(sum, data["budgets"])) == round(0.3 * 256) * 30 * 3
-    assert data["layer_spread"] >= 1 and data["max_head_ratio_within_layer"] >= 1
+    per_layer = difficulty.mean(1)
+    assert data["layer_spread"] == pytest.approx(float(per_layer.max() / per_layer.min()), rel=1e-5)
+    head_ratio = difficulty.max(1).values / difficulty.min(1).values
+    assert data["max_head_ratio_within_layer"] == pytest.approx(float(head_ratio.max()), rel=1e-5)
+    assert data["max_head_ratio_layer"] == int(head_ratio.argmax())
     for png in ("difficulty.png", "budgets.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "paper: up to 467" in (out / "summary.md").read_text()
 
 
 def test_on_policy_layer_by_layer_keeps_budgets_and_changes_the_fit():
-    from kvsculpt.capture import capture
     from kvsculpt.compress import compress_captured
-    from kvsculpt.solvers import SelectFit
 
     model = tiny_model("llama")
     ids = torch.randint(0, 97, (1, 64))
-    cap = capture(model, ids, "self+context", self_samples=3, self_length=8)
-    plain = compress_captured(model, cap, 0.25, SelectFit(), progress=False)
-    staged = compress_captured(model, cap, 0.25, SelectFit(), progress=False, on_policy=2)
+    cfg = CompressConfig(ratio=0.25, method="h2o", queries="self+context", allocation="uniform", self_samples=3,
+                         self_length=8, heldout=0.2)  # fmt: skip
+    cap = capture(model, ids, cfg)
+    plain = compress_captured(model, cap, cfg, progress=False)
+    staged = compress_captured(model, cap, cfg.replace(on_policy=2), progress=False)
     assert staged.budgets == plain.budgets and staged.info["on_policy"] == 2
     # layer 0 is solved before any replay, so it is identical; layer 1 was fitted to replayed queries
     torch.testing.assert_close(staged.layers[0].block_values, plain.layers[0].block_values)
     assert not torch.allclose(staged.layers[1].block_values, plain.layers[1].block_values)
-    with pytest.raises(ValueError, match="self queries"):
-        compress_captured(
-            model, capture(model, ids, "context"), 0.25, SelectFit(), progress=False, on_policy=2
-        )

@@ -1,19 +1,10 @@
 import pytest
 import torch
 
-from kvsculpt import CompressedCache
-from kvsculpt.capture import capture
-from kvsculpt.evaluate import (
-    TextTooShortError,
-    full_cache_result,
-    kl_per_position,
-    load_text,
-    make_window,
-    score,
-    teacher,
-    text_index,
-    windows,
-)
+from kvsculpt import CompressedCache, capture
+from kvsculpt.eval.metrics import kl_per_position, score, teacher
+from kvsculpt.eval.texts import TextTooShortError, load_text, make_window, text_index, windows
+from kvsculpt.hf.decode import prefill
 
 
 def test_kl_basics():
@@ -26,7 +17,7 @@ def test_full_cache_has_zero_kl_and_a_damaged_cache_does_not(smollm):
     model, tok = smollm
     w = make_window(tok, load_text("openai_agents_tar_utils"), 256, 32)
     ref = teacher(model, w)
-    assert full_cache_result(model, w, ref)["kl"] < 1e-6
+    assert score(model, prefill(model, w.context)[0], w, ref)["kl"] < 1e-6
     # drop the last half of the context from every head
     cap = capture(model, w.context, queries="context")
     half = [[k[:128] for k in layer] for layer in cap.keys]
@@ -63,7 +54,7 @@ def test_windows_do_not_overlap(smollm):
 
 
 def test_ngram_overlap():
-    from kvsculpt.evaluate import ngram_overlap
+    from kvsculpt.eval.metrics import ngram_overlap
 
     samples = torch.tensor([[1, 2, 3, 4, 5, 6], [9, 9, 9, 9, 9, 9]])
     assert ngram_overlap(samples, torch.tensor([[1, 2, 3, 4, 5, 6]])) == 1.0

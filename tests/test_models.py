@@ -3,7 +3,7 @@ import zipfile
 import pytest
 
 from kvsculpt import encode
-from kvsculpt.models import ModelError, assemble_and_verify, load_model, packaged, resolve
+from kvsculpt.hf.models import ModelError, assemble_and_verify, load_model, packaged, resolve
 
 
 def test_unknown_model_lists_known_names():
@@ -68,5 +68,5 @@ def test_bos_is_an_explicit_choice(smollm):
 
 
 def test_dtype_names_are_checked():
-    with pytest.raises(KeyError):
+    with pytest.raises(ValueError, match="unknown dtype 'fp8'"):
         load_model("smollm2-135m", dtype="fp8")

@@ -1,18 +1,30 @@
-"""kvsculpt: compress a language model's KV cache by distillation."""
+"""kvsculpt: compress a language model's KV cache by distillation.
 
-from .attention import use_kvsculpt_attention
-from .cache import CacheFileError, CompressedCache
-from .capture import Capture, capture
+model, tok = kvsculpt.load_model("smollm2-135m")         # or any HF id / local dir / .gguf file
+cache = kvsculpt.compress(model, ids, ratio=0.3, tokenizer=tok)
+kvsculpt.ask(model, tok, cache, "Question: …")
+"""
+
+from .cache import CompressedCache
+from .cache_io import CacheFileError
+from .cache_io import load as load_cache
 from .compress import compress
-from .models import encode, load_model
+from .config import CompressConfig
+from .hf.attention import use_kvsculpt_attention
+from .hf.capture import Capture, capture
+from .hf.decode import ask
+from .hf.models import encode, load_model
 
 __all__ = [
     "CacheFileError",
     "Capture",
+    "CompressConfig",
     "CompressedCache",
+    "ask",
     "capture",
     "compress",
     "encode",
+    "load_cache",
     "load_model",
     "use_kvsculpt_attention",
 ]

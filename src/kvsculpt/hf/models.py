@@ -207,6 +207,21 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "fp16": torch.float16, "float16": torch.float16}  # fmt: skip
+
+
+def parse_dtype(dtype: torch.dtype | str | None, device) -> torch.dtype:
+    """A dtype from a name in :data:`DTYPES` (default: fp32 on CPU, bf16 on CUDA)."""
+    if dtype is None:
+        return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
 def load_model(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype | str | None = None, device=None):
     """Load ``(model, tokenizer)`` in eval mode with kvsculpt's attention installed.
 
@@ -214,36 +229,28 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype | str | Non
     ``.gguf`` file. ``dtype`` defaults to fp32 on CPU and bf16 on CUDA.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from .attention import ATTENTION_NAME, check_supported
-
-    device = device or default_device()
-    if isinstance(dtype, str):
-        dtype = {
-            "fp32": torch.float32,
-            "float32": torch.float32,
-            "bf16": torch.bfloat16,
-            "bfloat16": torch.bfloat16,
-            "fp16": torch.float16,
-            "float16": torch.float16,
-        }[dtype]
-    if dtype is None:
-        dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
-    where, gguf_file = resolve(name_or_path)
-    extra = {"gguf_file": gguf_file} if gguf_file else {}
     from transformers.utils import logging as hf_logging
 
-    tok = AutoTokenizer.from_pretrained(where, **extra)
+    from .attention import register
+    from .dims import check_supported
+
+    device = device or default_device()
+    dtype = parse_dtype(dtype, device)
+    where, gguf_file = resolve(name_or_path)
+    extra = {"gguf_file": gguf_file} if gguf_file else {}
     hf_logging.disable_progress_bar()  # loading the fp32 copy takes seconds; its per-tensor bar is noise
     try:
+        tok = AutoTokenizer.from_pretrained(where, **extra)
         model = AutoModelForCausalLM.from_pretrained(
-            where, dtype=dtype, attn_implementation=ATTENTION_NAME, **extra
+            where, dtype=dtype, attn_implementation=register(), **extra
         )
+    except OSError as exc:  # a hub id that cannot be reached (offline) or does not exist
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"cannot load {name_or_path!r}: {first}") from None
     finally:
         hf_logging.enable_progress_bar()
     model = model.to(device).eval()
     check_supported(model)
-    model.kvsculpt_name = name_or_path
     return model, tok
 
 

@@ -1,4 +1,4 @@
-"""kvsculpt's attention: one function registered with transformers' ``AttentionInterface``.
+"""kvsculpt's attention: one function for transformers' ``AttentionInterface``, registered by :func:`register`.
 
 It is plain SDPA plus two things, both opt-in per call and never global:
 
@@ -14,42 +14,22 @@ new token sees the whole prefix and the new tokens causally (padding in a batch 
 from __future__ import annotations
 
 import contextlib
-import math
 
 import torch
 import torch.nn.functional as F
-from transformers import AttentionInterface
-from transformers.masking_utils import AttentionMaskInterface
+
+from ..core.attention import future_mask
+from .dims import attention_modules
 
 ATTENTION_NAME = "kvsculpt"
 BIAS_ATTR = "kvsculpt_bias"  # on a key tensor: [Hkv, P] additive bias over its first P entries
 QUERY_SINK_ATTR = "_kvsculpt_query_sink"  # on an attention module: list receiving queries
 
 
-def logits(Q: torch.Tensor, K: torch.Tensor, scale: float, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Attention logits ``s·Q·Kᵀ + β``: Q ``[..., N, d]``, K ``[..., m, d]``, bias ``[..., m]`` → ``[..., N, m]``."""
-    out = torch.matmul(Q, K.transpose(-1, -2)) * scale
-    return out if bias is None else out + bias.unsqueeze(-2)
-
-
-def attend(Q, K, V, scale: float, bias=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Non-causal attention of Q over (K, V): returns output ``[..., N, d]`` and log-mass ``z`` ``[..., N]``."""
-    lg = logits(Q, K, scale, bias)
-    z = torch.logsumexp(lg, dim=-1)
-    return torch.matmul(torch.exp(lg - z.unsqueeze(-1)), V), z
-
-
-def default_scale(head_dim: int) -> float:
-    return 1.0 / math.sqrt(head_dim)
-
-
 def _mask(q_len: int, kv_len: int, key_bias, groups: int, dtype, device):
     """Float mask ``[1, H or 1, q, kv]``: causal over the last ``q_len`` keys, ``key_bias`` on the prefix."""
-    prefix = kv_len - q_len
-    rows = torch.arange(q_len, device=device)[:, None]
-    cols = torch.arange(kv_len, device=device)[None, :]
     mask = torch.zeros(1, 1, q_len, kv_len, dtype=dtype, device=device)
-    mask.masked_fill_(cols > rows + prefix, float("-inf"))
+    mask.masked_fill_(future_mask(q_len, kv_len, device), float("-inf"))
     if key_bias is not None:
         b = key_bias.to(dtype).repeat_interleave(groups, dim=0)  # [H, P]
         full = torch.zeros(b.shape[0], kv_len, dtype=dtype, device=device)
@@ -92,20 +72,21 @@ def kvsculpt_mask(
     return None
 
 
-AttentionInterface.register(ATTENTION_NAME, kvsculpt_attention)
-AttentionMaskInterface.register(ATTENTION_NAME, kvsculpt_mask)
+def register() -> str:
+    """Register kvsculpt's attention and mask functions with transformers (idempotent); returns the name to
+    pass as ``attn_implementation``."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(ATTENTION_NAME, kvsculpt_attention)
+    AttentionMaskInterface.register(ATTENTION_NAME, kvsculpt_mask)
+    return ATTENTION_NAME
 
 
 def use_kvsculpt_attention(model) -> None:
     """Switch ``model`` to kvsculpt's attention (a no-op if already set). Only this model is affected."""
     if model.config._attn_implementation != ATTENTION_NAME:
-        model.set_attn_implementation(ATTENTION_NAME)
-
-
-def attention_modules(model) -> list:
-    """The self-attention modules of ``model``, in layer order."""
-    mods = [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "q_proj")]
-    return sorted(mods, key=lambda m: m.layer_idx)
+        model.set_attn_implementation(register())
 
 
 @contextlib.contextmanager
@@ -124,36 +105,3 @@ def capture_queries(model):
     finally:
         for mod in mods:
             delattr(mod, QUERY_SINK_ATTR)
-
-
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral", "qwen3")
-
-
-def check_supported(model) -> None:
-    """Raise a clear error for models whose cache kvsculpt cannot compress."""
-    cfg = model.config
-    mtype = getattr(cfg, "model_type", "?")
-    if getattr(cfg, "kv_lora_rank", None) is not None or "deepseek" in mtype:
-        raise NotImplementedError(f"{mtype}: multi-head latent attention (MLA) caches are not supported")
-    if mtype not in SUPPORTED_MODEL_TYPES:
-        raise NotImplementedError(
-            f"model type {mtype!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
-        )
-    if getattr(cfg, "use_cache", True) is False and not hasattr(cfg, "num_key_value_heads"):
-        raise NotImplementedError(f"{mtype}: the model has no KV cache")
-    window = getattr(cfg, "sliding_window", None)
-    uses_window = getattr(cfg, "use_sliding_window", window is not None)
-    layer_types = getattr(cfg, "layer_types", None) or []
-    if (window is not None and uses_window) or any(t != "full_attention" for t in layer_types):
-        raise NotImplementedError(f"{mtype}: sliding-window attention layers are not supported")
-    if len(attention_modules(model)) != cfg.num_hidden_layers:
-        raise NotImplementedError(f"{mtype}: could not find one attention module per layer")
-
-
-def model_dims(model) -> tuple[int, int, int, int, float]:
-    """``(layers, heads, kv_heads, head_dim, scale)`` of a supported model."""
-    cfg = model.config
-    heads = cfg.num_attention_heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-    scale = getattr(attention_modules(model)[0], "scaling", None) or default_scale(head_dim)
-    return cfg.num_hidden_layers, heads, cfg.num_key_value_heads, head_dim, float(scale)

@@ -1,7 +1,7 @@
 """NVIDIA kvpress presses as external peers, run in a subprocess.
 
 Importing kvpress patches transformers' attention functions globally, so it never runs in the caller's
-process: :func:`run_presses` starts ``python -m kvsculpt.peers`` on a job file and reads back one JSON row
+process: :func:`run_presses` starts ``python -m kvsculpt.bench.peers`` on a job file and reads back one JSON row
 per (press, ratio). Install with ``pip install kvsculpt[peers]`` (kvpress 0.5.5, transformers < 5.3).
 
 kvpress's ``compression_ratio`` is the fraction **removed**: a kept fraction ``r`` runs the press at
@@ -39,11 +39,42 @@ def run_presses(
                     "ratios": list(ratios), "presses": list(presses), "passkey": passkey,
                     "passkey_ratios": list(ratios if passkey_ratios is None else passkey_ratios)}, job)  # fmt: skip
         proc = subprocess.run(
-            [sys.executable, "-m", "kvsculpt.peers", str(job)], capture_output=True, text=True
+            [sys.executable, "-m", "kvsculpt.bench.peers", str(job)], capture_output=True, text=True
         )
         if proc.returncode != 0:
             raise RuntimeError(f"kvpress peers failed:\n{proc.stderr[-3000:]}")
         return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+
+
+def run_peers(model_name, wins, ratios, jsonl, tok, passkey=False, passkey_ratios=None) -> list[dict]:
+    """kvpress presses on the same windows as :func:`~kvsculpt.bench.runner.run_grid`, rows appended to the same
+    ``jsonl`` (config ``kvpress.<Press>``); resumable."""
+    from tqdm.auto import tqdm
+
+    from ..eval.tasks import PASSKEY_QUESTION, passkey_context
+    from ..eval.texts import load_text
+    from ..hf.models import encode
+    from .runner import load_rows
+
+    done = load_rows(Path(jsonl))
+    rows = []
+    with open(jsonl, "a") as f:
+        for w in tqdm(wins, desc="kvpress peers", unit="window"):
+            have = [done[k] for k in done if k[0] == w.id and k[1].startswith("kvpress.") and k[2] in ratios]
+            if len(have) == len(ratios) * len(PRESSES):
+                rows += have
+                continue
+            pk = None
+            if passkey:
+                pk_ids, key = passkey_context(tok, load_text(w.name), w.context.shape[1], seed=w.start)
+                pk = (pk_ids, encode(tok, PASSKEY_QUESTION), key)
+            for row in run_presses(model_name, w.context, w.continuation, ratios, passkey=pk,
+                                   passkey_ratios=passkey_ratios):  # fmt: skip
+                row.update(window=w.id, config=row["method"], model=model_name, queries="(kvpress)")
+                f.write(json.dumps(row) + "\n")
+                f.flush()
+                rows.append(row)
+    return rows
 
 
 def _main(job_path: str) -> None:
@@ -52,8 +83,9 @@ def _main(job_path: str) -> None:
     import kvpress
     from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
-    from .evaluate import greedy, kl_per_position, nll_per_position
-    from .models import resolve
+    from ..eval.metrics import kl_per_position, nll_per_position
+    from ..hf.decode import decode
+    from ..hf.models import resolve
 
     job = torch.load(job_path)
     where, gguf = resolve(job["model"])
@@ -92,7 +124,7 @@ def _main(job_path: str) -> None:
         else:
             with press(model):
                 model(input_ids=pctx, past_key_values=cache, use_cache=True)
-        return key in tok.decode(greedy(model, cache, question, pctx.shape[1], 8))
+        return key in tok.decode(decode(model, cache, question, pctx.shape[1], 8)[0])
 
     teacher, prefill_s, full_entries, _ = run(None)
     passkey_full = passkey_ok(None)

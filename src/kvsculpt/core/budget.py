@@ -1,10 +1,12 @@
-"""Budgets: how many entries each (layer, KV head) keeps.
+"""Budgets: how many entries each (layer, KV head) keeps. A rule is a small object with one ``plan()``.
 
 ``ratio`` is the fraction of entries **kept** (``m = round(ratio · n)``). kvpress's ``compression_ratio`` is
 the fraction removed: ``ratio = 1 − compression_ratio``.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -23,10 +25,6 @@ def check_ratio(ratio: float) -> None:
 def uniform(n: int, ratio: float, layers: int, kv_heads: int) -> list[list[int]]:
     m = kept(n, ratio)
     return [[m] * kv_heads for _ in range(layers)]
-
-
-RULES = ("uniform", "adaptive", "curves", "global")
-SCOPES = ("all", "heads", "layers")
 
 
 def _water_fill(size_at, total: int, floor: int, cap: int) -> torch.Tensor:
@@ -125,66 +123,113 @@ def allocate_global(scores: torch.Tensor, total: int, floor: int) -> torch.Tenso
     return torch.bincount(chosen, minlength=L * H).reshape(L, H)
 
 
-def plan(
-    rule: str,
-    pilot,
-    n: int,
-    ratio: float,
-    layers: int,
-    kv_heads: int,
-    alpha: float = 1.0,
-    scope: str = "all",
-    entry_scores=None,
-) -> tuple[list[list[int]], dict]:
-    """Budgets ``[L][H]`` summing exactly to ``round(ratio·n)·L·H``, and a record of the pilot.
+def _floor(n: int, m: int) -> int:
+    """The smallest budget a non-uniform rule gives a head: n/64, at most the uniform budget."""
+    return max(1, min(m, n // 64))
 
-    ``pilot(m) -> [L, H]`` gives each head's relative error when every head keeps ``m`` entries (e.g. from
-    Select+Fit). ``adaptive``: ``m ∝ e^alpha`` from the pilot at the uniform budget. ``curves``: the pilot
-    at ``m/2, m, 2m`` fits ``e(m) = a·m^(−b)`` per head, then budgets equalise the marginal gains.
-    ``global``: KVzip's rule, :func:`allocate_global` on ``entry_scores() -> [L, H, n]`` (each entry's peak
-    attention weight); no pilot. ``scope``: move budget across ``all`` (layers and heads), only between the
-    ``heads`` of each layer, or only between ``layers`` (not for ``global``).
-    """
-    if rule not in RULES:
-        raise ValueError(f"unknown allocation {rule!r}; choose from {', '.join(RULES)}")
-    if scope not in SCOPES:
-        raise ValueError(f"unknown scope {scope!r}; choose from {', '.join(SCOPES)}")
-    m = kept(n, ratio)
-    if rule == "uniform":
+
+@dataclass
+class Uniform:
+    """Every (layer, KV head) keeps ``round(ratio·n)`` entries."""
+
+    def plan(self, n, ratio, layers, kv_heads, pilot=None, entry_scores=None):
         return uniform(n, ratio, layers, kv_heads), {}
-    floor = max(1, min(m, n // 64))
-    if rule == "global":
-        if scope == "layers":
-            raise ValueError("global allocation ranks entries within heads: use scope 'all' or 'heads'")
+
+
+@dataclass
+class Global:
+    """KVzip's rule: every entry of every head ranked together by the method's own entry scores
+    (``entry_scores() -> [L, H, n]``, the same ranking its selection uses, so sinks and recent positions that
+    the method always keeps are counted); each head keeps what it has among the best ``round(ratio·n)·L·H``,
+    at least n/64. ``scope="heads"`` ranks within each layer. No pilot."""
+
+    scope: str = "all"
+
+    def __post_init__(self):
+        if self.scope not in ("all", "heads"):
+            raise ValueError(
+                f"global allocation ranks entries within heads: scope 'all' or 'heads', not {self.scope!r}"
+            )
+
+    def plan(self, n, ratio, layers, kv_heads, pilot=None, entry_scores=None):
+        m = kept(n, ratio)
+        floor = _floor(n, m)
         scores = torch.as_tensor(entry_scores())
-        if scope == "all":
+        if self.scope == "all":
             out = allocate_global(scores, m * layers * kv_heads, floor)
         else:
             out = torch.stack(
                 [allocate_global(scores[li : li + 1], m * kv_heads, floor)[0] for li in range(layers)]
             )
-        return out.tolist(), {"rule": rule, "scope": scope, "uniform_budget": m}
-    sizes = [m] if rule == "adaptive" else sorted({max(floor, m // 2), m, min(n, 2 * m)})
-    errors = torch.stack([torch.as_tensor(pilot(s), dtype=torch.float64) for s in sizes])  # [K, L, H]
-    record = {
-        "rule": rule,
-        "scope": scope,
-        "alpha": alpha,
-        "uniform_budget": m,
-        "pilot_budgets": sizes,
-        "pilot_errors": errors.tolist(),
-    }
+        return out.tolist(), {"rule": "global", "scope": self.scope, "uniform_budget": m}
 
-    def solve(idx_errors: torch.Tensor, total: int) -> torch.Tensor:
-        if rule == "adaptive":
-            return allocate(idx_errors[0], total, floor, n, alpha)
-        a, b = fit_curves(sizes, idx_errors)
-        return allocate_curves(a, b, total, floor, n)
 
-    if scope == "all":
-        out = solve(errors, m * layers * kv_heads)
-    elif scope == "heads":
-        out = torch.stack([solve(errors[:, li : li + 1], m * kv_heads)[0] for li in range(layers)])
-    else:
-        out = solve(errors.mean(-1, keepdim=True), m * layers).expand(layers, kv_heads)
-    return out.tolist(), record
+@dataclass
+class _PilotRule:
+    """Rules that run a pilot (``pilot(m) -> [L, H]``: each head's relative error when every head keeps ``m``)."""
+
+    scope: str = "all"
+
+    def __post_init__(self):
+        if self.scope not in SCOPES:
+            raise ValueError(f"unknown scope {self.scope!r}; choose from {', '.join(SCOPES)}")
+
+    def sizes(self, n: int, m: int, floor: int) -> list[int]:
+        raise NotImplementedError
+
+    def solve(self, sizes, errors, total, floor, cap) -> torch.Tensor:
+        raise NotImplementedError
+
+    def plan(self, n, ratio, layers, kv_heads, pilot=None, entry_scores=None):
+        m = kept(n, ratio)
+        floor = _floor(n, m)
+        sizes = self.sizes(n, m, floor)
+        errors = torch.stack([torch.as_tensor(pilot(s), dtype=torch.float64) for s in sizes])  # [K, L, H]
+        record = {"rule": type(self).__name__.lower(), "scope": self.scope, "uniform_budget": m,
+                  "pilot_budgets": sizes, "pilot_errors": errors.tolist(), **self.record()}  # fmt: skip
+        if self.scope == "all":
+            out = self.solve(sizes, errors, m * layers * kv_heads, floor, n)
+        elif self.scope == "heads":
+            out = torch.stack(
+                [self.solve(sizes, errors[:, li : li + 1], m * kv_heads, floor, n)[0] for li in range(layers)]
+            )
+        else:
+            out = self.solve(sizes, errors.mean(-1, keepdim=True), m * layers, floor, n).expand(
+                layers, kv_heads
+            )
+        return out.tolist(), record
+
+    def record(self) -> dict:
+        return {}
+
+
+@dataclass
+class Adaptive(_PilotRule):
+    """The paper's rule: ``m ∝ e^alpha`` from the pilot error ``e`` at the uniform budget."""
+
+    alpha: float = 1.0
+
+    def sizes(self, n, m, floor):
+        return [m]
+
+    def solve(self, sizes, errors, total, floor, cap):
+        return allocate(errors[0], total, floor, cap, self.alpha)
+
+    def record(self):
+        return {"alpha": self.alpha}
+
+
+@dataclass
+class Curves(_PilotRule):
+    """The pilot at ``m/2, m, 2m`` fits ``e(m) = a·m^(−b)`` per head; budgets equalise the marginal gains."""
+
+    def sizes(self, n, m, floor):
+        return sorted({max(floor, m // 2), m, min(n, 2 * m)})
+
+    def solve(self, sizes, errors, total, floor, cap):
+        a, b = fit_curves(sizes, errors)
+        return allocate_curves(a, b, total, floor, cap)
+
+
+RULES = {"global": Global, "curves": Curves, "uniform": Uniform, "adaptive": Adaptive}
+SCOPES = ("all", "heads", "layers")

@@ -1,0 +1,209 @@
+"""``kvsculpt bench paper``: the KVSculpt paper's table on the paper's layout, with kvpress peers in the same run."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from ..eval.texts import text_index, windows
+from .runner import geomean, legacy_config, load_rows, memorised_note, paired_ratio, run_grid, split_memorised
+
+PAPER = {"sculpt_vs_select_fit": "3.5–4.1×", "adaptive_vs_uniform": "1.3×", "layer_spread": "100×",
+         "head_ratio": "467×"}  # fmt: skip
+
+PAPER_GRID = {
+    "Select+Fit": legacy_config("h2o", "self+context"),
+    "Sculpt": legacy_config("sculpt", "self+context"),
+    "Sculpt adaptive (curves)": legacy_config("sculpt", "self+context", allocation="curves"),
+    "Select+Fit adaptive (curves)": legacy_config("h2o", "self+context", allocation="curves"),
+    # KVzip's selection (peak attention while the model repeats the context; all heads ranked together),
+    # then our value fit; every repeat query is used (none held out: a held-out block's keys would be lost)
+    "KVzip-fit (repeat, global)": legacy_config("kvzip", "repeat", allocation="global", heldout=0.0),
+    "H2O": legacy_config("h2o", "context", fit=False),
+    "SnapKV": legacy_config("snapkv", "context", fit=False),
+    "TOVA": legacy_config("tova", "context", fit=False),
+    "StreamingLLM": legacy_config("streaming-llm", "context", fit=False),
+    "Knorm": legacy_config("knorm", "context", fit=False),
+}
+
+
+KVPRESS_DUPLICATES = ("SnapKV", "StreamingLLM", "Knorm")
+
+
+def check_cached_setting(jsonl: Path, setting: dict) -> None:
+    """Refuse to mix cached results made with another window setting into ``jsonl`` (rows are keyed by
+    window name, not length). The setting is kept beside it in ``<jsonl>.setting.json``."""
+    meta = jsonl.with_suffix(".setting.json")
+    if meta.exists():
+        cached = json.loads(meta.read_text())
+        if cached != setting:
+            raise ValueError(
+                f"{jsonl} holds results for {cached}, not {setting}: use another --out directory"
+            )
+    else:
+        jsonl.parent.mkdir(parents=True, exist_ok=True)
+        meta.write_text(json.dumps(setting) + "\n")
+
+
+def paper(args) -> dict:
+    """``kvsculpt bench paper``: our methods and kvpress peers on the same windows and budgets; writes
+    ``paper_<model>.{json,md,png}`` in ``args.out``."""
+    from ..hf.models import load_model
+    from . import peers
+
+    tag = Path(args.model).name
+    out = Path(args.out)
+    jsonl = out / f"paper_{tag}.jsonl"
+    use_peers = args.peers and peers.available()
+    grid = {k: v for k, v in PAPER_GRID.items() if not args.methods or k in args.methods}
+    if (
+        getattr(args, "quick", False) and use_peers
+    ):  # kvpress runs the same presses (equal KL: kvpress_parity.jsonl)
+        grid = {k: v for k, v in grid.items() if k not in KVPRESS_DUPLICATES}
+    report_only = getattr(args, "report_only", False)  # rewrite the report from the cached rows; runs nothing
+    if report_only and not jsonl.exists():
+        raise FileNotFoundError(f"{jsonl}: no cached results to report (run without --report-only first)")
+    check_cached_setting(jsonl, {"context_tokens": args.context_tokens,
+                                 "continuation_tokens": args.continuation_tokens})  # fmt: skip
+    if report_only:
+        rows = [r for (_, config, ratio), r in load_rows(jsonl).items()
+                if (config in grid or config.startswith("kvpress.")) and ratio in args.ratios]  # fmt: skip
+        return write_paper_report(rows, args, out, tag, peers_note=None if use_peers else _peer_note(args))
+    torch.manual_seed(0)
+    model, tok = load_model(args.model)
+    texts = args.texts or [k for k, v in text_index().items() if not v["memorised"]]
+    wins = windows(tok, texts, args.context_tokens, args.continuation_tokens)[: args.docs]
+    pk_ratios = args.passkey_ratios or [min(args.ratios, key=lambda r: abs(r - 0.3))]
+    rows = []
+    for w in wins:  # window by window, so that an interrupted run has complete windows to report
+        rows += run_grid(model, tok, args.model, [w], grid, args.ratios, jsonl, passkey=args.passkey,
+                         passkey_ratios=pk_ratios, heldout_self_kl=False)  # fmt: skip
+        if use_peers:
+            rows += peers.run_peers(args.model, [w], args.ratios, jsonl, tok, args.passkey, pk_ratios)
+    summary = write_paper_report(rows, args, out, tag, peers_note=None if use_peers else _peer_note(args))
+    return summary
+
+
+def _peer_note(args) -> str:
+    return (
+        "kvpress peers not run ("
+        + ("--no-peers" if not args.peers else "kvpress not installed: pip install .[peers]")
+        + ")"
+    )
+
+
+def write_paper_report(rows, args, out: Path, tag: str, peers_note=None) -> dict:
+    from .plots import kl_vs_ratio
+
+    out.mkdir(parents=True, exist_ok=True)
+    all_rows = rows
+    rows, flagged = split_memorised(rows)
+    configs = list(dict.fromkeys(r["config"] for r in rows))
+    # Only windows on which every configuration ran at every ratio, so that all columns compare like with like.
+    have = defaultdict(set)
+    for r in rows:
+        have[r["window"]].add((r["config"], r["ratio"]))
+    need = {(c, r) for c in configs for r in args.ratios}
+    incomplete = sorted(w for w, got in have.items() if not need <= got)
+    rows = [r for r in rows if r["window"] not in incomplete]
+    kl = {(r["config"], r["ratio"], r["window"]): r["kl"] for r in rows}
+
+    def gm(c, ratio, key="kl"):
+        xs = [r[key] for r in rows if r["config"] == c and r["ratio"] == ratio and r.get(key) is not None]
+        return geomean(xs) if xs else None
+
+    def paired(a, b, ratio):
+        return paired_ratio(kl, a, b, ratio)
+
+    def mean(c, ratio, key):
+        xs = [r[key] for r in rows if r["config"] == c and r["ratio"] == ratio and r.get(key) is not None]
+        return sum(map(float, xs)) / len(xs) if xs else None
+
+    table = {c: {r: gm(c, r) for r in args.ratios} for c in configs}
+    comparisons = []
+    for r in args.ratios:
+        ours = [
+            c
+            for c in configs
+            if not c.startswith("kvpress.")
+            and c.split(" ")[0] not in ("H2O", "SnapKV", "TOVA", "StreamingLLM", "Knorm")
+        ]
+        others = [c for c in configs if c not in ours and table[c][r] is not None]
+        best_other = min(others, key=lambda c: table[c][r]) if others else None
+        best_ours = min(ours, key=lambda c: table[c][r]) if ours else None
+        spread = [x for x in rows if x["ratio"] == r and "pilot_layer_spread" in x]
+        comparisons.append({
+            "ratio": r,
+            "select_fit_over_sculpt": paired("Select+Fit", "Sculpt", r),
+            "sculpt_over_sculpt_adaptive": paired("Sculpt", "Sculpt adaptive (curves)", r),
+            "select_fit_over_adaptive": paired("Select+Fit", "Select+Fit adaptive (curves)", r),
+            "best_other": best_other, "best_ours": best_ours,
+            "best_other_over_best_ours": paired(best_other, best_ours, r) if best_other and best_ours else None,
+            "pilot_layer_spread_max": max((x["pilot_layer_spread"] for x in spread), default=None),
+            "pilot_head_ratio_max": max((x["pilot_head_ratio"] for x in spread), default=None),
+        })  # fmt: skip
+    wins = sorted({r["window"] for r in rows})
+    nll = {w: next(r["teacher_nll"] for r in rows if r["window"] == w and "teacher_nll" in r) for w in wins
+           if any("teacher_nll" in r for r in rows if r["window"] == w)}  # fmt: skip
+    summary = {"args": {k: v for k, v in vars(args).items() if k not in ("func",)}, "kl_geomean": table,
+               "comparisons": comparisons, "teacher_nll": nll, "paper": PAPER,
+               "looks_memorised": flagged, "rows": all_rows}  # fmt: skip
+    (out / f"paper_{tag}.json").write_text(json.dumps(summary, indent=1))
+    f = lambda x, p=4: "–" if x is None else f"{x:.{p}f}"  # noqa: E731
+    lines = [
+        f"# KVSculpt paper table on {args.model}: n={args.context_tokens}, T={args.continuation_tokens}",
+        "",
+        f"Command: `{getattr(args, 'command_line', 'kvsculpt bench paper')}`",
+        "",
+        f"Windows ({len(wins)}): {', '.join(wins)}. Teacher NLL (nats/token): "
+        + ", ".join(f"{w} {v:.2f}" for w, v in nll.items()),
+        "",
+        "Geo-mean held-out KL (nats/token) over the windows; `ratio` = fraction of KV entries kept "
+        "(kvpress presses ran at `compression_ratio = 1 − ratio`).",
+        "",
+        "| method | "
+        + " | ".join(f"KL r={r}" for r in args.ratios)
+        + " | passkey (r in "
+        + ", ".join(sorted({str(x["ratio"]) for x in rows if x.get("passkey") is not None}))
+        + ") | compress/prefill | cache/full |",
+        "|---|" + "---|" * len(args.ratios) + "---|---|---|",
+    ]
+    for c in configs:
+        pk = [x["passkey"] for x in rows if x["config"] == c and x.get("passkey") is not None]
+        pk_s = f"{sum(pk)}/{len(pk)}" if pk else "–"
+        cp = [mean(c, r, "compress_over_prefill") for r in args.ratios]
+        cp = [x for x in cp if x is not None]
+        cf = [mean(c, r, "cache_over_full") for r in args.ratios]
+        lines.append(f"| {c} | " + " | ".join(f(table[c][r]) for r in args.ratios)
+                     + f" | {pk_s} | {f(sum(cp) / len(cp) if cp else None, 1)} | "
+                     + ", ".join(f(x, 2) for x in cf) + " |")  # fmt: skip
+    lines += ["", "| r | KL(S+F)/KL(Sculpt) (paper 3.5–4.1×) | KL(Sculpt)/KL(Sculpt adaptive) (paper 1.3×) | "
+              "KL(S+F)/KL(S+F adaptive) | best peer or baseline / our best | pilot MSE spread: layers (paper 100×), "
+              "heads in a layer (paper 467×) |", "|---|---|---|---|---|---|"]  # fmt: skip
+    for c in comparisons:
+        lines.append(
+            f"| {c['ratio']} | {f(c['select_fit_over_sculpt'], 2)} | {f(c['sculpt_over_sculpt_adaptive'], 2)} | "
+            f"{f(c['select_fit_over_adaptive'], 2)} | {f(c['best_other_over_best_ours'], 2)} "
+            f"({c['best_other']} vs {c['best_ours']}) | {f(c['pilot_layer_spread_max'], 0)}×, "
+            f"{f(c['pilot_head_ratio_max'], 0)}× |"
+        )
+    full = {x["window"]: x["passkey_full"] for x in rows if x.get("passkey_full") is not None}
+    if full:
+        lines += ["", f"Pass-key with the full cache (reference): {sum(full.values())}/{len(full)} windows."]
+    masked = sorted({x["config"] for x in rows if x.get("entries_masked_not_freed")})
+    if masked:
+        lines += ["", f"`cache/full` = 1.00 for {', '.join(masked)}: the press masks the dropped entries instead "
+                  "of removing them, so it keeps the same fraction of entries in attention but frees no memory."]  # fmt: skip
+    lines += memorised_note(flagged)
+    if peers_note:
+        lines += ["", peers_note]
+    if incomplete:
+        lines += ["", f"Left out (not every method ran on them yet): {', '.join(incomplete)}."]
+    (out / f"paper_{tag}.md").write_text("\n".join(lines) + "\n")
+    series = {c: {r: v for r, v in table[c].items() if v is not None} for c in configs}
+    kl_vs_ratio(series, f"{args.model}: held-out KL, n={args.context_tokens}", out / f"paper_{tag}.png")
+    print("\n".join(lines))
+    return summary

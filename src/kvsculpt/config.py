@@ -1,0 +1,166 @@
+"""Every compression option, parsed, checked and defaulted once.
+
+:class:`CompressConfig` is what :func:`kvsculpt.compress`, the command line, the benchmarks and the
+ablation scripts all build; its ``repr`` is recorded with every result and in every saved cache. The strings
+it holds (method, allocation, query sources) are turned into objects here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from .core import budget
+from .core.methods import Identity, Method, Sculpt, Select
+from .core.scores import SCORERS
+
+QUERY_SOURCES = {
+    "repeat": "the second copy's queries while the model repeats the context after its prompt (KVzip's pass)",
+    "context": "the context's own prefill queries",
+    "self": "the model's own sampled continuations of the context",
+}
+METHODS = {
+    "kvzip": "peak attention any one reference query gives an entry; 4 sink tokens kept (KVzip)",
+    "h2o": "attention summed over the reference queries (H2O; with fitted values, the paper's Select+Fit)",
+    "snapkv": "attention from the context's last 64 positions, pooled (SnapKV)",
+    "tova": "attention from the context's last position (TOVA)",
+    "streaming-llm": "4 sink tokens and the most recent ones (StreamingLLM)",
+    "knorm": "lowest key norm",
+    "random": "random entries",
+    "sculpt": "KVSculpt: h2o selection with fitted values, then keys moved by L-BFGS",
+    "identity": "keep every entry (ratio 1.0; exactness checks)",
+}
+ALLOCATIONS = {
+    "global": "every entry of every head and layer ranked together by the method's scores (KVzip's rule)",
+    "curves": "a pilot at m/2, m, 2m fits each head's error curve; marginal gains equalised",
+    "uniform": "every head keeps round(ratio·n)",
+    "adaptive": "m ∝ pilot error^alpha (the KVSculpt paper's rule)",
+}
+DEFAULT_METHOD, DEFAULT_QUERIES, DEFAULT_ALLOCATION = "kvzip", "repeat", "global"
+
+
+def _parse_queries(queries) -> str:
+    parts = queries.split("+") if isinstance(queries, str) else list(queries)
+    if not parts or any(p not in QUERY_SOURCES for p in parts) or len(set(parts)) != len(parts):
+        raise ValueError(
+            f"unknown queries {queries!r}; choose from {', '.join(QUERY_SOURCES)} (or join several with '+')"
+        )
+    return "+".join(parts)
+
+
+def build_method(name: str, fit: bool = True, options: dict | None = None) -> Method:
+    """The method object for a name (:data:`METHODS`) and its options (the fields of its dataclass and of
+    its scorer's)."""
+    options = dict(options or {})
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
+    if name == "identity":
+        if options:
+            raise ValueError(f"identity takes no options; got {sorted(options)}")
+        return Identity()
+    cls = Sculpt if name == "sculpt" else Select
+    score = options.pop("score", "h2o") if name == "sculpt" else name
+    if score not in SCORERS:
+        raise ValueError(f"unknown score {score!r}; choose from {', '.join(SCORERS)}")
+    scorer_cls = SCORERS[score]
+    scorer_fields = {f.name for f in dataclasses.fields(scorer_cls)}
+    method_fields = {f.name for f in dataclasses.fields(cls)} - {"scorer", "fit"}
+    unknown = sorted(set(options) - scorer_fields - method_fields)
+    if unknown:
+        known = ", ".join(sorted(scorer_fields | method_fields | ({"score"} if name == "sculpt" else set())))
+        raise ValueError(f"unknown option {', '.join(unknown)} for method {name!r}; known: {known}")
+    scorer = scorer_cls(**{k: v for k, v in options.items() if k in scorer_fields})
+    return cls(scorer=scorer, fit=fit, **{k: v for k, v in options.items() if k in method_fields})
+
+
+@dataclass
+class CompressConfig:
+    """How to compress one context. Defaults are the library's defaults everywhere.
+
+    ``ratio``: fraction of KV entries **kept** (kvpress's ``compression_ratio`` is the fraction removed:
+    ``ratio = 1 − compression_ratio``). ``method``: how entries are chosen (:data:`METHODS`); ``fit``: refit
+    their values by ridge least squares (False copies them: plain eviction); ``options``: the method's own
+    fields, e.g. ``{"lam": 1e-2}``, ``{"iters": 60}``, ``{"sinks": 0}``. ``allocation``: how budgets are
+    shared between heads (:data:`ALLOCATIONS`), with ``alpha`` (adaptive) and ``scope`` (``all``, ``heads``
+    of each layer, or ``layers``). ``queries``: the reference-query sources (:data:`QUERY_SOURCES`), joined
+    by ``+``; at most ``max_queries`` per KV head are kept (a random subset; None keeps all);
+    ``self_samples`` × ``self_length`` tokens are sampled at ``temperature`` / ``top_p`` for ``self``.
+    ``heldout``: fraction of query groups kept out of the fit, for the fidelity stats. ``on_policy``: solve
+    the layers in that many stages, replaying the self samples through the layers already compressed.
+    """
+
+    ratio: float = 0.5
+    method: str = DEFAULT_METHOD
+    fit: bool = True
+    options: dict = field(default_factory=dict)
+    allocation: str = DEFAULT_ALLOCATION
+    alpha: float = 1.0
+    scope: str = "all"
+    queries: str = DEFAULT_QUERIES
+    max_queries: int | None = 4096
+    self_samples: int = 10
+    self_length: int = 64
+    temperature: float = 1.0
+    top_p: float = 0.95
+    heldout: float = 0.0
+    on_policy: int = 0
+    seed: int = 0
+
+    def __post_init__(self):
+        budget.check_ratio(self.ratio)
+        self.ratio = float(self.ratio)
+        self.queries = _parse_queries(self.queries)
+        self.options = dict(self.options)
+        self.solver = build_method(self.method, self.fit, self.options)  # not a field: derived, checked here
+        if self.allocation not in ALLOCATIONS:
+            raise ValueError(f"unknown allocation {self.allocation!r}; choose from {', '.join(ALLOCATIONS)}")
+        if self.scope not in budget.SCOPES:
+            raise ValueError(f"unknown scope {self.scope!r}; choose from {', '.join(budget.SCOPES)}")
+        if self.allocation == "uniform":
+            self.rule = budget.Uniform()
+        elif self.allocation == "adaptive":
+            self.rule = budget.Adaptive(scope=self.scope, alpha=self.alpha)
+        else:
+            self.rule = budget.RULES[self.allocation](scope=self.scope)
+        if self.alpha < 0:
+            raise ValueError(f"alpha must be >= 0; got {self.alpha}")
+        if self.max_queries is not None and self.max_queries <= 0:
+            raise ValueError(f"max_queries must be positive (or None for all); got {self.max_queries}")
+        for name in ("self_samples", "self_length"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
+        if not 0.0 <= self.heldout < 1.0:
+            raise ValueError(f"heldout is a fraction of the query groups in [0, 1); got {self.heldout}")
+        if not isinstance(self.on_policy, int) or self.on_policy < 0:
+            raise ValueError(f"on_policy must be a non-negative number of stages; got {self.on_policy!r}")
+        if self.on_policy and "self" not in self.sources:
+            raise ValueError("on_policy needs self queries (queries='self' or a mix with it)")
+        if self.temperature < 0 or not 0.0 < self.top_p <= 1.0:
+            raise ValueError(
+                f"temperature must be >= 0 and top_p in (0, 1]; got {self.temperature}, {self.top_p}"
+            )
+
+    @property
+    def sources(self) -> tuple[str, ...]:
+        """The query sources, in order."""
+        return tuple(self.queries.split("+"))
+
+    def capture_key(self) -> tuple:
+        """What a capture depends on: configs with equal keys can share one capture of a context."""
+        return (self.queries, self.max_queries, self.self_samples, self.self_length, self.temperature,
+                self.top_p, self.seed)  # fmt: skip
+
+    def replace(self, **changes) -> CompressConfig:
+        """A copy with some fields changed (checked again)."""
+        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
+        if unknown:
+            raise ValueError(f"unknown compress option {', '.join(unknown)}")
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def of(cls, method: str, queries: str, **opts) -> CompressConfig:
+        """A config from a method, a query source and a flat dict of options: config fields are taken as
+        such, everything else goes to the method's ``options``."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(method=method, queries=queries, **{k: v for k, v in opts.items() if k in names},
+                   options={k: v for k, v in opts.items() if k not in names})  # fmt: skip

@@ -1,0 +1,63 @@
+"""Closed-form fits of a compressed block: values by ridge least squares, bias β by NNLS on the mass."""
+
+from __future__ import annotations
+
+import torch
+
+from .attention import attend, logits
+
+
+def ridge_values(
+    A: torch.Tensor, O: torch.Tensor, lam: float, prior: torch.Tensor | None = None, row_weights=None
+) -> torch.Tensor:
+    """``argmin_V Σ_i w_i²‖A_i V − O_i‖² + λ'‖V − prior‖²`` in fp32, batched: A ``[H, N, m]``, O ``[H, N, d]``
+    → ``[H, m, d]``.
+
+    ``λ' = lam · mean(diag AᵀA)`` per head, of the weighted A (scale-free); ``prior`` ``[H, m, d]`` defaults
+    to zero; ``row_weights [H, N]`` (``w``) scale each query's residual. Solved by Cholesky, with a
+    least-squares fallback for heads where it fails.
+    """
+    A, O = A.float(), O.float()
+    if row_weights is not None:
+        A, O = A * row_weights[..., None], O * row_weights[..., None]
+    R = O if prior is None else O - A @ prior.float()
+    AtA = A.transpose(-1, -2) @ A
+    reg = (lam * AtA.diagonal(dim1=-2, dim2=-1).mean(-1)).clamp_min(1e-12)
+    AtA = AtA + reg[:, None, None] * torch.eye(A.shape[-1], device=A.device, dtype=A.dtype)
+    rhs = A.transpose(-1, -2) @ R
+    chol, info = torch.linalg.cholesky_ex(AtA)
+    sol = torch.cholesky_solve(rhs, chol)
+    bad = info != 0
+    if bad.any():
+        sol[bad] = torch.linalg.lstsq(AtA[bad], rhs[bad]).solution
+    return sol if prior is None else sol + prior.float()
+
+
+def block_weight(z: torch.Tensor, local_lse=None) -> torch.Tensor | None:
+    """The share of each query's attention that falls on the block, ``σ(z − local_lse)`` ``[H, N]``, from its
+    log-mass on the block ``z`` and elsewhere; None when nothing is elsewhere (all weights 1)."""
+    return None if local_lse is None else torch.sigmoid(z - local_lse)
+
+
+def fit_values(Q, K, V, Kc, scale, lam, prior=None, bias=None, local_lse=None) -> torch.Tensor:
+    """Ridge values ``[H, m, d]`` for kept keys ``Kc [H, m, d]`` so that the block reproduces attention over
+    ``(K, V) [H, n, d]`` for queries ``Q [H, N, d]``; each query's error is weighted by the share of its
+    attention on the block (:func:`block_weight`). ``prior [H, m, d]``: what the values shrink toward."""
+    O, z = attend(Q, K, V, scale)
+    A = torch.softmax(logits(Q, Kc, scale, bias), dim=-1)
+    return ridge_values(A, O, lam, prior, block_weight(z, local_lse))
+
+
+def nnls_bias(Q, Kc, z, scale, max_rows: int = 2048) -> torch.Tensor:
+    """β ``[H, m]`` with ``w = exp(β) ≥ 0`` fitted by NNLS so that ``Σ_j w_j exp(s q·k'_j) ≈ exp(z)`` (mass).
+
+    Attention Matching's fit, solved with scipy per head on at most ``max_rows`` queries.
+    """
+    from scipy.optimize import nnls
+
+    E = torch.exp(logits(Q[:, :max_rows], Kc, scale) - z[:, :max_rows, None]).double().cpu().numpy()
+    out = []
+    for h in range(E.shape[0]):
+        w, _ = nnls(E[h], [1.0] * E.shape[1], maxiter=20 * E.shape[2])
+        out.append(torch.log(torch.from_numpy(w).clamp_min(1e-6)).float())
+    return torch.stack(out).to(Kc.device)

@@ -1,0 +1,148 @@
+"""Scorers: how much each original entry is worth keeping. A scorer only scores (as a kvpress press does);
+budgets, selection and value fits live in :mod:`kvsculpt.core.methods` and :mod:`kvsculpt.core.budget`.
+
+Every scorer is a small dataclass called as::
+
+    scorer(K [H, n, d], Q [H, N, d], scale, context_queries [H, G, n, d] | None, local_lse [H, N] | None)
+        -> scores [H, n]   (higher is kept first; +inf is always kept)
+
+``Q`` are the reference queries; ``context_queries`` the context's own causal prefill queries, per GQA head
+(only SnapKV and TOVA need them); ``local_lse`` each reference query's log-mass on keys outside the block.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .attention import attention_weights, future_mask, logits
+
+
+class Scorer:
+    needs_context_queries = False
+
+    def __call__(self, K, Q, scale, context_queries=None, local_lse=None) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def keep_recent(scores: torch.Tensor, w: int) -> torch.Tensor:
+    """Scores ``[H, n]`` with the last ``w`` positions raised to +inf (in place), so that top-m keeps them."""
+    if w > 0:
+        scores[:, -w:] = float("inf")
+    return scores
+
+
+def keep_sinks(scores: torch.Tensor, sinks: int) -> torch.Tensor:
+    """Scores ``[H, n]`` with the first ``sinks`` positions raised to +inf (in place)."""
+    if sinks > 0:
+        scores[:, :sinks] = float("inf")
+    return scores
+
+
+@dataclass
+class H2O(Scorer):
+    """Attention each entry receives, summed over the reference queries (H2O with ``queries="context"``; the
+    paper's Select+Fit selection with fitted values)."""
+
+    def __call__(self, K, Q, scale, context_queries=None, local_lse=None):
+        return attention_weights(Q, K, scale, local_lse).sum(1)
+
+
+@dataclass
+class KVzip(Scorer):
+    """The largest attention weight any one reference query gives the entry (KVzip's rule, with
+    ``queries="repeat"``: a key that any one position of the reconstruction needs is kept); the first
+    ``sinks`` entries are always kept."""
+
+    sinks: int = 4
+
+    def __call__(self, K, Q, scale, context_queries=None, local_lse=None):
+        return keep_sinks(attention_weights(Q, K, scale, local_lse).amax(1), self.sinks)
+
+
+def _window_scores(K, context_queries, scale, w: int) -> torch.Tensor:
+    """Attention ``[H, n]`` from the context's last ``w`` causal queries, summed over them and the GQA group."""
+    n = K.shape[1]
+    cq = context_queries[:, :, -w:]  # [H, G, w, d]
+    lg = logits(cq, K[:, None], scale).masked_fill(future_mask(w, n, K.device), float("-inf"))
+    return torch.softmax(lg, -1).sum((1, 2))
+
+
+@dataclass
+class SnapKV(Scorer):
+    """Attention from the context's last ``window`` positions, pooled over the GQA heads and smoothed by a 1-D
+    average pool (kernel 5); the window itself is always kept."""
+
+    window: int = 64
+    needs_context_queries = True
+
+    def __call__(self, K, Q, scale, context_queries=None, local_lse=None):
+        w = min(K.shape[1], self.window)
+        s = _window_scores(K, context_queries, scale, w)
+        s = F.avg_pool1d(s[:, None], 5, stride=1, padding=2, count_include_pad=False)[:, 0]
+        return keep_recent(s, w)
+
+
+@dataclass
+class TOVA(Scorer):
+    """Attention from the context's last position (pooled over the GQA heads); that position is kept."""
+
+    needs_context_queries = True
+
+    def __call__(self, K, Q, scale, context_queries=None, local_lse=None):
+        return keep_recent(_window_scores(K, context_queries, scale, 1), 1)
+
+
+@dataclass
+class StreamingLLM(Scorer):
+    """The first ``sinks`` entries and the most recent ones."""
+
+    sinks: int = 4
+
+    def __call__(self, K, Q, scale, context_queries=None, local_lse=None):
+        H, n, _ = K.shape
+        return keep_sinks(
+            torch.arange(n, device=K.device, dtype=torch.float32).expand(H, n).clone(), self.sinks
+        )
+
+
+@dataclass
+class Knorm(Scorer):
+    """The lowest key norms."""
+
+    def __call__(self, K, Q, scale, context_queries=None, local_lse=None):
+        return -K.norm(dim=-1)
+
+
+@dataclass
+class Random(Scorer):
+    """Uniformly random (a floor for the others)."""
+
+    seed: int = 0
+
+    def __call__(self, K, Q, scale, context_queries=None, local_lse=None):
+        gen = torch.Generator().manual_seed(self.seed)
+        return torch.rand(K.shape[0], K.shape[1], generator=gen).to(K.device)
+
+
+SCORERS: dict[str, type[Scorer]] = {
+    "kvzip": KVzip,
+    "h2o": H2O,
+    "snapkv": SnapKV,
+    "tova": TOVA,
+    "streaming-llm": StreamingLLM,
+    "knorm": Knorm,
+    "random": Random,
+}
+
+
+def top_indices(scores: torch.Tensor, m: int) -> torch.Tensor:
+    """Indices ``[H, m]`` of the ``m`` highest scores per head, in original order."""
+    return scores.topk(m, dim=-1).indices.sort(dim=-1).values
+
+
+def gather(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Rows ``idx [H, m]`` of ``x [H, n, d]`` → ``[H, m, d]``."""
+    return x.gather(1, idx[..., None].expand(-1, -1, x.shape[-1]))

@@ -1,0 +1,244 @@
+"""Capture of a context's keys, values and reference queries.
+
+One prefill gives, per layer, keys and values ``[Hkv, n, d]`` exactly as the cache holds them (post-RoPE),
+and the reference queries the compressed block is fitted to, with the GQA query heads of each KV head
+pooled: ``[Hkv, N, d]``. Query sources (SPEC §2), see :data:`kvsculpt.config.QUERY_SOURCES`:
+
+* ``context``: the context's own prefill queries;
+* ``repeat``: prefill ``context + prompt + context`` and take the second copy's queries;
+* ``self``: the model samples S continuations of L tokens from the full cache; their queries.
+
+Each query carries a group id (a self sample, or a block of 32 positions) so that whole groups can be held
+out for validation.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+from transformers import DynamicCache
+
+from ..config import CompressConfig
+from ..core.attention import future_mask, logits
+from .attention import capture_queries
+from .decode import check_ids, decode, forward, prefill, top_p_pick
+from .dims import check_supported, model_dims
+
+REPEAT_PROMPT = "\n\nRepeat the text above.\n\n"
+POSITION_GROUP = 32  # context/repeat queries: positions per group for held-out splits
+
+
+@dataclass
+class Capture:
+    """What one context gives the solvers. Per-layer lists; tensors are fp32 on the model's device."""
+
+    keys: list[torch.Tensor]  # [Hkv, n, d]
+    values: list[torch.Tensor]  # [Hkv, n, d]
+    queries: list[torch.Tensor]  # [Hkv, N, d]
+    groups: torch.Tensor  # [N] group id of each query (before pooling over GQA heads, see pool_gqa)
+    scale: float
+    last_logits: torch.Tensor  # [vocab] logits after the context
+    prefill_seconds: float
+    query_seconds: float = 0.0  # extra time spent making queries (sampling, repeat prefill)
+    samples: torch.Tensor | None = None  # [S, L] self-sampled tokens, if any
+    context_queries: list[torch.Tensor] | None = None  # [Hkv, G, n, d] per layer, if asked for
+    context_ids: torch.Tensor | None = None  # [1, n]
+    info: dict = field(default_factory=dict)
+    # [Hkv, N] per layer: log-sum-exp of each query's logits over the keys it sees besides the context (the
+    # repeat prompt and copy so far); -inf where there are none (context and self queries)
+    local_lse: list[torch.Tensor] | None = None
+
+    @property
+    def n(self) -> int:
+        return self.keys[0].shape[1]
+
+
+def pool_gqa(q: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """Queries ``[B, H, T, d]`` → ``[Hkv, B·G·T, d]``: the G query heads sharing a KV head are pooled."""
+    B, H, T, d = q.shape
+    G = H // kv_heads
+    return q.reshape(B, kv_heads, G, T, d).permute(1, 0, 2, 3, 4).reshape(kv_heads, B * G * T, d)
+
+
+def pooled_groups(group_of_token: torch.Tensor, batch: int, G: int) -> torch.Tensor:
+    """Group id of each pooled query, for tokens ``[B, T]`` of group ids, matching :func:`pool_gqa`'s order."""
+    return group_of_token.reshape(batch, 1, -1).expand(batch, G, -1).reshape(-1)
+
+
+def _position_groups(length: int, G: int) -> torch.Tensor:
+    return pooled_groups((torch.arange(length) // POSITION_GROUP)[None], 1, G)
+
+
+def _stage(progress: bool, message: str) -> None:
+    if progress:
+        tqdm.write(f"kvsculpt: {message}", file=sys.stderr)
+
+
+def subsample_index(N: int, max_queries: int | None, seed: int = 0) -> torch.Tensor | None:
+    """Sorted indices of at most ``max_queries`` of ``N`` queries (None: keep all)."""
+    if max_queries is None or N <= max_queries:
+        return None
+    return torch.randperm(N, generator=torch.Generator().manual_seed(seed))[:max_queries].sort().values
+
+
+def _expand_cache(keys, values, batch: int) -> DynamicCache:
+    cache = DynamicCache()
+    for i, (k, v) in enumerate(zip(keys, values, strict=True)):
+        cache.update(k[None].expand(batch, -1, -1, -1), v[None].expand(batch, -1, -1, -1), i)
+    return cache
+
+
+def sample_self_queries(model, keys, values, last_logits, cfg: CompressConfig, progress=False):
+    """Sample ``cfg.self_samples`` continuations of ``cfg.self_length`` tokens from the full cache (K/V per
+    layer ``[Hkv, n, d]``). Returns ``(queries per layer [Hkv, S·G·L, d], groups [S·G·L], tokens [S, L])``;
+    the group is the sample."""
+    S, L, n = cfg.self_samples, cfg.self_length, keys[0].shape[1]
+    dims = model_dims(model)
+    pick = top_p_pick(cfg.temperature, cfg.top_p, torch.Generator().manual_seed(cfg.seed))
+    first = pick(last_logits[None].expand(S, -1))
+    bar = tqdm(total=L, desc=f"sample {S}x{L} self tokens", disable=not progress, leave=False)
+    with capture_queries(model) as sinks:
+        # L forwards (the first token and L−1 picks); the last pick is not used
+        picks = decode(model, _expand_cache(keys, values, S), first, n, L, pick, progress=bar)
+    bar.close()
+    queries = [pool_gqa(torch.cat(s, dim=2).float(), dims.kv_heads) for s in sinks]
+    token_group = torch.arange(S).repeat_interleave(L).reshape(S, L)
+    return queries, pooled_groups(token_group, S, dims.groups), torch.cat([first, picks[:, :-1]], dim=1)
+
+
+@torch.inference_mode()
+def _repeat_queries(model, context_ids, tokenizer):
+    """The second copy's queries ``[Hkv, G·n, d]`` per layer while the model reads ``context + prompt +
+    context``, their groups, and each query's log-mass on the keys outside the first copy."""
+    if tokenizer is None:
+        raise ValueError("query source 'repeat' needs the tokenizer (pass tokenizer=...)")
+    dims = model_dims(model)
+    prompt = tokenizer(REPEAT_PROMPT, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    n = context_ids.shape[1]
+    ids = torch.cat([context_ids, prompt.to(context_ids.device), context_ids], dim=1)
+    cache = DynamicCache()
+    with capture_queries(model) as sinks:
+        forward(model, ids, cache, 0, last_only=True)
+    qs, lses = [], []
+    for s, layer in zip(sinks, cache.layers, strict=True):
+        q = torch.cat(s, dim=2)[:, :, -n:].float()  # [1, H, n, d]
+        local_k = layer.keys[0, :, n:].float()  # [Hkv, p + n, d]: prompt and copy, seen causally
+        qs.append(pool_gqa(q, dims.kv_heads))
+        lses.append(pool_gqa(local_lse(q, local_k, dims.scale)[..., None], dims.kv_heads)[..., 0])
+    return qs, _position_groups(n, dims.groups), lses
+
+
+def local_lse(q: torch.Tensor, local_k: torch.Tensor, scale: float) -> torch.Tensor:
+    """Log-sum-exp of the last ``t`` queries ``q [1, H, t, d]`` over the local keys ``[Hkv, s, d]`` they see
+    causally (``s ≥ t``; query i sees the first ``s − t + i + 1``) → ``[1, H, t]``."""
+    _, H, t, _ = q.shape
+    Hkv, s_len, _ = local_k.shape
+    lg = logits(q[0].reshape(Hkv, H // Hkv, t, -1), local_k[:, None], scale)  # [Hkv, G, t, s]
+    return torch.logsumexp(lg.masked_fill(future_mask(t, s_len, q.device), float("-inf")), -1).reshape(
+        1, H, t
+    )
+
+
+@torch.inference_mode()
+def capture(model, context_ids: torch.Tensor, cfg: CompressConfig | None = None, tokenizer=None,
+            progress: bool = False, keep_context_queries: bool | None = None, **changes) -> Capture:  # fmt: skip
+    """Prefill ``context_ids [1, n]`` and collect K, V and the reference queries of ``cfg.queries``
+    (``changes`` update ``cfg``, e.g. ``queries="context"``). The context's own per-head queries are kept
+    (``Capture.context_queries``) if ``keep_context_queries``, by default when the method needs them."""
+    cfg = (cfg or CompressConfig()).replace(**changes) if changes else (cfg or CompressConfig())
+    check_supported(model)
+    context_ids = check_ids(context_ids, model.device)
+    dims = model_dims(model)
+    Hkv, G, n = dims.kv_heads, dims.groups, context_ids.shape[1]
+    keep_context = cfg.solver.needs_context_queries if keep_context_queries is None else keep_context_queries
+    want_ctx = "context" in cfg.sources or keep_context
+    _stage(progress, f"prefill of {n} tokens")
+    if want_ctx:
+        with capture_queries(model) as sinks:
+            cache, last, prefill_s = prefill(model, context_ids)
+        ctx_q = [torch.cat(s, dim=2) for s in sinks]  # [1, H, n, d] per layer
+    else:
+        cache, last, prefill_s = prefill(model, context_ids)
+    keys = [layer.keys[0].float() for layer in cache.layers]
+    values = [layer.values[0].float() for layer in cache.layers]
+    del cache
+    parts, part_groups, local_parts, info = [], [], [], {"sources": list(cfg.sources)}
+    samples = None
+    t0 = time.perf_counter()
+    next_group = 0
+    for src in cfg.sources:
+        lse = None
+        if src == "context":
+            q, g = [pool_gqa(x.float(), Hkv) for x in ctx_q], _position_groups(n, G)
+        elif src == "repeat":
+            _stage(progress, f"repeat pass ({2 * n} tokens + prompt)")
+            q, g, lse = _repeat_queries(model, context_ids, tokenizer)
+        else:
+            q, g, samples = sample_self_queries(model, keys, values, last, cfg, progress)
+        local_parts.append(
+            lse if lse is not None else [torch.full(x.shape[:2], float("-inf"), device=x.device) for x in q]
+        )
+        start = sum(int(x.shape[0]) for x in part_groups)
+        info[f"{src}_span"] = (
+            start,
+            start + int(g.shape[0]),
+        )  # [start, end) of its queries before subsampling
+        parts.append(q)
+        part_groups.append(g + next_group)
+        info[f"{src}_groups"] = (next_group, next_group + int(g.max()) + 1)  # [start, end) of its group ids
+        next_group += int(g.max()) + 1
+        info[f"{src}_queries"] = int(g.shape[0])
+    query_s = time.perf_counter() - t0
+    qs = [torch.cat([p[i] for p in parts], dim=1) for i in range(len(keys))]
+    groups = torch.cat(part_groups)
+    local = None
+    if "repeat" in cfg.sources:  # the only source with keys outside the context, so far
+        local = [torch.cat([p[i] for p in local_parts], dim=1) for i in range(len(keys))]
+    keep = subsample_index(groups.shape[0], cfg.max_queries, cfg.seed)
+    if keep is not None:
+        qs, groups = [q[:, keep.to(q.device)] for q in qs], groups[keep]
+        local = None if local is None else [x[:, keep.to(x.device)] for x in local]
+    info["subsample_index"] = keep
+    per_head = [x[0].float().reshape(Hkv, G, n, -1) for x in ctx_q] if keep_context else None
+    return Capture(keys, values, qs, groups, dims.scale, last, prefill_s, query_s, samples, per_head,
+                   context_ids.cpu(), info, local)  # fmt: skip
+
+
+@torch.inference_mode()
+def replay_self_queries(model, cap: Capture, cache) -> list[torch.Tensor]:
+    """``cap.queries`` with the self-sample queries recomputed over ``cache`` (e.g. a partly compressed one).
+
+    The self samples' tokens ``[S, L]`` are teacher-forced through the model on ``cache`` (logical length
+    ``cap.n``, expanded to the S samples); the other sources' queries are kept. Returns per layer
+    ``[Hkv, N, d]``, in the same order as ``cap.queries``.
+    """
+    if cap.samples is None or "self_span" not in cap.info:
+        raise ValueError("replay needs a capture with self samples")
+    Hkv = model_dims(model).kv_heads
+    with capture_queries(model) as sinks:
+        forward(model, cap.samples, cache, cap.n)
+    start, end = cap.info["self_span"]
+    keep = cap.info.get("subsample_index")
+    idx = torch.arange(cap.groups.shape[0]) if keep is None else keep  # position in the unsubsampled order
+    where = ((idx >= start) & (idx < end)).nonzero().squeeze(1)  # which of cap.queries are self queries
+    out = []
+    for q_old, sink in zip(cap.queries, sinks, strict=True):
+        fresh = pool_gqa(torch.cat(sink, dim=2).float(), Hkv)  # [Hkv, S·G·L, d]
+        q = q_old.clone()
+        q[:, where.to(q.device)] = fresh[:, (idx[where] - start).to(q.device)]
+        out.append(q)
+    return out
+
+
+def split_heldout(groups: torch.Tensor, fraction: float, seed: int = 0) -> torch.Tensor:
+    """Boolean mask ``[N]``: True for queries of a random ``fraction`` of groups (held out from fitting)."""
+    ids = torch.unique(groups)
+    if ids.numel() < 2 or fraction <= 0:
+        return torch.zeros_like(groups, dtype=torch.bool)
+    k = max(1, int(round(fraction * ids.numel())))
+    chosen = ids[torch.randperm(ids.numel(), generator=torch.Generator().manual_seed(seed))[:k]]
+    return torch.isin(groups, chosen)

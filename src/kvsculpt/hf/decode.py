@@ -1,0 +1,127 @@
+"""The one decode path: prefill, a forward at explicit positions, and a token loop (greedy or sampled).
+
+Evaluation, self-query sampling, :func:`ask` and the speed benchmark all run through these functions.
+Positions are always explicit (``start …``), so a compressed cache whose physical length is not its
+logical length ``n`` gets the right rotary positions.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+from transformers import DynamicCache
+
+
+def check_ids(ids: torch.Tensor, device=None) -> torch.Tensor:
+    """Context ids as ``[1, n]`` on ``device``; a clear error for anything else."""
+    if not isinstance(ids, torch.Tensor) or ids.dtype != torch.long:
+        raise TypeError("context ids must be a LongTensor of token ids")
+    if ids.ndim == 1:
+        ids = ids[None]
+    if ids.ndim != 2 or ids.shape[0] != 1:
+        raise ValueError(f"context ids must have shape [1, n]; got {tuple(ids.shape)}")
+    if ids.shape[1] == 0:
+        raise ValueError("the context is empty")
+    return ids.to(device) if device is not None else ids
+
+
+def forward(model, ids: torch.Tensor, cache, start: int, last_only: bool = False) -> torch.Tensor:
+    """Run ``ids [B, q]`` on ``cache`` (extended in place) at positions ``start … start+q−1``.
+    Returns logits ``[B, q, V]`` (``[B, 1, V]`` with ``last_only``)."""
+    ids = ids.to(model.device)
+    pos = torch.arange(start, start + ids.shape[1], device=model.device)[None].expand(ids.shape[0], -1)
+    kw = {"logits_to_keep": 1} if last_only else {}
+    return model(ids, past_key_values=cache, position_ids=pos, use_cache=True, **kw).logits
+
+
+@torch.inference_mode()
+def prefill(model, context_ids: torch.Tensor, cache=None):
+    """Run the context once into ``cache`` (a new ``DynamicCache`` by default).
+    Returns ``(cache, last_logits [vocab] fp32, seconds)``."""
+    context_ids = check_ids(context_ids, model.device)
+    cache = DynamicCache() if cache is None else cache
+    t0 = time.perf_counter()
+    logits = forward(model, context_ids, cache, 0, last_only=True)
+    return cache, logits[0, -1].float(), time.perf_counter() - t0
+
+
+def greedy_pick(logits: torch.Tensor) -> torch.Tensor:
+    """The most likely token of each row of ``logits [B, V]`` → ``[B, 1]``."""
+    return logits.argmax(-1, keepdim=True)
+
+
+def top_p_pick(temperature: float, top_p: float, gen: torch.Generator) -> Callable:
+    """A picker that samples one token per row of ``logits [B, V]`` (nucleus sampling) → ``[B, 1]``;
+    temperature 0 is greedy."""
+
+    def pick(logits: torch.Tensor) -> torch.Tensor:
+        if temperature <= 0:
+            return greedy_pick(logits)
+        probs = torch.softmax(logits.float() / temperature, dim=-1)
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        sorted_p[(sorted_p.cumsum(-1) - sorted_p) > top_p] = 0.0
+        choice = torch.multinomial(sorted_p.cpu(), 1, generator=gen).to(order.device)
+        return order.gather(-1, choice)
+
+    return pick
+
+
+@torch.inference_mode()
+def decode(model, cache, prompt: torch.Tensor, start: int, steps: int, pick: Callable = greedy_pick,
+           stop: Callable[[list[int]], bool] | None = None, progress=None) -> torch.Tensor:  # fmt: skip
+    """Run ``prompt [B, q]`` on ``cache`` at positions ``start …``, then pick ``steps`` tokens one at a time,
+    each fed back in. Returns the picked tokens ``[B, steps]`` (fewer if ``stop(tokens of row 0)`` says so
+    first; batch 1 only then). ``progress``: an optional tqdm bar advanced once per step."""
+    x, pos, out = prompt, start, []
+    for _ in range(steps):
+        logits = forward(model, x, cache, pos, last_only=True)[:, -1]
+        pos += x.shape[1]
+        x = pick(logits)
+        out.append(x)
+        if progress is not None:
+            progress.update()
+        if stop is not None and stop(torch.cat(out, 1)[0].tolist()):
+            break
+    return torch.cat(out, 1)
+
+
+def eos_ids(model, tokenizer) -> set[int]:
+    """End-of-sequence ids: the model's generation config's and the tokenizer's (they can differ)."""
+    ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = set(ids if isinstance(ids, list | tuple) else [ids])
+    return {i for i in ids | {tokenizer.eos_token_id} if i is not None}
+
+
+def text_stop(eos: set[int], tokenizer=None, stop: str | None = None) -> Callable[[list[int]], bool]:
+    """A stop rule for :func:`decode`: an id in ``eos``, or ``stop`` appearing in the decoded text."""
+
+    def done(tokens: list[int]) -> bool:
+        return tokens[-1] in eos or (
+            bool(stop) and stop in tokenizer.decode(tokens, skip_special_tokens=True)
+        )
+
+    return done
+
+
+def answer_text(tokenizer, tokens: list[int], stop: str | None = None) -> str:
+    """Decoded answer, cut before ``stop`` (and EOS)."""
+    text = tokenizer.decode(tokens, skip_special_tokens=True)
+    return text.split(stop)[0] if stop else text
+
+
+def ask(model, tokenizer, cache, questions, max_new_tokens: int = 64, stop: str | None = None):
+    """Answer each question (a string, or a list of them) from the same compressed context, greedily; stops
+    at EOS or at ``stop``. Returns the answers' texts.
+
+    Each question runs on a fork of ``cache`` (the compressed block is shared, nothing is recomputed), so no
+    question's tokens leak into the next.
+    """
+    single = isinstance(questions, str)
+    eos, answers = eos_ids(model, tokenizer), []
+    for question in [questions] if single else questions:
+        q = tokenizer(question, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        tokens = decode(model, cache.fork(), q, cache.n, max_new_tokens, stop=text_stop(eos, tokenizer, stop))
+        answers.append(answer_text(tokenizer, tokens[0].tolist(), stop))
+    return answers[0] if single else answers
