@@ -126,8 +126,9 @@ def test_skewed_budget_storage_is_not_padded():
     n, d = 200, 64
     lengths = [180, 20]
     keys = [[torch.randn(m, d) for m in lengths] for _ in range(2)]
-    bias = [[torch.zeros(m) for m in lengths] for _ in range(2)]
-    cache = CompressedCache.from_heads(model, keys, keys, n, bias)
+    values = [[torch.randn(m, d) for m in lengths] for _ in range(2)]
+    bias = [[torch.randn(m) * 0.1 for m in lengths] for _ in range(2)]
+    cache = CompressedCache.from_heads(model, keys, values, n, bias)
     logical = sum(lengths) * 2 * 2 * d * 4
     assert cache.logical_nbytes() == logical
     assert cache.nbytes() <= 1.02 * logical
@@ -136,9 +137,56 @@ def test_skewed_budget_storage_is_not_padded():
         for t in layer.tensors():
             assert t.untyped_storage().nbytes() == t.numel() * t.element_size()
         assert layer.block_keys.shape == (sum(lengths), d)
-    # and a forward works on it
-    out = continuation_logits(model, cache, torch.randint(0, 97, (1, 3)), n)
-    assert torch.isfinite(out).all()
+    # a forward equals that of the same heads padded by hand to equal lengths with β = −inf on the padding
+    pad = 180 - 20
+    padded_k = [[layer[0], torch.cat([layer[1], torch.randn(pad, d)])] for layer in keys]
+    padded_v = [[layer[0], torch.cat([layer[1], torch.randn(pad, d)])] for layer in values]
+    padded_b = [[layer[0], torch.cat([layer[1], torch.full((pad,), float("-inf"))])] for layer in bias]
+    same = CompressedCache.from_heads(model, padded_k, padded_v, n, padded_b)
+    cont = torch.randint(0, 97, (1, 5))
+    torch.testing.assert_close(
+        continuation_logits(model, cache, cont, n),
+        continuation_logits(model, same, cont, n),
+        rtol=0,
+        atol=1e-5,
+    )
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_subset_cache_equals_full_cache_with_dropped_entries_masked(kind):
+    """Per-head subsets of the entries (β = 0) at implicit positions (no position_ids) = the full block with the
+    dropped entries masked by β = −inf: in a forward (fp32, 1e-5) and in generate (the same greedy tokens)."""
+    model = tiny_model(kind)
+    n = 48
+    ids, cont = torch.randint(0, 97, (1, n)), torch.randint(0, 97, (1, 6))
+    cap = capture(model, ids, queries="context")
+    g = torch.Generator().manual_seed(0)
+    keep = [[torch.randperm(n, generator=g)[:m].sort().values for m in (30, 11)] for _ in cap.keys]
+    sub_k = [[K[h][keep[li][h]] for h in range(2)] for li, K in enumerate(cap.keys)]
+    sub_v = [[V[h][keep[li][h]] for h in range(2)] for li, V in enumerate(cap.values)]
+    bias = [
+        [torch.full((n,), float("-inf")).index_fill(0, keep[li][h], 0.0) for h in range(2)] for li in range(2)
+    ]
+
+    def subset():
+        return CompressedCache.from_heads(model, sub_k, sub_v, n)
+
+    def masked():
+        return CompressedCache.from_heads(
+            model, [list(K) for K in cap.keys], [list(V) for V in cap.values], n, bias
+        )
+
+    with torch.no_grad():
+        a = model(cont, past_key_values=subset(), use_cache=True).logits
+        b = model(cont, past_key_values=masked(), use_cache=True).logits
+        full = model(torch.cat([ids, cont], 1), use_cache=False).logits[:, n:]
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    assert (a - full).abs().max() > 1e-3  # the dropped entries mattered
+    prompt = torch.cat([ids, cont[:, :3]], 1)
+    kw = dict(max_new_tokens=16, min_new_tokens=16, do_sample=False, pad_token_id=0)
+    x = model.generate(prompt, attention_mask=torch.ones_like(prompt), past_key_values=subset(), **kw)
+    y = model.generate(prompt, attention_mask=torch.ones_like(prompt), past_key_values=masked(), **kw)
+    assert x.shape[1] == n + 3 + 16 and torch.equal(x, y)
 
 
 def test_save_load_round_trip_and_errors(tmp_path):
@@ -222,18 +270,26 @@ def test_ask_many_has_no_leak(smollm):
 
 
 def test_bf16_identity_cache_matches_full_cache():
+    """bf16, through the biased path: the identity cache matches the full cache far more closely than the same
+    cache read at positions off by 5 does (the tolerance is set by the bug it must catch)."""
     model = tiny_model("qwen2").to(torch.bfloat16)
     ids, cont = torch.randint(0, 97, (1, 40)), torch.randint(0, 97, (1, 8))
     ref = full_logits(model, ids, cont)
     cap = capture(model, ids, queries="context")
-    cache = CompressedCache.from_heads(
-        model,
-        [[k.to(torch.bfloat16) for k in layer] for layer in cap.keys],
-        [[v.to(torch.bfloat16) for v in layer] for layer in cap.values],
-        40,
-        bias=[[torch.zeros(40) for _ in range(2)] for _ in range(2)],  # exercises the biased path in bf16
-    )
-    assert cache.layers[0].block_keys.dtype == torch.bfloat16
-    got = continuation_logits(model, cache, cont, 40)
-    assert (got - ref).abs().max() < 2e-2
+
+    def cache():
+        return CompressedCache.from_heads(
+            model,
+            [[k.to(torch.bfloat16) for k in layer] for layer in cap.keys],
+            [[v.to(torch.bfloat16) for v in layer] for layer in cap.values],
+            40,
+            bias=[[torch.zeros(40) for _ in range(2)] for _ in range(2)],  # exercises the biased path in bf16
+        )
+
+    assert cache().layers[0].block_keys.dtype == torch.bfloat16
+    got = continuation_logits(model, cache(), cont, 40)
+    shifted = continuation_logits(model, cache(), cont, 45)
+    off_by_5 = (shifted - ref).abs().max()
+    assert off_by_5 > 1e-3
+    assert (got - ref).abs().max() < 0.2 * off_by_5  # measured 0 (identical) when written
     assert torch.equal(got.argmax(-1), ref.argmax(-1))

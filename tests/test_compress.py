@@ -21,7 +21,7 @@ def test_compress_uniform_on_tiny_model():
     assert cache.budgets == [[10, 10], [10, 10]]
     assert "H2O" in cache.method and "fit=True" in cache.method and cache.info["config"] == repr(cfg)
     stats = cache.info["stats"]["heldout_rel_mse"]
-    assert len(stats) == 2 and all(0 <= x < 0.5 for layer in stats for x in layer)
+    assert len(stats) == 2 and all(0 <= x < 0.05 for layer in stats for x in layer)  # measured ~0.001
     full, _, _ = prefill(model, ids)
     ref = continuation_logits(model, full, cont, 40)
     evicted = compress(model, ids, cfg.replace(fit=False), progress=False)
@@ -201,3 +201,37 @@ def test_on_policy_layer_by_layer_keeps_budgets_and_changes_the_fit():
     # layer 0 is solved before any replay, so it is identical; layer 1 was fitted to replayed queries
     torch.testing.assert_close(staged.layers[0].block_values, plain.layers[0].block_values)
     assert not torch.allclose(staged.layers[1].block_values, plain.layers[1].block_values)
+
+
+def test_global_budgets_count_the_sinks_the_selection_keeps():
+    """KVzip with global budgets: every head keeps exactly its entries among the global top set (sinks scored
+    +inf, as kvpress scores them), so no head gives up a higher-ranked entry for a sink ranked outside it."""
+    from kvsculpt.core.attention import attention_weights
+
+    model = tiny_model("qwen2")
+    n, ratio = 64, 0.25
+    ids = torch.randint(0, 97, (1, n))
+    cfg = CompressConfig(ratio=ratio, method="kvzip", fit=False, queries="context", allocation="global")
+    cap = capture(model, ids, cfg)
+    cache = compress(model, ids, cfg, progress=False)
+    peak = torch.stack(
+        [attention_weights(q, K, cap.scale).amax(1) for q, K in zip(cap.queries, cap.keys, strict=True)]
+    )
+    plain_top = peak.flatten().topk(round(ratio * n) * 4).indices
+    sinks = torch.zeros_like(peak, dtype=torch.bool)
+    sinks[..., :4] = True
+    in_plain_top = torch.zeros(peak.numel(), dtype=torch.bool)
+    in_plain_top[plain_top] = True
+    assert not in_plain_top[sinks.flatten()].all()  # unscored, some sinks would rank outside the top set
+    scored = peak.masked_fill(sinks, float("inf"))
+    top = torch.zeros(peak.numel(), dtype=torch.bool)
+    top[scored.flatten().topk(round(ratio * n) * 4).indices] = True
+    top = top.reshape(peak.shape)
+    assert cache.budgets == top.sum(-1).tolist()  # (n/64 = 1 per head: the floor never binds here)
+    for li, layer in enumerate(cache.layers):
+        for h, kept in enumerate(layer.padded_block()[0]):
+            kept = kept[: layer.lengths[h]]
+            idx = (
+                (kept[:, None] == cap.keys[li][h][None]).all(-1).float().argmax(-1)
+            )  # where each kept key came from
+            assert top[li, h, idx].all() and set(range(4)) <= set(idx.tolist())

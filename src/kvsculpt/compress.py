@@ -9,7 +9,7 @@ from tqdm.auto import tqdm
 
 from .cache import CompressedCache
 from .config import CompressConfig
-from .core.attention import attention_weights, fidelity
+from .core.attention import fidelity
 from .core.methods import Identity, Select
 from .core.scores import H2O
 from .hf.capture import Capture, capture, replay_self_queries, split_heldout
@@ -55,7 +55,7 @@ def compress_captured(model, cap: Capture, cfg: CompressConfig, progress: bool =
         budgets, pilot_record = cfg.rule.plan(
             n, cfg.ratio, L, Hkv,
             pilot=lambda m: pilot_errors(cap, fit_q, pilot_q, m),
-            entry_scores=lambda: peak_attention(cap, fit_q, local),
+            entry_scores=lambda: entry_scores(cap, solver, fit_q, local),
         )  # fmt: skip
     pilot_seconds = time.perf_counter() - t_start
     if cfg.on_policy and cap.samples is None:
@@ -114,11 +114,13 @@ def compress_captured(model, cap: Capture, cfg: CompressConfig, progress: bool =
     )
 
 
-def peak_attention(cap: Capture, queries, local_lse=None) -> torch.Tensor:
-    """Each entry's largest attention weight from ``queries`` (per layer ``[Hkv, N, d]``; ``local_lse``: their
-    log-mass outside the context) → ``[L, Hkv, n]``, for ``global`` budgets."""
+def entry_scores(cap: Capture, solver, queries, local_lse=None) -> torch.Tensor:
+    """Every entry's score ``[L, Hkv, n]`` as ``solver`` ranks it for selection (entries it always keeps, such
+    as KVzip's sinks, score +inf), from ``queries`` (per layer ``[Hkv, N, d]``), for ``global`` budgets: the
+    allocation and the selection then rank entries the same way."""
+    cq = cap.context_queries or [None] * len(cap.keys)
     return torch.stack([
-        attention_weights(q, K.float(), cap.scale, None if local_lse is None else local_lse[li]).amax(1)
+        solver.entry_scores(K.float(), q, cap.scale, cq[li], None if local_lse is None else local_lse[li])
         for li, (q, K) in enumerate(zip(queries, cap.keys, strict=True))
     ])  # fmt: skip
 
