@@ -158,6 +158,7 @@ GRIDS = {
         "select-fit/self+context curves": C("h2o", "self+context", allocation="curves"),
         "kvzip-fit/repeat global, no held-out": KVZIP_FIT,
     },
+    "default": {"kvzip-fit/repeat global, no held-out": KVZIP_FIT},  # the default alone
     "smoke": {
         "h2o/context": C("h2o", "context", **EVICT),
         "select-fit/context": C("h2o", "context"),

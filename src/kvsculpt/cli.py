@@ -16,8 +16,20 @@ DEMO_QUESTION = "\n\nQuestion: What does a client do while a background task is 
 DEFAULTS = CompressConfig()
 
 
-class _Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """Descriptions as written, and every option's default shown."""
+class _Help(argparse.RawDescriptionHelpFormatter):
+    """Descriptions as written, and every option's default shown (unless it has none or its help says it)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        flag = action.nargs == 0 and not isinstance(action, argparse.BooleanOptionalAction)  # on/off switches
+        if (
+            action.default not in (None, argparse.SUPPRESS)
+            and "default" not in text
+            and action.option_strings
+            and not flag
+        ):
+            text += " (default: %(default)s)"
+        return text
 
 
 def _say(message: str) -> None:
@@ -200,6 +212,13 @@ def _model_options(p, text=True):
         )
 
 
+def _window_options(p):
+    p.add_argument("--context-tokens", type=int, default=1024, help="tokens of the text compressed")
+    p.add_argument(
+        "--continuation-tokens", type=int, default=128, help="real tokens after it the KL is measured on"
+    )
+
+
 def _compress_options(p):
     d = DEFAULTS
     p.add_argument("--ratio", type=float, default=d.ratio,
@@ -255,10 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
                 "on the real continuation, its size and its time, then answer a question from the compressed "
                 "cache.")  # fmt: skip
     _model_options(p)
-    p.add_argument("--context-tokens", type=int, default=1024, help="tokens of the text compressed")
-    p.add_argument(
-        "--continuation-tokens", type=int, default=128, help="real tokens after it the KL is measured on"
-    )
+    _window_options(p)
     p.add_argument("--ratio", type=float, default=0.3, help="fraction of KV entries kept")
     p.set_defaults(func=cmd_demo)
 
@@ -268,8 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
                 "(or one JSON line).")  # fmt: skip
     _model_options(p)
     _compress_options(p)
-    p.add_argument("--context-tokens", type=int, default=1024, help="tokens compressed")
-    p.add_argument("--continuation-tokens", type=int, default=128, help="real tokens the KL is measured on")
+    _window_options(p)
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     p.set_defaults(func=cmd_eval)
 

@@ -12,7 +12,7 @@ from .config import CompressConfig
 from .core.attention import fidelity
 from .core.methods import Identity, Select
 from .core.scores import H2O
-from .hf.capture import Capture, capture, replay_self_queries, split_heldout
+from .hf.capture import Capture, capture, replay_self_queries, split_heldout, stage
 from .hf.dims import model_dims
 
 PILOT = Select(scorer=H2O(), fit=True)  # the pilot of the curves/adaptive rules: Select+Fit
@@ -52,6 +52,7 @@ def compress_captured(model, cap: Capture, cfg: CompressConfig, progress: bool =
     if isinstance(solver, Identity):
         budgets, pilot_record = [[n] * Hkv for _ in range(L)], {}
     else:
+        stage(progress, f"{cfg.allocation} budgets for {L} layers × {Hkv} KV heads")
         budgets, pilot_record = cfg.rule.plan(
             n, cfg.ratio, L, Hkv,
             pilot=lambda m: pilot_errors(cap, fit_q, pilot_q, m),
@@ -64,7 +65,7 @@ def compress_captured(model, cap: Capture, cfg: CompressConfig, progress: bool =
     stage_starts = {round(i * L / stages) for i in range(1, stages)} if stages else set()
     keys, values, biases, rel_mse, mass_err, replay_s = [], [], [], [], [], 0.0
     has_bias = False
-    for li in tqdm(range(L), desc=f"compress {type(solver).__name__}", unit="layer", disable=not progress):
+    for li in tqdm(range(L), desc=f"solve ({type(solver).__name__})", unit="layer", disable=not progress):
         if li in stage_starts:
             t_replay = time.perf_counter()
             rest_k = [[k.to(model.dtype) for k in K] for K in cap.keys[li:]]

@@ -73,7 +73,8 @@ def _position_groups(length: int, G: int) -> torch.Tensor:
     return pooled_groups((torch.arange(length) // POSITION_GROUP)[None], 1, G)
 
 
-def _stage(progress: bool, message: str) -> None:
+def stage(progress: bool, message: str) -> None:
+    """One line on stderr saying what a slow step is doing now (when ``progress``)."""
     if progress:
         tqdm.write(f"kvsculpt: {message}", file=sys.stderr)
 
@@ -156,7 +157,7 @@ def capture(model, context_ids: torch.Tensor, cfg: CompressConfig | None = None,
     Hkv, G, n = dims.kv_heads, dims.groups, context_ids.shape[1]
     keep_context = cfg.solver.needs_context_queries if keep_context_queries is None else keep_context_queries
     want_ctx = "context" in cfg.sources or keep_context
-    _stage(progress, f"prefill of {n} tokens")
+    stage(progress, f"prefill of {n} tokens")
     if want_ctx:
         with capture_queries(model) as sinks:
             cache, last, prefill_s = prefill(model, context_ids)
@@ -175,7 +176,7 @@ def capture(model, context_ids: torch.Tensor, cfg: CompressConfig | None = None,
         if src == "context":
             q, g = [pool_gqa(x.float(), Hkv) for x in ctx_q], _position_groups(n, G)
         elif src == "repeat":
-            _stage(progress, f"repeat pass ({2 * n} tokens + prompt)")
+            stage(progress, f"repeat pass ({2 * n} tokens + prompt)")
             q, g, lse = _repeat_queries(model, context_ids, tokenizer)
         else:
             q, g, samples = sample_self_queries(model, keys, values, last, cfg, progress)
