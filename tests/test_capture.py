@@ -162,24 +162,40 @@ class _StubTokenizer:
         return {"input_ids": torch.tensor([[5, 6, 7]])}
 
 
-def test_repeat_queries_carry_their_mass_outside_the_context(tiny):
-    """Context log-mass ⊕ local log-mass = the log-mass over everything the repeat query really sees."""
+@pytest.mark.parametrize("style, prompt", [("plain", [5, 6, 7]), ("kvzip", [5, 6, 7, 5, 6, 7])])
+def test_repeat_queries_carry_their_mass_outside_the_context(tiny, style, prompt):
+    """Context log-mass ⊕ local log-mass = the log-mass over everything the repeat query really sees; the
+    queries are the copy's (plain) or the request's and the copy's (kvzip: the request, then the chat template's
+    reply start, here "\n" as the stub has no template)."""
     n = 24
     ids = torch.randint(0, 97, (1, n))
-    cap = capture(tiny, ids, queries="repeat", tokenizer=_StubTokenizer())
-    full_ids = torch.cat([ids, torch.tensor([[5, 6, 7]]), ids], dim=1)
+    cap = capture(tiny, ids, queries="repeat", repeat_prompt=style, tokenizer=_StubTokenizer())
+    full_ids = torch.cat([ids, torch.tensor([prompt]), ids], dim=1)
+    t = n if style == "plain" else n + len(prompt)  # the queries taken
     cache = DynamicCache()
     with torch.no_grad(), capture_queries(tiny) as sinks:
         tiny(full_ids, past_key_values=cache, use_cache=True)
     Hkv = tiny.config.num_key_value_heads
+    assert cap.queries[0].shape[1] == t * tiny.config.num_attention_heads // Hkv
     for li, layer in enumerate(cache.layers):
-        q = torch.cat(sinks[li], dim=2)[:, :, -n:].float()  # the copy's queries [1, H, n, d]
-        k = layer.keys[0].float().repeat_interleave(q.shape[1] // Hkv, 0)  # [H, 2n+3, d]
-        lg = q[0] @ k.transpose(1, 2) / q.shape[-1] ** 0.5  # [H, n, 2n+3]
-        future = torch.arange(k.shape[1])[None] > torch.arange(k.shape[1] - n, k.shape[1])[:, None]
+        q = torch.cat(sinks[li], dim=2)[:, :, -t:].float()  # [1, H, t, d]
+        k = layer.keys[0].float().repeat_interleave(q.shape[1] // Hkv, 0)  # [H, 2n+p, d]
+        lg = q[0] @ k.transpose(1, 2) / q.shape[-1] ** 0.5  # [H, t, 2n+p]
+        future = torch.arange(k.shape[1])[None] > torch.arange(k.shape[1] - t, k.shape[1])[:, None]
         true_lse = pool_gqa(torch.logsumexp(lg.masked_fill(future, float("-inf")), -1)[None, ..., None], Hkv)[
             ..., 0
         ]
+        torch.testing.assert_close(pool_gqa(q, Hkv), cap.queries[li])
         ctx_lse = torch.logsumexp(cap.queries[li] @ cap.keys[li].transpose(1, 2) / q.shape[-1] ** 0.5, -1)
         assert torch.allclose(torch.logaddexp(ctx_lse, cap.local_lse[li]), true_lse, atol=1e-4)
     assert capture(tiny, ids, queries="context").local_lse is None  # no source with keys outside the context
+
+
+def test_kvzip_repeat_prompt_ends_as_the_assistants_reply(smollm):
+    from kvsculpt.hf.capture import repeat_prompt_ids
+
+    _, tok = smollm
+    text = tok.decode(repeat_prompt_ids(tok, "kvzip")[0])
+    assert text.startswith("\n\nRepeat the previous context exactly.")
+    assert text.endswith("<|im_end|>\n<|im_start|>assistant\n")
+    assert tok.decode(repeat_prompt_ids(tok, "plain")[0]) == "\n\nRepeat the text above.\n\n"

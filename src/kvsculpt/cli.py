@@ -8,7 +8,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from .config import ALLOCATIONS, DEFAULT_METHOD, METHODS, QUERY_SOURCES, CompressConfig
+from .config import ALLOCATIONS, DEFAULT_METHOD, METHODS, QUERY_SOURCES, REPEAT_PROMPTS, CompressConfig
 from .hf.models import DEFAULT_MODEL, PACKAGED
 
 DEMO_TEXT = "fastmcp_background_tasks"
@@ -57,7 +57,8 @@ def config_from_args(args) -> CompressConfig:
     """The :class:`CompressConfig` the command-line options describe (every check is the config's)."""
     return CompressConfig(
         ratio=args.ratio, method=args.method, fit=args.fit, options=dict(args.option or []),
-        allocation=args.allocation, alpha=args.alpha, scope=args.scope, queries=args.queries,
+        allocation=args.allocation, alpha=args.alpha, scope=args.scope, floor=args.floor, queries=args.queries,
+        repeat_prompt=args.repeat_prompt,
         max_queries=None if args.max_queries == 0 else args.max_queries, self_samples=args.self_samples,
         self_length=args.self_length, heldout=args.heldout, on_policy=args.on_policy, seed=args.seed,
     )  # fmt: skip
@@ -237,6 +238,10 @@ def _compress_options(p):
     p.add_argument("--queries", default=d.queries,
                    help="reference queries, one source or several joined by '+': "
                    + "; ".join(f"{k}: {v}" for k, v in QUERY_SOURCES.items()))  # fmt: skip
+    p.add_argument("--floor", type=int, default=d.floor,
+                   help="the smallest budget a head gets under a non-uniform rule (default: n/64)")  # fmt: skip
+    p.add_argument("--repeat-prompt", default=d.repeat_prompt, choices=list(REPEAT_PROMPTS), metavar="STYLE",
+                   help="for 'repeat' queries: " + "; ".join(f"{k}: {v}" for k, v in REPEAT_PROMPTS.items()))  # fmt: skip
     p.add_argument("--max-queries", type=int, default=d.max_queries,
                    help="reference queries kept per KV head (a random subset; 0 keeps all)")  # fmt: skip
     p.add_argument(

@@ -36,6 +36,11 @@ ALLOCATIONS = {
     "uniform": "every head keeps round(ratio·n)",
     "adaptive": "m ∝ pilot error^alpha (the KVSculpt paper's rule)",
 }
+REPEAT_PROMPTS = {
+    "plain": '"Repeat the text above." between the context and its copy; the copy\'s queries',
+    "kvzip": "KVzip's request closed by the chat template's user turn and opened as the assistant's reply; the "
+    "queries of the request and the copy (as KVzip and kvpress score them)",
+}
 DEFAULT_METHOD, DEFAULT_QUERIES, DEFAULT_ALLOCATION = "kvzip", "repeat", "global"
 
 
@@ -81,9 +86,10 @@ class CompressConfig:
     ``ratio = 1 − compression_ratio``). ``method``: how entries are chosen (:data:`METHODS`); ``fit``: refit
     their values by ridge least squares (False copies them: plain eviction); ``options``: the method's own
     fields, e.g. ``{"lam": 1e-2}``, ``{"iters": 60}``, ``{"sinks": 0}``. ``allocation``: how budgets are
-    shared between heads (:data:`ALLOCATIONS`), with ``alpha`` (adaptive) and ``scope`` (``all``, ``heads``
-    of each layer, or ``layers``). ``queries``: the reference-query sources (:data:`QUERY_SOURCES`), joined
-    by ``+``; at most ``max_queries`` per KV head are kept (a random subset; None keeps all);
+    shared between heads (:data:`ALLOCATIONS`), with ``alpha`` (adaptive), ``scope`` (``all``, ``heads``
+    of each layer, or ``layers``) and ``floor`` (the smallest budget a head gets; None: n/64). ``queries``: the
+    reference-query sources (:data:`QUERY_SOURCES`), joined by ``+``; ``repeat_prompt``: what stands between
+    the context and its copy for ``repeat`` (:data:`REPEAT_PROMPTS`); at most ``max_queries`` per KV head are kept (a random subset; None keeps all);
     ``self_samples`` × ``self_length`` tokens are sampled at ``temperature`` / ``top_p`` for ``self``.
     ``heldout``: fraction of query groups kept out of the fit, for the fidelity stats. ``on_policy``: solve
     the layers in that many stages, replaying the self samples through the layers already compressed.
@@ -96,7 +102,9 @@ class CompressConfig:
     allocation: str = DEFAULT_ALLOCATION
     alpha: float = 1.0
     scope: str = "all"
+    floor: int | None = None
     queries: str = DEFAULT_QUERIES
+    repeat_prompt: str = "plain"
     max_queries: int | None = 4096
     self_samples: int = 10
     self_length: int = 64
@@ -116,12 +124,18 @@ class CompressConfig:
             raise ValueError(f"unknown allocation {self.allocation!r}; choose from {', '.join(ALLOCATIONS)}")
         if self.scope not in budget.SCOPES:
             raise ValueError(f"unknown scope {self.scope!r}; choose from {', '.join(budget.SCOPES)}")
+        if self.floor is not None and self.floor < 1:
+            raise ValueError(f"floor must be >= 1 (or None for n/64); got {self.floor}")
         if self.allocation == "uniform":
             self.rule = budget.Uniform()
         elif self.allocation == "adaptive":
-            self.rule = budget.Adaptive(scope=self.scope, alpha=self.alpha)
+            self.rule = budget.Adaptive(scope=self.scope, floor=self.floor, alpha=self.alpha)
         else:
-            self.rule = budget.RULES[self.allocation](scope=self.scope)
+            self.rule = budget.RULES[self.allocation](scope=self.scope, floor=self.floor)
+        if self.repeat_prompt not in REPEAT_PROMPTS:
+            raise ValueError(
+                f"unknown repeat_prompt {self.repeat_prompt!r}; choose from {', '.join(REPEAT_PROMPTS)}"
+            )
         if self.alpha < 0:
             raise ValueError(f"alpha must be >= 0; got {self.alpha}")
         if self.max_queries is not None and self.max_queries <= 0:
@@ -147,8 +161,8 @@ class CompressConfig:
 
     def capture_key(self) -> tuple:
         """What a capture depends on: configs with equal keys can share one capture of a context."""
-        return (self.queries, self.max_queries, self.self_samples, self.self_length, self.temperature,
-                self.top_p, self.seed)  # fmt: skip
+        return (self.queries, self.repeat_prompt, self.max_queries, self.self_samples, self.self_length,
+                self.temperature, self.top_p, self.seed)  # fmt: skip
 
     def replace(self, **changes) -> CompressConfig:
         """A copy with some fields changed (checked again)."""

@@ -123,9 +123,9 @@ def allocate_global(scores: torch.Tensor, total: int, floor: int) -> torch.Tenso
     return torch.bincount(chosen, minlength=L * H).reshape(L, H)
 
 
-def _floor(n: int, m: int) -> int:
-    """The smallest budget a non-uniform rule gives a head: n/64, at most the uniform budget."""
-    return max(1, min(m, n // 64))
+def _floor(n: int, m: int, floor: int | None = None) -> int:
+    """The smallest budget a non-uniform rule gives a head: ``floor`` (default n/64), at most the uniform budget."""
+    return max(1, min(m, n // 64 if floor is None else floor))
 
 
 @dataclass
@@ -141,9 +141,10 @@ class Global:
     """KVzip's rule: every entry of every head ranked together by the method's own entry scores
     (``entry_scores() -> [L, H, n]``, the same ranking its selection uses, so sinks and recent positions that
     the method always keeps are counted); each head keeps what it has among the best ``round(ratio·n)·L·H``,
-    at least n/64. ``scope="heads"`` ranks within each layer. No pilot."""
+    at least ``floor`` (default n/64). ``scope="heads"`` ranks within each layer. No pilot."""
 
     scope: str = "all"
+    floor: int | None = None
 
     def __post_init__(self):
         if self.scope not in ("all", "heads"):
@@ -153,7 +154,7 @@ class Global:
 
     def plan(self, n, ratio, layers, kv_heads, pilot=None, entry_scores=None):
         m = kept(n, ratio)
-        floor = _floor(n, m)
+        floor = _floor(n, m, self.floor)
         scores = torch.as_tensor(entry_scores())
         if self.scope == "all":
             out = allocate_global(scores, m * layers * kv_heads, floor)
@@ -169,6 +170,7 @@ class _PilotRule:
     """Rules that run a pilot (``pilot(m) -> [L, H]``: each head's relative error when every head keeps ``m``)."""
 
     scope: str = "all"
+    floor: int | None = None
 
     def __post_init__(self):
         if self.scope not in SCOPES:
@@ -182,7 +184,7 @@ class _PilotRule:
 
     def plan(self, n, ratio, layers, kv_heads, pilot=None, entry_scores=None):
         m = kept(n, ratio)
-        floor = _floor(n, m)
+        floor = _floor(n, m, self.floor)
         sizes = self.sizes(n, m, floor)
         errors = torch.stack([torch.as_tensor(pilot(s), dtype=torch.float64) for s in sizes])  # [K, L, H]
         record = {"rule": type(self).__name__.lower(), "scope": self.scope, "uniform_budget": m,

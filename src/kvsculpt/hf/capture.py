@@ -28,7 +28,10 @@ from .attention import capture_queries
 from .decode import check_ids, decode, forward, prefill, top_p_pick
 from .dims import check_supported, model_dims
 
-REPEAT_PROMPT = "\n\nRepeat the text above.\n\n"
+REPEAT_PROMPT = "\n\nRepeat the text above.\n\n"  # repeat_prompt="plain"
+KVZIP_PROMPT = (
+    "\n\nRepeat the previous context exactly."  # repeat_prompt="kvzip": KVzip's (and kvpress's) words
+)
 POSITION_GROUP = 32  # context/repeat queries: positions per group for held-out splits
 
 
@@ -111,26 +114,52 @@ def sample_self_queries(model, keys, values, last_logits, cfg: CompressConfig, p
     return queries, pooled_groups(token_group, S, dims.groups), torch.cat([first, picks[:, :-1]], dim=1)
 
 
+def chat_reply_start(tokenizer) -> str:
+    """What the tokenizer's chat template puts between the end of a user's message and the assistant's reply
+    ("\n" without a chat template)."""
+    if getattr(tokenizer, "chat_template", None) is None:
+        return "\n"
+    mark = "\n###kvsculpt-mark###"
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "x" + mark}], add_generation_prompt=True,
+                                         tokenize=False)  # fmt: skip
+    return text.split(mark, 1)[1]
+
+
+def repeat_prompt_ids(tokenizer, style: str) -> torch.Tensor:
+    """The ids ``[1, p]`` put between the context and its copy. ``plain``: "Repeat the text above."; ``kvzip``:
+    KVzip's request, closed as a user turn and opened as the assistant's reply by the chat template, so that an
+    instruct model really repeats."""
+
+    def ids(text):
+        return tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+
+    if style == "plain":
+        return ids(REPEAT_PROMPT)
+    return torch.cat([ids(KVZIP_PROMPT), ids(chat_reply_start(tokenizer))], dim=1)
+
+
 @torch.inference_mode()
-def _repeat_queries(model, context_ids, tokenizer):
-    """The second copy's queries ``[Hkv, G·n, d]`` per layer while the model reads ``context + prompt +
-    context``, their groups, and each query's log-mass on the keys outside the first copy."""
+def _repeat_queries(model, context_ids, tokenizer, style: str):
+    """Queries ``[Hkv, G·t, d]`` per layer while the model reads ``context + prompt + context`` (the copy's
+    ``t = n`` queries; with ``style="kvzip"`` the prompt's too, ``t = p + n``, as KVzip scores them), their
+    groups, and each query's log-mass on the keys outside the first copy (the prompt and the copy so far)."""
     if tokenizer is None:
         raise ValueError("query source 'repeat' needs the tokenizer (pass tokenizer=...)")
     dims = model_dims(model)
-    prompt = tokenizer(REPEAT_PROMPT, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    prompt = repeat_prompt_ids(tokenizer, style).to(context_ids.device)
     n = context_ids.shape[1]
-    ids = torch.cat([context_ids, prompt.to(context_ids.device), context_ids], dim=1)
+    t = n + (prompt.shape[1] if style == "kvzip" else 0)
+    ids = torch.cat([context_ids, prompt, context_ids], dim=1)
     cache = DynamicCache()
     with capture_queries(model) as sinks:
         forward(model, ids, cache, 0, last_only=True)
     qs, lses = [], []
     for s, layer in zip(sinks, cache.layers, strict=True):
-        q = torch.cat(s, dim=2)[:, :, -n:].float()  # [1, H, n, d]
+        q = torch.cat(s, dim=2)[:, :, -t:].float()  # [1, H, t, d]
         local_k = layer.keys[0, :, n:].float()  # [Hkv, p + n, d]: prompt and copy, seen causally
         qs.append(pool_gqa(q, dims.kv_heads))
         lses.append(pool_gqa(local_lse(q, local_k, dims.scale)[..., None], dims.kv_heads)[..., 0])
-    return qs, _position_groups(n, dims.groups), lses
+    return qs, _position_groups(t, dims.groups), lses
 
 
 def local_lse(q: torch.Tensor, local_k: torch.Tensor, scale: float) -> torch.Tensor:
@@ -177,7 +206,7 @@ def capture(model, context_ids: torch.Tensor, cfg: CompressConfig | None = None,
             q, g = [pool_gqa(x.float(), Hkv) for x in ctx_q], _position_groups(n, G)
         elif src == "repeat":
             stage(progress, f"repeat pass ({2 * n} tokens + prompt)")
-            q, g, lse = _repeat_queries(model, context_ids, tokenizer)
+            q, g, lse = _repeat_queries(model, context_ids, tokenizer, cfg.repeat_prompt)
         else:
             q, g, samples = sample_self_queries(model, keys, values, last, cfg, progress)
         local_parts.append(

@@ -95,25 +95,29 @@ def eos_ids(model, tokenizer) -> set[int]:
 
 
 def text_stop(eos: set[int], tokenizer=None, stop: str | None = None) -> Callable[[list[int]], bool]:
-    """A stop rule for :func:`decode`: an id in ``eos``, or ``stop`` appearing in the decoded text."""
+    """A stop rule for :func:`decode`: an id in ``eos``, or ``stop`` appearing in the decoded text after its
+    leading white space."""
 
     def done(tokens: list[int]) -> bool:
-        return tokens[-1] in eos or (
-            bool(stop) and stop in tokenizer.decode(tokens, skip_special_tokens=True)
-        )
+        if tokens[-1] in eos:
+            return True
+        return bool(stop) and stop in tokenizer.decode(tokens, skip_special_tokens=True).lstrip()
 
     return done
 
 
 def answer_text(tokenizer, tokens: list[int], stop: str | None = None) -> str:
-    """Decoded answer, cut before ``stop`` (and EOS)."""
+    """Decoded answer, cut before ``stop`` (leading white space kept out of the search) and EOS."""
     text = tokenizer.decode(tokens, skip_special_tokens=True)
-    return text.split(stop)[0] if stop else text
+    if not stop:
+        return text
+    body = text.lstrip()
+    return text[: len(text) - len(body)] + body.split(stop)[0]
 
 
 def ask(model, tokenizer, cache, questions, max_new_tokens: int = 64, stop: str | None = None):
     """Answer each question (a string, or a list of them) from the same compressed context, greedily; stops
-    at EOS or at ``stop``. Returns the answers' texts.
+    at EOS or where ``stop`` appears (after the answer's leading white space). Returns the answers' texts.
 
     Each question runs on a fork of ``cache`` (the compressed block is shared, nothing is recomputed), so no
     question's tokens leak into the next.
