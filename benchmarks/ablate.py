@@ -16,6 +16,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from kvsculpt import load_model
+from kvsculpt.bench.peers import run_peers
 from kvsculpt.bench.runner import (
     EVICTION,
     geomean,
@@ -33,6 +34,8 @@ C = legacy_config
 EVICT = {"fit": False}  # plain eviction: values copied
 MAX = {"sinks": 0}  # kvzip scores without sinks = the former Select+Fit `select="max"`
 KVZIP_FIT = C("kvzip", "repeat", allocation="global", heldout=0.0)  # the default since session 4
+# kvpress's KVzip: KVzip's chat-wrapped request, its queries scored too, every query, no per-head floor, copied values
+KVZIP_KVPRESS = KVZIP_FIT.replace(fit=False, repeat_prompt="kvzip", floor=1, max_queries=None)
 
 GRIDS = {
     "core": {
@@ -159,6 +162,18 @@ GRIDS = {
         "kvzip-fit/repeat global, no held-out": KVZIP_FIT,
     },
     "default": {"kvzip-fit/repeat global, no held-out": KVZIP_FIT},  # the default alone
+    # issue 13: which of kvpress KVzip's choices to keep, and whether the value fit should be guarded
+    "fast-default": {
+        "kvzip-fit/repeat global, no held-out": KVZIP_FIT,  # the default until now
+        "kvzip/repeat global, no held-out": KVZIP_FIT.replace(fit=False),  # our former KVzip replica
+        "kvzip/repeat-kvzip global floor=1": KVZIP_KVPRESS,  # = kvpress KVzip less its chat-prefix artifact
+        "kvzip-fit/repeat-kvzip global floor=1": KVZIP_KVPRESS.replace(fit=True),
+        "kvzip-fit guard/repeat-kvzip global floor=1": KVZIP_KVPRESS.replace(
+            fit=True, options={"guard": True}
+        ),
+        "kvzip-fit/repeat-kvzip global": KVZIP_KVPRESS.replace(fit=True, floor=None),
+        "select-fit/self+context curves": C("h2o", "self+context", allocation="curves"),  # the default before
+    },
     "smoke": {
         "h2o/context": C("h2o", "context", **EVICT),
         "select-fit/context": C("h2o", "context"),
@@ -176,57 +191,85 @@ def run(args):
     model, tok = load_model(args.model)
     texts = args.texts or [k for k, v in text_index().items() if not v["memorised"]]
     wins = windows(tok, texts, args.context_tokens, args.continuation_tokens, per_text=args.per_text)
-    run_grid(model, tok, args.model, wins, GRIDS[args.grid], args.ratios, jsonl, passkey=args.passkey)
+    for w in wins:  # window by window (with the peers), so that an interrupted run has whole windows
+        run_grid(model, tok, args.model, [w], GRIDS[args.grid], args.ratios, jsonl, passkey=args.passkey)
+        if args.peers:
+            run_peers(args.model, [w], args.ratios, jsonl, tok)
     write_report(list(load_rows(jsonl).values()), args, out)  # everything measured so far, all grids
+
+
+def summarise(rows, ratios) -> list[dict]:
+    """Per (config, ratio): geo-mean KL over the windows, and against the kvpress presses in the rows: the
+    paired geo-mean ratio to the best press (by geo-mean), the worst window's ratio to the best press on that
+    window, and the windows on which the config's KL rises with more room (by more than 5 %)."""
+    kl = {(r["config"], r["ratio"], r["window"]): r["kl"] for r in rows}
+    cp, methods, pk = defaultdict(list), {}, defaultdict(list)
+    for r in rows:
+        cp[(r["config"], r["ratio"])].append(r["compress_over_prefill"])
+        if r.get("passkey") is not None:
+            pk[(r["config"], r["ratio"])].append((r["passkey"], r.get("passkey_full")))
+        methods[(r["config"], r["ratio"])] = r.get("method") or r.get("press")
+    configs = list(dict.fromkeys(r["config"] for r in rows))
+    wins = sorted({r["window"] for r in rows})
+    rising = {}
+    for c in configs:
+        rising[c] = sorted(
+            w for w in wins
+            if any((c, a, w) in kl and (c, b, w) in kl and kl[(c, b, w)] > 1.05 * kl[(c, a, w)]
+                   for a in ratios for b in ratios if b > a)
+        )  # fmt: skip
+    summary = []
+    for ratio in ratios:
+        present = [c for c in configs if (c, ratio) in methods]
+        gm = {c: geomean([v for (cc, r, _), v in kl.items() if cc == c and r == ratio]) for c in present}
+        evict = [c for c in present if c.split("/")[0] in EVICTION]
+        best_evict = min(evict, key=gm.get) if evict else None
+        presses = [c for c in present if c.startswith("kvpress.")]
+        best_press = min(presses, key=gm.get) if presses else None
+        for c in present:
+            src = c.split("/")[1].split(" ")[0] if "/" in c else None
+            sf = f"select-fit/{src}" if src else None
+            worst = [min(kl[(p, ratio, w)] for p in presses if (p, ratio, w) in kl) / kl[(c, ratio, w)]
+                     for w in wins if (c, ratio, w) in kl and any((p, ratio, w) in kl for p in presses)]  # fmt: skip
+            summary.append({
+                "config": c, "ratio": ratio, "method": methods[(c, ratio)], "kl_geomean": gm[c],
+                "vs_select_fit": paired_ratio(kl, sf, c, ratio) if sf in gm else None,
+                "vs_best_eviction": paired_ratio(kl, best_evict, c, ratio) if best_evict else None,
+                "best_eviction": best_evict, "best_press": best_press,
+                "vs_best_press": paired_ratio(kl, best_press, c, ratio) if best_press else None,
+                "worst_window_vs_best_press": min(worst) if worst else None,
+                "rises_with_room": rising[c],
+                "compress_over_prefill": sum(cp[(c, ratio)]) / len(cp[(c, ratio)]),
+                "windows": sum(1 for (cc, r, _) in kl if cc == c and r == ratio),
+                "passkey": [sum(a for a, _ in pk[(c, ratio)]), sum(bool(b) for _, b in pk[(c, ratio)]),
+                            len(pk[(c, ratio)])] if pk[(c, ratio)] else None,
+            })  # fmt: skip
+    return summary
+
+
+def table(summary) -> list[str]:
+    f = lambda x: "–" if x is None else f"{x:.2f}"  # noqa: E731
+    lines = ["| config | ratio | windows | KL | ×S+F | ×evict | ×best press | worst window ×press | rises with room "
+             "| passkey | compress/prefill |", "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for s in summary:
+        lines.append(
+            f"| {s['config']} | {s['ratio']} | {s['windows']} | {s['kl_geomean']:.4f} | {f(s['vs_select_fit'])} | "
+            f"{f(s['vs_best_eviction'])} | {f(s['vs_best_press'])} | {f(s['worst_window_vs_best_press'])} | "
+            f"{len(s['rises_with_room'])} | {'/'.join(map(str, s['passkey'])) if s['passkey'] else '–'} | "
+            f"{s['compress_over_prefill']:.1f} |"
+        )
+    return lines
 
 
 def write_report(rows, args, out: Path):
     all_rows = rows
     rows, flagged = split_memorised(rows)
-    kl = {(r["config"], r["ratio"], r["window"]): r["kl"] for r in rows}
-    cp = defaultdict(list)
-    methods = {}
-    pk = defaultdict(list)
-    for r in rows:
-        cp[(r["config"], r["ratio"])].append(r["compress_over_prefill"])
-        if r.get("passkey") is not None:
-            pk[(r["config"], r["ratio"])].append((r["passkey"], r.get("passkey_full")))
-        methods[(r["config"], r["ratio"])] = r["method"]
-    configs = list(dict.fromkeys(r["config"] for r in rows))
-    summary = []
-    for ratio in args.ratios:
-        present = [c for c in configs if (c, ratio) in methods]
-        gm = {c: geomean([v for (cc, r, _), v in kl.items() if cc == c and r == ratio]) for c in present}
-        evict = [c for c in present if c.split("/")[0] in EVICTION]
-        best_evict = min(evict, key=gm.get) if evict else None
-        for c in present:
-            src = c.split("/")[1].split(" ")[0] if "/" in c else None
-            sf = f"select-fit/{src}" if src else None
-            summary.append(
-                {
-                    "config": c,
-                    "ratio": ratio,
-                    "method": methods[(c, ratio)],
-                    "kl_geomean": gm[c],
-                    "vs_select_fit": paired_ratio(kl, sf, c, ratio) if sf in gm else None,
-                    "vs_best_eviction": paired_ratio(kl, best_evict, c, ratio) if best_evict else None,
-                    "best_eviction": best_evict,
-                    "compress_over_prefill": sum(cp[(c, ratio)]) / len(cp[(c, ratio)]),
-                    "windows": sum(1 for (cc, r, _) in kl if cc == c and r == ratio),
-                    "passkey": [
-                        sum(a for a, _ in pk[(c, ratio)]),
-                        sum(bool(b) for _, b in pk[(c, ratio)]),
-                        len(pk[(c, ratio)]),
-                    ]
-                    if pk[(c, ratio)]
-                    else None,
-                }
-            )
-    (out.parent / f"{out.name}.json").write_text(
-        json.dumps(
-            {"args": vars(args), "summary": summary, "looks_memorised": flagged, "rows": all_rows}, indent=1
-        )
-    )
+    summary = summarise(rows, args.ratios)
+    sets = {"tune (windows at offset 0)": [r for r in rows if r["window"].endswith("@0")],
+            "report (windows at later offsets)": [r for r in rows if not r["window"].endswith("@0")]}  # fmt: skip
+    (out.parent / f"{out.name}.json").write_text(json.dumps(
+        {"args": vars(args), "summary": summary, "by_set": {k: summarise(v, args.ratios) for k, v in sets.items() if v},
+         "looks_memorised": flagged, "rows": all_rows}, indent=1))  # fmt: skip
     lines = [
         f"# Ablation: {args.model}, n={args.context_tokens}, T={args.continuation_tokens}",
         "",
@@ -234,24 +277,27 @@ def write_report(rows, args, out: Path):
         "",
         f"Geo-mean held-out KL (nats) over up to {len({r['window'] for r in rows})} windows "
         f"({', '.join(sorted({r['window'] for r in rows}))}). "
-        "`×S+F` = KL(Select+Fit, same queries) / KL(row); `×evict` = KL(best eviction baseline) / KL(row): "
-        "above 1 means the row is better.",
-        "",
-        "Ratios are paired: geo-mean over the windows both configs ran on.",
+        "`×S+F` = KL(Select+Fit, same queries) / KL(row); `×evict` = KL(best eviction baseline) / KL(row); "
+        "`×best press` = KL(the kvpress press with the lowest geo-mean) / KL(row): above 1 means the row is "
+        "better. Ratios are paired: geo-mean over the windows both ran on. `worst window ×press`: the smallest, "
+        "over windows, of KL(the best press on that window) / KL(row). `rises with room`: windows on which the "
+        "row's KL at a larger ratio exceeds its KL at a smaller one by more than 5 %.",
         "",
         "`passkey`: windows where the planted key was retrieved after compression / by the full cache / tried.",
         "",
-        "| config | ratio | windows | KL | ×S+F | ×evict | passkey | compress/prefill | method |",
-        "|---|---|---|---|---|---|---|---|---|",
+        *table(summary),
     ]
-    for s in summary:
-        f = lambda x: "–" if x is None else f"{x:.2f}"  # noqa: E731
-        lines.append(
-            f"| {s['config']} | {s['ratio']} | {s['windows']} | {s['kl_geomean']:.4f} | {f(s['vs_select_fit'])} | "
-            f"{f(s['vs_best_eviction'])} | {'/'.join(map(str, s['passkey'])) if s['passkey'] else '–'} | "
-            f"{s['compress_over_prefill']:.1f} | `{s['method']}` |"
-        )
-    nll = {r["window"]: r["teacher_nll"] for r in rows}
+    for name, subset in sets.items():
+        if subset and len(subset) < len(rows):
+            lines += [
+                "",
+                f"## {name}: {len({r['window'] for r in subset})} windows",
+                "",
+                *table(summarise(subset, args.ratios)),
+            ]
+    methods = {s["config"]: s["method"] for s in summary}
+    lines += ["", "Methods: " + "; ".join(f"{c}: `{m}`" for c, m in methods.items())]
+    nll = {r["window"]: r["teacher_nll"] for r in rows if "teacher_nll" in r}
     lines += ["", "Teacher NLL per window (nats/token): " + ", ".join(f"{k} {v:.2f}" for k, v in nll.items())]
     lines += memorised_note(flagged)
     (out.parent / f"{out.name}.md").write_text("\n".join(lines) + "\n")
@@ -268,6 +314,7 @@ def main(argv=None):
     ap.add_argument("--continuation-tokens", type=int, default=128)
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.3, 0.5])
     ap.add_argument("--passkey", action="store_true", help="also try pass-key retrieval at every ratio")
+    ap.add_argument("--peers", action="store_true", help="also run kvpress's presses on the same windows")
     ap.add_argument("--out", default="benchmarks/results/ablation")
     ap.add_argument(
         "--report-only", action="store_true", help="rewrite JSON/Markdown from the JSONL and stop"

@@ -189,3 +189,16 @@ def test_queries_that_look_elsewhere_count_less():
         SelectFit()(K, V, Q, [8, 8], s), SelectFit()(K, V, Q, [8, 8], s, local_lse=none), strict=True
     ):
         assert torch.equal(a[0], b[0]) and torch.allclose(a[1], b[1], atol=1e-5)
+
+
+def test_guard_keeps_copied_values_where_the_fit_does_not_generalise():
+    """With many queries the guarded fit is the plain fit; with fewer queries than a fold needs (24 for 16
+    entries), cross-validation shows the fit does not generalise and heads keep their copied values."""
+    K, V, Q, s = problem(H=4, N=600)
+    Q = Q * 2
+    for N, expect_fit in ((400, True), (24, False)):
+        fitted = SelectFit(lam=1e-4)(K, V, Q[:, :N], [16] * 4, s)
+        copied = SelectFit(fit=False)(K, V, Q[:, :N], [16] * 4, s)
+        guarded = SelectFit(lam=1e-4, guard=True)(K, V, Q[:, :N], [16] * 4, s)
+        for f, c, g in zip(fitted, copied, guarded, strict=True):
+            assert torch.equal(g[1], f[1] if expect_fit else c[1])

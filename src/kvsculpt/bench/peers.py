@@ -19,7 +19,14 @@ from pathlib import Path
 
 import torch
 
-PRESSES = ("SnapKVPress", "ExpectedAttentionPress", "KVzipPress", "KnormPress", "StreamingLLMPress")
+PRESSES = (
+    "SnapKVPress",
+    "ExpectedAttentionPress",
+    "KVzipPress",
+    "TOVAPress",
+    "KnormPress",
+    "StreamingLLMPress",
+)
 
 
 def available() -> bool:
@@ -46,9 +53,11 @@ def run_presses(
         return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
 
 
-def run_peers(model_name, wins, ratios, jsonl, tok, passkey=False, passkey_ratios=None) -> list[dict]:
+def run_peers(
+    model_name, wins, ratios, jsonl, tok, passkey=False, passkey_ratios=None, presses=PRESSES
+) -> list[dict]:
     """kvpress presses on the same windows as :func:`~kvsculpt.bench.runner.run_grid`, rows appended to the same
-    ``jsonl`` (config ``kvpress.<Press>``); resumable."""
+    ``jsonl`` (config ``kvpress.<Press>``); resumable: only the (press, ratio) pairs not yet there run."""
     from tqdm.auto import tqdm
 
     from ..eval.tasks import PASSKEY_QUESTION, passkey_context
@@ -57,24 +66,27 @@ def run_peers(model_name, wins, ratios, jsonl, tok, passkey=False, passkey_ratio
     from .runner import load_rows
 
     done = load_rows(Path(jsonl))
-    rows = []
     with open(jsonl, "a") as f:
         for w in tqdm(wins, desc="kvpress peers", unit="window"):
-            have = [done[k] for k in done if k[0] == w.id and k[1].startswith("kvpress.") and k[2] in ratios]
-            if len(have) == len(ratios) * len(PRESSES):
-                rows += have
+            missing = [(p, r) for p in presses for r in ratios if (w.id, f"kvpress.{p}", r) not in done]
+            if not missing:
                 continue
             pk = None
             if passkey:
                 pk_ids, key = passkey_context(tok, load_text(w.name), w.context.shape[1], seed=w.start)
                 pk = (pk_ids, encode(tok, PASSKEY_QUESTION), key)
-            for row in run_presses(model_name, w.context, w.continuation, ratios, passkey=pk,
-                                   passkey_ratios=passkey_ratios):  # fmt: skip
+            todo_presses = list(dict.fromkeys(p for p, _ in missing))
+            todo_ratios = list(dict.fromkeys(r for _, r in missing))
+            for row in run_presses(model_name, w.context, w.continuation, todo_ratios, presses=todo_presses,
+                                   passkey=pk, passkey_ratios=passkey_ratios):  # fmt: skip
                 row.update(window=w.id, config=row["method"], model=model_name, queries="(kvpress)")
+                if (w.id, row["config"], row["ratio"]) in done:
+                    continue
                 f.write(json.dumps(row) + "\n")
                 f.flush()
-                rows.append(row)
-    return rows
+                done[(w.id, row["config"], row["ratio"])] = row
+    ids, names = {w.id for w in wins}, {f"kvpress.{p}" for p in presses}
+    return [r for k, r in done.items() if k[0] in ids and k[1] in names and k[2] in ratios]
 
 
 def _main(job_path: str) -> None:

@@ -48,6 +48,34 @@ def fit_values(Q, K, V, Kc, scale, lam, prior=None, bias=None, local_lse=None) -
     return ridge_values(A, O, lam, prior, block_weight(z, local_lse))
 
 
+def weighted_error(Q, K, V, Kc, Vc, scale, bias=None, local_lse=None) -> torch.Tensor:
+    """Relative output error ``[H]`` of the block ``(Kc, Vc, bias)`` against attention over ``(K, V)``, each
+    query weighted as in :func:`fit_values` (by the share of its attention on the block)."""
+    O, z = attend(Q, K, V, scale)
+    Oc = attend(Q, Kc, Vc, scale, bias)[0]
+    w = block_weight(z, local_lse)
+    w2 = torch.ones_like(z) if w is None else w**2
+    return (w2[..., None] * (Oc - O) ** 2).sum((-2, -1)) / (w2[..., None] * O**2).sum((-2, -1)).clamp_min(
+        1e-30
+    )
+
+
+def fit_generalises(
+    Q, K, V, Kc, copied, scale, lam, prior=None, bias=None, local_lse=None, block=32
+) -> torch.Tensor:
+    """``[H]`` bool: whether fitted values beat ``copied`` ones on queries the fit did not see — two folds of
+    alternating blocks of ``block`` queries, each fitted on one and judged on the other, errors summed."""
+    block = max(1, min(block, Q.shape[1] // 2))  # both folds non-empty
+    fold = (torch.arange(Q.shape[1], device=Q.device) // block) % 2 == 0
+    fitted_err = copied_err = 0.0
+    for a, b in ((fold, ~fold), (~fold, fold)):
+        loc_a, loc_b = (None, None) if local_lse is None else (local_lse[:, a], local_lse[:, b])
+        Va = fit_values(Q[:, a], K, V, Kc, scale, lam, prior, bias, loc_a)
+        fitted_err = fitted_err + weighted_error(Q[:, b], K, V, Kc, Va, scale, bias, loc_b)
+        copied_err = copied_err + weighted_error(Q[:, b], K, V, Kc, copied, scale, bias, loc_b)
+    return fitted_err < copied_err
+
+
 def nnls_bias(Q, Kc, z, scale, max_rows: int = 2048) -> torch.Tensor:
     """β ``[H, m]`` with ``w = exp(β) ≥ 0`` fitted by NNLS so that ``Σ_j w_j exp(s q·k'_j) ≈ exp(z)`` (mass).
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .attention import attend, logits, relative_error
-from .fit import fit_values, nnls_bias, ridge_values
+from .fit import fit_generalises, fit_values, nnls_bias, ridge_values
 from .scores import H2O, KVzip, Scorer, gather, keep_recent, top_indices
 
 
@@ -85,7 +85,9 @@ class Select(Method):
     """Keep the ``m`` entries ``scorer`` ranks highest (the last ``recent`` positions always); with ``fit``,
     re-solve their values by ridge least squares toward the original values (``prior="original"``) or zero,
     each query weighted by the share of its attention on the block; ``beta="nnls"`` adds a per-entry bias
-    fitted to the attention mass (Attention Matching). With ``fit=False`` the values are copied (eviction)."""
+    fitted to the attention mass (Attention Matching). With ``fit=False`` the values are copied (eviction).
+    ``guard``: a head keeps its copied values unless fitting beats them on queries held out of the fit
+    (:func:`~kvsculpt.core.fit.fit_generalises`)."""
 
     scorer: Scorer = field(default_factory=KVzip)
     fit: bool = True
@@ -93,6 +95,7 @@ class Select(Method):
     prior: str = "original"
     beta: str = "none"
     recent: int = 0
+    guard: bool = False
 
     BETAS = ("none", "nnls")
 
@@ -119,8 +122,13 @@ class Select(Method):
         bias = nnls_bias(Q, Kc, attend(Q, K, V, scale)[1], scale) if self.beta == "nnls" else None
         if not self.fit:
             return Kc, gather(V, idx), bias
-        prior = gather(V, idx) if self.prior == "original" else None
-        return Kc, fit_values(Q, K, V, Kc, scale, self.lam, prior, bias, local_lse), bias
+        copied = gather(V, idx)
+        prior = copied if self.prior == "original" else None
+        Vc = fit_values(Q, K, V, Kc, scale, self.lam, prior, bias, local_lse)
+        if self.guard:
+            better = fit_generalises(Q, K, V, Kc, copied, scale, self.lam, prior, bias, local_lse)
+            Vc = torch.where(better[:, None, None], Vc, copied)
+        return Kc, Vc, bias
 
 
 @dataclass
