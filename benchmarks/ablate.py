@@ -174,6 +174,11 @@ GRIDS = {
         "kvzip-fit/repeat-kvzip global": KVZIP_KVPRESS.replace(fit=True, floor=None),
         "select-fit/self+context curves": C("h2o", "self+context", allocation="curves"),  # the default before
     },
+    "fast-default-lite": {  # the same question on a larger model, without the slow self-query row
+        "kvzip-fit/repeat global, no held-out": KVZIP_FIT,
+        "kvzip/repeat-kvzip global floor=1": KVZIP_KVPRESS,
+        "kvzip-fit/repeat-kvzip global": KVZIP_KVPRESS.replace(fit=True, floor=None),
+    },
     "smoke": {
         "h2o/context": C("h2o", "context", **EVICT),
         "select-fit/context": C("h2o", "context"),

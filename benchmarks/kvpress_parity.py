@@ -24,7 +24,7 @@ from kvsculpt.core.attention import future_mask, logits
 from kvsculpt.eval.metrics import score, teacher
 from kvsculpt.eval.texts import windows
 from kvsculpt.hf.attention import capture_queries
-from kvsculpt.hf.capture import repeat_prompt_ids
+from kvsculpt.hf.capture import chat_template_parts, repeat_prompt_ids
 from kvsculpt.hf.decode import forward
 from kvsculpt.hf.dims import model_dims
 
@@ -52,12 +52,7 @@ RESULTS = Path(__file__).parent / "results"
 
 def chat_prefix_length(tok) -> int:
     """Tokens the chat template puts before a user's message (kvpress assumes the context starts with them)."""
-    if getattr(tok, "chat_template", None) is None:
-        return 0
-    mark = "\n###kvsculpt-mark###"
-    text = tok.apply_chat_template([{"role": "user", "content": "x" + mark}], add_generation_prompt=True,
-                                   tokenize=False)  # fmt: skip
-    return len(tok(text.split("x" + mark)[0], add_special_tokens=False)["input_ids"])
+    return len(tok(chat_template_parts(tok)[0], add_special_tokens=False)["input_ids"])
 
 
 @torch.inference_mode()

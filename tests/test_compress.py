@@ -165,7 +165,7 @@ def test_cli_help_shows_every_default(capsys):
         main(["compress", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     for piece in ("(default: 0.5)", "(default: kvzip)", "(default: global)", "(default: repeat)", "kvzip:", "curves:",
-                  "self:", "(default: 4096)"):  # fmt: skip
+                  "self:", "(default: kvzip)", "0 or unset keeps all"):  # fmt: skip
         assert piece in text
 
 

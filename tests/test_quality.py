@@ -11,10 +11,11 @@ from kvsculpt.hf.capture import split_heldout
 
 
 def test_default_compression_beats_plain_eviction(smollm):
-    """The default (kvzip-fit on repeat queries, global budgets) against H2O at r = 0.3, n = 1024 (the
-    benchmarks' length). Measured 0.0161 vs 0.1095 when written. Not at every length: with n = 512 on this
-    window the default lost to H2O (0.145 vs 0.137), and over 6 windows at n = 512 it was 1.9x worse than the
-    previous default (benchmarks/results/kvzip_fit_smollm2_n512.md)."""
+    """The default (kvzip with fitted values, KVzip's repeat prompt, global budgets) against H2O (copied values,
+    uniform budgets, context queries) at r = 0.3, n = 1024 (the benchmarks' length). Measured 0.0048 vs 0.1422
+    when written (the earlier default: 0.0161 vs 0.1095 against a global-budget H2O, asserted < 0.5x). Not at
+    every length: with n = 512 the earlier default lost to H2O on this window (0.145 vs 0.137); n = 512 has
+    not been re-measured with this default."""
     model, tok = smollm
     w = make_window(tok, load_text("openai_agents_human_in_the_loop"), 1024, 64)
     ref = teacher(model, w)
@@ -23,7 +24,7 @@ def test_default_compression_beats_plain_eviction(smollm):
                      heldout=0.2, progress=False)  # fmt: skip
     kl_default, kl_evict = score(model, default, w, ref)["kl"], score(model, evict, w, ref)["kl"]
     print(f"default {kl_default:.4f} vs h2o/context {kl_evict:.4f}")
-    assert kl_default < 0.5 * kl_evict
+    assert kl_default < 0.1 * kl_evict
 
 
 def test_curves_allocation_beats_uniform_for_sculpt(smollm):
@@ -66,3 +67,18 @@ def test_sculpt_fits_heldout_queries_at_least_as_well_as_select_fit(smollm):
     )
     # measured 0.0895 vs 0.0984 when written; lower on only 4 of the 9 heads (the mean gain is concentrated)
     assert mean(sculpt_err) <= mean(sf_err)
+
+
+def test_default_does_not_get_worse_with_more_room(smollm):
+    """The default on a shipped code window (n = 1024, one capture): KL at r = 0.5 is below KL at r = 0.3, and
+    both are below kvpress's KVzip on this window (0.0336 and 0.0060; the default measured 0.0084 and 0.0011,
+    benchmarks/results/fast_default_smollm2.jsonl). On this window the previous default fell only to 0.0021."""
+    model, tok = smollm
+    w = make_window(tok, load_text("openai_agents_tar_utils"), 1024, 128, start=1152)
+    ref = teacher(model, w)
+    cfg = CompressConfig()
+    cap = capture(model, w.context, cfg, tokenizer=tok)
+    kl = {r: score(model, compress_captured(model, cap, cfg.replace(ratio=r), progress=False), w, ref)["kl"]
+          for r in (0.3, 0.5)}  # fmt: skip
+    print(kl)
+    assert kl[0.5] < 0.5 * kl[0.3] and kl[0.3] < 0.0336 and kl[0.5] < 0.0060

@@ -243,7 +243,7 @@ def _compress_options(p):
     p.add_argument("--repeat-prompt", default=d.repeat_prompt, choices=list(REPEAT_PROMPTS), metavar="STYLE",
                    help="for 'repeat' queries: " + "; ".join(f"{k}: {v}" for k, v in REPEAT_PROMPTS.items()))  # fmt: skip
     p.add_argument("--max-queries", type=int, default=d.max_queries,
-                   help="reference queries kept per KV head (a random subset; 0 keeps all)")  # fmt: skip
+                   help="reference queries kept per KV head (a random subset; 0 or unset keeps all)")  # fmt: skip
     p.add_argument(
         "--self-samples", type=int, default=d.self_samples, help="sampled continuations for 'self' queries"
     )

@@ -89,7 +89,8 @@ class CompressConfig:
     shared between heads (:data:`ALLOCATIONS`), with ``alpha`` (adaptive), ``scope`` (``all``, ``heads``
     of each layer, or ``layers``) and ``floor`` (the smallest budget a head gets; None: n/64). ``queries``: the
     reference-query sources (:data:`QUERY_SOURCES`), joined by ``+``; ``repeat_prompt``: what stands between
-    the context and its copy for ``repeat`` (:data:`REPEAT_PROMPTS`); at most ``max_queries`` per KV head are kept (a random subset; None keeps all);
+    the context and its copy for ``repeat`` (:data:`REPEAT_PROMPTS`); at most ``max_queries`` per KV head are
+    kept (a random subset; None, the default, keeps all: KVzip's peak is a maximum, which a subset lowers);
     ``self_samples`` × ``self_length`` tokens are sampled at ``temperature`` / ``top_p`` for ``self``.
     ``heldout``: fraction of query groups kept out of the fit, for the fidelity stats. ``on_policy``: solve
     the layers in that many stages, replaying the self samples through the layers already compressed.
@@ -104,8 +105,8 @@ class CompressConfig:
     scope: str = "all"
     floor: int | None = None
     queries: str = DEFAULT_QUERIES
-    repeat_prompt: str = "plain"
-    max_queries: int | None = 4096
+    repeat_prompt: str = "kvzip"
+    max_queries: int | None = None
     self_samples: int = 10
     self_length: int = 64
     temperature: float = 1.0

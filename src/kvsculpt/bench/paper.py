@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from ..config import CompressConfig
 from ..eval.texts import text_index, windows
 from .runner import geomean, legacy_config, load_rows, memorised_note, paired_ratio, run_grid, split_memorised
 
@@ -22,6 +23,8 @@ PAPER_GRID = {
     # KVzip's selection (peak attention while the model repeats the context; all heads ranked together),
     # then our value fit; every repeat query is used (none held out: a held-out block's keys would be lost)
     "KVzip-fit (repeat, global)": legacy_config("kvzip", "repeat", allocation="global", heldout=0.0),
+    # the default since the fast-default issue: KVzip's chat-wrapped request, every query, fitted values
+    "KVzip-fit (KVzip prompt, global)": CompressConfig(),
     "H2O": legacy_config("h2o", "context", fit=False),
     "SnapKV": legacy_config("snapkv", "context", fit=False),
     "TOVA": legacy_config("tova", "context", fit=False),

@@ -35,9 +35,15 @@ from ..hf.capture import capture, split_heldout
 from ..hf.decode import prefill
 
 # The settings under which the committed benchmark rows were made (the runner's defaults until the config
-# was unified): 8 self samples, 20 % of the query groups held out, uniform budgets. Grids that reproduce
-# those rows build their configs with :func:`legacy_config`.
-LEGACY = {"self_samples": 8, "heldout": 0.2, "allocation": "uniform"}
+# was unified): 8 self samples, 20 % of the query groups held out, uniform budgets, at most 4096 queries per
+# KV head, the plain repeat prompt. Grids that reproduce those rows build their configs with legacy_config.
+LEGACY = {
+    "self_samples": 8,
+    "heldout": 0.2,
+    "allocation": "uniform",
+    "max_queries": 4096,
+    "repeat_prompt": "plain",
+}
 EVICTION = ("h2o", "snapkv", "tova", "streaming-llm", "knorm")  # display-name prefixes of eviction rows
 
 

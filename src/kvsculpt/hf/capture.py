@@ -114,15 +114,16 @@ def sample_self_queries(model, keys, values, last_logits, cfg: CompressConfig, p
     return queries, pooled_groups(token_group, S, dims.groups), torch.cat([first, picks[:, :-1]], dim=1)
 
 
-def chat_reply_start(tokenizer) -> str:
-    """What the tokenizer's chat template puts between the end of a user's message and the assistant's reply
-    ("\n" without a chat template)."""
+def chat_template_parts(tokenizer) -> tuple[str, str]:
+    """What the tokenizer's chat template puts before a user's message and between its end and the assistant's
+    reply (``("", "\n")`` without a chat template)."""
     if getattr(tokenizer, "chat_template", None) is None:
-        return "\n"
+        return "", "\n"
     mark = "\n###kvsculpt-mark###"
     text = tokenizer.apply_chat_template([{"role": "user", "content": "x" + mark}], add_generation_prompt=True,
                                          tokenize=False)  # fmt: skip
-    return text.split(mark, 1)[1]
+    before, after = text.split("x" + mark, 1)
+    return before, after
 
 
 def repeat_prompt_ids(tokenizer, style: str) -> torch.Tensor:
@@ -135,7 +136,7 @@ def repeat_prompt_ids(tokenizer, style: str) -> torch.Tensor:
 
     if style == "plain":
         return ids(REPEAT_PROMPT)
-    return torch.cat([ids(KVZIP_PROMPT), ids(chat_reply_start(tokenizer))], dim=1)
+    return torch.cat([ids(KVZIP_PROMPT), ids(chat_template_parts(tokenizer)[1])], dim=1)
 
 
 @torch.inference_mode()
