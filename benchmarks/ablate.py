@@ -161,7 +161,10 @@ GRIDS = {
         "select-fit/self+context curves": C("h2o", "self+context", allocation="curves"),
         "kvzip-fit/repeat global, no held-out": KVZIP_FIT,
     },
-    "default": {"kvzip-fit/repeat global, no held-out": KVZIP_FIT},  # the default alone
+    "default": {  # the default before and after the fast-default issue
+        "kvzip-fit/repeat global, no held-out": KVZIP_FIT,
+        "kvzip-fit/repeat-kvzip global": KVZIP_KVPRESS.replace(fit=True, floor=None),
+    },
     # issue 13: which of kvpress KVzip's choices to keep, and whether the value fit should be guarded
     "fast-default": {
         "kvzip-fit/repeat global, no held-out": KVZIP_FIT,  # the default until now
@@ -213,7 +216,7 @@ def summarise(rows, ratios) -> list[dict]:
         cp[(r["config"], r["ratio"])].append(r["compress_over_prefill"])
         if r.get("passkey") is not None:
             pk[(r["config"], r["ratio"])].append((r["passkey"], r.get("passkey_full")))
-        methods[(r["config"], r["ratio"])] = r.get("method") or r.get("press")
+        methods[(r["config"], r["ratio"])] = r.get("compress_config") or r.get("method") or r.get("press")
     configs = list(dict.fromkeys(r["config"] for r in rows))
     wins = sorted({r["window"] for r in rows})
     rising = {}
@@ -301,7 +304,7 @@ def write_report(rows, args, out: Path):
                 *table(summarise(subset, args.ratios)),
             ]
     methods = {s["config"]: s["method"] for s in summary}
-    lines += ["", "Methods: " + "; ".join(f"{c}: `{m}`" for c, m in methods.items())]
+    lines += ["", "Configurations (at the last ratio):", "", *[f"- {c}: `{m}`" for c, m in methods.items()]]
     nll = {r["window"]: r["teacher_nll"] for r in rows if "teacher_nll" in r}
     lines += ["", "Teacher NLL per window (nats/token): " + ", ".join(f"{k} {v:.2f}" for k, v in nll.items())]
     lines += memorised_note(flagged)
