@@ -118,9 +118,6 @@ def write_paper_report(rows, args, out: Path, tag: str, peers_note=None) -> dict
         xs = [r[key] for r in rows if r["config"] == c and r["ratio"] == ratio and r.get(key) is not None]
         return geomean(xs) if xs else None
 
-    def paired(a, b, ratio):
-        return paired_ratio(kl, a, b, ratio)
-
     def mean(c, ratio, key):
         xs = [r[key] for r in rows if r["config"] == c and r["ratio"] == ratio and r.get(key) is not None]
         return sum(map(float, xs)) / len(xs) if xs else None
@@ -140,11 +137,11 @@ def write_paper_report(rows, args, out: Path, tag: str, peers_note=None) -> dict
         spread = [x for x in rows if x["ratio"] == r and "pilot_layer_spread" in x]
         comparisons.append({
             "ratio": r,
-            "select_fit_over_sculpt": paired("Select+Fit", "Sculpt", r),
-            "sculpt_over_sculpt_adaptive": paired("Sculpt", "Sculpt adaptive (curves)", r),
-            "select_fit_over_adaptive": paired("Select+Fit", "Select+Fit adaptive (curves)", r),
+            "select_fit_over_sculpt": paired_ratio(kl, "Select+Fit", "Sculpt", r),
+            "sculpt_over_sculpt_adaptive": paired_ratio(kl, "Sculpt", "Sculpt adaptive (curves)", r),
+            "select_fit_over_adaptive": paired_ratio(kl, "Select+Fit", "Select+Fit adaptive (curves)", r),
             "best_other": best_other, "best_ours": best_ours,
-            "best_other_over_best_ours": paired(best_other, best_ours, r) if best_other and best_ours else None,
+            "best_other_over_best_ours": paired_ratio(kl, best_other, best_ours, r) if best_other and best_ours else None,
             "pilot_layer_spread_max": max((x["pilot_layer_spread"] for x in spread), default=None),
             "pilot_head_ratio_max": max((x["pilot_head_ratio"] for x in spread), default=None),
         })  # fmt: skip
