@@ -3,6 +3,7 @@
 model, tok = kvsculpt.load_model("smollm2-135m")         # or any HF id / local dir / .gguf file
 cache = kvsculpt.compress(model, ids, ratio=0.3, tokenizer=tok)
 kvsculpt.ask(model, tok, cache, "Question: …")
+cache = kvsculpt.compress(model, ids, ratio=0.1, tokenizer=tok, refine="kl")   # + end-to-end KL refine
 """
 
 from .cache import CompressedCache
@@ -14,6 +15,7 @@ from .hf.attention import use_kvsculpt_attention
 from .hf.capture import Capture, capture
 from .hf.decode import ask
 from .hf.models import encode, load_model
+from .refine import refine
 
 __all__ = [
     "CacheFileError",
@@ -26,5 +28,6 @@ __all__ = [
     "encode",
     "load_cache",
     "load_model",
+    "refine",
     "use_kvsculpt_attention",
 ]

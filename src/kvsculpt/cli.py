@@ -8,7 +8,16 @@ import shlex
 import sys
 from pathlib import Path
 
-from .config import ALLOCATIONS, DEFAULT_METHOD, METHODS, QUERY_SOURCES, REPEAT_PROMPTS, CompressConfig
+from .config import (
+    ALLOCATIONS,
+    DEFAULT_METHOD,
+    METHODS,
+    QUERY_SOURCES,
+    REFINE_PARAMS,
+    REFINE_SOURCES,
+    REPEAT_PROMPTS,
+    CompressConfig,
+)
 from .hf.models import DEFAULT_MODEL, PACKAGED
 
 DEMO_TEXT = "fastmcp_background_tasks"
@@ -61,6 +70,9 @@ def config_from_args(args) -> CompressConfig:
         repeat_prompt=args.repeat_prompt,
         max_queries=None if args.max_queries == 0 else args.max_queries, self_samples=args.self_samples,
         self_length=args.self_length, heldout=args.heldout, on_policy=args.on_policy, seed=args.seed,
+        refine=args.refine, refine_steps=args.refine_steps, refine_lr=args.refine_lr,
+        refine_params=args.refine_params, refine_data=args.refine_data, refine_samples=args.refine_samples,
+        refine_length=args.refine_length, refine_batch=args.refine_batch, refine_time=args.refine_time,
     )  # fmt: skip
 
 
@@ -75,7 +87,11 @@ def _eval_row(model, tok, model_name, window, ref, cfg: CompressConfig, progress
         "compress_seconds": cache.info["compress_seconds"], "prefill_seconds": ref.prefill_seconds,
         "query_seconds": cache.info["query_seconds"], "teacher_nll": ref.nll, "model": model_name,
         "context_tokens": window.context.shape[1], "continuation_tokens": window.continuation.shape[1],
+        **{k: cache.info.get(k) for k in REFINE_INFO},
     }  # fmt: skip
+
+
+REFINE_INFO = ("refine_seconds", "refine_steps_run", "refine_val_kl", "refine_val_kl_init")
 
 
 # ------------------------------------------------------------------------------------------ commands
@@ -254,6 +270,23 @@ def _compress_options(p):
                    help="solve the layers in N stages, replaying the self samples through the layers already "
                    "compressed (N >= layers: layer by layer; 0: off)")  # fmt: skip
     p.add_argument("--seed", type=int, default=d.seed, help="seed of sampling and subsampling")
+    g = p.add_argument_group("end-to-end refine (after the method)")
+    g.add_argument("--refine", default=d.refine, choices=["none", "kl"],
+                   help="kl: optimise the whole compressed block by backpropagation through the frozen model, to "
+                   "the full cache's next-token distributions on text the model generates itself")  # fmt: skip
+    g.add_argument("--refine-steps", type=int, default=d.refine_steps, help="Adam steps (at most)")
+    g.add_argument(
+        "--refine-lr", type=float, default=d.refine_lr, help="step size relative to each tensor's RMS"
+    )
+    g.add_argument("--refine-params", default=d.refine_params, choices=list(REFINE_PARAMS),
+                   help="what is trained: " + "; ".join(f"{k}: {v}" for k, v in REFINE_PARAMS.items()))  # fmt: skip
+    g.add_argument("--refine-data", default=d.refine_data,
+                   help="training text, sources joined by '+': " + "; ".join(f"{k}: {v}" for k, v in REFINE_SOURCES.items()))  # fmt: skip
+    g.add_argument("--refine-samples", type=int, default=d.refine_samples, help="sequences per data source")
+    g.add_argument("--refine-length", type=int, default=d.refine_length, help="tokens per sequence")
+    g.add_argument("--refine-batch", type=int, default=d.refine_batch, help="sequences per step")
+    g.add_argument("--refine-time", type=float, default=d.refine_time,
+                   help="stop training after this many seconds (default: no limit)")  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -347,7 +380,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--texts", nargs="*", help="shipped text names or paths (default: the non-memorised texts)"
     )
-    p.add_argument("--methods", nargs="*", help="a subset of the paper grid's method names")
+    p.add_argument("--methods", nargs="*",
+                   help="a subset of the paper grid's method names (default: all but 'KVzip-fit + KL refine', "
+                   "which runs only when named)")  # fmt: skip
     p.add_argument("--quick", action="store_true",
                    help="qwen2.5-coder-0.5b, 1024 tokens, T=128, 2 documents, r = 0.3 0.5")  # fmt: skip
     p.add_argument("--no-peers", dest="peers", action="store_false", help="skip the kvpress presses")

@@ -26,14 +26,18 @@ def compress(model, context_ids: torch.Tensor, config: CompressConfig | None = N
     t_start = time.perf_counter()
     cfg = (config or CompressConfig()).replace(**changes)
     cap = capture(model, context_ids, cfg, tokenizer=tokenizer, progress=progress)
-    cache = compress_captured(model, cap, cfg, progress)
+    cache = compress_captured(model, cap, cfg, progress, tokenizer)
     cache.info["compress_seconds"] = time.perf_counter() - t_start
     return cache
 
 
-def compress_captured(model, cap: Capture, cfg: CompressConfig, progress: bool = True) -> CompressedCache:
+def compress_captured(model, cap: Capture, cfg: CompressConfig, progress: bool = True, tokenizer=None,
+                      on_eval=None) -> CompressedCache:  # fmt: skip
     """Solve every layer of an existing :class:`~kvsculpt.hf.capture.Capture` under ``cfg`` (experiments
-    reuse one capture for several configs with the same :meth:`~kvsculpt.config.CompressConfig.capture_key`).
+    reuse one capture for several configs with the same :meth:`~kvsculpt.config.CompressConfig.capture_key`),
+    then refine it end to end if ``cfg.refine`` says so (the refine data are kept on the capture and reused by
+    configs with the same :meth:`~kvsculpt.config.CompressConfig.refine_data_key`; ``on_eval``: see
+    :func:`kvsculpt.refine.refine_from`).
 
     ``cfg.on_policy > 0``: the layers are solved in that many stages; before each stage after the first,
     the self samples are replayed through the model with the layers solved so far compressed, and their
@@ -110,9 +114,20 @@ def compress_captured(model, cap: Capture, cfg: CompressConfig, progress: bool =
     }
     if pilot_record:
         info["pilot"] = {**pilot_record, "seconds": pilot_seconds}
-    return CompressedCache.from_heads(
+    cache = CompressedCache.from_heads(
         model, keys, values, n, biases if has_bias else None, repr(solver), info, cap.context_ids
     )
+    if cfg.refine == "none":
+        return cache
+    from .refine import make_data, refine_from
+
+    memo = cap.info.setdefault("refine_data", {})
+    key = cfg.refine_data_key()
+    if key not in memo:
+        memo[key] = make_data(model, tokenizer, cap.keys, cap.values, cap.last_logits, cap.context_ids, cfg,
+                              progress)  # fmt: skip
+    return refine_from(model, cache, cap.keys, cap.values, cap.last_logits, cap.context_ids, cfg, tokenizer,
+                       progress, data=memo[key], on_eval=on_eval)  # fmt: skip
 
 
 def entry_scores(cap: Capture, solver, queries, local_lse=None) -> torch.Tensor:

@@ -41,6 +41,12 @@ REPEAT_PROMPTS = {
     "kvzip": "KVzip's request closed by the chat template's user turn and opened as the assistant's reply; the "
     "queries of the request and the copy (as KVzip and kvpress score them)",
 }
+REFINE_SOURCES = {
+    "self": "continuations of the context sampled from the full cache",
+    "repeat": "KVzip's repeat request, then a chunk of the context (the model copying it)",
+    "study": "a self-study request (summarise, ask and answer, explain, list facts) and the model's sampled reply",
+}
+REFINE_PARAMS = {"kv": "keys and values", "v": "values only", "kvb": "keys, values and the bias β"}
 DEFAULT_METHOD, DEFAULT_QUERIES, DEFAULT_ALLOCATION = "kvzip", "repeat", "global"
 
 
@@ -94,6 +100,14 @@ class CompressConfig:
     ``self_samples`` × ``self_length`` tokens are sampled at ``temperature`` / ``top_p`` for ``self``.
     ``heldout``: fraction of query groups kept out of the fit, for the fidelity stats. ``on_policy``: solve
     the layers in that many stages, replaying the self samples through the layers already compressed.
+
+    ``refine="kl"``: after the method, optimise the whole block end to end to the full cache's next-token
+    distributions (:mod:`kvsculpt.refine`): ``refine_steps`` Adam steps of ``refine_batch`` sequences at the
+    relative learning rate ``refine_lr``, on ``refine_params`` (:data:`REFINE_PARAMS`), with
+    ``refine_samples`` sequences of ``refine_length`` tokens from each source of ``refine_data``
+    (:data:`REFINE_SOURCES`), ``refine_val`` of them held out for validation every ``refine_eval_every`` steps,
+    the teacher kept as its ``refine_topk`` most likely tokens plus a tail; stops after ``refine_patience``
+    validations without improvement or ``refine_time`` seconds (None: no limit).
     """
 
     ratio: float = 0.5
@@ -114,6 +128,19 @@ class CompressConfig:
     heldout: float = 0.0
     on_policy: int = 0
     seed: int = 0
+    refine: str = "none"
+    refine_steps: int = 100
+    refine_lr: float = 3e-3
+    refine_params: str = "kv"
+    refine_data: str = "self+repeat+study"
+    refine_samples: int = 16
+    refine_length: int = 64
+    refine_batch: int = 4
+    refine_val: float = 0.25
+    refine_eval_every: int = 10
+    refine_patience: int = 3
+    refine_topk: int = 256
+    refine_time: float | None = None
 
     def __post_init__(self):
         budget.check_ratio(self.ratio)
@@ -154,6 +181,36 @@ class CompressConfig:
             raise ValueError(
                 f"temperature must be >= 0 and top_p in (0, 1]; got {self.temperature}, {self.top_p}"
             )
+        self._check_refine()
+
+    def _check_refine(self):
+        if self.refine not in ("none", "kl"):
+            raise ValueError(f"unknown refine {self.refine!r}; choose none or kl")
+        parts = self.refine_data.split("+")
+        if not parts or any(p not in REFINE_SOURCES for p in parts) or len(set(parts)) != len(parts):
+            raise ValueError(f"unknown refine_data {self.refine_data!r}; choose from {', '.join(REFINE_SOURCES)} "
+                             "(or join several with '+')")  # fmt: skip
+        if self.refine_params not in REFINE_PARAMS:
+            raise ValueError(
+                f"unknown refine_params {self.refine_params!r}; choose from {', '.join(REFINE_PARAMS)}"
+            )
+        for name in ("refine_steps", "refine_samples", "refine_length", "refine_batch", "refine_eval_every",
+                     "refine_patience", "refine_topk"):  # fmt: skip
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < (
+                0 if name == "refine_steps" else 1
+            ):
+                raise ValueError(f"{name} must be a positive integer; got {getattr(self, name)!r}")
+        if not self.refine_lr > 0:
+            raise ValueError(f"refine_lr must be > 0; got {self.refine_lr}")
+        if not 0.0 <= self.refine_val < 1.0:
+            raise ValueError(f"refine_val is a fraction of the sequences in [0, 1); got {self.refine_val}")
+        if self.refine_time is not None and self.refine_time <= 0:
+            raise ValueError(f"refine_time must be > 0 seconds (or None); got {self.refine_time}")
+
+    @property
+    def refine_sources(self) -> tuple[str, ...]:
+        """The refine data sources, in order."""
+        return tuple(self.refine_data.split("+"))
 
     @property
     def sources(self) -> tuple[str, ...]:
@@ -164,6 +221,11 @@ class CompressConfig:
         """What a capture depends on: configs with equal keys can share one capture of a context."""
         return (self.queries, self.repeat_prompt, self.max_queries, self.self_samples, self.self_length,
                 self.temperature, self.top_p, self.seed)  # fmt: skip
+
+    def refine_data_key(self) -> tuple:
+        """What the refine data depend on: configs with equal keys can share one set of sequences."""
+        return (self.refine_data, self.refine_samples, self.refine_length, self.refine_topk, self.temperature,
+                self.top_p, self.seed)  # fmt: skip
 
     def replace(self, **changes) -> CompressConfig:
         """A copy with some fields changed (checked again)."""

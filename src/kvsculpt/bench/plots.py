@@ -34,14 +34,18 @@ def heatmap(values, title: str, colorbar_label: str, path: str | Path, log: bool
     return Path(path)
 
 
-def kl_vs_ratio(series: dict[str, dict[float, float]], title: str, path: str | Path) -> Path:
-    """Save KL (log axis) against the kept ratio, one line per method: ``series[name][ratio] = kl``."""
+def kl_vs_ratio(series: dict[str, dict[float, float]], title: str, path: str | Path,
+                xlabel: str = "fraction of KV entries kept", logx: bool = False) -> Path:  # fmt: skip
+    """Save KL (log axis) against the kept ratio (or another ``xlabel``), one line per method:
+    ``series[name][x] = kl``."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, points in series.items():
         xs = sorted(points)
         ax.plot(xs, [points[x] for x in xs], marker="o", label=name)
     ax.set_yscale("log")
-    ax.set_xlabel("fraction of KV entries kept")
+    if logx:
+        ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("held-out KL (nats/token)")
     ax.set_title(title, fontsize=10)
     ax.grid(True, which="both", alpha=0.3)

@@ -165,7 +165,7 @@ def run_grid(model, tok, model_name, wins, grid: dict[str, CompressConfig], rati
                             continue
                         cfg = grid[name].replace(ratio=r)
                         t0 = time.perf_counter()
-                        cache = compress_captured(model, cap, cfg, progress=False)
+                        cache = compress_captured(model, cap, cfg, progress=False, tokenizer=tok)
                         solve_s = time.perf_counter() - t0
                         res = score(model, cache, w, ref)
                         if held_sample is not None:
@@ -179,7 +179,7 @@ def run_grid(model, tok, model_name, wins, grid: dict[str, CompressConfig], rati
                             )
                         pk = None
                         if pk_cap is not None and r in passkey_ratios:
-                            pk_cache = compress_captured(model, pk_cap, cfg, progress=False)
+                            pk_cache = compress_captured(model, pk_cap, cfg, progress=False, tokenizer=tok)
                             pk = passkey_found(model, tok, pk_cache, pk_ids.shape[1], pk_key)
                         stats = cache.info["stats"]["heldout_rel_mse"]
                         compress_s = cap.prefill_seconds + cap.query_seconds + solve_s
@@ -198,6 +198,7 @@ def run_grid(model, tok, model_name, wins, grid: dict[str, CompressConfig], rati
                             "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
                             "passkey": pk, "passkey_full": pk_full if pk is not None else None,
                             **_pilot_spread(cache.info),
+                            **{k: v for k, v in cache.info.items() if k.startswith("refine_") and k != "refine_curve"},
                         }  # fmt: skip
                         f.write(json.dumps(row) + "\n")
                         f.flush()

@@ -25,7 +25,7 @@ from transformers import DynamicCache
 from ..config import CompressConfig
 from ..core.attention import future_mask, logits
 from .attention import capture_queries
-from .decode import check_ids, decode, forward, prefill, top_p_pick
+from .decode import check_ids, decode, expanded_cache, forward, prefill, top_p_pick
 from .dims import check_supported, model_dims
 
 REPEAT_PROMPT = "\n\nRepeat the text above.\n\n"  # repeat_prompt="plain"
@@ -89,13 +89,6 @@ def subsample_index(N: int, max_queries: int | None, seed: int = 0) -> torch.Ten
     return torch.randperm(N, generator=torch.Generator().manual_seed(seed))[:max_queries].sort().values
 
 
-def _expand_cache(keys, values, batch: int) -> DynamicCache:
-    cache = DynamicCache()
-    for i, (k, v) in enumerate(zip(keys, values, strict=True)):
-        cache.update(k[None].expand(batch, -1, -1, -1), v[None].expand(batch, -1, -1, -1), i)
-    return cache
-
-
 def sample_self_queries(model, keys, values, last_logits, cfg: CompressConfig, progress=False):
     """Sample ``cfg.self_samples`` continuations of ``cfg.self_length`` tokens from the full cache (K/V per
     layer ``[Hkv, n, d]``). Returns ``(queries per layer [Hkv, S·G·L, d], groups [S·G·L], tokens [S, L])``;
@@ -107,7 +100,7 @@ def sample_self_queries(model, keys, values, last_logits, cfg: CompressConfig, p
     bar = tqdm(total=L, desc=f"sample {S}x{L} self tokens", disable=not progress, leave=False)
     with capture_queries(model) as sinks:
         # L forwards (the first token and L−1 picks); the last pick is not used
-        picks = decode(model, _expand_cache(keys, values, S), first, n, L, pick, progress=bar)
+        picks = decode(model, expanded_cache(keys, values, S, model.dtype), first, n, L, pick, progress=bar)
     bar.close()
     queries = [pool_gqa(torch.cat(s, dim=2).float(), dims.kv_heads) for s in sinks]
     token_group = torch.arange(S).repeat_interleave(L).reshape(S, L)

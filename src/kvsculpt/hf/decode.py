@@ -36,6 +36,17 @@ def forward(model, ids: torch.Tensor, cache, start: int, last_only: bool = False
     return model(ids, past_key_values=cache, position_ids=pos, use_cache=True, **kw).logits
 
 
+def expanded_cache(keys, values, batch: int, dtype) -> DynamicCache:
+    """A ``DynamicCache`` holding a context's keys and values (per layer ``[Hkv, n, d]``) in ``dtype``, expanded
+    (not copied) to ``batch`` rows: the full cache that several sequences continue at once."""
+    cache = DynamicCache()
+    for i, (k, v) in enumerate(zip(keys, values, strict=True)):
+        cache.update(
+            k.to(dtype)[None].expand(batch, -1, -1, -1), v.to(dtype)[None].expand(batch, -1, -1, -1), i
+        )
+    return cache
+
+
 @torch.inference_mode()
 def prefill(model, context_ids: torch.Tensor, cache=None):
     """Run the context once into ``cache`` (a new ``DynamicCache`` by default).

@@ -1,0 +1,347 @@
+"""End-to-end refinement: fit a compressed cache to the full cache's next-token distributions.
+
+Every per-layer method fits each layer's attention output; the user sees the next-token distribution. Refine
+optimises the compressed block of **every layer jointly** (keys and values, optionally the bias β) by
+backpropagation through the frozen model, to minimise ``KL(P_full ‖ P_compressed)`` on text the model makes
+itself from the full cache, never on the text the cache is evaluated on.
+
+Data (``refine_data``, sources joined by ``+``; ``refine_samples`` sequences each, ``refine_length`` tokens):
+
+* ``self``: continuations of the context sampled from the full cache (seeded);
+* ``repeat``: KVzip's repeat request, then a chunk of the context (teacher-forced: the model copying);
+* ``study``: a self-study request in the chat template ("Summarise the text above", "Ask a question about
+  the text above and answer it", …), then the model's own sampled reply (as Cartridges and Attention Matching
+  generate their training data).
+
+Every sequence sits at positions ``n, n+1, …`` after the block, exactly as a user's tokens will. The teacher's
+distribution at every position is stored as its ``refine_topk`` most likely tokens' log-probabilities plus one
+bucket for the rest (``[N, T, k]`` + ``[N, T]``; the full vocabulary would be ``V/k`` times larger). The loss is
+the KL between these coarse distributions, a lower bound of the full KL that is tight when the tail is small.
+
+Optimisation: Adam on offsets measured in units of each layer tensor's RMS (so ``refine_lr`` is a relative
+step), fp32 master copies, the model's dtype in the forward; a validation split of the generated sequences is
+scored every ``refine_eval_every`` steps, the best iterate is returned (never worse than the start on it), and
+training stops early after ``refine_patience`` evaluations without improvement or after ``refine_time`` seconds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .cache import CompressedCache, CompressedLayer
+from .config import CompressConfig
+from .hf.capture import chat_template_parts, repeat_prompt_ids, stage
+from .hf.decode import decode, expanded_cache, forward, prefill, top_p_pick
+
+STUDY_REQUESTS = (
+    "Summarise the text above.",
+    "Ask a question about the text above, then answer it.",
+    "Explain the most important part of the text above to a newcomer.",
+    "List the names, terms and facts that matter in the text above.",
+)
+
+
+@dataclass
+class RefineData:
+    """Training sequences and the full cache's coarse next-token distributions on them."""
+
+    tokens: torch.Tensor  # [N, T] token ids, fed at positions n … n+T−1
+    top_ids: torch.Tensor  # [N, T, k] the teacher's k most likely next tokens at each position
+    top_logp: torch.Tensor  # [N, T, k] their log-probabilities (fp32)
+    tail_logp: torch.Tensor  # [N, T] log of the probability left to the other tokens (fp32)
+    source: list[str]  # [N] which source each sequence came from
+    seconds: float
+
+
+# ------------------------------------------------------------------------------------------ data
+def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in fp32, or in its own dtype if that is wider (fp64 for exactness checks)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def coarse(logits: torch.Tensor, k: int):
+    """Teacher logits ``[..., V]`` → (top ids ``[..., k]``, their log-probs ``[..., k]``, tail log-prob ``[...]``)."""
+    logp = F.log_softmax(at_least_fp32(logits), dim=-1)
+    top_logp, top_ids = logp.topk(min(k, logp.shape[-1]), dim=-1)
+    return top_ids.to(torch.int32), top_logp, log1mexp(torch.logsumexp(top_logp, dim=-1))
+
+
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """``log(1 − exp(x))`` for ``x ≤ 0``, stable, clamped away from ``-inf`` (an empty tail)."""
+    x = x.clamp(max=-1e-7)
+    return torch.where(x > -0.6931, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x))).clamp_min(-60.0)
+
+
+def coarse_kl(top_ids, top_logp, tail_logp, student_logits) -> torch.Tensor:
+    """KL between the teacher's and the student's coarse distributions (the teacher's top-k tokens and one tail
+    bucket), per position: ``student_logits [B, T, V]`` → ``[B, T]``."""
+    lq = F.log_softmax(at_least_fp32(student_logits), dim=-1)
+    lq_top = lq.gather(-1, top_ids.long())
+    lq_tail = log1mexp(torch.logsumexp(lq_top, dim=-1))
+    top = (top_logp.exp() * (top_logp - lq_top)).sum(-1)
+    return top + tail_logp.exp() * (tail_logp - lq_tail)
+
+
+@torch.inference_mode()
+def make_data(model, tokenizer, keys, values, last_logits, context_ids, cfg: CompressConfig,
+              progress: bool = False) -> RefineData:  # fmt: skip
+    """Generate the refine sequences from the full cache (keys/values per layer ``[Hkv, n, d]``,
+    ``last_logits [V]`` after the context, ``context_ids [1, n]``) and the teacher's distributions on them."""
+    t0 = time.perf_counter()
+    n, T, S, dev = keys[0].shape[1], cfg.refine_length, cfg.refine_samples, model.device
+    gen = torch.Generator().manual_seed(cfg.seed + 1)  # not the self queries' seed: other samples
+    pick = top_p_pick(cfg.temperature, cfg.top_p, gen)
+    sources = cfg.refine_sources
+    forwards = (T - 1) * ("self" in sources) + T * len(STUDY_REQUESTS) * ("study" in sources)
+    forwards += -(-S * len(sources) // cfg.refine_batch)  # the teacher's passes
+    bar = tqdm(
+        total=forwards, desc=f"refine data ({'+'.join(sources)})", unit="forward", disable=not progress
+    )
+    seqs, source = [], []
+    for src in sources:
+        if src == "self":
+            first = pick(last_logits[None].expand(S, -1)).to(dev)
+            cache = expanded_cache(keys, values, S, model.dtype)
+            rest = decode(model, cache, first, n, T - 1, pick, progress=bar)
+            seqs.append(torch.cat([first, rest], 1))
+        elif src == "repeat":
+            prompt = repeat_prompt_ids(_need(tokenizer, src), "kvzip").to(dev)
+            chunk = T - prompt.shape[1]
+            if chunk < 1 or n < chunk:
+                raise ValueError(
+                    f"refine_length {T} leaves no room for a repeat chunk (prompt {prompt.shape[1]})"
+                )
+            starts = torch.randint(0, n - chunk + 1, (S,), generator=gen).tolist()
+            seqs.append(torch.cat([torch.cat([prompt[0], context_ids[0, a : a + chunk].to(dev)]) for a in starts])
+                        .reshape(S, T))  # fmt: skip
+        else:  # study
+            reply_start = chat_template_parts(_need(tokenizer, src))[1]
+            rows = []
+            for i, request in enumerate(STUDY_REQUESTS):
+                count = S // len(STUDY_REQUESTS) + (i < S % len(STUDY_REQUESTS))
+                if not count:
+                    bar.update(T)
+                    continue
+                prompt = tokenizer(f"\n\n{request}{reply_start}", add_special_tokens=False,
+                                   return_tensors="pt")["input_ids"].to(dev)  # fmt: skip
+                reply = T - prompt.shape[1]
+                if reply < 1:
+                    raise ValueError(f"refine_length {T} leaves no room for a reply to {request!r}")
+                prompts = prompt.expand(count, -1)
+                cache = expanded_cache(keys, values, count, model.dtype)
+                out = decode(model, cache, prompts, n, reply, pick, progress=bar)
+                bar.update(T - reply)
+                rows.append(torch.cat([prompts, out], 1))
+            seqs.append(torch.cat(rows))
+        source += [src] * seqs[-1].shape[0]
+    tokens = torch.cat(seqs).cpu()
+    parts = []
+    for i in range(0, tokens.shape[0], cfg.refine_batch):
+        x = tokens[i : i + cfg.refine_batch]
+        logits = forward(model, x, expanded_cache(keys, values, x.shape[0], model.dtype), n)
+        parts.append([t.cpu() for t in coarse(logits, cfg.refine_topk)])
+        bar.update()
+    bar.close()
+    top_ids, top_logp, tail = (torch.cat(p) for p in zip(*parts, strict=True))
+    return RefineData(tokens, top_ids, top_logp, tail, source, time.perf_counter() - t0)
+
+
+def _need(tokenizer, src):
+    if tokenizer is None:
+        raise ValueError(f"refine data source {src!r} needs the tokenizer (pass tokenizer=...)")
+    return tokenizer
+
+
+def split_validation(data: RefineData, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices (train, validation): ``fraction`` of each source's sequences held out (at least one, when the
+    source has two or more)."""
+    gen = torch.Generator().manual_seed(seed)
+    train, val = [], []
+    for src in dict.fromkeys(data.source):
+        idx = torch.tensor([i for i, s in enumerate(data.source) if s == src])
+        idx = idx[torch.randperm(len(idx), generator=gen)]
+        k = 0 if len(idx) < 2 or fraction <= 0 else max(1, round(fraction * len(idx)))
+        val.append(idx[:k])
+        train.append(idx[k:])
+    return torch.cat(train), torch.cat(val)
+
+
+# ------------------------------------------------------------------------------------------ the student
+class Student(torch.nn.Module):
+    """The compressed block as trainable offsets (fp32 masters, or the cache's dtype if wider): per layer ``K = K0 + rms(K0)·u_K``, ``V = V0 + rms(V0)·u_V``
+    and ``β = β0 + u_β`` (flat ``[Σ m_h, d]`` and ``[Σ m_h]``, as :class:`CompressedLayer` stores them); the
+    offsets start at zero, so the student starts as the cache it refines."""
+
+    def __init__(self, cache: CompressedCache, params: str):
+        super().__init__()
+        self.lengths = [layer.lengths for layer in cache.layers]
+        self.n, self.dtype = cache.n, cache.layers[0].dtype
+        self.k0, self.v0, self.b0, self.sk, self.sv = [], [], [], [], []
+        for layer in cache.layers:  # clones: the init's tensors may be inference tensors
+            k0 = at_least_fp32(layer.block_keys.detach()).clone()
+            v0 = at_least_fp32(layer.block_values.detach()).clone()
+            self.k0.append(k0)
+            self.v0.append(v0)
+            self.sk.append(k0.pow(2).mean().sqrt().clamp_min(1e-6))
+            self.sv.append(v0.pow(2).mean().sqrt().clamp_min(1e-6))
+            b = layer.block_bias
+            self.b0.append(None if b is None else at_least_fp32(b.detach()).clone())
+        self.uk = torch.nn.ParameterList([torch.zeros_like(k) for k in self.k0])
+        self.uv = torch.nn.ParameterList([torch.zeros_like(v) for v in self.v0])
+        self.ub = (
+            torch.nn.ParameterList([torch.zeros_like(k[:, 0]) for k in self.k0]) if "b" in params else None
+        )
+        self.uk.requires_grad_("k" in params)
+
+    def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        k = self.k0[i] + self.sk[i] * self.uk[i]
+        v = self.v0[i] + self.sv[i] * self.uv[i]
+        b = self.b0[i]
+        if self.ub is not None:
+            b = self.ub[i] if b is None else b + self.ub[i]
+        return k, v, b
+
+    def cache(self, model, detach: bool = False) -> CompressedCache:
+        """A fresh :class:`CompressedCache` of the current block (differentiable unless ``detach``)."""
+        layers = []
+        for i, lengths in enumerate(self.lengths):
+            k, v, b = self.layer(i)
+            if detach:
+                k, v, b = k.detach(), v.detach(), None if b is None else b.detach()
+            layers.append(CompressedLayer(k.to(self.dtype), v.to(self.dtype), lengths, b, self.n))
+        return CompressedCache(model, layers)
+
+    def offsets(self) -> list[torch.Tensor]:
+        return [p.detach().clone() for p in self.parameters()]
+
+    def load_offsets(self, saved: list[torch.Tensor]) -> None:
+        with torch.no_grad():
+            for p, s in zip(self.parameters(), saved, strict=True):
+                p.copy_(s)
+
+
+@contextlib.contextmanager
+def frozen(model):
+    """The model's own parameters take no gradient inside the block (their flags are restored after)."""
+    flags = [p.requires_grad for p in model.parameters()]
+    model.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, f in zip(model.parameters(), flags, strict=True):
+            p.requires_grad_(f)
+
+
+def batch_kl(model, student: Student, data: RefineData, idx: torch.Tensor) -> torch.Tensor:
+    """Mean coarse KL per position of the sequences ``idx`` on the student's block (differentiable)."""
+    dev = model.device
+    logits = forward(model, data.tokens[idx].to(dev), student.cache(model), student.n)
+    return coarse_kl(data.top_ids[idx].to(dev), data.top_logp[idx].to(dev), data.tail_logp[idx].to(dev),
+                     logits).mean()  # fmt: skip
+
+
+@torch.no_grad()
+def mean_kl(model, student: Student, data: RefineData, idx: torch.Tensor, batch: int) -> float:
+    total = 0.0
+    for i in range(0, len(idx), batch):
+        part = idx[i : i + batch]
+        total += float(batch_kl(model, student, data, part)) * len(part)
+    return total / max(1, len(idx))
+
+
+# ------------------------------------------------------------------------------------------ refine
+def refine(model, cache: CompressedCache, context_ids: torch.Tensor, config: CompressConfig | None = None, *,
+           tokenizer=None, progress: bool = True, **changes) -> CompressedCache:  # fmt: skip
+    """Refine ``cache`` (any method's result for ``context_ids [1, n]``) end to end; the full cache is
+    prefilled here. ``changes`` update the config, e.g. ``refine(model, cache, ids, tokenizer=tok,
+    refine_steps=30)``. Returns a new cache; ``cache`` is not changed."""
+    cfg = (config or CompressConfig(refine="kl")).replace(**changes)
+    stage(progress, f"refine: prefill of {context_ids.shape[-1]} tokens for the teacher")
+    full, last, _ = prefill(model, context_ids)
+    keys = [layer.keys[0] for layer in full.layers]
+    values = [layer.values[0] for layer in full.layers]
+    return refine_from(model, cache, keys, values, last, context_ids, cfg, tokenizer, progress)
+
+
+def refine_from(model, cache: CompressedCache, keys, values, last_logits, context_ids, cfg: CompressConfig,
+                tokenizer=None, progress: bool = True, data: RefineData | None = None,
+                on_eval: Callable[[int, float, float, CompressedCache], None] | None = None) -> CompressedCache:  # fmt: skip
+    """Refine ``cache`` against the full cache given by its keys and values (per layer ``[Hkv, n, d]``) and
+    ``last_logits [V]``. ``data``: sequences made earlier by :func:`make_data` for the same context (else made
+    here). ``on_eval(step, seconds, val_kl, best_cache)``: called at every validation (benchmarks use it)."""
+    if data is None:
+        data = make_data(model, tokenizer, keys, values, last_logits, context_ids, cfg, progress)
+    t_start = time.perf_counter()
+    train, val = split_validation(data, cfg.refine_val, cfg.seed)
+    if len(train) == 0:
+        raise ValueError("refine has no training sequences left after the validation split")
+    check = val if len(val) else train  # with no validation split, the best iterate is chosen on train
+    student = Student(cache, cfg.refine_params)
+    params = [p for p in student.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=cfg.refine_lr)
+    gen = torch.Generator().manual_seed(cfg.seed + 2)
+    order, at = torch.randperm(len(train), generator=gen), 0
+    t_train = time.perf_counter()
+    with frozen(model):
+        best_kl = init_kl = mean_kl(model, student, data, check, cfg.refine_batch)
+        best, best_step, curve, stale, step = student.offsets(), 0, [(0, 0.0, init_kl)], 0, 0
+        if on_eval:
+            on_eval(0, 0.0, init_kl, student.cache(model, detach=True))
+        bar = tqdm(
+            total=cfg.refine_steps, desc="refine (KL to the full cache)", unit="step", disable=not progress
+        )
+        bar.set_postfix_str(f"val KL {init_kl:.4g}")
+        for step in range(1, cfg.refine_steps + 1):
+            if at + cfg.refine_batch > len(train):
+                order, at = torch.randperm(len(train), generator=gen), 0
+            idx = train[order[at : at + cfg.refine_batch]]
+            at += cfg.refine_batch
+            opt.zero_grad(set_to_none=True)
+            with torch.enable_grad():
+                batch_kl(model, student, data, idx).backward()
+            opt.step()
+            bar.update()
+            out_of_time = cfg.refine_time is not None and time.perf_counter() - t_train >= cfg.refine_time
+            if step % cfg.refine_eval_every and step != cfg.refine_steps and not out_of_time:
+                continue
+            kl = mean_kl(model, student, data, check, cfg.refine_batch)
+            curve.append((step, time.perf_counter() - t_train, kl))
+            if kl < best_kl:
+                best_kl, best, best_step, stale = kl, student.offsets(), step, 0
+            else:
+                stale += 1
+            bar.set_postfix_str(f"val KL {kl:.4g} (best {best_kl:.4g} at step {best_step})")
+            if on_eval:
+                saved = student.offsets()
+                student.load_offsets(best)
+                on_eval(step, curve[-1][1], kl, student.cache(model, detach=True))
+                student.load_offsets(saved)
+            if out_of_time or stale >= cfg.refine_patience:
+                break
+        bar.close()
+    train_seconds = time.perf_counter() - t_start
+    student.load_offsets(best)
+    out = student.cache(model, detach=True)
+    out.method, out.context_ids = cache.method, cache.context_ids
+    out.info = {
+        **cache.info,
+        "refine_seconds": data.seconds + train_seconds,  # the data (made here or before) and the training
+        "refine_data_seconds": data.seconds,
+        "refine_steps_run": step,
+        "refine_best_step": best_step,
+        "refine_val_kl": best_kl,
+        "refine_val_kl_init": init_kl,
+        "refine_val_sequences": len(val),
+        "refine_tail_mass": float(data.tail_logp.exp().mean()),
+        "refine_curve": curve,
+    }
+    if "compress_seconds" in cache.info:
+        out.info["compress_seconds"] = cache.info["compress_seconds"] + out.info["refine_seconds"]
+    return out
