@@ -138,3 +138,18 @@ def test_refine_lowers_heldout_kl_on_a_real_text(smollm):
                     refine_lr=1e-2, refine_samples=8), tokenizer=tok, progress=False)  # fmt: skip
     before, after = score(model, init, w, ref)["kl"], score(model, done, w, ref)["kl"]
     assert after < 0.9 * before, (before, after)
+
+
+def test_self_queries_and_refine_run_on_a_bf16_model():
+    """bf16 (the CUDA default): self-query sampling feeds the full cache in the model's dtype (it failed with fp32
+    keys before), and refine trains fp32 masters but returns a cache in the model's dtype."""
+    model = tiny_model("llama").to(torch.bfloat16)
+    ids = torch.randint(0, 97, (1, 24), generator=torch.Generator().manual_seed(2))
+    cfg = CompressConfig(ratio=0.5, method="h2o", queries="self", allocation="uniform", self_samples=2,
+                         self_length=4, refine="kl", refine_data="self", refine_samples=4, refine_length=6,
+                         refine_batch=2, refine_steps=2, refine_eval_every=1)  # fmt: skip
+    cache = compress(model, ids, cfg, progress=False)
+    assert cache.layers[0].block_keys.dtype == torch.bfloat16
+    student = Student(cache, "kv")
+    assert student.k0[0].dtype == torch.float32 and student.uk[0].dtype == torch.float32
+    assert cache.info["refine_val_kl"] <= cache.info["refine_val_kl_init"]

@@ -175,9 +175,10 @@ def split_validation(data: RefineData, fraction: float, seed: int) -> tuple[torc
 
 # ------------------------------------------------------------------------------------------ the student
 class Student(torch.nn.Module):
-    """The compressed block as trainable offsets (fp32 masters, or the cache's dtype if wider): per layer ``K = K0 + rms(K0)·u_K``, ``V = V0 + rms(V0)·u_V``
-    and ``β = β0 + u_β`` (flat ``[Σ m_h, d]`` and ``[Σ m_h]``, as :class:`CompressedLayer` stores them); the
-    offsets start at zero, so the student starts as the cache it refines."""
+    """The compressed block as trainable offsets (fp32 masters, or the cache's dtype if wider): per layer
+    ``K = K0 + rms(K0)·u_K``, ``V = V0 + rms(V0)·u_V`` and ``β = β0 + u_β`` (flat ``[Σ m_h, d]`` and ``[Σ m_h]``,
+    as :class:`CompressedLayer` stores them). ``params``: which offsets train (:data:`~kvsculpt.config.REFINE_PARAMS`).
+    The offsets start at zero, so the student starts as the cache it refines."""
 
     def __init__(self, cache: CompressedCache, params: str):
         super().__init__()
@@ -249,6 +250,7 @@ def batch_kl(model, student: Student, data: RefineData, idx: torch.Tensor) -> to
 
 @torch.no_grad()
 def mean_kl(model, student: Student, data: RefineData, idx: torch.Tensor, batch: int) -> float:
+    """Mean coarse KL per position over the sequences ``idx``, ``batch`` at a time (no gradient)."""
     total = 0.0
     for i in range(0, len(idx), batch):
         part = idx[i : i + batch]
