@@ -28,7 +28,7 @@ from pathlib import Path
 from kvsculpt import CompressConfig, load_model
 from kvsculpt.bench import peers
 from kvsculpt.bench.runner import geomean, load_rows
-from kvsculpt.compress import compress_captured
+from kvsculpt.compress import compress_captured, refine_captured
 from kvsculpt.eval.metrics import score, teacher
 from kvsculpt.eval.texts import windows
 from kvsculpt.hf.capture import capture
@@ -93,7 +93,7 @@ def run_one(model, tok, w, ref, cap, base: CompressConfig, refined: CompressConf
             {"step": step, "seconds": seconds, "val_kl": val_kl, "kl": score(model, best, w, ref)["kl"]}
         )
 
-    cache = compress_captured(model, cap, refined, progress=True, tokenizer=tok, on_eval=on_eval)
+    cache = refine_captured(model, init, cap, refined, tok, progress=True, on_eval=on_eval)  # no second solve
     info = cache.info
     res = score(model, cache, w, ref)
     return {

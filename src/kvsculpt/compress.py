@@ -117,8 +117,17 @@ def compress_captured(model, cap: Capture, cfg: CompressConfig, progress: bool =
     cache = CompressedCache.from_heads(
         model, keys, values, n, biases if has_bias else None, repr(solver), info, cap.context_ids
     )
-    if cfg.refine == "none":
-        return cache
+    return (
+        cache
+        if cfg.refine == "none"
+        else refine_captured(model, cache, cap, cfg, tokenizer, progress, on_eval)
+    )
+
+
+def refine_captured(model, cache: CompressedCache, cap: Capture, cfg: CompressConfig, tokenizer=None,
+                    progress: bool = True, on_eval=None) -> CompressedCache:  # fmt: skip
+    """Refine ``cache`` (made from ``cap``) end to end against the captured full cache; the refine data are
+    made once per capture and :meth:`~kvsculpt.config.CompressConfig.refine_data_key` and kept on it."""
     from .refine import make_data, refine_from
 
     memo = cap.info.setdefault("refine_data", {})

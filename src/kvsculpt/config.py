@@ -50,11 +50,12 @@ REFINE_PARAMS = {"kv": "keys and values", "v": "values only", "kvb": "keys, valu
 DEFAULT_METHOD, DEFAULT_QUERIES, DEFAULT_ALLOCATION = "kvzip", "repeat", "global"
 
 
-def _parse_queries(queries) -> str:
-    parts = queries.split("+") if isinstance(queries, str) else list(queries)
-    if not parts or any(p not in QUERY_SOURCES for p in parts) or len(set(parts)) != len(parts):
+def _parse_sources(text, known: dict, name: str) -> str:
+    """Sources joined by ``+`` (a string or a list), each known and none twice → the canonical string."""
+    parts = text.split("+") if isinstance(text, str) else list(text)
+    if not parts or any(p not in known for p in parts) or len(set(parts)) != len(parts):
         raise ValueError(
-            f"unknown queries {queries!r}; choose from {', '.join(QUERY_SOURCES)} (or join several with '+')"
+            f"unknown {name} {text!r}; choose from {', '.join(known)} (or join several with '+')"
         )
     return "+".join(parts)
 
@@ -145,7 +146,7 @@ class CompressConfig:
     def __post_init__(self):
         budget.check_ratio(self.ratio)
         self.ratio = float(self.ratio)
-        self.queries = _parse_queries(self.queries)
+        self.queries = _parse_sources(self.queries, QUERY_SOURCES, "queries")
         self.options = dict(self.options)
         self.solver = build_method(self.method, self.fit, self.options)  # not a field: derived, checked here
         if self.allocation not in ALLOCATIONS:
@@ -186,20 +187,16 @@ class CompressConfig:
     def _check_refine(self):
         if self.refine not in ("none", "kl"):
             raise ValueError(f"unknown refine {self.refine!r}; choose none or kl")
-        parts = self.refine_data.split("+")
-        if not parts or any(p not in REFINE_SOURCES for p in parts) or len(set(parts)) != len(parts):
-            raise ValueError(f"unknown refine_data {self.refine_data!r}; choose from {', '.join(REFINE_SOURCES)} "
-                             "(or join several with '+')")  # fmt: skip
+        self.refine_data = _parse_sources(self.refine_data, REFINE_SOURCES, "refine_data")
         if self.refine_params not in REFINE_PARAMS:
             raise ValueError(
                 f"unknown refine_params {self.refine_params!r}; choose from {', '.join(REFINE_PARAMS)}"
             )
         for name in ("refine_steps", "refine_samples", "refine_length", "refine_batch", "refine_eval_every",
                      "refine_patience", "refine_topk"):  # fmt: skip
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < (
-                0 if name == "refine_steps" else 1
-            ):
-                raise ValueError(f"{name} must be a positive integer; got {getattr(self, name)!r}")
+            least = 0 if name == "refine_steps" else 1
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < least:
+                raise ValueError(f"{name} must be an integer >= {least}; got {getattr(self, name)!r}")
         if not self.refine_lr > 0:
             raise ValueError(f"refine_lr must be > 0; got {self.refine_lr}")
         if not 0.0 <= self.refine_val < 1.0:
