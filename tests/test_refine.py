@@ -21,6 +21,12 @@ from kvsculpt.refine import (
 from .conftest import tiny_model
 
 
+def _full_kv(model, ids):
+    """The full cache's keys and values per layer ``[Hkv, n, d]`` and the logits after the context."""
+    full, last, _ = prefill(model, ids)
+    return [x.keys[0] for x in full.layers], [x.values[0] for x in full.layers], last
+
+
 def _setup(kind="llama", dtype=torch.float64, ratio=0.4, n=24, **refine):
     model = tiny_model(kind).to(dtype)
     ids = torch.randint(0, 97, (1, n), generator=torch.Generator().manual_seed(1))
@@ -28,8 +34,7 @@ def _setup(kind="llama", dtype=torch.float64, ratio=0.4, n=24, **refine):
                          refine="kl", refine_data="self", refine_samples=6, refine_length=8, refine_batch=3,
                          refine_topk=97, **refine)  # fmt: skip
     init = compress(model, ids, cfg.replace(refine="none"), progress=False)
-    full, last, _ = prefill(model, ids)
-    keys, values = [x.keys[0] for x in full.layers], [x.values[0] for x in full.layers]
+    keys, values, last = _full_kv(model, ids)
     data = make_data(model, None, keys, values, last, ids, cfg)
     return model, ids, cfg, init, keys, values, last, data
 
@@ -142,7 +147,8 @@ def test_refine_lowers_heldout_kl_on_a_real_text(smollm):
 
 def test_self_queries_and_refine_run_on_a_bf16_model():
     """bf16 (the CUDA default): self-query sampling feeds the full cache in the model's dtype (it failed with fp32
-    keys before), and refine trains fp32 masters but returns a cache in the model's dtype."""
+    keys before), and refine returns a cache in the model's dtype while its fp32 masters get non-zero fp32
+    gradients through the bf16 forward."""
     model = tiny_model("llama").to(torch.bfloat16)
     ids = torch.randint(0, 97, (1, 24), generator=torch.Generator().manual_seed(2))
     cfg = CompressConfig(ratio=0.5, method="h2o", queries="self", allocation="uniform", self_samples=2,
@@ -152,4 +158,9 @@ def test_self_queries_and_refine_run_on_a_bf16_model():
     assert cache.layers[0].block_keys.dtype == torch.bfloat16
     student = Student(cache, "kv")
     assert student.k0[0].dtype == torch.float32 and student.uk[0].dtype == torch.float32
-    assert cache.info["refine_val_kl"] <= cache.info["refine_val_kl_init"]
+    keys, values, last = _full_kv(model, ids)
+    data = make_data(model, None, keys, values, last, ids, cfg)
+    with frozen(model):
+        loss = batch_kl(model, student, data, torch.arange(2))
+        grads = torch.autograd.grad(loss, [student.uk[0], student.uv[-1]])
+    assert all(g.dtype == torch.float32 and g.abs().sum() > 0 for g in grads)  # through the bf16 forward
