@@ -27,6 +27,7 @@ from pathlib import Path
 
 from kvsculpt import CompressConfig, load_model
 from kvsculpt.bench import peers
+from kvsculpt.bench.paper import PAPER_GRID
 from kvsculpt.bench.runner import geomean, load_rows
 from kvsculpt.compress import compress_captured, refine_captured
 from kvsculpt.eval.metrics import score, teacher
@@ -39,6 +40,8 @@ WINDOWS = ["fastmcp_background_tasks@1152", "fastmcp_feature_program@1152", "goo
            "markitdown_core@1152", "openai_agents_human_in_the_loop@1152", "openai_agents_tar_utils@1152",
            "fastmcp_feature_program@0", "openai_agents_tar_utils@0"]  # fmt: skip
 PRESSES = ("KVzipPress", "SnapKVPress", "ExpectedAttentionPress", "TOVAPress")
+# the cache that is refined: the fast default, or the paper's per-layer methods as the paper table runs them
+INITS = {"default": CompressConfig(), "select-fit": PAPER_GRID["Select+Fit"], "sculpt": PAPER_GRID["Sculpt"]}
 
 
 def run(args):
@@ -47,12 +50,14 @@ def run(args):
     jsonl.parent.mkdir(parents=True, exist_ok=True)
     if args.report_only:
         return report(list(load_rows(jsonl).values()), args, out)
-    base = CompressConfig()
+    base = INITS[args.init]
     refined = base.replace(refine="kl", refine_steps=args.steps, refine_params=args.params,
-                           refine_data=args.data, refine_lr=args.lr)  # fmt: skip
+                           refine_data=args.data, refine_lr=args.lr, refine_samples=args.samples)  # fmt: skip
     setting = f"refine kl {args.params} {args.data} steps={args.steps}"
-    if args.lr != base.refine_lr:
-        setting += f" lr={args.lr}"
+    for name, value, default in [("lr", args.lr, CompressConfig().refine_lr), ("init", args.init, "default"),
+                                 ("samples", args.samples, CompressConfig().refine_samples)]:  # fmt: skip
+        if value != default:
+            setting += f" {name}={value}"
     done = load_rows(jsonl)
     model, tok = load_model(args.model)
     texts = sorted({w.split("@")[0] for w in args.windows})
@@ -117,16 +122,18 @@ def copy_peers(src: Path, jsonl: Path, wins: set, ratios, done: dict):
             done[(r["window"], r["config"], r["ratio"])] = r
 
 
-def quick_point(curve: list[dict], data_s: float, prefill_s: float, init_s: float):
-    """The first point of a refine's curve that keeps at least half of its final gain in log KL, as
-    (cost over the prefill, KL there); the cost counts the init's compression, the data and the steps so far."""
-    k0, k1 = curve[0]["kl"], curve[-1]["kl"]
-    if k1 >= k0:
-        return None
-    for p in curve:
-        if math.log(k0 / p["kl"]) >= 0.5 * math.log(k0 / k1):
-            return (init_s + data_s + p["seconds"]) / prefill_s, p["kl"]
-    return None
+def quick_point(curve: list[dict], steps: int, data_s: float, prefill_s: float, init_s: float):
+    """The quick setting, ``refine_steps=steps``: the curve's point at that step is exactly what such a run
+    returns (the best iterate on validation so far; early stopping cannot act before step 30). Returns (cost over
+    the prefill, counting the init's compression, the data and the steps; KL there), or None if not reached."""
+    p = next((p for p in curve if p["step"] == steps), None)
+    return None if p is None else ((init_s + data_s + p["seconds"]) / prefill_s, p["kl"])
+
+
+def kept_gain(kl_init: float, kl_quick: float, kl_full: float) -> float:
+    """Fraction of the full refine's gain in log KL that the quick setting keeps (1 when the full gained nothing)."""
+    full = math.log(kl_init / kl_full)
+    return 1.0 if full <= 0 else math.log(kl_init / kl_quick) / full
 
 
 def report(rows, args, out: Path):
@@ -143,10 +150,11 @@ def report(rows, args, out: Path):
              "sees. `init` = the fast default (kvzip selection, fitted values, global budgets); `refined` = the "
              "same cache after `refine='kl'`. `×best press` = geo-mean over windows of KL(best of "
              f"{', '.join(PRESSES)} on that window) / KL(refined); `worst` = its smallest value over the windows. "
-             "`cost` = (init compression + refine data + refine steps) / prefill; `quick` = the first validation "
-             "point keeping ≥ half the final gain in log KL: its cost and KL (geo-means).", "",
+             "`cost` = (init compression + refine data + refine steps) / prefill; `quick` = the same refine stopped "
+             f"at step {args.quick_steps} (`refine_steps={args.quick_steps}`, read off the curve): its cost, its KL "
+             "(geo-means), and the fraction of the full refine's gain in log KL it keeps (mean, worst window).", "",
              "| setting | r | windows | KL init | KL refined | gain | worst-window gain | init ×best press | "
-             "×best press | worst ×press | windows below every press | refine s | cost ×prefill | quick: cost, KL |",
+             "×best press | worst ×press | windows below every press | refine s | cost ×prefill | quick: cost, KL, kept gain (worst) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     summary = []
     for setting, ratio in [(c, x) for c in dict.fromkeys(r["config"] for r in ours) for x in args.ratios]:
@@ -164,21 +172,23 @@ def report(rows, args, out: Path):
             if press.get((r["window"], ratio))
         ]
         cost = [(r["init_compress_seconds"] + r["refine_seconds"]) / r["prefill_seconds"] for r in rs]
-        quick = [quick_point(r["curve"], r["refine_data_seconds"], r["prefill_seconds"], r["init_compress_seconds"])
-                 for r in rs]  # fmt: skip
-        quick = [q for q in quick if q]
+        quick = {r["window"]: q for r in rs if (q := quick_point(r["curve"], args.quick_steps, r["refine_data_seconds"],
+                                                                 r["prefill_seconds"], r["init_compress_seconds"]))}  # fmt: skip
+        kept = [kept_gain(r["kl_init"], quick[r["window"]][1], r["kl"]) for r in rs if r["window"] in quick]
+        quick = list(quick.values())
         s = {"setting": setting, "ratio": ratio, "windows": len(rs), "init_x_best_press": geomean(vs0) if vs0 else None, "kl_init": geomean(r["kl_init"] for r in rs),
              "kl_refined": geomean(r["kl"] for r in rs), "gain": geomean(gains), "worst_gain": min(gains),
              "x_best_press": geomean(vs) if vs else None, "worst_x_press": min(vs) if vs else None,
              "below_every_press": f"{below}/{len(vs)}", "refine_seconds": sum(r["refine_seconds"] for r in rs) / len(rs),
              "cost_over_prefill": geomean(cost), "quick_cost": geomean(q[0] for q in quick) if quick else None,
-             "quick_kl": geomean(q[1] for q in quick) if quick else None}  # fmt: skip
+             "quick_kl": geomean(q[1] for q in quick) if quick else None,
+             "quick_kept_gain": sum(kept) / len(kept) if kept else None, "quick_worst_kept": min(kept) if kept else None}  # fmt: skip
         summary.append(s)
         f = lambda x, p=4: "–" if x is None else f"{x:.{p}f}"  # noqa: E731
         lines.append(f"| {setting} | {ratio} | {s['windows']} | {f(s['kl_init'])} | {f(s['kl_refined'])} | "
                      f"{f(s['gain'], 2)}× | {f(s['worst_gain'], 2)}× | {f(s['init_x_best_press'], 2)} | {f(s['x_best_press'], 2)} | {f(s['worst_x_press'], 2)} | "
                      f"{s['below_every_press']} | {s['refine_seconds']:.0f} | {f(s['cost_over_prefill'], 0)} | "
-                     f"{f(s['quick_cost'], 0)}×, {f(s['quick_kl'])} |")  # fmt: skip
+                     f"{f(s['quick_cost'], 0)}×, {f(s['quick_kl'])}, {f(s['quick_kept_gain'], 2)} ({f(s['quick_worst_kept'], 2)}) |")  # fmt: skip
     lines += ["", "Per window (KL init → refined; best press):", ""]
     for r in sorted(ours, key=lambda r: (r["config"], r["ratio"], r["window"])):
         p = press.get((r["window"], r["ratio"]))
@@ -231,6 +241,15 @@ def main(argv=None):
     ap.add_argument("--params", default="kv", help="refine_params")
     ap.add_argument("--lr", type=float, default=CompressConfig().refine_lr, help="refine_lr")
     ap.add_argument("--data", default="self+repeat+study", help="refine_data")
+    ap.add_argument(
+        "--samples", type=int, default=CompressConfig().refine_samples, help="refine_samples per source"
+    )
+    ap.add_argument(
+        "--init", choices=list(INITS), default="default", help="the method whose cache is refined"
+    )
+    ap.add_argument(
+        "--quick-steps", type=int, default=20, help="the quick setting's refine_steps (report only)"
+    )
     ap.add_argument("--peers", action="store_true", help="run the kvpress presses missing from the rows")
     ap.add_argument("--peers-from", help="a results JSONL whose kvpress rows (same windows) are copied")
     ap.add_argument("--out", default="benchmarks/results/refine_smollm2")

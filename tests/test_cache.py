@@ -270,26 +270,23 @@ def test_ask_many_has_no_leak(smollm):
 
 
 def test_bf16_identity_cache_matches_full_cache():
-    """bf16, through the biased path: the identity cache matches the full cache far more closely than the same
-    cache read at positions off by 5 does (the tolerance is set by the bug it must catch)."""
+    """bf16, through the biased shared-block path: against the same model in fp32, the identity cache is as close
+    as the bf16 model's own full cache is (its rounding error, ×1.5; measured 0.81–1.27× on three seeds). Exact
+    positions are checked in fp32/fp64 above; in bf16 a 5-position shift of this tiny model hides in rounding."""
+    model32 = tiny_model("qwen2")
     model = tiny_model("qwen2").to(torch.bfloat16)
     ids, cont = torch.randint(0, 97, (1, 40)), torch.randint(0, 97, (1, 8))
-    ref = full_logits(model, ids, cont)
+    ref32 = full_logits(model32, ids, cont).float()
+    ref = full_logits(model, ids, cont).float()
     cap = capture(model, ids, queries="context")
-
-    def cache():
-        return CompressedCache.from_heads(
-            model,
-            [[k.to(torch.bfloat16) for k in layer] for layer in cap.keys],
-            [[v.to(torch.bfloat16) for v in layer] for layer in cap.values],
-            40,
-            bias=[[torch.zeros(40) for _ in range(2)] for _ in range(2)],  # exercises the biased path in bf16
-        )
-
-    assert cache().layers[0].block_keys.dtype == torch.bfloat16
-    got = continuation_logits(model, cache(), cont, 40)
-    shifted = continuation_logits(model, cache(), cont, 45)
-    off_by_5 = (shifted - ref).abs().max()
-    assert off_by_5 > 1e-3
-    assert (got - ref).abs().max() < 0.2 * off_by_5  # measured 0 (identical) when written
+    cache = CompressedCache.from_heads(
+        model,
+        [[k.to(torch.bfloat16) for k in layer] for layer in cap.keys],
+        [[v.to(torch.bfloat16) for v in layer] for layer in cap.values],
+        40,
+        bias=[[torch.zeros(40) for _ in range(2)] for _ in range(2)],  # exercises the biased path in bf16
+    )
+    assert cache.layers[0].block_keys.dtype == torch.bfloat16
+    got = continuation_logits(model, cache, cont, 40).float()
+    assert (got - ref32).abs().max() < 1.5 * (ref - ref32).abs().max()
     assert torch.equal(got.argmax(-1), ref.argmax(-1))

@@ -4,10 +4,11 @@ import pytest
 import torch
 
 from kvsculpt import CompressConfig, compress
-from kvsculpt.hf.decode import prefill
+from kvsculpt.hf.decode import forward, prefill, shared_cache
 from kvsculpt.refine import (
     RefineData,
     Student,
+    _sample_with_teacher,
     batch_kl,
     coarse,
     coarse_kl,
@@ -105,15 +106,32 @@ def test_refine_never_returns_a_cache_worse_than_its_init_on_validation():
 
 
 def test_refine_data_sit_after_the_context_and_come_from_the_full_cache():
-    """The teacher's top-1 on a self sample is the full cache's own next-token choice at positions n, n+1, …"""
-    model, ids, cfg, init, keys, values, last, data = _setup(dtype=torch.float32)
+    """The teacher kept while sampling is the full cache's distribution at positions n, n+1, … of each row: the
+    same as one teacher-forced pass over the finished rows (fp64), so no position is off by one."""
+    model, ids, cfg, init, keys, values, last, data = _setup()
     assert isinstance(data, RefineData) and data.tokens.shape == (6, 8) and set(data.source) == {"self"}
-    full, _, _ = prefill(model, ids)
-    from kvsculpt.hf.decode import forward
+    with torch.inference_mode():  # each row on its own prefill's DynamicCache (SDPA), not the shared block
+        logits = torch.cat(
+            [forward(model, row[None], prefill(model, ids)[0], ids.shape[1]) for row in data.tokens]
+        )
+    top_ids, top_logp, tail = coarse(logits, cfg.refine_topk)
+    assert torch.equal(top_ids[..., :5], data.top_ids[..., :5])
+    assert torch.allclose(top_logp, data.top_logp, atol=1e-10) and torch.allclose(tail, data.tail_logp)
 
+
+def test_forced_prefixes_of_different_lengths_start_their_rows():
+    """Study rows: each row is fed its own request first (lengths differ, nothing padded), then samples."""
+    model, ids, cfg, *_ = _setup()
+    keys, values, last = _full_kv(model, ids)
+    prefixes = [torch.tensor([5, 6, 7]), torch.tensor([9]), torch.zeros(0, dtype=torch.long)]
     with torch.inference_mode():
-        logits = forward(model, data.tokens[:1], full, ids.shape[1])[0]
-    assert torch.equal(logits.argmax(-1).int(), data.top_ids[0, :, 0])
+        tokens, top_ids, _, _ = _sample_with_teacher(model, keys, values, last, prefixes, 8, cfg,
+                                                     torch.Generator().manual_seed(0), None)  # fmt: skip
+    assert tokens.shape == (3, 8) and top_ids.shape[:2] == (3, 8)
+    assert tokens[0, :3].tolist() == [5, 6, 7] and tokens[1, 0] == 9
+    with torch.inference_mode():
+        alone = forward(model, tokens[1:2], shared_cache(model, keys, values), ids.shape[1])
+    assert torch.equal(alone.argmax(-1).int()[0], top_ids[1, :, 0])  # batching rows changes nothing
 
 
 def test_refine_options_are_checked():

@@ -2,8 +2,10 @@
 
 Per layer, the compressed block is stored flat: keys ``[Σ m_h, d]``, values ``[Σ m_h, d]``, bias ``[Σ m_h]``
 (optional) and the head lengths ``m_h``. Nothing is padded in storage. During a forward pass the block is
-viewed (uniform heads, no copy) or padded (variable heads) to ``[B, Hkv, max m_h, d]``, with ``-inf`` bias on
-padding, once per generation; tokens appended after it are concatenated as in a ``DynamicCache``.
+viewed (uniform heads, no copy) or padded (variable heads) to ``[Hkv, max m_h, d]``, with ``-inf`` bias on
+padding, once per generation, and **shared by every row of a batch** (never copied per row: the attention
+reads it once for all rows); tokens appended after it are concatenated per row as in a ``DynamicCache``.
+The attention finds the block on the appended keys it is handed (:data:`~kvsculpt.hf.attention.BLOCK_ATTR`).
 
 The logical length stays ``n``: new tokens get positions ``n, n+1, …`` whatever the ``m_h``. Saving and
 loading are in :mod:`kvsculpt.cache_io`.
@@ -14,7 +16,7 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from .hf.attention import ATTENTION_NAME, BIAS_ATTR, use_kvsculpt_attention
+from .hf.attention import ATTENTION_NAME, BLOCK_ATTR, use_kvsculpt_attention
 from .hf.dims import model_dims
 
 
@@ -36,8 +38,10 @@ class CompressedLayer(CacheLayerMixin):
         self.n = int(n)
         self.dtype, self.device = keys.dtype, keys.device
         self.is_initialized = True
-        self.keys = self.values = None  # block (padded) + appended tokens [B, Hkv, P + a, d], once used
-        self._pad_bias = None  # [Hkv, P] bias of the padded block (None: uniform heads and no bias)
+        self.keys = self.values = None  # appended tokens [B, Hkv, a, d], once used
+        self._block = (
+            None  # (keys [Hkv, P, d], values [Hkv, P, d], bias [Hkv, P] or None) in the model's dtype
+        )
 
     def padded_block(self):
         """``(keys [Hkv, P, d], values [Hkv, P, d], bias [Hkv, P] or None)``, ``P = max m_h``: a view when
@@ -62,21 +66,20 @@ class CompressedLayer(CacheLayerMixin):
         pass
 
     def update(self, key_states, value_states, cache_kwargs=None):
-        if self.keys is None:  # first tokens after the block: lay it out once, for this batch and dtype
-            bk, bv, self._pad_bias = self.padded_block()
-            B = key_states.shape[0]
-            self.keys = bk.to(key_states.dtype)[None].expand(B, -1, -1, -1)
-            self.values = bv.to(value_states.dtype)[None].expand(B, -1, -1, -1)
-        self.keys = torch.cat([self.keys, key_states], dim=-2)
-        self.values = torch.cat([self.values, value_states], dim=-2)
-        keys = self.keys
-        if self._pad_bias is not None:
-            keys = keys.view_as(keys)  # a fresh tensor object to carry the bias attribute
-            setattr(keys, BIAS_ATTR, self._pad_bias)
+        if self._block is None:  # first tokens after the block: lay it out once, in the model's dtype
+            bk, bv, bias = self.padded_block()
+            self._block = (bk.to(key_states.dtype), bv.to(value_states.dtype), bias)
+        if self.keys is None:
+            self.keys, self.values = key_states, value_states
+        else:
+            self.keys = torch.cat([self.keys, key_states], dim=-2)
+            self.values = torch.cat([self.values, value_states], dim=-2)
+        keys = self.keys.view_as(self.keys)  # a fresh tensor object to carry the block
+        setattr(keys, BLOCK_ATTR, self._block)
         return keys, self.values
 
     def appended(self) -> int:
-        return 0 if self.keys is None else self.keys.shape[-2] - max(self.lengths)
+        return 0 if self.keys is None else self.keys.shape[-2]
 
     def get_seq_length(self) -> int:
         return self.n + self.appended()
@@ -92,11 +95,10 @@ class CompressedLayer(CacheLayerMixin):
         if keep < 0:
             raise ValueError(f"cannot crop into the compressed block (n={self.n}, asked {max_length})")
         if self.keys is not None:
-            P = max(self.lengths)
-            self.keys, self.values = self.keys[..., : P + keep, :], self.values[..., : P + keep, :]
+            self.keys, self.values = self.keys[..., :keep, :], self.values[..., :keep, :]
 
     def reset(self) -> None:
-        self.keys = self.values = self._pad_bias = None
+        self.keys = self.values = self._block = None
 
     def fork(self) -> CompressedLayer:
         return CompressedLayer(self.block_keys, self.block_values, self.lengths, self.block_bias, self.n)

@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 from .cache import CompressedCache, CompressedLayer
 from .config import CompressConfig
 from .hf.capture import chat_template_parts, repeat_prompt_ids, stage
-from .hf.decode import decode, expanded_cache, forward, prefill, top_p_pick
+from .hf.decode import forward, prefill, shared_cache, top_p_pick
 
 STUDY_REQUESTS = (
     "Summarise the text above.",
@@ -93,64 +93,87 @@ def coarse_kl(top_ids, top_logp, tail_logp, student_logits) -> torch.Tensor:
 def make_data(model, tokenizer, keys, values, last_logits, context_ids, cfg: CompressConfig,
               progress: bool = False) -> RefineData:  # fmt: skip
     """Generate the refine sequences from the full cache (keys/values per layer ``[Hkv, n, d]``,
-    ``last_logits [V]`` after the context, ``context_ids [1, n]``) and the teacher's distributions on them."""
+    ``last_logits [V]`` after the context, ``context_ids [1, n]``) and the teacher's distributions on them.
+
+    The sampled sources (``self``, ``study``) run as one batch, token by token: a study row is fed its request's
+    tokens first (forced), then its own samples, so requests of different lengths need no padding; the teacher's
+    distribution at each position is kept from the same forward that sampled the next token. ``repeat`` rows
+    are known in advance and get one teacher pass."""
     t0 = time.perf_counter()
-    n, T, S, dev = keys[0].shape[1], cfg.refine_length, cfg.refine_samples, model.device
+    n, T, S = keys[0].shape[1], cfg.refine_length, cfg.refine_samples
     gen = torch.Generator().manual_seed(cfg.seed + 1)  # not the self queries' seed: other samples
-    pick = top_p_pick(cfg.temperature, cfg.top_p, gen)
     sources = cfg.refine_sources
-    forwards = (T - 1) * ("self" in sources) + T * len(STUDY_REQUESTS) * ("study" in sources)
-    forwards += -(-S * len(sources) // cfg.refine_batch)  # the teacher's passes
+    sampled = [s for s in sources if s != "repeat"]
+    forwards = T * bool(sampled) + -(-S // cfg.refine_batch) * ("repeat" in sources)
     bar = tqdm(
         total=forwards, desc=f"refine data ({'+'.join(sources)})", unit="forward", disable=not progress
     )
-    seqs, source = [], []
-    for src in sources:
+    rows: dict[str, list[torch.Tensor]] = {}  # source → forced token prefixes (empty: sampled from the start)
+    for src in sampled:
         if src == "self":
-            first = pick(last_logits[None].expand(S, -1)).to(dev)
-            cache = expanded_cache(keys, values, S, model.dtype)
-            rest = decode(model, cache, first, n, T - 1, pick, progress=bar)
-            seqs.append(torch.cat([first, rest], 1))
-        elif src == "repeat":
-            prompt = repeat_prompt_ids(_need(tokenizer, src), "kvzip").to(dev)
-            chunk = T - prompt.shape[1]
-            if chunk < 1 or n < chunk:
-                raise ValueError(
-                    f"refine_length {T} leaves no room for a repeat chunk (prompt {prompt.shape[1]})"
-                )
-            starts = torch.randint(0, n - chunk + 1, (S,), generator=gen).tolist()
-            seqs.append(torch.cat([torch.cat([prompt[0], context_ids[0, a : a + chunk].to(dev)]) for a in starts])
-                        .reshape(S, T))  # fmt: skip
-        else:  # study
+            rows[src] = [torch.zeros(0, dtype=torch.long)] * S
+        else:
             reply_start = chat_template_parts(_need(tokenizer, src))[1]
-            rows = []
-            for i, request in enumerate(STUDY_REQUESTS):
-                count = S // len(STUDY_REQUESTS) + (i < S % len(STUDY_REQUESTS))
-                if not count:
-                    bar.update(T)
-                    continue
-                prompt = tokenizer(f"\n\n{request}{reply_start}", add_special_tokens=False,
-                                   return_tensors="pt")["input_ids"].to(dev)  # fmt: skip
-                reply = T - prompt.shape[1]
-                if reply < 1:
-                    raise ValueError(f"refine_length {T} leaves no room for a reply to {request!r}")
-                prompts = prompt.expand(count, -1)
-                cache = expanded_cache(keys, values, count, model.dtype)
-                out = decode(model, cache, prompts, n, reply, pick, progress=bar)
-                bar.update(T - reply)
-                rows.append(torch.cat([prompts, out], 1))
-            seqs.append(torch.cat(rows))
-        source += [src] * seqs[-1].shape[0]
-    tokens = torch.cat(seqs).cpu()
-    parts = []
-    for i in range(0, tokens.shape[0], cfg.refine_batch):
-        x = tokens[i : i + cfg.refine_batch]
-        logits = forward(model, x, expanded_cache(keys, values, x.shape[0], model.dtype), n)
-        parts.append([t.cpu() for t in coarse(logits, cfg.refine_topk)])
-        bar.update()
+            requests = [STUDY_REQUESTS[i % len(STUDY_REQUESTS)] for i in range(S)]
+            rows[src] = [_ids(tokenizer, f"\n\n{r}{reply_start}")[0] for r in requests]
+            if max(len(p) for p in rows[src]) >= T:
+                raise ValueError(f"refine_length {T} leaves no room for a reply to a study request")
+    parts: dict[str, tuple] = {}
+    if sampled:
+        prefixes = [p for src in sampled for p in rows[src]]
+        parts["sampled"] = _sample_with_teacher(model, keys, values, last_logits, prefixes, T, cfg, gen, bar)
+    if "repeat" in sources:
+        prompt = repeat_prompt_ids(_need(tokenizer, "repeat"), "kvzip")[0]
+        chunk = T - prompt.shape[0]
+        if chunk < 1 or n < chunk:
+            raise ValueError(
+                f"refine_length {T} leaves no room for a repeat chunk (prompt {prompt.shape[0]})"
+            )
+        starts = torch.randint(0, n - chunk + 1, (S,), generator=gen).tolist()
+        tokens = torch.stack([torch.cat([prompt, context_ids[0, a : a + chunk].cpu()]) for a in starts])
+        teach = []
+        for i in range(0, S, cfg.refine_batch):
+            x = tokens[i : i + cfg.refine_batch]
+            logits = forward(model, x, shared_cache(model, keys, values), n)
+            teach.append([t.cpu() for t in coarse(logits, cfg.refine_topk)])
+            bar.update()
+        parts["repeat"] = (tokens, *(torch.cat(p) for p in zip(*teach, strict=True)))
     bar.close()
-    top_ids, top_logp, tail = (torch.cat(p) for p in zip(*parts, strict=True))
-    return RefineData(tokens, top_ids, top_logp, tail, source, time.perf_counter() - t0)
+    order = [p for p in ("sampled", "repeat") if p in parts]
+    tokens, top_ids, top_logp, tail = (torch.cat(t) for t in zip(*(parts[p] for p in order), strict=True))
+    source = [s for src in sampled for s in [src] * len(rows[src])] + ["repeat"] * S * ("repeat" in sources)
+    # keep the sources in the configured order
+    idx = torch.tensor([i for src in sources for i, s in enumerate(source) if s == src])
+    return RefineData(tokens[idx], top_ids[idx], top_logp[idx], tail[idx], [source[i] for i in idx],
+                      time.perf_counter() - t0)  # fmt: skip
+
+
+def _sample_with_teacher(model, keys, values, last_logits, prefixes, T, cfg, gen, bar):
+    """``len(prefixes)`` sequences of ``T`` tokens continuing the full cache: row ``i`` starts with the forced
+    tokens ``prefixes[i]``, then samples. Returns ``(tokens [B, T], top ids, top log-probs, tail)``, the
+    teacher's coarse distribution at every position taken from the forward that fed that position."""
+    B, dev, n = len(prefixes), model.device, keys[0].shape[1]
+    pick = top_p_pick(cfg.temperature, cfg.top_p, gen)
+    forced = torch.full((B, T), -1, dtype=torch.long)
+    for i, p in enumerate(prefixes):
+        forced[i, : len(p)] = p
+    forced = forced.to(dev)
+    x = torch.where(forced[:, 0] >= 0, forced[:, 0], pick(last_logits[None].expand(B, -1))[:, 0])[:, None]
+    cache, tokens, teach = shared_cache(model, keys, values), [x], []
+    for t in range(T):
+        logits = forward(model, x, cache, n + t, last_only=True)[:, -1]
+        teach.append([a.cpu() for a in coarse(logits, cfg.refine_topk)])
+        if bar is not None:
+            bar.update()
+        if t + 1 < T:
+            x = torch.where(forced[:, t + 1] >= 0, forced[:, t + 1], pick(logits)[:, 0])[:, None]
+            tokens.append(x)
+    top_ids, top_logp, tail = (torch.stack(p, 1) for p in zip(*teach, strict=True))
+    return torch.cat(tokens, 1).cpu(), top_ids, top_logp, tail
+
+
+def _ids(tokenizer, text: str) -> torch.Tensor:
+    return tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
 
 
 def _need(tokenizer, src):

@@ -2,13 +2,15 @@
 
 It is plain SDPA plus two things, both opt-in per call and never global:
 
-* a per-entry additive bias on the keys (``β`` of compressed entries, ``-inf`` on padding), carried by the
-  key tensor that a :class:`~kvsculpt.cache.CompressedCache` returns (attribute ``kvsculpt_bias``);
+* a compressed block shared by the whole batch: a :class:`~kvsculpt.cache.CompressedCache` hands the attention
+  only each row's appended tokens, carrying the block (keys and values ``[Hkv, P, d]``, a per-entry additive
+  bias ``[Hkv, P]``: ``β`` of compressed entries, ``-inf`` on padding) as the attribute ``kvsculpt_block``. Every
+  query sees the whole block and the appended tokens causally; the block is read once for all rows of the
+  batch, never copied per row (B sequences continuing one context cost one context's memory traffic);
 * query capture: when a list is attached to an attention module (see :func:`capture_queries`), the module's
   post-RoPE queries ``[B, H, q, d]`` are appended to it.
 
-The mask is built here, not by transformers' mask utilities: the keys are ``prefix + new tokens``, every
-new token sees the whole prefix and the new tokens causally (padding in a batch is not supported).
+The mask is built here, not by transformers' mask utilities (padding in a batch is not supported).
 """
 
 from __future__ import annotations
@@ -22,20 +24,32 @@ from ..core.attention import future_mask
 from .dims import attention_modules
 
 ATTENTION_NAME = "kvsculpt"
-BIAS_ATTR = "kvsculpt_bias"  # on a key tensor: [Hkv, P] additive bias over its first P entries
+BLOCK_ATTR = "kvsculpt_block"  # on a key tensor: (keys [Hkv, P, d], values [Hkv, P, d], bias [Hkv, P] | None)
 QUERY_SINK_ATTR = "_kvsculpt_query_sink"  # on an attention module: list receiving queries
 
 
-def _mask(q_len: int, kv_len: int, key_bias, groups: int, dtype, device):
-    """Float mask ``[1, H or 1, q, kv]``: causal over the last ``q_len`` keys, ``key_bias`` on the prefix."""
-    mask = torch.zeros(1, 1, q_len, kv_len, dtype=dtype, device=device)
-    mask.masked_fill_(future_mask(q_len, kv_len, device), float("-inf"))
-    if key_bias is not None:
-        b = key_bias.to(dtype).repeat_interleave(groups, dim=0)  # [H, P]
-        full = torch.zeros(b.shape[0], kv_len, dtype=dtype, device=device)
-        full[:, : b.shape[1]] = b
-        mask = mask + full[None, :, None, :]
-    return mask
+def block_attention(query, key, value, block, scale: float) -> torch.Tensor:
+    """Attention over a shared block and each row's own appended tokens: query ``[B, H, q, d]``, key/value
+    ``[B, Hkv, a, d]`` (the query's tokens are the last ``q`` of the ``a``), block ``(K [Hkv, P, d],
+    V [Hkv, P, d], bias [Hkv, P] or None)`` → ``[B, H, q, d]`` in the query's dtype. One softmax over ``P + a``
+    logits; the block's part is one matmul over all rows' queries. Computed in fp32 at least, as SDPA
+    accumulates (a bf16 block is upcast one layer at a time, transiently; nothing is kept in fp32)."""
+    bk, bv, bias = block
+    B, H, q, d = query.shape
+    Hkv, P, a = bk.shape[0], bk.shape[1], key.shape[-2]
+    G, c = H // Hkv, torch.promote_types(query.dtype, torch.float32)
+    qc = query.to(c).reshape(B, Hkv, G * q, d) * scale
+    rows = qc.transpose(0, 1).reshape(Hkv, B * G * q, d)  # every row's queries, against the block at once
+    s_block = torch.matmul(rows, bk.to(c).transpose(-1, -2)).view(Hkv, B, G * q, P).transpose(0, 1)
+    s = torch.cat([s_block, torch.matmul(qc, key.to(c).transpose(-1, -2))], -1).view(B, Hkv, G, q, P + a)
+    if bias is not None:
+        s[..., :P] += bias.to(c)[None, :, None, None]
+    s[..., P:].masked_fill_(future_mask(q, a, query.device), float("-inf"))
+    p = torch.softmax(s, -1).view(B, Hkv, G * q, P + a)
+    p_block = p[..., :P].transpose(0, 1).reshape(Hkv, B * G * q, P)
+    out = torch.matmul(p_block, bv.to(c)).view(Hkv, B, G * q, d).transpose(0, 1)
+    out = out + torch.matmul(p[..., P:], value.to(c))
+    return out.reshape(B, H, q, d).to(query.dtype)
 
 
 def kvsculpt_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -43,17 +57,21 @@ def kvsculpt_attention(module, query, key, value, attention_mask, scaling=None, 
     sink = getattr(module, QUERY_SINK_ATTR, None)
     if sink is not None:
         sink.append(query.detach())
-    key_bias = getattr(key, BIAS_ATTR, None)
+    block = getattr(key, BLOCK_ATTR, None)
     q_len, kv_len = query.shape[-2], key.shape[-2]
-    groups = query.shape[1] // key.shape[1]
-    if key_bias is None and q_len == kv_len:
+    if block is not None:
+        out = block_attention(
+            query, key, value, block, query.shape[-1] ** -0.5 if scaling is None else scaling
+        )
+    elif q_len == kv_len:
         out = F.scaled_dot_product_attention(
             query, key, value, is_causal=True, scale=scaling, enable_gqa=True
         )
-    elif key_bias is None and q_len == 1:
+    elif q_len == 1:
         out = F.scaled_dot_product_attention(query, key, value, scale=scaling, enable_gqa=True)
     else:
-        mask = _mask(q_len, kv_len, key_bias, groups, query.dtype, query.device)
+        mask = torch.zeros(q_len, kv_len, dtype=query.dtype, device=query.device)
+        mask.masked_fill_(future_mask(q_len, kv_len, query.device), float("-inf"))
         out = F.scaled_dot_product_attention(
             query, key, value, attn_mask=mask, scale=scaling, enable_gqa=True
         )

@@ -25,7 +25,7 @@ from transformers import DynamicCache
 from ..config import CompressConfig
 from ..core.attention import future_mask, logits
 from .attention import capture_queries
-from .decode import check_ids, decode, expanded_cache, forward, prefill, top_p_pick
+from .decode import check_ids, decode, forward, prefill, shared_cache, top_p_pick
 from .dims import check_supported, model_dims
 
 REPEAT_PROMPT = "\n\nRepeat the text above.\n\n"  # repeat_prompt="plain"
@@ -100,7 +100,7 @@ def sample_self_queries(model, keys, values, last_logits, cfg: CompressConfig, p
     bar = tqdm(total=L, desc=f"sample {S}x{L} self tokens", disable=not progress, leave=False)
     with capture_queries(model) as sinks:
         # L forwards (the first token and L−1 picks); the last pick is not used
-        picks = decode(model, expanded_cache(keys, values, S, model.dtype), first, n, L, pick, progress=bar)
+        picks = decode(model, shared_cache(model, keys, values), first, n, L, pick, progress=bar)
     bar.close()
     queries = [pool_gqa(torch.cat(s, dim=2).float(), dims.kv_heads) for s in sinks]
     token_group = torch.arange(S).repeat_interleave(L).reshape(S, L)
@@ -133,20 +133,25 @@ def repeat_prompt_ids(tokenizer, style: str) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def _repeat_queries(model, context_ids, tokenizer, style: str):
+def _repeat_queries(model, context_ids, tokenizer, style: str, cache=None):
     """Queries ``[Hkv, G·t, d]`` per layer while the model reads ``context + prompt + context`` (the copy's
     ``t = n`` queries; with ``style="kvzip"`` the prompt's too, ``t = p + n``, as KVzip scores them), their
-    groups, and each query's log-mass on the keys outside the first copy (the prompt and the copy so far)."""
+    groups, and each query's log-mass on the keys outside the first copy (the prompt and the copy so far).
+    ``cache``: the context's own prefill cache, extended in place by ``prompt + context`` (the context is not
+    run twice); by default the whole sequence runs from scratch."""
     if tokenizer is None:
         raise ValueError("query source 'repeat' needs the tokenizer (pass tokenizer=...)")
     dims = model_dims(model)
     prompt = repeat_prompt_ids(tokenizer, style).to(context_ids.device)
     n = context_ids.shape[1]
     t = n + (prompt.shape[1] if style == "kvzip" else 0)
-    ids = torch.cat([context_ids, prompt, context_ids], dim=1)
-    cache = DynamicCache()
+    ids, start = torch.cat([context_ids, prompt, context_ids], dim=1), 0
+    if cache is None:
+        cache = DynamicCache()
+    else:
+        ids, start = ids[:, n:], n
     with capture_queries(model) as sinks:
-        forward(model, ids, cache, 0, last_only=True)
+        forward(model, ids, cache, start, last_only=True)
     qs, lses = [], []
     for s, layer in zip(sinks, cache.layers, strict=True):
         q = torch.cat(s, dim=2)[:, :, -t:].float()  # [1, H, t, d]
@@ -189,7 +194,8 @@ def capture(model, context_ids: torch.Tensor, cfg: CompressConfig | None = None,
         cache, last, prefill_s = prefill(model, context_ids)
     keys = [layer.keys[0].float() for layer in cache.layers]
     values = [layer.values[0].float() for layer in cache.layers]
-    del cache
+    if "repeat" not in cfg.sources:
+        del cache  # else the repeat pass continues it
     parts, part_groups, local_parts, info = [], [], [], {"sources": list(cfg.sources)}
     samples = None
     t0 = time.perf_counter()
@@ -199,8 +205,9 @@ def capture(model, context_ids: torch.Tensor, cfg: CompressConfig | None = None,
         if src == "context":
             q, g = [pool_gqa(x.float(), Hkv) for x in ctx_q], _position_groups(n, G)
         elif src == "repeat":
-            stage(progress, f"repeat pass ({2 * n} tokens + prompt)")
-            q, g, lse = _repeat_queries(model, context_ids, tokenizer, cfg.repeat_prompt)
+            stage(progress, f"repeat pass (prompt + {n} tokens, after the context's prefill)")
+            q, g, lse = _repeat_queries(model, context_ids, tokenizer, cfg.repeat_prompt, cache)
+            del cache
         else:
             q, g, samples = sample_self_queries(model, keys, values, last, cfg, progress)
         local_parts.append(

@@ -36,15 +36,16 @@ def forward(model, ids: torch.Tensor, cache, start: int, last_only: bool = False
     return model(ids, past_key_values=cache, position_ids=pos, use_cache=True, **kw).logits
 
 
-def expanded_cache(keys, values, batch: int, dtype) -> DynamicCache:
-    """A ``DynamicCache`` holding a context's keys and values (per layer ``[Hkv, n, d]``) in ``dtype``, expanded
-    (not copied) to ``batch`` rows: the full cache that several sequences continue at once."""
-    cache = DynamicCache()
-    for i, (k, v) in enumerate(zip(keys, values, strict=True)):
-        cache.update(
-            k.to(dtype)[None].expand(batch, -1, -1, -1), v.to(dtype)[None].expand(batch, -1, -1, -1), i
-        )
-    return cache
+def shared_cache(model, keys, values):
+    """A context's full cache (keys and values per layer ``[Hkv, n, d]``) as a
+    :class:`~kvsculpt.cache.CompressedCache` that keeps every entry: any number of sequences can continue it at
+    once, the context shared by all rows (read once per step, never copied per row)."""
+    from ..cache import CompressedCache, CompressedLayer
+
+    n, Hkv = keys[0].shape[1], keys[0].shape[0]
+    layers = [CompressedLayer(k.reshape(Hkv * n, -1), v.reshape(Hkv * n, -1), [n] * Hkv, None, n)
+              for k, v in zip(keys, values, strict=True)]  # fmt: skip
+    return CompressedCache(model, layers)
 
 
 @torch.inference_mode()
