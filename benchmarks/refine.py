@@ -131,7 +131,8 @@ def quick_point(curve: list[dict], steps: int, data_s: float, prefill_s: float, 
 
 
 def kept_gain(kl_init: float, kl_quick: float, kl_full: float) -> float:
-    """Fraction of the full refine's gain in log KL that the quick setting keeps (1 when the full gained nothing)."""
+    """Fraction of the full refine's gain in log KL that the quick setting keeps (1 when the full gained nothing;
+    below 0 when the quick setting is worse than the start)."""
     full = math.log(kl_init / kl_full)
     return 1.0 if full <= 0 else math.log(kl_init / kl_quick) / full
 
@@ -152,9 +153,10 @@ def report(rows, args, out: Path):
              f"{', '.join(PRESSES)} on that window) / KL(refined); `worst` = its smallest value over the windows. "
              "`cost` = (init compression + refine data + refine steps) / prefill; `quick` = the same refine stopped "
              f"at step {args.quick_steps} (`refine_steps={args.quick_steps}`, read off the curve): its cost, its KL "
-             "(geo-means), and the fraction of the full refine's gain in log KL it keeps (mean, worst window).", "",
+             "(geo-means), and the fraction of the full refine's gain in log KL it keeps (of the geo-means: per "
+             "window the fraction is unstable where the full gain is near zero).", "",
              "| setting | r | windows | KL init | KL refined | gain | worst-window gain | init ×best press | "
-             "×best press | worst ×press | windows below every press | refine s | cost ×prefill | quick: cost, KL, kept gain (worst) |",
+             "×best press | worst ×press | windows below every press | refine s | cost ×prefill | quick: cost, KL, kept gain |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     summary = []
     for setting, ratio in [(c, x) for c in dict.fromkeys(r["config"] for r in ours) for x in args.ratios]:
@@ -174,7 +176,6 @@ def report(rows, args, out: Path):
         cost = [(r["init_compress_seconds"] + r["refine_seconds"]) / r["prefill_seconds"] for r in rs]
         quick = {r["window"]: q for r in rs if (q := quick_point(r["curve"], args.quick_steps, r["refine_data_seconds"],
                                                                  r["prefill_seconds"], r["init_compress_seconds"]))}  # fmt: skip
-        kept = [kept_gain(r["kl_init"], quick[r["window"]][1], r["kl"]) for r in rs if r["window"] in quick]
         quick = list(quick.values())
         s = {"setting": setting, "ratio": ratio, "windows": len(rs), "init_x_best_press": geomean(vs0) if vs0 else None, "kl_init": geomean(r["kl_init"] for r in rs),
              "kl_refined": geomean(r["kl"] for r in rs), "gain": geomean(gains), "worst_gain": min(gains),
@@ -182,13 +183,14 @@ def report(rows, args, out: Path):
              "below_every_press": f"{below}/{len(vs)}", "refine_seconds": sum(r["refine_seconds"] for r in rs) / len(rs),
              "cost_over_prefill": geomean(cost), "quick_cost": geomean(q[0] for q in quick) if quick else None,
              "quick_kl": geomean(q[1] for q in quick) if quick else None,
-             "quick_kept_gain": sum(kept) / len(kept) if kept else None, "quick_worst_kept": min(kept) if kept else None}  # fmt: skip
+             "quick_kept_gain": kept_gain(geomean(r["kl_init"] for r in rs), geomean(q[1] for q in quick),
+                                          geomean(r["kl"] for r in rs)) if len(quick) == len(rs) else None}  # fmt: skip
         summary.append(s)
         f = lambda x, p=4: "–" if x is None else f"{x:.{p}f}"  # noqa: E731
         lines.append(f"| {setting} | {ratio} | {s['windows']} | {f(s['kl_init'])} | {f(s['kl_refined'])} | "
                      f"{f(s['gain'], 2)}× | {f(s['worst_gain'], 2)}× | {f(s['init_x_best_press'], 2)} | {f(s['x_best_press'], 2)} | {f(s['worst_x_press'], 2)} | "
                      f"{s['below_every_press']} | {s['refine_seconds']:.0f} | {f(s['cost_over_prefill'], 0)} | "
-                     f"{f(s['quick_cost'], 0)}×, {f(s['quick_kl'])}, {f(s['quick_kept_gain'], 2)} ({f(s['quick_worst_kept'], 2)}) |")  # fmt: skip
+                     f"{f(s['quick_cost'], 0)}×, {f(s['quick_kl'])}, {f(s['quick_kept_gain'], 2)} |")  # fmt: skip
     lines += ["", "Per window (KL init → refined; best press):", ""]
     for r in sorted(ours, key=lambda r: (r["config"], r["ratio"], r["window"])):
         p = press.get((r["window"], r["ratio"]))
@@ -239,7 +241,9 @@ def main(argv=None):
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.05, 0.1, 0.3, 0.5])
     ap.add_argument("--steps", type=int, default=60, help="refine_steps")
     ap.add_argument("--params", default="kv", help="refine_params")
-    ap.add_argument("--lr", type=float, default=CompressConfig().refine_lr, help="refine_lr")
+    ap.add_argument(
+        "--lr", type=float, default=CompressConfig().refine_lr, help="refine_lr (default: by ratio)"
+    )
     ap.add_argument("--data", default="self+repeat+study", help="refine_data")
     ap.add_argument(
         "--samples", type=int, default=CompressConfig().refine_samples, help="refine_samples per source"

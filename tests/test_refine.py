@@ -143,6 +143,11 @@ def test_refine_options_are_checked():
         CompressConfig(refine_params="k")
     with pytest.raises(ValueError, match="refine_batch"):
         CompressConfig(refine_batch=0)
+    with pytest.raises(ValueError, match="refine_lr"):
+        CompressConfig(refine_lr=0.0)
+    # the step by ratio, unless given
+    assert CompressConfig(ratio=0.1).refine_step == 3e-3 and CompressConfig(ratio=0.3).refine_step == 1e-3
+    assert CompressConfig(ratio=0.3, refine_lr=5e-3).refine_step == 5e-3
 
 
 def test_refine_lowers_heldout_kl_on_a_real_text(smollm):

@@ -19,8 +19,8 @@ bucket for the rest (``[N, T, k]`` + ``[N, T]``; the full vocabulary would be ``
 the KL between these coarse distributions, a lower bound of the full KL that is tight when the tail is small.
 
 Optimisation: Adam on offsets measured in units of each layer tensor's RMS (so ``refine_lr`` is a relative
-step), fp32 master copies, the model's dtype in the forward; a validation split of the generated sequences is
-scored every ``refine_eval_every`` steps, the best iterate is returned (never worse than the start on it), and
+step; by default 3e-3 below r = 0.2 and 1e-3 above), fp32 master copies, the model's dtype in the forward; a
+validation split of the generated sequences is scored every ``refine_eval_every`` steps, the best iterate is returned (never worse than the start on it), and
 training stops early after ``refine_patience`` evaluations without improvement or after ``refine_time`` seconds.
 """
 
@@ -310,7 +310,7 @@ def refine_from(model, cache: CompressedCache, keys, values, last_logits, contex
     check = val if len(val) else train  # with no validation split, the best iterate is chosen on train
     student = Student(cache, cfg.refine_params)
     params = [p for p in student.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=cfg.refine_lr)
+    opt = torch.optim.Adam(params, lr=cfg.refine_step)
     gen = torch.Generator().manual_seed(cfg.seed + 2)
     order, at = torch.randperm(len(train), generator=gen), 0
     t_train = time.perf_counter()
