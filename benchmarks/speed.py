@@ -2,6 +2,7 @@
 
     python benchmarks/speed.py models --models smollm2-135m qwen2.5-coder-0.5b qwen2.5-coder-1.5b
     python benchmarks/speed.py decode --model smollm2-135m --context-tokens 2048 --ratio 0.3
+    python benchmarks/speed.py decode --batch 8 --threads 1 --out speed_decode_batch8
 
 Each model is measured in a fresh subprocess (so peak RSS is its own). Results: benchmarks/results/speed_*.json/md.
 """
@@ -61,11 +62,13 @@ def decode(args) -> dict:
     ids = encode(tok, text)[:, : args.context_tokens]
     n = ids.shape[1]
     full, _, _ = prefill(model, ids)
+    if args.batch > 1:  # the full cache copied per row, as a DynamicCache holds a batch
+        full.batch_repeat_interleave(args.batch)
     comp = compress(model, ids, ratio=args.ratio, tokenizer=tok, progress=False)
 
-    def tokens_per_second(cache):
+    def tokens_per_second(cache):  # tokens per second per row (decode steps per second)
         t0 = time.perf_counter()
-        decode(model, cache, torch.full((1, 1), tok.eos_token_id or 0), n, args.new_tokens)
+        decode(model, cache, torch.full((args.batch, 1), tok.eos_token_id or 0), n, args.new_tokens)
         return args.new_tokens / (time.perf_counter() - t0)
 
     return {
@@ -73,6 +76,7 @@ def decode(args) -> dict:
         "context_tokens": n,
         "ratio": args.ratio,
         "new_tokens": args.new_tokens,
+        "batch": args.batch,
         "full_tokens_per_second": tokens_per_second(full),
         "compressed_tokens_per_second": tokens_per_second(comp),
         "compressed_method": comp.method,
@@ -93,15 +97,18 @@ def main():
     p.add_argument("--context-tokens", type=int, default=2048)
     p.add_argument("--ratio", type=float, default=0.3)
     p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--batch", type=int, default=1, help="rows decoded at once (one context shared by all)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", default="speed_decode", help="results name under benchmarks/results/")
     args = ap.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(getattr(args, "threads", 2))
     RESULTS.mkdir(exist_ok=True)
     if args.what == "one":
         print(json.dumps(one_model(args.name)))
         return
     if args.what == "decode":
         row = decode(args)
-        (RESULTS / "speed_decode.json").write_text(json.dumps(row, indent=1))
+        (RESULTS / f"{args.out}.json").write_text(json.dumps(row, indent=1))
         print(json.dumps(row, indent=1))
         return
     rows = []

@@ -40,7 +40,7 @@ class CompressedLayer(CacheLayerMixin):
         self.is_initialized = True
         self.keys = self.values = None  # appended tokens [B, Hkv, a, d], once used
         self._block = (
-            None  # (keys [Hkv, P, d], values [Hkv, P, d], bias [Hkv, P] or None) in the model's dtype
+            None  # (keys, values [Hkv, P, d], bias [Hkv, P] or None) in the model's dtype, once used
         )
 
     def padded_block(self):

@@ -20,8 +20,9 @@ the KL between these coarse distributions, a lower bound of the full KL that is 
 
 Optimisation: Adam on offsets measured in units of each layer tensor's RMS (so ``refine_lr`` is a relative
 step; by default 3e-3 below r = 0.2 and 1e-3 above), fp32 master copies, the model's dtype in the forward; a
-validation split of the generated sequences is scored every ``refine_eval_every`` steps, the best iterate is returned (never worse than the start on it), and
-training stops early after ``refine_patience`` evaluations without improvement or after ``refine_time`` seconds.
+validation split of the generated sequences is scored every ``refine_eval_every`` steps, the best iterate is
+returned (never worse than the start on it), and training stops early after ``refine_patience`` evaluations
+without improvement or after ``refine_time`` seconds.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from tqdm.auto import tqdm
 from .cache import CompressedCache, CompressedLayer
 from .config import CompressConfig
 from .hf.capture import chat_template_parts, repeat_prompt_ids, stage
-from .hf.decode import forward, prefill, shared_cache, top_p_pick
+from .hf.decode import forward, prefill, shared_cache, text_ids, top_p_pick
 
 STUDY_REQUESTS = (
     "Summarise the text above.",
@@ -108,20 +109,23 @@ def make_data(model, tokenizer, keys, values, last_logits, context_ids, cfg: Com
     bar = tqdm(
         total=forwards, desc=f"refine data ({'+'.join(sources)})", unit="forward", disable=not progress
     )
-    rows: dict[str, list[torch.Tensor]] = {}  # source → forced token prefixes (empty: sampled from the start)
+    prefixes: dict[str, list[torch.Tensor]] = {}  # sampled source → forced tokens per row (self: none)
     for src in sampled:
         if src == "self":
-            rows[src] = [torch.zeros(0, dtype=torch.long)] * S
+            prefixes[src] = [torch.zeros(0, dtype=torch.long)] * S
         else:
             reply_start = chat_template_parts(_need(tokenizer, src))[1]
-            requests = [STUDY_REQUESTS[i % len(STUDY_REQUESTS)] for i in range(S)]
-            rows[src] = [_ids(tokenizer, f"\n\n{r}{reply_start}")[0] for r in requests]
-            if max(len(p) for p in rows[src]) >= T:
+            prefixes[src] = [text_ids(tokenizer, f"\n\n{STUDY_REQUESTS[i % len(STUDY_REQUESTS)]}{reply_start}")[0]
+                             for i in range(S)]  # fmt: skip
+            if max(len(p) for p in prefixes[src]) >= T:
                 raise ValueError(f"refine_length {T} leaves no room for a reply to a study request")
-    parts: dict[str, tuple] = {}
+    by_source = {}  # source → (tokens [S, T], top ids, top log-probs, tail)
     if sampled:
-        prefixes = [p for src in sampled for p in rows[src]]
-        parts["sampled"] = _sample_with_teacher(model, keys, values, last_logits, prefixes, T, cfg, gen, bar)
+        out = _sample_with_teacher(
+            model, keys, values, last_logits, sum(prefixes.values(), []), T, cfg, gen, bar
+        )
+        for i, src in enumerate(sampled):
+            by_source[src] = tuple(x[i * S : (i + 1) * S] for x in out)
     if "repeat" in sources:
         prompt = repeat_prompt_ids(_need(tokenizer, "repeat"), "kvzip")[0]
         chunk = T - prompt.shape[0]
@@ -137,14 +141,12 @@ def make_data(model, tokenizer, keys, values, last_logits, context_ids, cfg: Com
             logits = forward(model, x, shared_cache(model, keys, values), n)
             teach.append([t.cpu() for t in coarse(logits, cfg.refine_topk)])
             bar.update()
-        parts["repeat"] = (tokens, *(torch.cat(p) for p in zip(*teach, strict=True)))
+        by_source["repeat"] = (tokens, *(torch.cat(p) for p in zip(*teach, strict=True)))
     bar.close()
-    order = [p for p in ("sampled", "repeat") if p in parts]
-    tokens, top_ids, top_logp, tail = (torch.cat(t) for t in zip(*(parts[p] for p in order), strict=True))
-    source = [s for src in sampled for s in [src] * len(rows[src])] + ["repeat"] * S * ("repeat" in sources)
-    # keep the sources in the configured order
-    idx = torch.tensor([i for src in sources for i, s in enumerate(source) if s == src])
-    return RefineData(tokens[idx], top_ids[idx], top_logp[idx], tail[idx], [source[i] for i in idx],
+    tokens, top_ids, top_logp, tail = (
+        torch.cat(t) for t in zip(*(by_source[s] for s in sources), strict=True)
+    )
+    return RefineData(tokens, top_ids, top_logp, tail, [s for s in sources for _ in range(S)],
                       time.perf_counter() - t0)  # fmt: skip
 
 
@@ -170,10 +172,6 @@ def _sample_with_teacher(model, keys, values, last_logits, prefixes, T, cfg, gen
             tokens.append(x)
     top_ids, top_logp, tail = (torch.stack(p, 1) for p in zip(*teach, strict=True))
     return torch.cat(tokens, 1).cpu(), top_ids, top_logp, tail
-
-
-def _ids(tokenizer, text: str) -> torch.Tensor:
-    return tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
 
 
 def _need(tokenizer, src):

@@ -25,7 +25,7 @@ from transformers import DynamicCache
 from ..config import CompressConfig
 from ..core.attention import future_mask, logits
 from .attention import capture_queries
-from .decode import check_ids, decode, forward, prefill, shared_cache, top_p_pick
+from .decode import check_ids, decode, forward, prefill, shared_cache, text_ids, top_p_pick
 from .dims import check_supported, model_dims
 
 REPEAT_PROMPT = "\n\nRepeat the text above.\n\n"  # repeat_prompt="plain"
@@ -124,12 +124,11 @@ def repeat_prompt_ids(tokenizer, style: str) -> torch.Tensor:
     KVzip's request, closed as a user turn and opened as the assistant's reply by the chat template, so that an
     instruct model really repeats."""
 
-    def ids(text):
-        return tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
-
     if style == "plain":
-        return ids(REPEAT_PROMPT)
-    return torch.cat([ids(KVZIP_PROMPT), ids(chat_template_parts(tokenizer)[1])], dim=1)
+        return text_ids(tokenizer, REPEAT_PROMPT)
+    return torch.cat(
+        [text_ids(tokenizer, KVZIP_PROMPT), text_ids(tokenizer, chat_template_parts(tokenizer)[1])], dim=1
+    )
 
 
 @torch.inference_mode()

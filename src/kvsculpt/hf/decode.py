@@ -27,6 +27,11 @@ def check_ids(ids: torch.Tensor, device=None) -> torch.Tensor:
     return ids.to(device) if device is not None else ids
 
 
+def text_ids(tokenizer, text: str) -> torch.Tensor:
+    """``text`` as token ids ``[1, t]``, with no special tokens added (it continues a context)."""
+    return tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+
+
 def forward(model, ids: torch.Tensor, cache, start: int, last_only: bool = False) -> torch.Tensor:
     """Run ``ids [B, q]`` on ``cache`` (extended in place) at positions ``start … start+q−1``.
     Returns logits ``[B, q, V]`` (``[B, 1, V]`` with ``last_only``)."""
@@ -137,7 +142,7 @@ def ask(model, tokenizer, cache, questions, max_new_tokens: int = 64, stop: str 
     single = isinstance(questions, str)
     eos, answers = eos_ids(model, tokenizer), []
     for question in [questions] if single else questions:
-        q = tokenizer(question, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        q = text_ids(tokenizer, question)
         tokens = decode(model, cache.fork(), q, cache.n, max_new_tokens, stop=text_stop(eos, tokenizer, stop))
         answers.append(answer_text(tokenizer, tokens[0].tolist(), stop))
     return answers[0] if single else answers
