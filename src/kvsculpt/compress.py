@@ -69,6 +69,9 @@ def compress_captured(model, cap: Capture, cfg: CompressConfig, progress: bool =
     stage_starts = {round(i * L / stages) for i in range(1, stages)} if stages else set()
     keys, values, biases, rel_mse, mass_err, replay_s = [], [], [], [], [], 0.0
     has_bias = False
+    solver_stats = getattr(solver, "stats", None)  # Sculpt: one record per head solved
+    if solver_stats is not None:
+        solver_stats.clear()
     for li in tqdm(range(L), desc=f"solve ({type(solver).__name__})", unit="layer", disable=not progress):
         if li in stage_starts:
             t_replay = time.perf_counter()
@@ -112,6 +115,13 @@ def compress_captured(model, cap: Capture, cfg: CompressConfig, progress: bool =
         "compress_seconds": cap.prefill_seconds + cap.query_seconds + time.perf_counter() - t_start,
         "stats": {"heldout_rel_mse": rel_mse, "heldout_mass_err": mass_err},
     }
+    if solver_stats:
+        info["optimiser"] = {
+            "heads": len(solver_stats),
+            "evaluations": sum(st["evaluations"] for st in solver_stats),
+            "objective_start": sum(st["start"] for st in solver_stats) / len(solver_stats),
+            "objective_end": sum(st["end"] for st in solver_stats) / len(solver_stats),
+        }
     if pilot_record:
         info["pilot"] = {**pilot_record, "seconds": pilot_seconds}
     cache = CompressedCache.from_heads(

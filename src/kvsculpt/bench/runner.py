@@ -197,7 +197,7 @@ def run_grid(model, tok, model_name, wins, grid: dict[str, CompressConfig], rati
                             "cache_over_logical": cache.nbytes() / cache.logical_nbytes(),
                             "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
                             "passkey": pk, "passkey_full": pk_full if pk is not None else None,
-                            **_pilot_spread(cache.info),
+                            **_pilot_spread(cache.info), "optimiser": cache.info.get("optimiser"),
                             **{k: v for k, v in cache.info.items() if k.startswith("refine_") and k != "refine_curve"},
                         }  # fmt: skip
                         f.write(json.dumps(row) + "\n")

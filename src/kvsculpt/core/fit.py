@@ -10,17 +10,18 @@ from .attention import attend, logits
 def ridge_values(
     A: torch.Tensor, O: torch.Tensor, lam: float, prior: torch.Tensor | None = None, row_weights=None
 ) -> torch.Tensor:
-    """``argmin_V Σ_i w_i²‖A_i V − O_i‖² + λ'‖V − prior‖²`` in fp32, batched: A ``[H, N, m]``, O ``[H, N, d]``
+    """``argmin_V Σ_i w_i²‖A_i V − O_i‖² + λ'‖V − prior‖²`` in fp32 (or fp64 if given), batched: A ``[H, N, m]``, O ``[H, N, d]``
     → ``[H, m, d]``.
 
     ``λ' = lam · mean(diag AᵀA)`` per head, of the weighted A (scale-free); ``prior`` ``[H, m, d]`` defaults
     to zero; ``row_weights [H, N]`` (``w``) scale each query's residual. Solved by Cholesky, with a
     least-squares fallback for heads where it fails.
     """
-    A, O = A.float(), O.float()
+    dtype = torch.promote_types(A.dtype, torch.float32)  # fp32 at least (fp64 stays fp64)
+    A, O = A.to(dtype), O.to(dtype)
     if row_weights is not None:
         A, O = A * row_weights[..., None], O * row_weights[..., None]
-    R = O if prior is None else O - A @ prior.float()
+    R = O if prior is None else O - A @ prior.to(dtype)
     AtA = A.transpose(-1, -2) @ A
     reg = (lam * AtA.diagonal(dim1=-2, dim2=-1).mean(-1)).clamp_min(1e-12)
     AtA = AtA + reg[:, None, None] * torch.eye(A.shape[-1], device=A.device, dtype=A.dtype)
@@ -30,7 +31,7 @@ def ridge_values(
     bad = info != 0
     if bad.any():
         sol[bad] = torch.linalg.lstsq(AtA[bad], rhs[bad]).solution
-    return sol if prior is None else sol + prior.float()
+    return sol if prior is None else sol + prior.to(dtype)
 
 
 def block_weight(z: torch.Tensor, local_lse=None) -> torch.Tensor | None:

@@ -7,8 +7,8 @@ Every method is a small dataclass called as::
 
 * :class:`Select` keeps the entries a scorer (:mod:`kvsculpt.core.scores`) ranks highest and, with ``fit``,
   re-solves their values by ridge least squares (``fit=False`` copies them: plain eviction).
-* :class:`Sculpt` (KVSculpt) starts from Select with fitted values, then moves the keys by L-BFGS,
-  alternating with closed-form value solves.
+* :class:`Sculpt` (KVSculpt) starts from Select with fitted values, then moves each head's keys by L-BFGS,
+  the values re-solved in closed form at every evaluation.
 * :class:`Identity` keeps everything (exactness checks).
 
 The ``repr`` of a method is recorded in results and saved caches.
@@ -17,13 +17,12 @@ The ``repr`` of a method is recorded in results and saved caches.
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass, field
 
 import torch
 
-from .attention import attend, logits, relative_error
-from .fit import fit_generalises, fit_values, nnls_bias, ridge_values
+from .attention import attend, logits
+from .fit import block_weight, fit_generalises, fit_values, nnls_bias, ridge_values
 from .scores import H2O, KVzip, Scorer, gather, keep_recent, top_indices
 
 
@@ -118,6 +117,11 @@ class Select(Method):
 
     def solve(self, K, V, Q, m, scale, context_queries=None, local_lse=None):
         idx = self.select(K, Q, m, scale, context_queries, local_lse)
+        return self.solve_selected(K, V, Q, idx, scale, local_lse)
+
+    def solve_selected(self, K, V, Q, idx, scale, local_lse=None):
+        """The kept entries ``idx [H, m]`` → ``(K' [H, m, d], V' [H, m, d], β [H, m] | None)``: keys copied,
+        β and values fitted as the fields say."""
         Kc = gather(K, idx)
         bias = nnls_bias(Q, Kc, attend(Q, K, V, scale)[1], scale) if self.beta == "nnls" else None
         if not self.fit:
@@ -133,18 +137,23 @@ class Select(Method):
 
 @dataclass
 class Sculpt(Select):
-    """KVSculpt: keys optimised by L-BFGS, values re-solved in closed form every ``inner`` steps.
+    """KVSculpt: Select+Fit, then each head's keys moved by its own L-BFGS run (:func:`sculpt_head`).
 
-    Initialised from Select with fitted values (same scorer, default :class:`H2O`: the paper's Select+Fit).
-    Objective per head: relative output MSE + ``mass_weight`` · mean((z' − z)²). ``beta``: ``none``,
-    ``nnls`` (fitted once at the start), or ``joint`` (optimised with the keys). The best iterate is kept, so
-    the objective never ends above the initialisation.
+    The values are solved in closed form at every evaluation (variable projection: the objective is a
+    function of the keys alone, so the L-BFGS history stays valid for the whole run). Objective per head:
+    relative output error + ``mass_weight`` · mean squared log-mass error, each query weighted by the share
+    of its attention on the block when ``local_lse`` is given (as in Select's value fit). ``iters``: L-BFGS
+    iterations per head (at most ``5/4 · iters`` evaluations); ``iters=0`` is exactly Select+Fit. ``beta``:
+    ``none``, ``nnls`` (fitted once, before the keys move) or ``joint`` (optimised with the keys, from 0).
+    The best evaluated point is kept, so no head ends above its start. After a call, ``stats`` holds one
+    record per head solved: start and end objective, evaluations.
     """
 
     scorer: Scorer = field(default_factory=H2O)
-    iters: int = 20
-    inner: int = 5
-    mass_weight: float = 1.0
+    iters: int = 100
+    mass_weight: float = 0.0
+    history: int = 20
+    stats: list = field(default_factory=list, init=False, repr=False, compare=False)
 
     BETAS = ("none", "nnls", "joint")
 
@@ -152,66 +161,84 @@ class Sculpt(Select):
         super().__post_init__()
         if not self.fit:
             raise ValueError("sculpt always fits the values (fit=False is plain eviction)")
-
-    def objective(self, Q, O, z, Kc, Vc, bias, scale) -> torch.Tensor:
-        """Per-head objective ``[H]``."""
-        Oc, zc = attend(Q, Kc, Vc, scale, bias)
-        return relative_error(Oc, O) + self.mass_weight * ((zc - z) ** 2).mean(-1)
+        if self.iters < 0 or self.mass_weight < 0 or self.history < 1:
+            raise ValueError("sculpt needs iters >= 0, mass_weight >= 0 and history >= 1")
 
     def solve(self, K, V, Q, m, scale, context_queries=None, local_lse=None):
-        O, z = attend(Q, K, V, scale)
         idx = self.select(K, Q, m, scale, context_queries, local_lse)
-        prior = gather(V, idx) if self.prior == "original" else None
-        Kc = gather(K, idx).clone()
-        bias = nnls_bias(Q, Kc, z, scale) if self.beta == "nnls" else None
+        Kc, Vc, bias = self.solve_selected(K, V, Q, idx, scale, local_lse)
         if self.beta == "joint":
             bias = torch.zeros(Kc.shape[:2], device=K.device)
+        if self.iters == 0:
+            return Kc, Vc, bias
+        O, z = attend(Q, K, V, scale)
+        w = block_weight(z, local_lse)
+        prior = gather(V, idx) if self.prior == "original" else None
+        out = []
+        for h in range(K.shape[0]):  # one L-BFGS per head: its own line searches and convergence
+            head = sculpt_head(
+                Q[h], O[h], z[h], Kc[h], None if prior is None else prior[h], None if bias is None else bias[h],
+                scale, self.lam, self.iters, self.mass_weight, None if w is None else w[h],
+                joint_beta=self.beta == "joint", history=self.history,
+            )  # fmt: skip
+            out.append(head[:3])
+            self.stats.append(head[3])
+        Kc, Vc = torch.stack([o[0] for o in out]), torch.stack([o[1] for o in out])
+        return Kc, Vc, None if bias is None else torch.stack([o[2] for o in out])
 
-        def values(Kc, bias):
-            return ridge_values(torch.softmax(logits(Q, Kc, scale, bias), -1), O, self.lam, prior)
 
-        Vc = values(Kc, bias)
-        best = self.objective(Q, O, z, Kc, Vc, bias, scale)
-        best_state = [Kc.clone(), Vc.clone(), None if bias is None else bias.clone()]
-        for _ in range(math.ceil(self.iters / max(1, self.inner))):
-            Kc, bias = self._key_steps(Q, O, z, Kc, Vc, bias, scale)
-            with torch.no_grad():
-                Vc = values(Kc, bias)
-                obj = self.objective(Q, O, z, Kc, Vc, bias, scale)
-            if not torch.isfinite(obj).all():
-                warnings.warn(
-                    "sculpt diverged (non-finite objective); keeping the best iterate", stacklevel=2
-                )
-                break
-            better = obj < best
-            best = torch.where(better, obj, best)
-            best_state[0][better], best_state[1][better] = Kc[better], Vc[better]
-            if bias is not None:
-                best_state[2][better] = bias[better]
-        return tuple(best_state)
+def sculpt_objective(Q, O, z, Kc, prior, bias, scale, lam, mass_weight, weights=None):
+    """Sculpt's objective for one head and the values it implies: ``(objective (scalar), V' [m, d])``.
 
-    def _key_steps(self, Q, O, z, Kc, Vc, bias, scale):
-        Kp = Kc.detach().clone().requires_grad_(True)
-        params = [Kp]
-        bp = None if bias is None else bias.detach().clone().requires_grad_(self.beta == "joint")
-        if self.beta == "joint":
-            params.append(bp)
-        opt = torch.optim.LBFGS(
-            params,
-            lr=1.0,
-            max_iter=self.inner,
-            history_size=10,
-            line_search_fn="strong_wolfe",
-            tolerance_grad=1e-12,
-            tolerance_change=1e-14,
-        )
+    Q ``[N, d]``, teacher output O ``[N, d]`` and log-mass z ``[N]``, keys Kc ``[m, d]``, ``prior [m, d]``
+    (what the ridge values shrink toward; None: zero), ``bias [m]`` or None, ``weights [N]`` (each query's
+    weight; None: all 1). The values are the ridge solution for these keys (differentiable, so the gradient
+    includes their dependence on the keys); objective = weighted relative output error + ``mass_weight`` ·
+    weighted mean of ``(z' − z)²``."""
+    lg = logits(Q, Kc, scale, bias)
+    zc = torch.logsumexp(lg, -1)
+    A = torch.exp(lg - zc[:, None])
+    wt = None if weights is None else weights[None]
+    Vc = ridge_values(A[None], O[None], lam, None if prior is None else prior[None], wt)[0]
+    w2 = torch.ones_like(z) if weights is None else weights**2
+    out_err = (w2[:, None] * (A @ Vc - O) ** 2).sum() / (w2[:, None] * O**2).sum().clamp_min(1e-30)
+    mass_err = (w2 * (zc - z) ** 2).sum() / w2.sum().clamp_min(1e-30)
+    return out_err + mass_weight * mass_err, Vc
 
-        def closure():
-            opt.zero_grad()
-            loss = self.objective(Q, O, z, Kp, Vc, bp, scale).sum()
-            loss.backward()
-            return loss
 
-        with torch.enable_grad():
-            opt.step(closure)
-        return Kp.detach(), None if bp is None else bp.detach()
+def sculpt_head(Q, O, z, Kc, prior, bias, scale, lam, iters, mass_weight=0.0, weights=None, joint_beta=False,
+                history=20, on_eval=None):  # fmt: skip
+    """Move one head's keys ``Kc [m, d]`` (and ``bias [m]`` if ``joint_beta``) by L-BFGS with a strong-Wolfe
+    line search on :func:`sculpt_objective` (same arguments), at most ``iters`` iterations and
+    ``5/4 · iters`` evaluations. ``on_eval(evaluation, objective, K', β)`` is called after each evaluation.
+
+    Returns ``(K' [m, d], V' [m, d], β [m] | None, stats)`` at the best point evaluated (so never above the
+    start); ``stats``: ``{"start", "end", "evaluations"}``."""
+    Kp = Kc.detach().float().clone().requires_grad_(True)
+    bp = None if bias is None else bias.detach().float().clone().requires_grad_(joint_beta)
+    params = [Kp] + ([bp] if joint_beta else [])
+    opt = torch.optim.LBFGS(params, lr=1.0, max_iter=iters, max_eval=iters * 5 // 4, history_size=history,
+                            line_search_fn="strong_wolfe", tolerance_grad=1e-10, tolerance_change=1e-14)  # fmt: skip
+    trace = {"evaluations": 0, "best": math.inf, "start": None, "K": Kp.detach().clone(), "b": bias}
+
+    def closure():
+        opt.zero_grad()
+        loss = sculpt_objective(Q, O, z, Kp, prior, bp, scale, lam, mass_weight, weights)[0]
+        loss.backward()
+        value = float(loss.detach())
+        trace["evaluations"] += 1
+        if trace["start"] is None:
+            trace["start"] = value
+        if value < trace["best"]:
+            trace["best"], trace["K"] = value, Kp.detach().clone()
+            trace["b"] = None if bp is None else bp.detach().clone()
+        if on_eval is not None:
+            on_eval(trace["evaluations"], value, Kp.detach(), None if bp is None else bp.detach())
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    with torch.no_grad():
+        Vc = sculpt_objective(Q, O, z, trace["K"], prior, trace["b"], scale, lam, mass_weight, weights)[1]
+    stats = {"start": trace["start"], "end": trace["best"], "evaluations": trace["evaluations"]}
+    return trace["K"], Vc, trace["b"], stats
