@@ -235,3 +235,19 @@ def test_global_budgets_count_the_sinks_the_selection_keeps():
                 (kept[:, None] == cap.keys[li][h][None]).all(-1).float().argmax(-1)
             )  # where each kept key came from
             assert top[li, h, idx].all() and set(range(4)) <= set(idx.tolist())
+
+
+def test_global_budgets_score_each_layer_once(monkeypatch):
+    """The entry scores that rank entries for global budgets are the ones the selection uses: the scorer runs
+    once per layer, not once for the budgets and again for the selection."""
+    from kvsculpt.core.scores import KVzip
+
+    model = tiny_model("llama")
+    calls = []
+    scorer_call = KVzip.__call__
+    monkeypatch.setattr(
+        KVzip, "__call__", lambda self, *a, **k: calls.append(1) or scorer_call(self, *a, **k)
+    )
+    cfg = CompressConfig(ratio=0.25, method="kvzip", queries="context", allocation="global")
+    compress(model, torch.randint(0, 97, (1, 48)), cfg, progress=False)
+    assert len(calls) == 2  # one per layer (it was 2 per layer)

@@ -32,7 +32,7 @@ def test_curves_allocation_beats_uniform_for_sculpt(smollm):
     w = make_window(tok, load_text("openai_agents_human_in_the_loop"), 512, 64)
     ref = teacher(model, w)
     cfg = CompressConfig(ratio=0.3, method="sculpt", queries="self+context", self_samples=6, self_length=32,
-                         heldout=0.2, allocation="uniform")  # fmt: skip
+                         heldout=0.2, allocation="uniform", options={"iters": 5})  # fmt: skip
     cap = capture(model, w.context, cfg)
     uniform = compress_captured(model, cap, cfg, progress=False)
     curves = compress_captured(model, cap, cfg.replace(allocation="curves"), progress=False)
@@ -44,9 +44,8 @@ def test_curves_allocation_beats_uniform_for_sculpt(smollm):
 
 
 def test_sculpt_fits_heldout_queries_at_least_as_well_as_select_fit(smollm):
-    """Sculpt's objective on held-out self-sample queries is no worse than Select+Fit's (fit, not KL: on KL
-    Sculpt is 1.10–1.14x lower on SmolLM2 and not lower on the 1.5B, see benchmarks/results/regime_smollm2.md
-    and paper_qwen2.5-coder-1.5b.md)."""
+    """Sculpt's output error on held-out self-sample queries is lower than Select+Fit's (fit, not KL: see
+    benchmarks/results/sculpt_claim_smollm2.md for the KL)."""
     model, tok = smollm
     w = make_window(tok, load_text("openai_agents_human_in_the_loop"), 512, 64)
     cap = capture(model, w.context, queries="self+context", self_samples=6, self_length=32)
@@ -55,7 +54,7 @@ def test_sculpt_fits_heldout_queries_at_least_as_well_as_select_fit(smollm):
     sculpt_err, sf_err = [], []
     for li in (2, 15, 28):
         K, V, Q = cap.keys[li], cap.values[li], cap.queries[li]
-        for solver, errs in ((Sculpt(), sculpt_err), (Select(scorer=H2O()), sf_err)):
+        for solver, errs in ((Sculpt(iters=30), sculpt_err), (Select(scorer=H2O()), sf_err)):
             heads = solver(K, V, Q[:, ~held], budgets, cap.scale)
             errs += [
                 float(fidelity(Q[h, held], K[h], V[h], *heads[h], cap.scale)[0]) for h in range(len(heads))
@@ -65,8 +64,10 @@ def test_sculpt_fits_heldout_queries_at_least_as_well_as_select_fit(smollm):
     print(
         f"held-out rel. MSE: sculpt {mean(sculpt_err):.4g} vs select-fit {mean(sf_err):.4g}, {better}/9 heads"
     )
-    # measured 0.0895 vs 0.0984 when written; lower on only 4 of the 9 heads (the mean gain is concentrated)
-    assert mean(sculpt_err) <= mean(sf_err)
+    # measured 0.0775 vs 0.0984, lower on 8 of the 9 heads, with one L-BFGS run per head (30 iterations); the
+    # earlier optimiser (one shared line search, about 24 evaluations per layer) gave 0.0895, lower on 4 of 9
+    assert mean(sculpt_err) < 0.9 * mean(sf_err)
+    assert better >= 6
 
 
 def test_default_does_not_get_worse_with_more_room(smollm):

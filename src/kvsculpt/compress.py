@@ -53,6 +53,12 @@ def compress_captured(model, cap: Capture, cfg: CompressConfig, progress: bool =
     pilot_q = check_q if check_q is not None else fit_q
     cq = cap.context_queries or [None] * L
 
+    scored = {}  # the entry scores of global budgets, reused by the selection (same queries) unless on-policy
+
+    def scores_once():
+        scored["all"] = entry_scores(cap, solver, fit_q, local)
+        return scored["all"]
+
     if isinstance(solver, Identity):
         budgets, pilot_record = [[n] * Hkv for _ in range(L)], {}
     else:
@@ -60,7 +66,7 @@ def compress_captured(model, cap: Capture, cfg: CompressConfig, progress: bool =
         budgets, pilot_record = cfg.rule.plan(
             n, cfg.ratio, L, Hkv,
             pilot=lambda m: pilot_errors(cap, fit_q, pilot_q, m),
-            entry_scores=lambda: entry_scores(cap, solver, fit_q, local),
+            entry_scores=scores_once,
         )  # fmt: skip
     pilot_seconds = time.perf_counter() - t_start
     if cfg.on_policy and cap.samples is None:
@@ -86,7 +92,10 @@ def compress_captured(model, cap: Capture, cfg: CompressConfig, progress: bool =
                 check_q[li:] = [q[:, held] for q in fresh[li:]]
             replay_s += time.perf_counter() - t_replay
         K, V = cap.keys[li], cap.values[li]
-        heads = solver(K, V, fit_q[li], budgets[li], cap.scale, cq[li], None if local is None else local[li])
+        sc = scored["all"][li] if "all" in scored and not stages else None
+        heads = solver(
+            K, V, fit_q[li], budgets[li], cap.scale, cq[li], None if local is None else local[li], sc
+        )
         keys.append([k.to(model.dtype) for k, _, _ in heads])
         values.append([v.to(model.dtype) for _, v, _ in heads])
         biases.append(

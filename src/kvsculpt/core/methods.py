@@ -39,11 +39,12 @@ class Method:
 
     needs_context_queries = False
 
-    def __call__(self, K, V, Q, budgets, scale, context_queries=None, local_lse=None):
+    def __call__(self, K, V, Q, budgets, scale, context_queries=None, local_lse=None, scores=None):
         """K, V ``[H, n, d]``, Q ``[H, N, d]``, one budget per head → per head ``(K' [m, d], V' [m, d], β [m] | None)``.
 
         ``local_lse [H, N]`` (optional): each query's log-mass on keys outside the block; selection and fits
-        then weigh a query by the share of its attention on the block.
+        then weigh a query by the share of its attention on the block. ``scores [H, n]`` (optional): what
+        :meth:`entry_scores` returned for these inputs, so that selection does not score twice.
         """
         H, n, _ = K.shape
         if len(budgets) != H or min(budgets) < 1 or max(budgets) > n:
@@ -55,12 +56,13 @@ class Method:
             idx = torch.tensor(heads, device=K.device)
             cq = None if context_queries is None else context_queries[idx]
             loc = None if local_lse is None else local_lse[idx].float()
-            Kc, Vc, bias = self.solve(K[idx].float(), V[idx].float(), Q[idx].float(), m, scale, cq, loc)
+            sc = None if scores is None else scores[idx]
+            Kc, Vc, bias = self.solve(K[idx].float(), V[idx].float(), Q[idx].float(), m, scale, cq, loc, sc)
             for j, h in enumerate(heads):
                 out[h] = (Kc[j], Vc[j], None if bias is None else bias[j])
         return out
 
-    def solve(self, K, V, Q, m, scale, context_queries=None, local_lse=None):
+    def solve(self, K, V, Q, m, scale, context_queries=None, local_lse=None, scores=None):
         """Heads of one budget ``m``: → ``(K' [H, m, d], V' [H, m, d], β [H, m] | None)``."""
         raise NotImplementedError
 
@@ -73,7 +75,7 @@ class Method:
 class Identity(Method):
     """Keep every entry unchanged."""
 
-    def solve(self, K, V, Q, m, scale, context_queries=None, local_lse=None):
+    def solve(self, K, V, Q, m, scale, context_queries=None, local_lse=None, scores=None):
         if m != K.shape[1]:
             raise ValueError("identity keeps every entry: use ratio 1.0")
         return K, V, None
@@ -110,13 +112,15 @@ class Select(Method):
     def entry_scores(self, K, Q, scale, context_queries=None, local_lse=None):
         return keep_recent(self.scorer(K, Q, scale, context_queries, local_lse), self.recent)
 
-    def select(self, K, Q, m, scale, context_queries=None, local_lse=None) -> torch.Tensor:
-        """Indices ``[H, m]`` of the kept entries, in original order."""
-        scores = self.scorer(K, Q, scale, context_queries, local_lse)
-        return top_indices(keep_recent(scores, min(self.recent, m)), m)
+    def select(self, K, Q, m, scale, context_queries=None, local_lse=None, scores=None) -> torch.Tensor:
+        """Indices ``[H, m]`` of the kept entries, in original order; ``scores``: :meth:`entry_scores`' result
+        for the same inputs, if already computed."""
+        if scores is None or self.recent > m:  # entry_scores always keeps all `recent`; here at most m
+            scores = keep_recent(self.scorer(K, Q, scale, context_queries, local_lse), min(self.recent, m))
+        return top_indices(scores, m)
 
-    def solve(self, K, V, Q, m, scale, context_queries=None, local_lse=None):
-        idx = self.select(K, Q, m, scale, context_queries, local_lse)
+    def solve(self, K, V, Q, m, scale, context_queries=None, local_lse=None, scores=None):
+        idx = self.select(K, Q, m, scale, context_queries, local_lse, scores)
         return self.solve_selected(K, V, Q, idx, scale, local_lse)
 
     def solve_selected(self, K, V, Q, idx, scale, local_lse=None):
@@ -164,8 +168,8 @@ class Sculpt(Select):
         if self.iters < 0 or self.mass_weight < 0 or self.history < 1:
             raise ValueError("sculpt needs iters >= 0, mass_weight >= 0 and history >= 1")
 
-    def solve(self, K, V, Q, m, scale, context_queries=None, local_lse=None):
-        idx = self.select(K, Q, m, scale, context_queries, local_lse)
+    def solve(self, K, V, Q, m, scale, context_queries=None, local_lse=None, scores=None):
+        idx = self.select(K, Q, m, scale, context_queries, local_lse, scores)
         Kc, Vc, bias = self.solve_selected(K, V, Q, idx, scale, local_lse)
         if self.beta == "joint":
             bias = torch.zeros(Kc.shape[:2], device=K.device)
