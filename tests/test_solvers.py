@@ -111,7 +111,7 @@ def test_sculpt_descends_per_head_with_a_real_iteration_budget():
     heads are solved independently, so a batch equals each head alone."""
     K, V, Q, s = problem()
     loc = local_lse_for(Q, K, s)
-    sculpt = Sculpt(iters=40)
+    sculpt = Sculpt(iters=40, val=0.0)
     both = sculpt(K, V, Q, [8, 8], s, local_lse=loc)
     assert len(sculpt.stats) == 2
     for st in sculpt.stats:
@@ -119,10 +119,22 @@ def test_sculpt_descends_per_head_with_a_real_iteration_budget():
         assert st["end"] < 0.75 * st["start"]  # 0.68 and 0.70 of the start here
         assert 40 <= st["evaluations"] <= 50
     for h in range(2):
-        alone = Sculpt(iters=40)(K[h : h + 1], V[h : h + 1], Q[h : h + 1], [8], s, local_lse=loc[h : h + 1])[
-            0
-        ]
+        alone = Sculpt(iters=40, val=0.0)(
+            K[h : h + 1], V[h : h + 1], Q[h : h + 1], [8], s, local_lse=loc[h : h + 1]
+        )[0]
         torch.testing.assert_close(alone[0], both[h][0])
+
+
+def test_sculpt_picks_its_point_on_queries_kept_out_of_the_fit():
+    """With ``val``, the point returned is the best on the held-out blocks of queries: never above the start
+    there, and below it on a problem whose queries all come from one distribution; the fitted objective at
+    that point is still lower than at the start."""
+    K, V, Q, s = problem(N=320)
+    sculpt = Sculpt(iters=40, val=0.2)
+    sculpt(K, V, Q, [8, 8], s)
+    for st in sculpt.stats:
+        assert st["val_end"] <= st["val_start"] and st["val_end"] < 0.95 * st["val_start"]  # 0.86, 0.89
+        assert st["end"] < st["start"]
 
 
 def test_fitted_values_beat_copied_values_on_heldout_queries():

@@ -131,6 +131,9 @@ def compress_captured(model, cap: Capture, cfg: CompressConfig, progress: bool =
             "objective_start": sum(st["start"] for st in solver_stats) / len(solver_stats),
             "objective_end": sum(st["end"] for st in solver_stats) / len(solver_stats),
         }
+        if solver_stats[0]["val_start"] is not None:  # the criterion, on queries kept out of the key fit
+            info["optimiser"]["val_start"] = sum(st["val_start"] for st in solver_stats) / len(solver_stats)
+            info["optimiser"]["val_end"] = sum(st["val_end"] for st in solver_stats) / len(solver_stats)
     if pilot_record:
         info["pilot"] = {**pilot_record, "seconds": pilot_seconds}
     cache = CompressedCache.from_heads(

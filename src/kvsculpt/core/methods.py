@@ -149,13 +149,16 @@ class Sculpt(Select):
     of its attention on the block when ``local_lse`` is given (as in Select's value fit). ``iters``: L-BFGS
     iterations per head (at most ``5/4 · iters`` evaluations); ``iters=0`` is exactly Select+Fit. ``beta``:
     ``none``, ``nnls`` (fitted once, before the keys move) or ``joint`` (optimised with the keys, from 0).
-    The best evaluated point is kept, so no head ends above its start. After a call, ``stats`` holds one
-    record per head solved: start and end objective, evaluations.
+    ``val``: the share of queries (one block of 32 in every ``round(1/val)``) kept out of the key fit to pick
+    the evaluated point with the lowest objective on them (0: the lowest fitted objective); the values are
+    then re-solved on every query. So no head ends above its start on the criterion. After a call, ``stats``
+    holds one record per head solved (:func:`sculpt_head`'s).
     """
 
     scorer: Scorer = field(default_factory=H2O)
     iters: int = 100
     mass_weight: float = 0.0
+    val: float = 0.2
     history: int = 20
     stats: list = field(default_factory=list, init=False, repr=False, compare=False)
 
@@ -165,8 +168,8 @@ class Sculpt(Select):
         super().__post_init__()
         if not self.fit:
             raise ValueError("sculpt always fits the values (fit=False is plain eviction)")
-        if self.iters < 0 or self.mass_weight < 0 or self.history < 1:
-            raise ValueError("sculpt needs iters >= 0, mass_weight >= 0 and history >= 1")
+        if self.iters < 0 or self.mass_weight < 0 or self.history < 1 or not 0 <= self.val < 0.5:
+            raise ValueError("sculpt needs iters >= 0, mass_weight >= 0, history >= 1 and 0 <= val < 0.5")
 
     def solve(self, K, V, Q, m, scale, context_queries=None, local_lse=None, scores=None):
         idx = self.select(K, Q, m, scale, context_queries, local_lse, scores)
@@ -177,18 +180,41 @@ class Sculpt(Select):
             return Kc, Vc, bias
         O, z = attend(Q, K, V, scale)
         w = block_weight(z, local_lse)
+        w = torch.ones_like(z) if w is None else w
         prior = gather(V, idx) if self.prior == "original" else None
+        N = Q.shape[1]
+        every = round(1 / self.val) if self.val > 0 and N >= 64 else 0
+        held = (torch.arange(N, device=Q.device) // 32) % every == every - 1 if every else None
         out = []
         for h in range(K.shape[0]):  # one L-BFGS per head: its own line searches and convergence
-            head = sculpt_head(
-                Q[h], O[h], z[h], Kc[h], None if prior is None else prior[h], None if bias is None else bias[h],
-                scale, self.lam, self.iters, self.mass_weight, None if w is None else w[h],
-                joint_beta=self.beta == "joint", history=self.history,
-            )  # fmt: skip
-            out.append(head[:3])
-            self.stats.append(head[3])
+            fit = slice(None) if held is None else ~held
+            val = None if held is None else (Q[h, held], O[h, held], z[h, held], w[h, held])
+            ph, bh = None if prior is None else prior[h], None if bias is None else bias[h]
+            Kh, Vh, bh, st = sculpt_head(Q[h, fit], O[h, fit], z[h, fit], Kc[h], ph, bh, scale, self.lam,
+                                         self.iters, self.mass_weight, w[h, fit], joint_beta=self.beta == "joint",
+                                         history=self.history, val=val)  # fmt: skip
+            if held is not None:  # the chosen keys' values from every query
+                with torch.no_grad():
+                    Vh = sculpt_objective(Q[h], O[h], z[h], Kh, ph, bh, scale, self.lam, 0.0, w[h])[1]
+            out.append((Kh, Vh, bh))
+            self.stats.append(st)
         Kc, Vc = torch.stack([o[0] for o in out]), torch.stack([o[1] for o in out])
         return Kc, Vc, None if bias is None else torch.stack([o[2] for o in out])
+
+
+def block_error(A, zc, Vc, O, z, mass_weight, weights=None) -> torch.Tensor:
+    """Weighted relative output error + ``mass_weight`` · weighted mean of ``(z' − z)²`` (a scalar) of a block
+    whose attention is ``A [N, m]`` with log-mass ``zc [N]`` and values ``Vc [m, d]``, against the teacher's
+    output ``O [N, d]`` and log-mass ``z [N]``; ``weights [N]``: each query's weight (None: all 1)."""
+    w2 = torch.ones_like(z) if weights is None else weights**2
+    out_err = (w2[:, None] * (A @ Vc - O) ** 2).sum() / (w2[:, None] * O**2).sum().clamp_min(1e-30)
+    return out_err + mass_weight * (w2 * (zc - z) ** 2).sum() / w2.sum().clamp_min(1e-30)
+
+
+def _block_attention(Q, Kc, scale, bias):
+    lg = logits(Q, Kc, scale, bias)
+    zc = torch.logsumexp(lg, -1)
+    return torch.exp(lg - zc[:, None]), zc
 
 
 def sculpt_objective(Q, O, z, Kc, prior, bias, scale, lam, mass_weight, weights=None):
@@ -197,52 +223,61 @@ def sculpt_objective(Q, O, z, Kc, prior, bias, scale, lam, mass_weight, weights=
     Q ``[N, d]``, teacher output O ``[N, d]`` and log-mass z ``[N]``, keys Kc ``[m, d]``, ``prior [m, d]``
     (what the ridge values shrink toward; None: zero), ``bias [m]`` or None, ``weights [N]`` (each query's
     weight; None: all 1). The values are the ridge solution for these keys (differentiable, so the gradient
-    includes their dependence on the keys); objective = weighted relative output error + ``mass_weight`` ·
-    weighted mean of ``(z' − z)²``."""
-    lg = logits(Q, Kc, scale, bias)
-    zc = torch.logsumexp(lg, -1)
-    A = torch.exp(lg - zc[:, None])
+    includes their dependence on the keys); the objective is :func:`block_error`."""
+    A, zc = _block_attention(Q, Kc, scale, bias)
     wt = None if weights is None else weights[None]
     Vc = ridge_values(A[None], O[None], lam, None if prior is None else prior[None], wt)[0]
-    w2 = torch.ones_like(z) if weights is None else weights**2
-    out_err = (w2[:, None] * (A @ Vc - O) ** 2).sum() / (w2[:, None] * O**2).sum().clamp_min(1e-30)
-    mass_err = (w2 * (zc - z) ** 2).sum() / w2.sum().clamp_min(1e-30)
-    return out_err + mass_weight * mass_err, Vc
+    return block_error(A, zc, Vc, O, z, mass_weight, weights), Vc
 
 
 def sculpt_head(Q, O, z, Kc, prior, bias, scale, lam, iters, mass_weight=0.0, weights=None, joint_beta=False,
-                history=20, on_eval=None):  # fmt: skip
+                history=20, val=None, on_eval=None):  # fmt: skip
     """Move one head's keys ``Kc [m, d]`` (and ``bias [m]`` if ``joint_beta``) by L-BFGS with a strong-Wolfe
     line search on :func:`sculpt_objective` (same arguments), at most ``iters`` iterations and
-    ``5/4 · iters`` evaluations. ``on_eval(evaluation, objective, K', β)`` is called after each evaluation.
+    ``5/4 · iters`` evaluations. ``val``: ``(Q, O, z, weights)`` of queries kept out of the fit; the point
+    returned is the evaluated one with the lowest objective on them (without: the lowest fitted objective).
+    ``on_eval(evaluation, objective, K', β)`` is called after each evaluation.
 
-    Returns ``(K' [m, d], V' [m, d], β [m] | None, stats)`` at the best point evaluated (so never above the
-    start); ``stats``: ``{"start", "end", "evaluations"}``."""
+    Returns ``(K' [m, d], V' [m, d], β [m] | None, stats)``, V' fitted on the fit queries; ``stats``: the fitted
+    objective at the start and at the point returned (``start``, ``end``), the same on ``val``
+    (``val_start``, ``val_end``; None without), ``evaluations``."""
     Kp = Kc.detach().float().clone().requires_grad_(True)
     bp = None if bias is None else bias.detach().float().clone().requires_grad_(joint_beta)
     params = [Kp] + ([bp] if joint_beta else [])
     opt = torch.optim.LBFGS(params, lr=1.0, max_iter=iters, max_eval=iters * 5 // 4, history_size=history,
                             line_search_fn="strong_wolfe", tolerance_grad=1e-10, tolerance_change=1e-14)  # fmt: skip
-    trace = {"evaluations": 0, "best": math.inf, "start": None, "K": Kp.detach().clone(), "b": bias}
+    trace = {
+        "evaluations": 0,
+        "best": math.inf,
+        "K": Kp.detach().clone(),
+        "b": bias,
+        "start": None,
+        "end": None,
+    }
 
     def closure():
         opt.zero_grad()
-        loss = sculpt_objective(Q, O, z, Kp, prior, bp, scale, lam, mass_weight, weights)[0]
+        loss, Vc = sculpt_objective(Q, O, z, Kp, prior, bp, scale, lam, mass_weight, weights)
         loss.backward()
-        value = float(loss.detach())
+        value, keys, b = float(loss.detach()), Kp.detach(), None if bp is None else bp.detach()
+        held = value
+        if val is not None:
+            with torch.no_grad():
+                held = float(block_error(*_block_attention(val[0], keys, scale, b), Vc.detach(), val[1], val[2],
+                                         mass_weight, val[3]))  # fmt: skip
         trace["evaluations"] += 1
-        if trace["start"] is None:
-            trace["start"] = value
-        if value < trace["best"]:
-            trace["best"], trace["K"] = value, Kp.detach().clone()
-            trace["b"] = None if bp is None else bp.detach().clone()
+        if trace["evaluations"] == 1:
+            trace["start"], trace["val_start"] = value, held
+        if held < trace["best"]:
+            trace.update(best=held, end=value, K=keys.clone(), b=None if b is None else b.clone())
         if on_eval is not None:
-            on_eval(trace["evaluations"], value, Kp.detach(), None if bp is None else bp.detach())
+            on_eval(trace["evaluations"], value, keys, b)
         return loss
 
     with torch.enable_grad():
         opt.step(closure)
     with torch.no_grad():
         Vc = sculpt_objective(Q, O, z, trace["K"], prior, trace["b"], scale, lam, mass_weight, weights)[1]
-    stats = {"start": trace["start"], "end": trace["best"], "evaluations": trace["evaluations"]}
+    stats = {"start": trace["start"], "end": trace["end"], "evaluations": trace["evaluations"],
+             "val_start": None if val is None else trace["val_start"], "val_end": None if val is None else trace["best"]}  # fmt: skip
     return trace["K"], Vc, trace["b"], stats
