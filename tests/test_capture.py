@@ -112,6 +112,20 @@ def test_attend_matches_softmax():
     assert torch.allclose(z, torch.logsumexp(lg, -1), atol=1e-6)
 
 
+def test_local_lse_in_chunks_equals_the_masked_square():
+    """Each of the last t queries' log-sum-exp over the local keys it sees causally, computed a chunk of queries
+    at a time against only the keys the chunk can see, equals the masked full square."""
+    from kvsculpt.hf.capture import local_lse
+
+    g = torch.Generator().manual_seed(3)
+    q, k = torch.randn(1, 6, 23, 8, generator=g), torch.randn(2, 30, 8, generator=g)  # GQA 3, s=30 > t=23
+    lg = q[0] @ k.repeat_interleave(3, 0).transpose(1, 2) * 0.4  # [6, 23, 30]
+    future = torch.arange(30)[None] > torch.arange(7, 30)[:, None]
+    want = torch.logsumexp(lg.masked_fill(future, float("-inf")), -1)[None]
+    for chunk in (1, 5, 23, 256):
+        torch.testing.assert_close(local_lse(q, k, 0.4, chunk=chunk), want)
+
+
 def test_unsupported_models_get_clear_errors():
     model = tiny_model("qwen2")
     model.config.use_sliding_window = True

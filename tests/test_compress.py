@@ -206,7 +206,7 @@ def test_on_policy_layer_by_layer_keeps_budgets_and_changes_the_fit():
 def test_global_budgets_count_the_sinks_the_selection_keeps():
     """KVzip with global budgets: every head keeps exactly its entries among the global top set (sinks scored
     +inf, as kvpress scores them), so no head gives up a higher-ranked entry for a sink ranked outside it."""
-    from kvsculpt.core.attention import attention_weights
+    from kvsculpt.core.attention import reference
 
     model = tiny_model("qwen2")
     n, ratio = 64, 0.25
@@ -215,7 +215,7 @@ def test_global_budgets_count_the_sinks_the_selection_keeps():
     cap = capture(model, ids, cfg)
     cache = compress(model, ids, cfg, progress=False)
     peak = torch.stack(
-        [attention_weights(q, K, cap.scale).amax(1) for q, K in zip(cap.queries, cap.keys, strict=True)]
+        [reference(q, K, None, cap.scale).peak for q, K in zip(cap.queries, cap.keys, strict=True)]
     )
     plain_top = peak.flatten().topk(round(ratio * n) * 4).indices
     sinks = torch.zeros_like(peak, dtype=torch.bool)

@@ -51,6 +51,29 @@ def test_ridge_solution_has_zero_gradient_with_row_weights():
     assert plain.grad.abs().max() > 1e-2
 
 
+def test_reference_in_chunks_equals_the_plain_softmax():
+    """One pass over the logits, a chunk of queries at a time, gives each query's output and log-mass over the
+    block, and each entry's largest and summed weight, each weight scaled by the share of the query's attention
+    on the block (exp(z − logaddexp(z, local)))."""
+    from kvsculpt.core.attention import reference
+
+    K, V, Q, s = problem(N=70)
+    local = torch.randn(2, 70) + 3.0
+    lg = Q @ K.transpose(1, 2) * s
+    z = torch.logsumexp(lg, -1)
+    share = torch.exp(lg - torch.logaddexp(z, local)[..., None])
+    for chunk in (1, 16, 70, 512):
+        ref = reference(Q, K, V, s, local, chunk=chunk)
+        torch.testing.assert_close(ref.O, torch.softmax(lg, -1) @ V)
+        torch.testing.assert_close(ref.z, z)
+        torch.testing.assert_close(ref.peak, share.amax(1))
+        torch.testing.assert_close(ref.total, share.sum(1))
+    plain = reference(Q, K, None, s)
+    assert plain.O is None
+    torch.testing.assert_close(plain.peak, torch.softmax(lg, -1).amax(1))
+    assert not torch.allclose(plain.peak, ref.peak, atol=1e-3)  # the local mass matters
+
+
 def test_zero_weight_queries_do_not_enter_the_fit():
     """Queries weighted 0 change nothing: the fit equals a fit on the other queries alone."""
     g = torch.Generator().manual_seed(2)

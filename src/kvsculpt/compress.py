@@ -9,7 +9,7 @@ from tqdm.auto import tqdm
 
 from .cache import CompressedCache
 from .config import CompressConfig
-from .core.attention import fidelity
+from .core.attention import fidelity, reference
 from .core.methods import Identity, Select
 from .core.scores import H2O
 from .hf.capture import Capture, capture, replay_self_queries, split_heldout, stage
@@ -53,10 +53,22 @@ def compress_captured(model, cap: Capture, cfg: CompressConfig, progress: bool =
     pilot_q = check_q if check_q is not None else fit_q
     cq = cap.context_queries or [None] * L
 
+    refs: dict = {}  # per layer: the fit queries' attention over the whole block, computed once (see ref_of)
+
+    def ref_of(li: int):
+        """The :func:`~kvsculpt.core.attention.reference` of layer ``li``'s fit queries (None if the method
+        does not read it): computed once, shared by the global ranking, the selection and the value fit."""
+        if not solver.uses_reference:
+            return None
+        if li not in refs:
+            refs[li] = reference(fit_q[li].float(), cap.keys[li].float(), cap.values[li].float(), cap.scale,
+                                 None if local is None else local[li].float())  # fmt: skip
+        return refs[li]
+
     scored = {}  # the entry scores of global budgets, reused by the selection (same queries) unless on-policy
 
     def scores_once():
-        scored["all"] = entry_scores(cap, solver, fit_q, local)
+        scored["all"] = entry_scores(cap, solver, fit_q, local, [ref_of(li) for li in range(L)])
         return scored["all"]
 
     if isinstance(solver, Identity):
@@ -88,14 +100,24 @@ def compress_captured(model, cap: Capture, cfg: CompressConfig, progress: bool =
             )
             fresh = replay_self_queries(model, cap, partial)
             fit_q[li:] = [q[:, ~held] for q in fresh[li:]]
+            refs.clear()
             if check_q is not None:
                 check_q[li:] = [q[:, held] for q in fresh[li:]]
             replay_s += time.perf_counter() - t_replay
         K, V = cap.keys[li], cap.values[li]
         sc = scored["all"][li] if "all" in scored and not stages else None
         heads = solver(
-            K, V, fit_q[li], budgets[li], cap.scale, cq[li], None if local is None else local[li], sc
+            K,
+            V,
+            fit_q[li],
+            budgets[li],
+            cap.scale,
+            cq[li],
+            None if local is None else local[li],
+            sc,
+            ref_of(li),
         )
+        refs.pop(li, None)
         keys.append([k.to(model.dtype) for k, _, _ in heads])
         values.append([v.to(model.dtype) for _, v, _ in heads])
         biases.append(
@@ -161,13 +183,15 @@ def refine_captured(model, cache: CompressedCache, cap: Capture, cfg: CompressCo
                        progress, data=memo[key], on_eval=on_eval)  # fmt: skip
 
 
-def entry_scores(cap: Capture, solver, queries, local_lse=None) -> torch.Tensor:
+def entry_scores(cap: Capture, solver, queries, local_lse=None, refs=None) -> torch.Tensor:
     """Every entry's score ``[L, Hkv, n]`` as ``solver`` ranks it for selection (entries it always keeps, such
     as KVzip's sinks, score +inf), from ``queries`` (per layer ``[Hkv, N, d]``), for ``global`` budgets: the
-    allocation and the selection then rank entries the same way."""
-    cq = cap.context_queries or [None] * len(cap.keys)
+    allocation and the selection then rank entries the same way. ``refs``: per layer, the queries'
+    :func:`~kvsculpt.core.attention.reference` if already computed (or None)."""
+    L = len(cap.keys)
+    cq, refs = cap.context_queries or [None] * L, refs or [None] * L
     return torch.stack([
-        solver.entry_scores(K.float(), q, cap.scale, cq[li], None if local_lse is None else local_lse[li])
+        solver.entry_scores(K.float(), q, cap.scale, cq[li], None if local_lse is None else local_lse[li], refs[li])
         for li, (q, K) in enumerate(zip(queries, cap.keys, strict=True))
     ])  # fmt: skip
 

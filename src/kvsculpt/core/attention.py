@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 
@@ -25,15 +27,52 @@ def future_mask(q_len: int, kv_len: int, device=None) -> torch.Tensor:
     return keys[None, :] > torch.arange(kv_len - q_len, kv_len, device=device)[:, None]
 
 
-def attention_weights(Q, K, scale: float, local_lse=None) -> torch.Tensor:
-    """Softmax weights ``[H, N, n]`` of Q ``[H, N, d]`` over K ``[H, n, d]``. ``local_lse [H, N]``: each query's
-    log-sum-exp over keys outside K that it also attends to; the softmax then includes them, so a query that
-    mostly looks elsewhere gives K little weight."""
-    lg = logits(Q, K, scale)
-    z = torch.logsumexp(lg, -1, keepdim=True)
-    if local_lse is not None:
-        z = torch.logaddexp(z, local_lse[..., None])
-    return torch.exp(lg - z)
+@dataclass
+class Reference:
+    """What the full block gives each reference query, and what each entry receives, for one layer's heads.
+
+    ``O [H, N, d]`` and ``z [H, N]``: each query's attention output over the block and its log-mass (None when
+    no values were given); ``peak [H, n]`` and ``total [H, n]``: the largest and the summed attention weight
+    an entry gets from any query, each weight scaled by the share of the query's attention that falls on the
+    block (all of it unless ``local_lse`` was given) — KVzip's and H2O's scores."""
+
+    O: torch.Tensor | None
+    z: torch.Tensor
+    peak: torch.Tensor
+    total: torch.Tensor
+
+    def take(self, idx: torch.Tensor) -> Reference:
+        """The heads ``idx``."""
+        return Reference(
+            None if self.O is None else self.O[idx], self.z[idx], self.peak[idx], self.total[idx]
+        )
+
+
+def reference(Q, K, V=None, scale: float = 1.0, local_lse=None, chunk: int = 512) -> Reference:
+    """:class:`Reference` of queries ``Q [H, N, d]`` on the block ``K, V [H, n, d]`` in one pass over the logits,
+    ``chunk`` queries at a time (bounded memory; each chunk's ``[H, chunk, n]`` logits are reused in place for
+    the output, the log-mass and both scores). ``local_lse [H, N]``: each query's log-sum-exp over keys outside
+    the block that it also attends to (a repeat query's prompt and copy so far); a weight is then the share of
+    all its attention, so a query that mostly looks elsewhere gives the block little weight."""
+    H, N, _ = Q.shape
+    n = K.shape[1]
+    z = Q.new_empty(H, N)
+    O = None if V is None else Q.new_empty(H, N, V.shape[-1])
+    peak, total = Q.new_zeros(H, n), Q.new_zeros(H, n)
+    for a in range(0, N, chunk):
+        p = logits(Q[:, a : a + chunk], K, scale)  # [H, c, n], turned into the softmax in place
+        top = p.amax(-1, keepdim=True)
+        mass = p.sub_(top).exp_().sum(-1, keepdim=True)
+        p.div_(mass)
+        zc = (top + mass.log())[..., 0]
+        z[:, a : a + chunk] = zc
+        if O is not None:
+            O[:, a : a + chunk] = torch.matmul(p, V)
+        if local_lse is not None:  # the share of the query's attention on the block
+            p.mul_(torch.sigmoid(zc - local_lse[:, a : a + chunk])[..., None])
+        torch.maximum(peak, p.amax(1), out=peak)
+        total += p.sum(1)
+    return Reference(O, z, peak, total)
 
 
 def relative_error(O_student: torch.Tensor, O: torch.Tensor) -> torch.Tensor:

@@ -40,19 +40,18 @@ def block_weight(z: torch.Tensor, local_lse=None) -> torch.Tensor | None:
     return None if local_lse is None else torch.sigmoid(z - local_lse)
 
 
-def fit_values(Q, K, V, Kc, scale, lam, prior=None, bias=None, local_lse=None) -> torch.Tensor:
-    """Ridge values ``[H, m, d]`` for kept keys ``Kc [H, m, d]`` so that the block reproduces attention over
-    ``(K, V) [H, n, d]`` for queries ``Q [H, N, d]``; each query's error is weighted by the share of its
-    attention on the block (:func:`block_weight`). ``prior [H, m, d]``: what the values shrink toward."""
-    O, z = attend(Q, K, V, scale)
+def fit_values(Q, Kc, O, z, scale, lam, prior=None, bias=None, local_lse=None) -> torch.Tensor:
+    """Ridge values ``[H, m, d]`` for kept keys ``Kc [H, m, d]`` so that the block reproduces, for queries
+    ``Q [H, N, d]``, the full block's attention output ``O [H, N, d]`` (log-mass ``z [H, N]``: see
+    :func:`~kvsculpt.core.attention.reference`); each query's error is weighted by the share of its attention
+    on the block (:func:`block_weight`). ``prior [H, m, d]``: what the values shrink toward."""
     A = torch.softmax(logits(Q, Kc, scale, bias), dim=-1)
     return ridge_values(A, O, lam, prior, block_weight(z, local_lse))
 
 
-def weighted_error(Q, K, V, Kc, Vc, scale, bias=None, local_lse=None) -> torch.Tensor:
-    """Relative output error ``[H]`` of the block ``(Kc, Vc, bias)`` against attention over ``(K, V)``, each
-    query weighted as in :func:`fit_values` (by the share of its attention on the block)."""
-    O, z = attend(Q, K, V, scale)
+def weighted_error(Q, O, z, Kc, Vc, scale, bias=None, local_lse=None) -> torch.Tensor:
+    """Relative output error ``[H]`` of the block ``(Kc, Vc, bias)`` against the full block's output ``O`` and
+    log-mass ``z``, each query weighted as in :func:`fit_values` (by the share of its attention on the block)."""
     Oc = attend(Q, Kc, Vc, scale, bias)[0]
     w = block_weight(z, local_lse)
     w2 = torch.ones_like(z) if w is None else w**2
@@ -62,18 +61,19 @@ def weighted_error(Q, K, V, Kc, Vc, scale, bias=None, local_lse=None) -> torch.T
 
 
 def fit_generalises(
-    Q, K, V, Kc, copied, scale, lam, prior=None, bias=None, local_lse=None, block=32
+    Q, O, z, Kc, copied, scale, lam, prior=None, bias=None, local_lse=None, block=32
 ) -> torch.Tensor:
     """``[H]`` bool: whether fitted values beat ``copied`` ones on queries the fit did not see — two folds of
-    alternating blocks of ``block`` queries, each fitted on one and judged on the other, errors summed."""
+    alternating blocks of ``block`` queries, each fitted on one and judged on the other, errors summed
+    (``O``, ``z``: the full block's output and log-mass for ``Q``)."""
     block = max(1, min(block, Q.shape[1] // 2))  # both folds non-empty
     fold = (torch.arange(Q.shape[1], device=Q.device) // block) % 2 == 0
     fitted_err = copied_err = 0.0
     for a, b in ((fold, ~fold), (~fold, fold)):
         loc_a, loc_b = (None, None) if local_lse is None else (local_lse[:, a], local_lse[:, b])
-        Va = fit_values(Q[:, a], K, V, Kc, scale, lam, prior, bias, loc_a)
-        fitted_err = fitted_err + weighted_error(Q[:, b], K, V, Kc, Va, scale, bias, loc_b)
-        copied_err = copied_err + weighted_error(Q[:, b], K, V, Kc, copied, scale, bias, loc_b)
+        Va = fit_values(Q[:, a], Kc, O[:, a], z[:, a], scale, lam, prior, bias, loc_a)
+        fitted_err = fitted_err + weighted_error(Q[:, b], O[:, b], z[:, b], Kc, Va, scale, bias, loc_b)
+        copied_err = copied_err + weighted_error(Q[:, b], O[:, b], z[:, b], Kc, copied, scale, bias, loc_b)
     return fitted_err < copied_err
 
 

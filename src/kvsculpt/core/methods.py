@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .attention import attend, logits
+from .attention import logits, reference
 from .fit import block_weight, fit_generalises, fit_values, nnls_bias, ridge_values
 from .scores import H2O, KVzip, Scorer, gather, keep_recent, top_indices
 
@@ -38,13 +38,16 @@ class Method:
     """Base: validates inputs and batches heads of equal budget through ``solve``."""
 
     needs_context_queries = False
+    uses_reference = False  # whether it reads the reference queries' attention over the block (a Reference)
 
-    def __call__(self, K, V, Q, budgets, scale, context_queries=None, local_lse=None, scores=None):
+    def __call__(self, K, V, Q, budgets, scale, context_queries=None, local_lse=None, scores=None, ref=None):
         """K, V ``[H, n, d]``, Q ``[H, N, d]``, one budget per head → per head ``(K' [m, d], V' [m, d], β [m] | None)``.
 
         ``local_lse [H, N]`` (optional): each query's log-mass on keys outside the block; selection and fits
         then weigh a query by the share of its attention on the block. ``scores [H, n]`` (optional): what
-        :meth:`entry_scores` returned for these inputs, so that selection does not score twice.
+        :meth:`entry_scores` returned for these inputs, so that selection does not score twice. ``ref``
+        (optional): :func:`~kvsculpt.core.attention.reference` of ``Q`` on ``(K, V)`` with ``local_lse``, so
+        that nothing computes it twice.
         """
         H, n, _ = K.shape
         if len(budgets) != H or min(budgets) < 1 or max(budgets) > n:
@@ -57,16 +60,21 @@ class Method:
             cq = None if context_queries is None else context_queries[idx]
             loc = None if local_lse is None else local_lse[idx].float()
             sc = None if scores is None else scores[idx]
-            Kc, Vc, bias = self.solve(K[idx].float(), V[idx].float(), Q[idx].float(), m, scale, cq, loc, sc)
+            r = None if ref is None else ref.take(idx)
+            Kc, Vc, bias = self.solve(
+                K[idx].float(), V[idx].float(), Q[idx].float(), m, scale, cq, loc, sc, r
+            )
             for j, h in enumerate(heads):
                 out[h] = (Kc[j], Vc[j], None if bias is None else bias[j])
         return out
 
-    def solve(self, K, V, Q, m, scale, context_queries=None, local_lse=None, scores=None):
+    def solve(self, K, V, Q, m, scale, context_queries=None, local_lse=None, scores=None, ref=None):
         """Heads of one budget ``m``: → ``(K' [H, m, d], V' [H, m, d], β [H, m] | None)``."""
         raise NotImplementedError
 
-    def entry_scores(self, K, Q, scale, context_queries=None, local_lse=None) -> torch.Tensor | None:
+    def entry_scores(
+        self, K, Q, scale, context_queries=None, local_lse=None, ref=None
+    ) -> torch.Tensor | None:
         """Each entry's score ``[H, n]`` as this method ranks it, for budgets that rank entries globally."""
         return None
 
@@ -75,7 +83,7 @@ class Method:
 class Identity(Method):
     """Keep every entry unchanged."""
 
-    def solve(self, K, V, Q, m, scale, context_queries=None, local_lse=None, scores=None):
+    def solve(self, K, V, Q, m, scale, context_queries=None, local_lse=None, scores=None, ref=None):
         if m != K.shape[1]:
             raise ValueError("identity keeps every entry: use ratio 1.0")
         return K, V, None
@@ -108,33 +116,40 @@ class Select(Method):
         if self.recent < 0:
             raise ValueError(f"recent must be >= 0, not {self.recent}")
         self.needs_context_queries = self.scorer.needs_context_queries
+        self.uses_reference = self.fit or self.scorer.uses_reference or self.beta != "none"
 
-    def entry_scores(self, K, Q, scale, context_queries=None, local_lse=None):
-        return keep_recent(self.scorer(K, Q, scale, context_queries, local_lse), self.recent)
+    def entry_scores(self, K, Q, scale, context_queries=None, local_lse=None, ref=None):
+        return keep_recent(self.scorer(K, Q, scale, context_queries, local_lse, ref), self.recent)
 
-    def select(self, K, Q, m, scale, context_queries=None, local_lse=None, scores=None) -> torch.Tensor:
+    def select(
+        self, K, Q, m, scale, context_queries=None, local_lse=None, scores=None, ref=None
+    ) -> torch.Tensor:
         """Indices ``[H, m]`` of the kept entries, in original order; ``scores``: :meth:`entry_scores`' result
         for the same inputs, if already computed."""
         if scores is None or self.recent > m:  # entry_scores always keeps all `recent`; here at most m
-            scores = keep_recent(self.scorer(K, Q, scale, context_queries, local_lse), min(self.recent, m))
+            scores = keep_recent(
+                self.scorer(K, Q, scale, context_queries, local_lse, ref), min(self.recent, m)
+            )
         return top_indices(scores, m)
 
-    def solve(self, K, V, Q, m, scale, context_queries=None, local_lse=None, scores=None):
-        idx = self.select(K, Q, m, scale, context_queries, local_lse, scores)
-        return self.solve_selected(K, V, Q, idx, scale, local_lse)
+    def solve(self, K, V, Q, m, scale, context_queries=None, local_lse=None, scores=None, ref=None):
+        idx = self.select(K, Q, m, scale, context_queries, local_lse, scores, ref)
+        return self.solve_selected(K, V, Q, idx, scale, local_lse, ref)
 
-    def solve_selected(self, K, V, Q, idx, scale, local_lse=None):
+    def solve_selected(self, K, V, Q, idx, scale, local_lse=None, ref=None):
         """The kept entries ``idx [H, m]`` → ``(K' [H, m, d], V' [H, m, d], β [H, m] | None)``: keys copied,
-        β and values fitted as the fields say."""
+        β and values fitted as the fields say (``ref``: the reference of ``Q`` on ``(K, V)``, if computed)."""
         Kc = gather(K, idx)
-        bias = nnls_bias(Q, Kc, attend(Q, K, V, scale)[1], scale) if self.beta == "nnls" else None
+        if ref is None and (self.fit or self.beta != "none"):
+            ref = reference(Q, K, V, scale, local_lse)
+        bias = nnls_bias(Q, Kc, ref.z, scale) if self.beta == "nnls" else None
         if not self.fit:
             return Kc, gather(V, idx), bias
         copied = gather(V, idx)
         prior = copied if self.prior == "original" else None
-        Vc = fit_values(Q, K, V, Kc, scale, self.lam, prior, bias, local_lse)
+        Vc = fit_values(Q, Kc, ref.O, ref.z, scale, self.lam, prior, bias, local_lse)
         if self.guard:
-            better = fit_generalises(Q, K, V, Kc, copied, scale, self.lam, prior, bias, local_lse)
+            better = fit_generalises(Q, ref.O, ref.z, Kc, copied, scale, self.lam, prior, bias, local_lse)
             Vc = torch.where(better[:, None, None], Vc, copied)
         return Kc, Vc, bias
 
@@ -171,14 +186,16 @@ class Sculpt(Select):
         if self.iters < 0 or self.mass_weight < 0 or self.history < 1 or not 0 <= self.val < 0.5:
             raise ValueError("sculpt needs iters >= 0, mass_weight >= 0, history >= 1 and 0 <= val < 0.5")
 
-    def solve(self, K, V, Q, m, scale, context_queries=None, local_lse=None, scores=None):
-        idx = self.select(K, Q, m, scale, context_queries, local_lse, scores)
-        Kc, Vc, bias = self.solve_selected(K, V, Q, idx, scale, local_lse)
+    def solve(self, K, V, Q, m, scale, context_queries=None, local_lse=None, scores=None, ref=None):
+        if ref is None:
+            ref = reference(Q, K, V, scale, local_lse)
+        idx = self.select(K, Q, m, scale, context_queries, local_lse, scores, ref)
+        Kc, Vc, bias = self.solve_selected(K, V, Q, idx, scale, local_lse, ref)
         if self.beta == "joint":
             bias = torch.zeros(Kc.shape[:2], device=K.device)
         if self.iters == 0:
             return Kc, Vc, bias
-        O, z = attend(Q, K, V, scale)
+        O, z = ref.O, ref.z
         w = block_weight(z, local_lse)
         w = torch.ones_like(z) if w is None else w
         prior = gather(V, idx) if self.prior == "original" else None

@@ -3,11 +3,13 @@ budgets, selection and value fits live in :mod:`kvsculpt.core.methods` and :mod:
 
 Every scorer is a small dataclass called as::
 
-    scorer(K [H, n, d], Q [H, N, d], scale, context_queries [H, G, n, d] | None, local_lse [H, N] | None)
-        -> scores [H, n]   (higher is kept first; +inf is always kept)
+    scorer(K [H, n, d], Q [H, N, d], scale, context_queries [H, G, n, d] | None, local_lse [H, N] | None,
+           ref: Reference | None) -> scores [H, n]   (higher is kept first; +inf is always kept)
 
 ``Q`` are the reference queries; ``context_queries`` the context's own causal prefill queries, per GQA head
-(only SnapKV and TOVA need them); ``local_lse`` each reference query's log-mass on keys outside the block.
+(only SnapKV and TOVA need them); ``local_lse`` each reference query's log-mass on keys outside the block;
+``ref`` the :class:`~kvsculpt.core.attention.Reference` of ``Q`` on ``K`` if already computed (the scorers that
+read attention from the reference queries take their scores from it instead of computing them again).
 """
 
 from __future__ import annotations
@@ -17,14 +19,19 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .attention import attention_weights, future_mask, logits
+from .attention import Reference, future_mask, logits, reference
 
 
 class Scorer:
     needs_context_queries = False
+    uses_reference = False  # whether it scores from the reference queries' attention (a Reference)
 
-    def __call__(self, K, Q, scale, context_queries=None, local_lse=None) -> torch.Tensor:
+    def __call__(self, K, Q, scale, context_queries=None, local_lse=None, ref=None) -> torch.Tensor:
         raise NotImplementedError
+
+
+def _reference(K, Q, scale, local_lse, ref: Reference | None) -> Reference:
+    return reference(Q, K, None, scale, local_lse) if ref is None else ref
 
 
 def keep_recent(scores: torch.Tensor, w: int) -> torch.Tensor:
@@ -46,8 +53,10 @@ class H2O(Scorer):
     """Attention each entry receives, summed over the reference queries (H2O with ``queries="context"``; the
     paper's Select+Fit selection with fitted values)."""
 
-    def __call__(self, K, Q, scale, context_queries=None, local_lse=None):
-        return attention_weights(Q, K, scale, local_lse).sum(1)
+    uses_reference = True
+
+    def __call__(self, K, Q, scale, context_queries=None, local_lse=None, ref=None):
+        return _reference(K, Q, scale, local_lse, ref).total.clone()
 
 
 @dataclass
@@ -57,9 +66,10 @@ class KVzip(Scorer):
     ``sinks`` entries are always kept."""
 
     sinks: int = 4
+    uses_reference = True
 
-    def __call__(self, K, Q, scale, context_queries=None, local_lse=None):
-        return keep_sinks(attention_weights(Q, K, scale, local_lse).amax(1), self.sinks)
+    def __call__(self, K, Q, scale, context_queries=None, local_lse=None, ref=None):
+        return keep_sinks(_reference(K, Q, scale, local_lse, ref).peak.clone(), self.sinks)
 
 
 def _window_scores(K, context_queries, scale, w: int) -> torch.Tensor:
@@ -78,7 +88,7 @@ class SnapKV(Scorer):
     window: int = 64
     needs_context_queries = True
 
-    def __call__(self, K, Q, scale, context_queries=None, local_lse=None):
+    def __call__(self, K, Q, scale, context_queries=None, local_lse=None, ref=None):
         w = min(K.shape[1], self.window)
         s = _window_scores(K, context_queries, scale, w)
         s = F.avg_pool1d(s[:, None], 5, stride=1, padding=2, count_include_pad=False)[:, 0]
@@ -91,7 +101,7 @@ class TOVA(Scorer):
 
     needs_context_queries = True
 
-    def __call__(self, K, Q, scale, context_queries=None, local_lse=None):
+    def __call__(self, K, Q, scale, context_queries=None, local_lse=None, ref=None):
         return keep_recent(_window_scores(K, context_queries, scale, 1), 1)
 
 
@@ -101,7 +111,7 @@ class StreamingLLM(Scorer):
 
     sinks: int = 4
 
-    def __call__(self, K, Q, scale, context_queries=None, local_lse=None):
+    def __call__(self, K, Q, scale, context_queries=None, local_lse=None, ref=None):
         H, n, _ = K.shape
         return keep_sinks(
             torch.arange(n, device=K.device, dtype=torch.float32).expand(H, n).clone(), self.sinks
@@ -112,7 +122,7 @@ class StreamingLLM(Scorer):
 class Knorm(Scorer):
     """The lowest key norms."""
 
-    def __call__(self, K, Q, scale, context_queries=None, local_lse=None):
+    def __call__(self, K, Q, scale, context_queries=None, local_lse=None, ref=None):
         return -K.norm(dim=-1)
 
 
@@ -122,7 +132,7 @@ class Random(Scorer):
 
     seed: int = 0
 
-    def __call__(self, K, Q, scale, context_queries=None, local_lse=None):
+    def __call__(self, K, Q, scale, context_queries=None, local_lse=None, ref=None):
         gen = torch.Generator().manual_seed(self.seed)
         return torch.rand(K.shape[0], K.shape[1], generator=gen).to(K.device)
 
