@@ -182,6 +182,21 @@ GRIDS = {
         "kvzip/repeat-kvzip global floor=1": KVZIP_KVPRESS,
         "kvzip-fit/repeat-kvzip global": KVZIP_KVPRESS.replace(fit=True, floor=None),
     },
+    # issue 13, continued: the model's own short continuations as reference queries beside the repeat pass, and
+    # KVzip's peak weighted by the value norm (kvzip-v); chosen on the offset-0 windows, reported on the others
+    "self-repeat": {
+        "kvzip-fit/repeat-kvzip global": KVZIP_KVPRESS.replace(fit=True, floor=None),  # the default until now
+        "kvzip-v/self32x8+repeat global": CompressConfig(
+            method="kvzip-v", queries="self+repeat", self_samples=32, self_length=8
+        ),
+        "kvzip-v/self10x64+repeat global": CompressConfig(
+            method="kvzip-v", queries="self+repeat", self_samples=10, self_length=64
+        ),
+        "kvzip-fit/self32x8+repeat global": CompressConfig(
+            method="kvzip", queries="self+repeat", self_samples=32, self_length=8
+        ),
+        "kvzip-v/repeat global": CompressConfig(method="kvzip-v", queries="repeat"),
+    },
     # issue 15: the paper's claim on the corrected optimiser (iters=0 is Select+Fit, a test checks it); the
     # paper's queries (context) and ours (the default's repeat queries, KVzip selection); the point picked on
     # held-out queries (val=0.2, the default) or on the fitted objective (val=0); the mass term. 300

@@ -49,7 +49,7 @@ def run(args):
         li, h = (int(x) for x in spec.split(":"))
         K, V, Q = (t[h : h + 1].float() for t in (cap.keys[li], cap.values[li], cap.queries[li]))
         Qf, Qh = Q[:, ~held], Q[:, held]
-        idx = select.select(K, Qf, m, cap.scale)
+        idx = select.select(K, V, Qf, m, cap.scale)
         for opt, (mu, beta) in OPTIONS.items():
             row = trace_head(K[0], V[0], Qf[0], Qh[0], idx[0], cap.scale, select.lam, mu, beta, args.iters)
             rows.append({"layer": li, "head": h, "option": opt, "m": m, "fit_queries": int(Qf.shape[1]),

@@ -126,6 +126,32 @@ def test_local_lse_in_chunks_equals_the_masked_square():
         torch.testing.assert_close(local_lse(q, k, 0.4, chunk=chunk), want)
 
 
+def test_nucleus_sampling_over_candidates_draws_what_a_full_sort_draws():
+    """Sorting only the most likely tokens (when the nucleus lies within them) changes no sample: the same
+    generator gives the same tokens as a full sort, for peaked rows (candidates suffice) and flat ones (the
+    nucleus is wider than the candidates, so the whole vocabulary is sorted)."""
+    from kvsculpt.hf.decode import top_p_pick
+
+    def full_sort_pick(gen):
+        def pick(logits):
+            sorted_p, order = torch.softmax(logits, -1).sort(dim=-1, descending=True)
+            sorted_p[(sorted_p.cumsum(-1) - sorted_p) > 0.9] = 0.0
+            return order.gather(-1, torch.multinomial(sorted_p, 1, generator=gen))
+
+        return pick
+
+    g = torch.Generator().manual_seed(1)
+    for spread in (0.1, 6.0):  # flat, peaked
+        want, got = (
+            full_sort_pick(torch.Generator().manual_seed(0)),
+            top_p_pick(1.0, 0.9, torch.Generator().manual_seed(0), 32),
+        )
+        rows = [torch.randn(5, 500, generator=g) * spread for _ in range(50)]
+        picks = [got(x) for x in rows]
+        assert all(torch.equal(want(x), p) for x, p in zip(rows, picks, strict=True))
+        assert len({int(p[0]) for p in picks}) > 5  # it really samples
+
+
 def test_unsupported_models_get_clear_errors():
     model = tiny_model("qwen2")
     model.config.use_sliding_window = True

@@ -244,6 +244,21 @@ def test_select_max_keeps_a_key_that_one_query_needs():
     assert kept(Select(scorer=KVzip(sinks=0)))[8]
 
 
+def test_value_weighting_ranks_a_near_zero_value_below_an_informative_one():
+    """Two keys the queries attend to equally: KVzip's plain peak cannot tell them apart (a tie broken by
+    position), ``kvzip-v`` keeps the one whose value moves the output (scores ∝ peak · ‖v‖^0.5, exactly)."""
+    from kvsculpt.core.scores import ValueKVzip
+
+    K, V, Q, s = problem(H=1, n=20, N=50)
+    K[0, 7] = K[0, 12]  # keys 7 and 12 identical: equal attention from every query
+    V[0, 7] *= 1e-3  # key 7's value is nearly zero
+    plain, weighted = KVzip(sinks=0)(K, V, Q, s), ValueKVzip(sinks=0)(K, V, Q, s)
+    assert plain[0, 7] == plain[0, 12]
+    assert weighted[0, 12] > 10 * weighted[0, 7]
+    torch.testing.assert_close(weighted, plain * V.norm(dim=-1).sqrt())
+    assert build_method("kvzip-v").scorer == ValueKVzip(value_power=0.5, sinks=4)
+
+
 def test_recent_positions_are_always_kept():
     K, V, Q, s = problem(H=2, n=48)
     heads = SelectFit(recent=6)(K, V, Q, [8, 4], s)

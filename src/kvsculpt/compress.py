@@ -191,8 +191,9 @@ def entry_scores(cap: Capture, solver, queries, local_lse=None, refs=None) -> to
     L = len(cap.keys)
     cq, refs = cap.context_queries or [None] * L, refs or [None] * L
     return torch.stack([
-        solver.entry_scores(K.float(), q, cap.scale, cq[li], None if local_lse is None else local_lse[li], refs[li])
-        for li, (q, K) in enumerate(zip(queries, cap.keys, strict=True))
+        solver.entry_scores(K.float(), V.float(), q, cap.scale, cq[li], None if local_lse is None else local_lse[li],
+                            refs[li])
+        for li, (q, K, V) in enumerate(zip(queries, cap.keys, cap.values, strict=True))
     ])  # fmt: skip
 
 

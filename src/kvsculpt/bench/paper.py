@@ -23,10 +23,14 @@ PAPER_GRID = {
     # KVzip's selection (peak attention while the model repeats the context; all heads ranked together),
     # then our value fit; every repeat query is used (none held out: a held-out block's keys would be lost)
     "KVzip-fit (repeat, global)": legacy_config("kvzip", "repeat", allocation="global", heldout=0.0),
-    # the default since the fast-default issue: KVzip's chat-wrapped request, every query, fitted values
-    "KVzip-fit (KVzip prompt, global)": CompressConfig(),
+    # the default of the fast-default issue: KVzip's chat-wrapped request, every query, fitted values
+    "KVzip-fit (KVzip prompt, global)": CompressConfig(method="kvzip", queries="repeat"),
+    # the default since: the model's own short continuations beside the repeat pass, peaks weighted by √‖v‖
+    "KVzip-v (self+repeat, global)": CompressConfig(
+        method="kvzip-v", queries="self+repeat", self_samples=32, self_length=8
+    ),
     # the default, then refined end to end on the KL (kvsculpt.refine; hours per window on a CPU at this size)
-    "KVzip-fit + KL refine": CompressConfig(refine="kl"),
+    "default + KL refine": CompressConfig(refine="kl"),
     "H2O": legacy_config("h2o", "context", fit=False),
     "SnapKV": legacy_config("snapkv", "context", fit=False),
     "TOVA": legacy_config("tova", "context", fit=False),
@@ -36,7 +40,7 @@ PAPER_GRID = {
 
 
 KVPRESS_DUPLICATES = ("SnapKV", "StreamingLLM", "Knorm")
-OPT_IN = ("KVzip-fit + KL refine",)  # run only when named in --methods (slow on a CPU)
+OPT_IN = ("default + KL refine",)  # run only when named in --methods (slow on a CPU)
 
 
 def check_cached_setting(jsonl: Path, setting: dict) -> None:

@@ -35,10 +35,11 @@ from ..hf.capture import capture, split_heldout
 from ..hf.decode import prefill
 
 # The settings under which the committed benchmark rows were made (the runner's defaults until the config
-# was unified): 8 self samples, 20 % of the query groups held out, uniform budgets, at most 4096 queries per
+# was unified): 8 self samples of 64 tokens, 20 % of the query groups held out, uniform budgets, at most 4096 queries per
 # KV head, the plain repeat prompt. Grids that reproduce those rows build their configs with legacy_config.
 LEGACY = {
     "self_samples": 8,
+    "self_length": 64,
     "heldout": 0.2,
     "allocation": "uniform",
     "max_queries": 4096,

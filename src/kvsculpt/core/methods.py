@@ -118,22 +118,22 @@ class Select(Method):
         self.needs_context_queries = self.scorer.needs_context_queries
         self.uses_reference = self.fit or self.scorer.uses_reference or self.beta != "none"
 
-    def entry_scores(self, K, Q, scale, context_queries=None, local_lse=None, ref=None):
-        return keep_recent(self.scorer(K, Q, scale, context_queries, local_lse, ref), self.recent)
+    def entry_scores(self, K, V, Q, scale, context_queries=None, local_lse=None, ref=None):
+        return keep_recent(self.scorer(K, V, Q, scale, context_queries, local_lse, ref), self.recent)
 
     def select(
-        self, K, Q, m, scale, context_queries=None, local_lse=None, scores=None, ref=None
+        self, K, V, Q, m, scale, context_queries=None, local_lse=None, scores=None, ref=None
     ) -> torch.Tensor:
         """Indices ``[H, m]`` of the kept entries, in original order; ``scores``: :meth:`entry_scores`' result
         for the same inputs, if already computed."""
         if scores is None or self.recent > m:  # entry_scores always keeps all `recent`; here at most m
             scores = keep_recent(
-                self.scorer(K, Q, scale, context_queries, local_lse, ref), min(self.recent, m)
+                self.scorer(K, V, Q, scale, context_queries, local_lse, ref), min(self.recent, m)
             )
         return top_indices(scores, m)
 
     def solve(self, K, V, Q, m, scale, context_queries=None, local_lse=None, scores=None, ref=None):
-        idx = self.select(K, Q, m, scale, context_queries, local_lse, scores, ref)
+        idx = self.select(K, V, Q, m, scale, context_queries, local_lse, scores, ref)
         return self.solve_selected(K, V, Q, idx, scale, local_lse, ref)
 
     def solve_selected(self, K, V, Q, idx, scale, local_lse=None, ref=None):
@@ -189,7 +189,7 @@ class Sculpt(Select):
     def solve(self, K, V, Q, m, scale, context_queries=None, local_lse=None, scores=None, ref=None):
         if ref is None:
             ref = reference(Q, K, V, scale, local_lse)
-        idx = self.select(K, Q, m, scale, context_queries, local_lse, scores, ref)
+        idx = self.select(K, V, Q, m, scale, context_queries, local_lse, scores, ref)
         Kc, Vc, bias = self.solve_selected(K, V, Q, idx, scale, local_lse, ref)
         if self.beta == "joint":
             bias = torch.zeros(Kc.shape[:2], device=K.device)

@@ -69,17 +69,23 @@ def greedy_pick(logits: torch.Tensor) -> torch.Tensor:
     return logits.argmax(-1, keepdim=True)
 
 
-def top_p_pick(temperature: float, top_p: float, gen: torch.Generator) -> Callable:
+def top_p_pick(temperature: float, top_p: float, gen: torch.Generator, candidates: int = 1024) -> Callable:
     """A picker that samples one token per row of ``logits [B, V]`` (nucleus sampling) → ``[B, 1]``;
-    temperature 0 is greedy."""
+    temperature 0 is greedy. Only the ``candidates`` most likely tokens are sorted when the nucleus lies
+    within them (else the whole vocabulary is); the draw is made from the same full-length weights as a full
+    sort would give, so the samples are the same."""
 
     def pick(logits: torch.Tensor) -> torch.Tensor:
         if temperature <= 0:
             return greedy_pick(logits)
         probs = torch.softmax(logits.float() / temperature, dim=-1)
-        sorted_p, order = probs.sort(dim=-1, descending=True)
+        vocab = probs.shape[-1]
+        sorted_p, order = probs.topk(min(candidates, vocab), dim=-1)  # descending
+        if sorted_p.shape[-1] < vocab and not bool(((sorted_p.cumsum(-1) - sorted_p)[:, -1] > top_p).all()):
+            sorted_p, order = probs.sort(dim=-1, descending=True)  # the nucleus may reach past the candidates
         sorted_p[(sorted_p.cumsum(-1) - sorted_p) > top_p] = 0.0
-        choice = torch.multinomial(sorted_p.cpu(), 1, generator=gen).to(order.device)
+        weights = torch.nn.functional.pad(sorted_p, (0, vocab - sorted_p.shape[-1])).cpu()
+        choice = torch.multinomial(weights, 1, generator=gen).to(order.device)
         return order.gather(-1, choice)
 
     return pick
