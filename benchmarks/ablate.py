@@ -35,6 +35,8 @@ EVICT = {"fit": False}  # plain eviction: values copied
 MAX = {"sinks": 0}  # kvzip scores without sinks = the former Select+Fit `select="max"`
 KVZIP_FIT = C("kvzip", "repeat", allocation="global", heldout=0.0)  # the default since session 4
 # kvpress's KVzip: KVzip's chat-wrapped request, its queries scored too, every query, no per-head floor, copied values
+# the model's own 32 continuations of 8 tokens beside the repeat pass, KVzip's peak times √(relative ‖v‖)
+SELF_REPEAT = CompressConfig(method="kvzip-v", queries="self+repeat", self_samples=32, self_length=8)
 KVZIP_KVPRESS = KVZIP_FIT.replace(fit=False, repeat_prompt="kvzip", floor=1, max_queries=None)
 
 GRIDS = {
@@ -186,16 +188,13 @@ GRIDS = {
     # KVzip's peak weighted by the value norm (kvzip-v); chosen on the offset-0 windows, reported on the others
     "self-repeat": {
         "kvzip-fit/repeat-kvzip global": KVZIP_KVPRESS.replace(fit=True, floor=None),  # the default until now
-        "kvzip-v/self32x8+repeat global": CompressConfig(
-            method="kvzip-v", queries="self+repeat", self_samples=32, self_length=8
+        "kvzip-v/self32x8+repeat global": SELF_REPEAT,
+        "kvzip-v/self32x8+repeat global floor=64": SELF_REPEAT.replace(floor=64),
+        "kvzip-v/self10x64+repeat global floor=64": SELF_REPEAT.replace(
+            floor=64, self_samples=10, self_length=64
         ),
-        "kvzip-v/self10x64+repeat global": CompressConfig(
-            method="kvzip-v", queries="self+repeat", self_samples=10, self_length=64
-        ),
-        "kvzip-fit/self32x8+repeat global": CompressConfig(
-            method="kvzip", queries="self+repeat", self_samples=32, self_length=8
-        ),
-        "kvzip-v/repeat global": CompressConfig(method="kvzip-v", queries="repeat"),
+        "kvzip-fit/self32x8+repeat global": SELF_REPEAT.replace(method="kvzip"),
+        "kvzip-v/repeat global": SELF_REPEAT.replace(queries="repeat"),
     },
     # issue 15: the paper's claim on the corrected optimiser (iters=0 is Select+Fit, a test checks it); the
     # paper's queries (context) and ours (the default's repeat queries, KVzip selection); the point picked on

@@ -246,7 +246,8 @@ def test_select_max_keeps_a_key_that_one_query_needs():
 
 def test_value_weighting_ranks_a_near_zero_value_below_an_informative_one():
     """Two keys the queries attend to equally: KVzip's plain peak cannot tell them apart (a tie broken by
-    position), ``kvzip-v`` keeps the one whose value moves the output (scores ∝ peak · ‖v‖^0.5, exactly)."""
+    position), ``kvzip-v`` keeps the one whose value moves the output (scores = peak · (‖v‖ / the head's mean
+    ‖v‖)^0.5, exactly)."""
     from kvsculpt.core.scores import ValueKVzip
 
     K, V, Q, s = problem(H=1, n=20, N=50)
@@ -255,7 +256,8 @@ def test_value_weighting_ranks_a_near_zero_value_below_an_informative_one():
     plain, weighted = KVzip(sinks=0)(K, V, Q, s), ValueKVzip(sinks=0)(K, V, Q, s)
     assert plain[0, 7] == plain[0, 12]
     assert weighted[0, 12] > 10 * weighted[0, 7]
-    torch.testing.assert_close(weighted, plain * V.norm(dim=-1).sqrt())
+    norm = V.norm(dim=-1)
+    torch.testing.assert_close(weighted, plain * (norm / norm.mean(-1, keepdim=True)).sqrt())
     assert build_method("kvzip-v").scorer == ValueKVzip(value_power=0.5, sinks=4)
 
 

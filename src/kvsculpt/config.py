@@ -21,7 +21,7 @@ QUERY_SOURCES = {
 }
 METHODS = {
     "kvzip": "peak attention any one reference query gives an entry; 4 sink tokens kept (KVzip)",
-    "kvzip-v": "kvzip's peak times the square root of the entry's value norm (value_power=0.5)",
+    "kvzip-v": "kvzip's peak times the square root of the entry's value norm relative to its head's (value_power=0.5)",
     "h2o": "attention summed over the reference queries (H2O; with fitted values, the paper's Select+Fit)",
     "snapkv": "attention from the context's last 64 positions, pooled (SnapKV)",
     "tova": "attention from the context's last position (TOVA)",
