@@ -41,7 +41,9 @@ WINDOWS = ["fastmcp_background_tasks@1152", "fastmcp_feature_program@1152", "goo
            "fastmcp_feature_program@0", "openai_agents_tar_utils@0"]  # fmt: skip
 PRESSES = ("KVzipPress", "SnapKVPress", "ExpectedAttentionPress", "TOVAPress")
 # the cache that is refined: the fast default, or the paper's per-layer methods as the paper table runs them
-INITS = {"default": CompressConfig(), "select-fit": PAPER_GRID["Select+Fit"], "sculpt": PAPER_GRID["Sculpt"]}
+# (the refine results committed before the kvzip-v default were made with init "kvzip-repeat", then "default")
+INITS = {"default": CompressConfig(), "kvzip-repeat": PAPER_GRID["KVzip-fit (KVzip prompt, global)"],
+         "select-fit": PAPER_GRID["Select+Fit"], "sculpt": PAPER_GRID["Sculpt"]}  # fmt: skip
 
 
 def run(args):
@@ -59,6 +61,11 @@ def run(args):
         if value != default:
             setting += f" {name}={value}"
     done = load_rows(jsonl)
+    stale = sorted({k[0] for k, r in done.items() if k[1] == setting
+                    and r.get("compress_config") not in (None, repr(refined.replace(ratio=k[2])))})  # fmt: skip
+    if stale:
+        raise SystemExit(f"{jsonl} has rows of '{setting}' made with another config (windows {', '.join(stale)}; "
+                         "the default has changed since?): write to another --out, or pass the --init they used")  # fmt: skip
     model, tok = load_model(args.model)
     texts = sorted({w.split("@")[0] for w in args.windows})
     wins = [w for w in windows(tok, texts, args.context_tokens, args.continuation_tokens, per_text=2)

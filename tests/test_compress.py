@@ -53,7 +53,7 @@ def test_adaptive_allocation_keeps_the_total():
         ({"heldout": 1.0}, "heldout"),
         ({"max_queries": 0}, "max_queries"),
         ({"options": {"colour": 1}}, "unknown option colour"),
-        ({"on_policy": 2}, "self queries"),
+        ({"on_policy": 2, "queries": "repeat"}, "self queries"),
         ({"colour": 1}, "unknown compress option colour"),
     ],
 )
@@ -164,8 +164,8 @@ def test_cli_help_shows_every_default(capsys):
     with pytest.raises(SystemExit):
         main(["compress", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    for piece in ("(default: 0.5)", "(default: kvzip)", "(default: global)", "(default: repeat)", "kvzip:", "curves:",
-                  "self:", "(default: kvzip)", "0 or unset keeps all"):  # fmt: skip
+    for piece in ("(default: 0.5)", "(default: kvzip-v)", "(default: global)", "(default: self+repeat)", "kvzip:",
+                  "curves:", "self:", "(default: kvzip)", "0 or unset keeps all"):  # fmt: skip
         assert piece in text
 
 

@@ -23,10 +23,8 @@ from .hf.models import DEFAULT_MODEL, PACKAGED
 DEMO_TEXT = "fastmcp_background_tasks"
 DEMO_QUESTION = "\n\nQuestion: What does a client do while a background task is running?\nAnswer:"
 DEFAULTS = CompressConfig()
-SELF_10X64 = {
-    "self_samples": 10,
-    "self_length": 64,
-}  # the demo's Select+Fit and Sculpt rows, as first measured
+# the self samples that the demo's Select+Fit and Sculpt rows and `analyze` were first measured with
+SELF_10X64 = {"self_samples": 10, "self_length": 64}
 
 
 class _Help(argparse.RawDescriptionHelpFormatter):
@@ -160,7 +158,7 @@ def cmd_analyze(args):
     from .eval.texts import context_ids, load_text
 
     cfg = CompressConfig(ratio=args.ratio, method="h2o", queries=args.queries, allocation=args.allocation,
-                         alpha=args.alpha, heldout=args.heldout)  # fmt: skip
+                         alpha=args.alpha, heldout=args.heldout, **SELF_10X64)  # fmt: skip
     model, tok = _load(args)
     ids = context_ids(tok, load_text(args.text), args.context_tokens, name=args.text)
     summary = analyze(model, tok, ids, cfg, Path(args.out), f"{args.model}, {args.text}", args.command_line)

@@ -48,7 +48,7 @@ REFINE_SOURCES = {
     "study": "a self-study request (summarise, ask and answer, explain, list facts) and the model's sampled reply",
 }
 REFINE_PARAMS = {"kv": "keys and values", "v": "values only", "kvb": "keys, values and the bias β"}
-DEFAULT_METHOD, DEFAULT_QUERIES, DEFAULT_ALLOCATION = "kvzip", "repeat", "global"
+DEFAULT_METHOD, DEFAULT_QUERIES, DEFAULT_ALLOCATION = "kvzip-v", "self+repeat", "global"
 
 
 def _parse_sources(text, known: dict, name: str) -> str:
@@ -123,8 +123,8 @@ class CompressConfig:
     queries: str = DEFAULT_QUERIES
     repeat_prompt: str = "kvzip"
     max_queries: int | None = None
-    self_samples: int = 10
-    self_length: int = 64
+    self_samples: int = 32
+    self_length: int = 8
     temperature: float = 1.0
     top_p: float = 0.95
     heldout: float = 0.0

@@ -24,7 +24,10 @@ PAPER_GRID = {
     # then our value fit; every repeat query is used (none held out: a held-out block's keys would be lost)
     "KVzip-fit (repeat, global)": legacy_config("kvzip", "repeat", allocation="global", heldout=0.0),
     # the default of the fast-default issue: KVzip's chat-wrapped request, every query, fitted values
-    "KVzip-fit (KVzip prompt, global)": CompressConfig(method="kvzip", queries="repeat"),
+    # (self sizes as its rows were made: unused by 'repeat', they keep its repr)
+    "KVzip-fit (KVzip prompt, global)": CompressConfig(
+        method="kvzip", queries="repeat", self_samples=10, self_length=64
+    ),
     # the default since: the model's own short continuations beside the repeat pass, peaks weighted by √‖v‖
     "KVzip-v (self+repeat, global)": CompressConfig(
         method="kvzip-v", queries="self+repeat", self_samples=32, self_length=8
