@@ -148,6 +148,7 @@ def report(rows, args, out: Path):
     from kvsculpt.bench.plots import kl_vs_ratio
 
     ours = [r for r in rows if not r["config"].startswith("kvpress.")]
+    init = INITS[args.init]
     press = defaultdict(dict)
     for r in rows:
         if r["config"].startswith("kvpress.") and r["config"].split(".")[1] in PRESSES:
@@ -155,7 +156,8 @@ def report(rows, args, out: Path):
     lines = [f"# End-to-end refine: {args.model}, n={args.context_tokens}, T={args.continuation_tokens}", "",
              f"Command: `python {' '.join(a for a in sys.argv if a != '--report-only')}`", "",
              "KL (nats/token) on each window's real continuation, which neither the compression nor the refine "
-             "sees. `init` = the fast default (kvzip selection, fitted values, global budgets); `refined` = the "
+             f"sees. `init` = the cache of `--init {args.init}` (`{init.method}` on `{init.queries}` queries, "
+             f"{'fitted' if init.fit else 'copied'} values, `{init.allocation}` budgets); `refined` = the "
              "same cache after `refine='kl'`. `×best press` = geo-mean over windows of KL(best of "
              f"{', '.join(PRESSES)} on that window) / KL(refined); `worst` = its smallest value over the windows. "
              "`cost` = (init compression + refine data + refine steps) / prefill; `quick` = the same refine stopped "
