@@ -198,8 +198,8 @@ def cmd_demo(args):
         (CompressConfig(), "kvsculpt default"),
         (CompressConfig(method="h2o", queries="self+context", allocation="curves", **SELF_10X64),
          "Select+Fit, curves budget"),
-        (CompressConfig(method="sculpt", queries="self+context", allocation="uniform", **SELF_10X64),
-         "KVSculpt, uniform budget"),
+        (CompressConfig(method="sculpt", queries="self+context", allocation="uniform", options={"iters": 10},
+                        **SELF_10X64), "KVSculpt, 10 iterations"),  # 100 (its default) took 10 min here
         (CompressConfig(method="snapkv", fit=False, queries="context", allocation="uniform"), "SnapKV eviction"),
         (CompressConfig(method="h2o", fit=False, queries="context", allocation="uniform"), "H2O eviction"),
         (CompressConfig(method="streaming-llm", fit=False, queries="context", allocation="uniform"), "StreamingLLM"),

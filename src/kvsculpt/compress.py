@@ -140,6 +140,11 @@ def compress_captured(model, cap: Capture, cfg: CompressConfig, progress: bool =
         "heldout_queries": int(0 if check_q is None else check_q[0].shape[1]),
         "prefill_seconds": cap.prefill_seconds,
         "query_seconds": cap.query_seconds,
+        "query_seconds_by_source": {
+            src: cap.info[f"{src}_seconds"]
+            for src in cap.info.get("sources", [])
+            if f"{src}_seconds" in cap.info
+        },  # fmt: skip
         "solve_seconds": time.perf_counter() - t_start,
         "on_policy": cfg.on_policy,
         "replay_seconds": replay_s,

@@ -207,7 +207,7 @@ def capture(model, context_ids: torch.Tensor, cfg: CompressConfig | None = None,
     t0 = time.perf_counter()
     next_group = 0
     for src in cfg.sources:
-        lse = None
+        lse, t_src = None, time.perf_counter()
         if src == "context":
             q, g = [pool_gqa(x.float(), Hkv) for x in ctx_q], _position_groups(n, G)
         elif src == "repeat":
@@ -229,6 +229,7 @@ def capture(model, context_ids: torch.Tensor, cfg: CompressConfig | None = None,
         info[f"{src}_groups"] = (next_group, next_group + int(g.max()) + 1)  # [start, end) of its group ids
         next_group += int(g.max()) + 1
         info[f"{src}_queries"] = int(g.shape[0])
+        info[f"{src}_seconds"] = time.perf_counter() - t_src
     query_s = time.perf_counter() - t0
     qs = [torch.cat([p[i] for p in parts], dim=1) for i in range(len(keys))]
     groups = torch.cat(part_groups)
