@@ -5,6 +5,7 @@
     python benchmarks/speed.py decode --batch 8 --threads 1 --out speed_decode_batch8
     python benchmarks/speed.py compress --model qwen2.5-coder-0.5b --lengths 1024 2048 4096 --threads 1 \
         --out speed_compress_qwen0.5b
+    python benchmarks/speed.py compress-one qwen2.5-coder-0.5b 2048 0.3 default --profile
 
 `compress` times, at each context length, the plain prefill, the default compression (by stage) and kvpress's
 KVzipPress, each in its own fresh process after a warm-up forward, with the peak memory each adds above the
@@ -16,8 +17,10 @@ Each model is measured in a fresh subprocess (so peak RSS is its own). Results: 
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
 import math
+import pstats
 import resource
 import subprocess
 import sys
@@ -109,8 +112,9 @@ def _reset_peak() -> float:
     return _memory_gb("VmRSS")
 
 
-def compress_one(model_name: str, n: int, ratio: float, what: str) -> dict:
-    """One of ``prefill`` / ``default`` / ``kvzip`` (kvpress) at context length ``n``, in this process."""
+def compress_one(model_name: str, n: int, ratio: float, what: str, profile: bool = False) -> dict:
+    """One of ``prefill`` / ``default`` / ``kvzip`` (kvpress) at context length ``n``, in this process;
+    ``profile``: the default under cProfile, its 15 costliest kvsculpt functions (cumulative s) in the row."""
     from kvsculpt import compress, encode, load_model
     from kvsculpt.eval.texts import load_text, text_index
     from kvsculpt.hf.decode import prefill
@@ -138,7 +142,15 @@ def compress_one(model_name: str, n: int, ratio: float, what: str) -> dict:
     if what == "prefill":
         prefill(model, ids)
     elif what == "default":
+        prof = cProfile.Profile() if profile else None
+        if prof:
+            prof.enable()
         info = compress(model, ids, ratio=ratio, tokenizer=tok, progress=False).info
+        if prof:  # the kvsculpt functions by cumulative time: where the compression's seconds go
+            prof.disable()
+            stats = pstats.Stats(prof).stats
+            ours = [(f"{Path(f).name}:{fn}", v[3]) for (f, _, fn), v in stats.items() if "kvsculpt" in f]
+            row["profile"] = sorted(ours, key=lambda x: -x[1])[:15]
         row.update(prefill_seconds=info["prefill_seconds"], solve_seconds=info["solve_seconds"],
                    **{f"{k}_seconds": v for k, v in info["query_seconds_by_source"].items()})  # fmt: skip
     else:
@@ -245,6 +257,7 @@ def main():
     p.add_argument("ratio", type=float)
     p.add_argument("what_", metavar="what", choices=["prefill", "default", "kvzip"])
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--profile", action="store_true", help="the default under cProfile (slower)")
     p = sub.add_parser("decode")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--context-tokens", type=int, default=2048)
@@ -260,7 +273,7 @@ def main():
         print(json.dumps(one_model(args.name)))
         return
     if args.what == "compress-one":
-        print(json.dumps(compress_one(args.model, args.n, args.ratio, args.what_)))
+        print(json.dumps(compress_one(args.model, args.n, args.ratio, args.what_, args.profile)))
         return
     if args.what == "compress":
         return compress_scaling(args)
