@@ -120,16 +120,9 @@ def compress_one(model_name: str, n: int, ratio: float, what: str, profile: bool
     from kvsculpt.hf.decode import prefill
 
     if what == "kvzip":  # kvpress patches transformers' own attention: the plain model, as peers.py loads it
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from kvsculpt.bench.peers import load_plain_model
 
-        from kvsculpt.hf.models import resolve
-
-        where, gguf = resolve(model_name)
-        extra = {"gguf_file": gguf} if gguf else {}
-        model = AutoModelForCausalLM.from_pretrained(
-            where, dtype=torch.float32, attn_implementation="sdpa", **extra
-        ).eval()
-        tok = AutoTokenizer.from_pretrained(where, **extra)
+        model, tok = load_plain_model(model_name)
     else:
         model, tok = load_model(model_name)
     ids = encode(tok, "\n\n".join(load_text(t) for t in sorted(text_index())))[:, :n]

@@ -89,24 +89,32 @@ def run_peers(
     return [r for k, r in done.items() if k[0] in ids and k[1] in names and k[2] in ratios]
 
 
-def _main(job_path: str) -> None:
-    import resource
+def load_plain_model(name: str):
+    """``(model, tokenizer)`` as kvpress needs them: transformers' own SDPA attention (kvpress patches it, so
+    never in a process that uses kvsculpt's attention), fp32, eval mode."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    import kvpress
-    from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
-
-    from ..eval.metrics import kl_per_position, nll_per_position
-    from ..hf.decode import decode
     from ..hf.models import resolve
 
-    job = torch.load(job_path)
-    where, gguf = resolve(job["model"])
+    where, gguf = resolve(name)
     extra = {"gguf_file": gguf} if gguf else {}
     model = AutoModelForCausalLM.from_pretrained(
         where, dtype=torch.float32, attn_implementation="sdpa", **extra
     )
-    model.eval()
-    tok = AutoTokenizer.from_pretrained(where, **extra)
+    return model.eval(), AutoTokenizer.from_pretrained(where, **extra)
+
+
+def _main(job_path: str) -> None:
+    import resource
+
+    import kvpress
+    from transformers import DynamicCache
+
+    from ..eval.metrics import kl_per_position, nll_per_position
+    from ..hf.decode import decode
+
+    job = torch.load(job_path)
+    model, tok = load_plain_model(job["model"])
     ctx, cont = job["context"], job["continuation"]
     n, T = ctx.shape[1], cont.shape[1]
     pos = torch.arange(n, n + T)[None]

@@ -140,14 +140,12 @@ def run_grid(model, tok, model_name, wins, grid: dict[str, CompressConfig], rati
         groups[cfg.capture_key()].append(name)
     todo = sum((w.id, c, r) not in done for w in wins for c in grid for r in ratios)
     bar = tqdm(total=todo, desc=f"bench {model_name}", unit="run")
-    warm = False
+    if todo:  # the first forward pages in memory-mapped weights: keep it out of the timed prefills
+        prefill(model, wins[0].context[:, :8])
     with open(jsonl, "a") as f:
         for w in wins:
             if all((w.id, c, r) in done for c in grid for r in ratios):
                 continue
-            if not warm:  # the first forward pages in memory-mapped weights: keep it out of the timed prefill
-                prefill(model, w.context[:, :8])
-                warm = True
             ref = teacher(model, w)
             pk_full = None
             if passkey:

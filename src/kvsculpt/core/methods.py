@@ -73,7 +73,7 @@ class Method:
         raise NotImplementedError
 
     def entry_scores(
-        self, K, Q, scale, context_queries=None, local_lse=None, ref=None
+        self, K, V, Q, scale, context_queries=None, local_lse=None, ref=None
     ) -> torch.Tensor | None:
         """Each entry's score ``[H, n]`` as this method ranks it, for budgets that rank entries globally."""
         return None
