@@ -62,7 +62,8 @@ def run(args):
             setting += f" {name}={value}"
     done = load_rows(jsonl)
     stale = sorted({k[0] for k, r in done.items() if k[1] == setting
-                    and r.get("compress_config") not in (None, repr(refined.replace(ratio=k[2])))})  # fmt: skip
+                    # rows before 2026-12 recorded the config at its default ratio
+                    and r.get("compress_config") not in (None, repr(refined.replace(ratio=k[2])), repr(refined))})  # fmt: skip
     if stale:
         raise SystemExit(f"{jsonl} has rows of '{setting}' made with another config (windows {', '.join(stale)}; "
                          "the default has changed since?): write to another --out, or pass the --init they used")  # fmt: skip
@@ -80,9 +81,8 @@ def run(args):
                 cap = capture(model, w.context, base, tokenizer=tok)
                 for r in todo:
                     row = run_one(model, tok, w, ref, cap, base.replace(ratio=r), refined.replace(ratio=r))
-                    row.update(
-                        window=w.id, config=setting, ratio=r, model=args.model, compress_config=repr(refined)
-                    )
+                    row.update(window=w.id, config=setting, ratio=r, model=args.model,
+                               compress_config=repr(refined.replace(ratio=r)))  # fmt: skip
                     f.write(json.dumps(row) + "\n")
                     f.flush()
                     done[(w.id, setting, r)] = row

@@ -301,3 +301,29 @@ def test_guard_keeps_copied_values_where_the_fit_does_not_generalise():
         guarded = SelectFit(lam=1e-4, guard=True)(K, V, Q[:, :N], [16] * 4, s)
         for f, c, g in zip(fitted, copied, guarded, strict=True):
             assert torch.equal(g[1], f[1] if expect_fit else c[1])
+
+
+def test_fit_on_a_row_subset_keeps_the_self_queries_and_the_alignment():
+    """``fit_subset`` keeps every query that attends only to the block, fills the rest at random and weights those
+    up; a fit on the subset recovers values that reproduce the outputs exactly (rows, outputs and weights stay
+    aligned), and ``max_rows`` at or above N is the full fit."""
+    from kvsculpt.core.attention import logits
+    from kvsculpt.core.fit import fit_subset, fit_values
+
+    torch.manual_seed(0)
+    H, N, m, d = 2, 300, 10, 8
+    Q, Kc, Vtrue = torch.randn(H, N, d), torch.randn(H, m, d), torch.randn(H, m, d)
+    O = torch.softmax(logits(Q, Kc, 0.5), -1) @ Vtrue  # outputs a block of these keys can reproduce exactly
+    z = torch.zeros(H, N)
+    local = torch.randn(H, N)
+    local[:, :40] = float("-inf")  # 40 queries see only the block (the self samples)
+    rows, weight = fit_subset(local, N, 100)
+    assert rows.numel() == 100 and set(range(40)) <= set(rows.tolist())
+    assert torch.equal(weight[rows < 40], torch.ones(40)) and torch.allclose(
+        weight[rows >= 40], torch.tensor((260 / 60) ** 0.5)
+    )
+    V = fit_values(Q, Kc, O, z, 0.5, 1e-9, local_lse=local, max_rows=100)
+    torch.testing.assert_close(V, Vtrue, rtol=0, atol=1e-3)
+    noisy = O + 0.1 * torch.randn(H, N, d, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(fit_values(Q, Kc, noisy, z, 0.5, 1e-2, local_lse=local),
+                       fit_values(Q, Kc, noisy, z, 0.5, 1e-2, local_lse=local, max_rows=N))  # fmt: skip

@@ -9,6 +9,11 @@ The attention finds the block on the appended keys it is handed (:data:`~kvsculp
 
 The logical length stays ``n``: new tokens get positions ``n, n+1, …`` whatever the ``m_h``. Saving and
 loading are in :mod:`kvsculpt.cache_io`.
+
+A block may be stored quantised (:func:`quantize_cache`, ``compress(..., kv_bits=4)``): keys and values are
+then :class:`~kvsculpt.core.quant.Quantized` (packed codes, fp16 scales and minima), and the attention
+dequantises one layer's block at a time, inside each forward; tokens appended after the block stay in the
+model's dtype.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from .core.quant import Quantized, quantize
 from .hf.attention import ATTENTION_NAME, BLOCK_ATTR, use_kvsculpt_attention
 from .hf.dims import model_dims
 
@@ -25,9 +31,10 @@ class CompressedLayer(CacheLayerMixin):
 
     is_sliding = False
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, lengths: list[int], bias=None, n: int = 0):
+    def __init__(self, keys, values, lengths: list[int], bias=None, n: int = 0):
+        """``keys``, ``values``: ``[Σ m_h, d]`` tensors, or :class:`~kvsculpt.core.quant.Quantized` ones."""
         super().__init__()
-        if keys.shape != values.shape or keys.ndim != 2:
+        if tuple(keys.shape) != tuple(values.shape) or len(keys.shape) != 2:
             raise ValueError(f"flat keys/values must both be [sum m, d]; got {keys.shape} and {values.shape}")
         if sum(lengths) != keys.shape[0] or min(lengths) < 1:
             raise ValueError(f"head lengths {lengths} must be ≥ 1 and sum to {keys.shape[0]}")
@@ -43,32 +50,42 @@ class CompressedLayer(CacheLayerMixin):
             None  # (keys, values [Hkv, P, d], bias [Hkv, P] or None) in the model's dtype, once used
         )
 
-    def padded_block(self):
+    @property
+    def quantized(self) -> bool:
+        return isinstance(self.block_keys, Quantized)
+
+    def dense(self, dtype=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The flat block ``(keys, values)`` ``[Σ m_h, d]`` as tensors (dequantised if stored quantised)."""
+        if self.quantized:
+            return self.block_keys.dequantize(dtype), self.block_values.dequantize(dtype)
+        return self.block_keys, self.block_values
+
+    def padded_block(self, dtype=None):
         """``(keys [Hkv, P, d], values [Hkv, P, d], bias [Hkv, P] or None)``, ``P = max m_h``: a view when
-        the heads are uniform, else a copy with ``-inf`` bias on the padding."""
+        the heads are uniform and the block is not quantised, else a copy with ``-inf`` bias on the padding."""
         Hkv, d, P = len(self.lengths), self.block_keys.shape[1], max(self.lengths)
+        block_keys, block_values = self.dense(dtype)
         if len(set(self.lengths)) == 1:
             bias = None if self.block_bias is None else self.block_bias.view(Hkv, P)
-            return self.block_keys.view(Hkv, P, d), self.block_values.view(Hkv, P, d), bias
+            return block_keys.view(Hkv, P, d), block_values.view(Hkv, P, d), bias
         starts = torch.tensor([0] + self.lengths[:-1], device=self.device).cumsum(0)
         slot = torch.arange(P, device=self.device)
         real = slot[None] < torch.tensor(self.lengths, device=self.device)[:, None]  # [Hkv, P]
         where = torch.where(real, starts[:, None] + slot[None], 0)
         flat_bias = self.block_bias.float() if self.block_bias is not None else torch.zeros(
             self.block_keys.shape[0], device=self.device)  # fmt: skip
-        return (
-            self.block_keys[where],
-            self.block_values[where],
-            flat_bias[where].masked_fill(~real, float("-inf")),
-        )
+        return block_keys[where], block_values[where], flat_bias[where].masked_fill(~real, float("-inf"))
 
     def lazy_initialization(self, key_states, value_states):
         pass
 
     def update(self, key_states, value_states, cache_kwargs=None):
         if self._block is None:  # first tokens after the block: lay it out once, in the model's dtype
-            bk, bv, bias = self.padded_block()
-            self._block = (bk.to(key_states.dtype), bv.to(value_states.dtype), bias)
+            if self.quantized:  # laid out by the attention at every forward, one layer at a time
+                self._block = lambda dtype=key_states.dtype: self.padded_block(dtype)
+            else:
+                bk, bv, bias = self.padded_block()
+                self._block = (bk.to(key_states.dtype), bv.to(value_states.dtype), bias)
         if self.keys is None:
             self.keys, self.values = key_states, value_states
         else:
@@ -116,7 +133,11 @@ class CompressedLayer(CacheLayerMixin):
         self.batch_select_indices(beam_idx)
 
     def tensors(self):
-        return [t for t in (self.block_keys, self.block_values, self.block_bias) if t is not None]
+        """The stored tensors of the block (a quantised block's codes, scales and minima)."""
+        out = []
+        for t in (self.block_keys, self.block_values, self.block_bias):
+            out += t.tensors() if isinstance(t, Quantized) else [] if t is None else [t]
+        return out
 
 
 class CompressedCache(Cache):
@@ -197,7 +218,10 @@ class CompressedCache(Cache):
         return sum(t.untyped_storage().nbytes() for layer in self.layers for t in layer.tensors())
 
     def logical_nbytes(self) -> int:
-        """Σ m_h · 2 · d · itemsize: what the kept entries need, with nothing padded."""
+        """Σ m_h · 2 · d · itemsize: what the kept entries need, with nothing padded (a quantised block: its
+        packed codes, scales and minima, as stored)."""
+        if self.layers[0].quantized:
+            return self.nbytes()
         return self.kept_entries() * self.bytes_per_entry()
 
     def full_nbytes(self) -> int:
@@ -205,11 +229,18 @@ class CompressedCache(Cache):
         return self.full_entries() * self.bytes_per_entry()
 
     def bytes_per_entry(self) -> int:
+        """Bytes of one entry's key and value in the block's (unquantised) dtype."""
         layer = self.layers[0]
-        return 2 * layer.block_keys.shape[1] * layer.block_keys.element_size()
+        return 2 * layer.block_keys.shape[1] * torch.empty(0, dtype=layer.dtype).element_size()
+
+    @property
+    def kv_bits(self) -> int:
+        """Bits per stored key/value element: the codes' width, or 16 when not quantised."""
+        return self.layers[0].block_keys.bits if self.layers[0].quantized else 16
 
     def __repr__(self):
-        return f"CompressedCache(n={self.n}, kept={self.kept_entries()}, method={self.method})"
+        bits = "" if self.kv_bits == 16 else f", kv_bits={self.kv_bits}"
+        return f"CompressedCache(n={self.n}, kept={self.kept_entries()}, method={self.method}{bits})"
 
     def save(self, path, model_name: str | None = None):
         """Write the cache to ``path`` (see :func:`kvsculpt.cache_io.save`)."""
@@ -223,3 +254,26 @@ class CompressedCache(Cache):
         from .cache_io import load
 
         return load(path, model, device)
+
+
+def quantize_layer(keys: torch.Tensor, values: torch.Tensor, bits: int, group: int = 64):
+    """A layer's flat block ``[Σ m_h, d]`` → ``(keys, values)`` :class:`~kvsculpt.core.quant.Quantized`: keys per
+    channel, values per token, ``group`` elements a group (KIVI's layout). Deterministic: the same block gives
+    the same codes (compression's quantisation-aware value fit relies on it)."""
+    return quantize(keys, bits, group, "channel"), quantize(values, bits, group, "token")
+
+
+def quantize_cache(cache: CompressedCache, bits: int, group: int = 64) -> CompressedCache:
+    """A copy of ``cache`` whose blocks are stored in ``bits``-bit codes (:func:`quantize_layer`; 16: ``cache``
+    itself). Quantising an already quantised cache is refused."""
+    if bits == 16:
+        return cache
+    if cache.layers[0].quantized:
+        raise ValueError(f"the cache is already quantised to {cache.kv_bits} bits")
+    new = cache.fork()
+    for layer in new.layers:
+        layer.block_keys, layer.block_values = quantize_layer(
+            layer.block_keys, layer.block_values, bits, group
+        )
+    new.info["kv_bits"], new.info["kv_group"] = bits, group
+    return new

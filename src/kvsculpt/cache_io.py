@@ -1,8 +1,11 @@
 """The ``.kvs`` file format: one safetensors file, tensors per layer plus JSON metadata with checksums.
 
 Tensors: ``layers.{i}.keys`` / ``.values`` ``[Σ m_h, d]``, optional ``layers.{i}.bias`` ``[Σ m_h]`` and
-``context_ids [1, n]``. Metadata (``__metadata__["kvsculpt"]``, JSON, with its own sha256): format version,
-model fingerprint, ``n``, head lengths, method, info and a sha256 of the tensor data. Writes are atomic.
+``context_ids [1, n]``; a quantised block stores ``layers.{i}.keys.codes`` / ``.scale`` / ``.low`` (and the
+same for values) instead, as :class:`~kvsculpt.core.quant.Quantized` holds them. Metadata
+(``__metadata__["kvsculpt"]``, JSON, with its own sha256): format version, model fingerprint, ``n``, head
+lengths, method, info, the quantisation (``quant``: bits, group, the dtype it stands for; absent when not
+quantised) and a sha256 of the tensor data. Writes are atomic. Version 1 files (before quantisation) load.
 """
 
 from __future__ import annotations
@@ -17,8 +20,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .cache import CompressedCache, CompressedLayer
+from .core.quant import Quantized
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: quantised blocks (version 1 files have none, and still load)
+READS = (1, 2)
+_PARTS = ("codes", "scale", "low")
 
 
 class CacheFileError(ValueError):
@@ -63,9 +69,19 @@ def save(cache: CompressedCache, path: str | os.PathLike, model_name: str | None
     rename), with the permissions the user's umask gives a new file."""
     path = Path(path)
     tensors = {}
+    quant = None
     for i, layer in enumerate(cache.layers):
-        tensors[f"layers.{i}.keys"] = layer.block_keys.contiguous()
-        tensors[f"layers.{i}.values"] = layer.block_values.contiguous()
+        for name, t in (("keys", layer.block_keys), ("values", layer.block_values)):
+            if isinstance(t, Quantized):
+                quant = {"bits": t.bits, "group": t.group, "dtype": str(t.dtype).removeprefix("torch.")}
+                tensors.update(
+                    {
+                        f"layers.{i}.{name}.{part}": x.contiguous()
+                        for part, x in zip(_PARTS, t.tensors(), strict=True)
+                    }
+                )
+            else:
+                tensors[f"layers.{i}.{name}"] = t.contiguous()
         if layer.block_bias is not None:
             tensors[f"layers.{i}.bias"] = layer.block_bias.contiguous()
     if cache.context_ids is not None:
@@ -79,6 +95,7 @@ def save(cache: CompressedCache, path: str | os.PathLike, model_name: str | None
         "method": cache.method,
         "budgets": cache.budgets,
         "dtype": str(cache.layers[0].block_keys.dtype).removeprefix("torch."),
+        "quant": quant,
         "info": json.loads(json.dumps(cache.info, default=str)),
         "content_sha256": _content_hash(tensors),
     }
@@ -120,9 +137,10 @@ def load(path: str | os.PathLike, model, device=None) -> CompressedCache:
     if not path.is_file():
         raise CacheFileError(f"no cache file at {path}")
     meta = read_metadata(path)
-    if meta.get("format_version") != FORMAT_VERSION:
+    if meta.get("format_version") not in READS:
         raise CacheFileError(
-            f"{path}: format version {meta.get('format_version')}, this kvsculpt reads {FORMAT_VERSION}"
+            f"{path}: format version {meta.get('format_version')}, this kvsculpt reads "
+            f"{', '.join(map(str, READS))}"
         )
     want = _fingerprint(model.config)
     if meta["fingerprint"] != want:
@@ -137,16 +155,17 @@ def load(path: str | os.PathLike, model, device=None) -> CompressedCache:
     if _content_hash(tensors) != meta["content_sha256"]:
         raise CacheFileError(f"{path}: tensor data does not match its checksum (corrupted file)")
     device = device or model.device
+    quant, d = meta.get("quant"), want["head_dim"]
     layers = []
     for i, lengths in enumerate(meta["budgets"]):
         bias = tensors.get(f"layers.{i}.bias")
-        layers.append(
-            CompressedLayer(
-                tensors[f"layers.{i}.keys"].to(device),
-                tensors[f"layers.{i}.values"].to(device),
-                lengths,
-                None if bias is None else bias.to(device),
-                meta["n"],
-            )  # fmt: skip
-        )
+        kv = []
+        for name, axis in (("keys", "channel"), ("values", "token")):
+            if quant is None:
+                kv.append(tensors[f"layers.{i}.{name}"].to(device))
+            else:
+                parts = [tensors[f"layers.{i}.{name}.{part}"].to(device) for part in _PARTS]
+                kv.append(Quantized(*parts, quant["bits"], quant["group"], axis, (sum(lengths), d),
+                                    getattr(torch, quant["dtype"])))  # fmt: skip
+        layers.append(CompressedLayer(*kv, lengths, None if bias is None else bias.to(device), meta["n"]))
     return CompressedCache(model, layers, meta["method"], meta.get("info"), tensors.get("context_ids"))

@@ -75,6 +75,7 @@ def config_from_args(args) -> CompressConfig:
         refine=args.refine, refine_steps=args.refine_steps, refine_lr=args.refine_lr,
         refine_params=args.refine_params, refine_data=args.refine_data, refine_samples=args.refine_samples,
         refine_length=args.refine_length, refine_batch=args.refine_batch, refine_time=args.refine_time,
+        kv_bits=args.kv_bits, kv_group=args.kv_group, kv_refit=args.kv_refit,
     )  # fmt: skip
 
 
@@ -294,6 +295,14 @@ def _compress_options(p):
     g.add_argument("--refine-batch", type=int, default=d.refine_batch, help="sequences per step")
     g.add_argument("--refine-time", type=float, default=d.refine_time,
                    help="stop training after this many seconds (default: no limit)")  # fmt: skip
+    g = p.add_argument_group("quantised storage of the compressed block")
+    g.add_argument("--kv-bits", type=int, default=d.kv_bits, choices=[16, 8, 4, 2],
+                   help="bits per stored key/value element: 16 keeps the model's dtype; 8, 4, 2 store packed codes "
+                   "(keys per channel, values per token, fp16 scales; KIVI's layout) (default: %(default)s)")  # fmt: skip
+    g.add_argument("--kv-group", type=int, default=d.kv_group,
+                   help="elements sharing one scale and minimum (default: %(default)s)")  # fmt: skip
+    g.add_argument("--kv-refit", default=d.kv_refit, action=argparse.BooleanOptionalAction,
+                   help="re-solve fitted values against the quantised keys (default: on)")  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -7,9 +7,10 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from .cache import CompressedCache
+from .cache import CompressedCache, quantize_cache
 from .config import CompressConfig
 from .core.attention import fidelity, reference
+from .core.fit import refit_for_quantized_keys
 from .core.methods import Identity, Select
 from .core.scores import H2O
 from .hf.capture import Capture, capture, replay_self_queries, split_heldout, stage
@@ -61,7 +62,8 @@ def compress_captured(model, cap: Capture, cfg: CompressConfig, progress: bool =
         if not solver.uses_reference:
             return None
         if li not in refs:
-            refs[li] = reference(fit_q[li].float(), cap.keys[li].float(), cap.values[li].float(), cap.scale,
+            values = cap.values[li].float() if getattr(solver, "fit", False) else None  # outputs: fits only
+            refs[li] = reference(fit_q[li].float(), cap.keys[li].float(), values, cap.scale,
                                  None if local is None else local[li].float())  # fmt: skip
         return refs[li]
 
@@ -117,6 +119,11 @@ def compress_captured(model, cap: Capture, cfg: CompressConfig, progress: bool =
             sc,
             ref_of(li),
         )
+        if cfg.kv_bits != 16 and cfg.kv_refit and cfg.refine == "none" and getattr(solver, "fit", False):
+            r = ref_of(li)
+            heads = refit_for_quantized_keys(heads, fit_q[li].float(), r.O, r.z, cap.scale, solver.lam, cfg.kv_bits,
+                                             cfg.kv_group, model.dtype, None if local is None else local[li].float(),
+                                             solver.fit_rows)  # fmt: skip
         refs.pop(li, None)
         keys.append([k.to(model.dtype) for k, _, _ in heads])
         values.append([v.to(model.dtype) for _, v, _ in heads])
@@ -166,11 +173,9 @@ def compress_captured(model, cap: Capture, cfg: CompressConfig, progress: bool =
     cache = CompressedCache.from_heads(
         model, keys, values, n, biases if has_bias else None, repr(solver), info, cap.context_ids
     )
-    return (
-        cache
-        if cfg.refine == "none"
-        else refine_captured(model, cache, cap, cfg, tokenizer, progress, on_eval)
-    )
+    if cfg.refine != "none":
+        cache = refine_captured(model, cache, cap, cfg, tokenizer, progress, on_eval)
+    return quantize_cache(cache, cfg.kv_bits, cfg.kv_group)
 
 
 def refine_captured(model, cache: CompressedCache, cap: Capture, cfg: CompressConfig, tokenizer=None,

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from .core import budget
 from .core.methods import Identity, Method, Sculpt, Select
+from .core.quant import BITS
 from .core.scores import SCORERS
 
 QUERY_SOURCES = {
@@ -110,6 +111,11 @@ class CompressConfig:
     (:data:`REFINE_SOURCES`), ``refine_val`` of them held out for validation every ``refine_eval_every`` steps,
     the teacher kept as its ``refine_topk`` most likely tokens plus a tail; stops after ``refine_patience``
     validations without improvement or ``refine_time`` seconds (None: no limit).
+
+    ``kv_bits``: store the block in 8-, 4- or 2-bit codes (16: not quantised, the model's dtype), keys per
+    channel and values per token in groups of ``kv_group`` (:mod:`kvsculpt.core.quant`); ``kv_refit``: re-solve
+    fitted values against the quantised keys (:func:`~kvsculpt.core.fit.refit_for_quantized_keys`; not after a
+    refine, which moves the keys: its result is quantised as it is).
     """
 
     ratio: float = 0.5
@@ -143,6 +149,9 @@ class CompressConfig:
     refine_patience: int = 3
     refine_topk: int = 256
     refine_time: float | None = None
+    kv_bits: int = 16
+    kv_group: int = 64
+    kv_refit: bool = True
 
     def __post_init__(self):
         budget.check_ratio(self.ratio)
@@ -184,6 +193,14 @@ class CompressConfig:
                 f"temperature must be >= 0 and top_p in (0, 1]; got {self.temperature}, {self.top_p}"
             )
         self._check_refine()
+        if self.kv_bits not in (16, *BITS):
+            raise ValueError(
+                f"kv_bits must be 16 (not quantised) or one of {', '.join(map(str, BITS))}; got {self.kv_bits}"
+            )
+        if self.kv_group < 1 or (self.kv_group * self.kv_bits) % 8:
+            raise ValueError(
+                f"kv_group must be a positive multiple of {max(1, 8 // self.kv_bits)}; got {self.kv_group}"
+            )
 
     def _check_refine(self):
         if self.refine not in ("none", "kl"):
@@ -204,6 +221,15 @@ class CompressConfig:
             raise ValueError(f"refine_val is a fraction of the sequences in [0, 1); got {self.refine_val}")
         if self.refine_time is not None and self.refine_time <= 0:
             raise ValueError(f"refine_time must be > 0 seconds (or None); got {self.refine_time}")
+
+    def __repr__(self) -> str:
+        """The dataclass repr, without the quantisation fields when not quantised (``kv_bits=16``: they change
+        nothing, and results recorded before quantisation existed keep matching)."""
+        skip = {"kv_bits", "kv_group", "kv_refit"} if self.kv_bits == 16 else set()
+        body = ", ".join(
+            f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self) if f.name not in skip
+        )
+        return f"{type(self).__name__}({body})"
 
     @property
     def refine_step(self) -> float:

@@ -36,15 +36,25 @@ def available() -> bool:
 
 
 def run_presses(
-    model_name: str, context, continuation, ratios, presses=PRESSES, passkey=None, passkey_ratios=None
+    model_name: str,
+    context,
+    continuation,
+    ratios,
+    presses=PRESSES,
+    passkey=None,
+    passkey_ratios=None,
+    quant=(),
 ) -> list[dict]:
     """Score each press at each kept ratio on one window; ``passkey``: optional (context ids, question ids, key),
-    tried at ``passkey_ratios`` (default: all) and with the full cache (``passkey_full``)."""
+    tried at ``passkey_ratios`` (default: all) and with the full cache (``passkey_full``). ``quant``: pairs
+    ``(backend, bits)`` of transformers' ``QuantizedCache`` ("hqq", "quanto"): then every press and the full
+    cache (``method="full"``, ratio 1) run on that cache instead, and rows carry ``quant="<backend><bits>"``."""
     with tempfile.TemporaryDirectory() as tmp:
         job = Path(tmp) / "job.pt"
         torch.save({"model": model_name, "context": context.cpu(), "continuation": continuation.cpu(),
                     "ratios": list(ratios), "presses": list(presses), "passkey": passkey,
-                    "passkey_ratios": list(ratios if passkey_ratios is None else passkey_ratios)}, job)  # fmt: skip
+                    "passkey_ratios": list(ratios if passkey_ratios is None else passkey_ratios),
+                    "quant": [list(q) for q in quant]}, job)  # fmt: skip
         proc = subprocess.run(
             [sys.executable, "-m", "kvsculpt.bench.peers", str(job)], capture_output=True, text=True
         )
@@ -89,6 +99,9 @@ def run_peers(
     return [r for k, r in done.items() if k[0] in ids and k[1] in names and k[2] in ratios]
 
 
+QUANT_GROUP = 64  # elements per scale and zero-point in QuantizedCache, as kvsculpt's kv_group default
+
+
 def load_plain_model(name: str):
     """``(model, tokenizer)`` as kvpress needs them: transformers' own SDPA attention (kvpress patches it, so
     never in a process that uses kvsculpt's attention), fp32, eval mode."""
@@ -119,9 +132,19 @@ def _main(job_path: str) -> None:
     n, T = ctx.shape[1], cont.shape[1]
     pos = torch.arange(n, n + T)[None]
 
+    def new_cache(quant):
+        if quant is None:
+            return DynamicCache()
+        from transformers import QuantizedCache
+
+        # the whole context quantised at prefill (no full-precision residual window); the continuation, read
+        # in one forward, attends to it dequantised and to its own tokens unquantised, as kvsculpt's block does
+        return QuantizedCache(backend=quant[0], config=model.config, nbits=quant[1], q_group_size=QUANT_GROUP,
+                              residual_length=0)  # fmt: skip
+
     @torch.inference_mode()
-    def run(press):
-        cache = DynamicCache()
+    def run(press, quant=None):
+        cache = new_cache(quant)
         t0 = time.perf_counter()
         if press is None:
             model(input_ids=ctx, past_key_values=cache, use_cache=True)
@@ -129,7 +152,7 @@ def _main(job_path: str) -> None:
             with press(model):
                 model(input_ids=ctx, past_key_values=cache, use_cache=True)
         seconds = time.perf_counter() - t0
-        kept = sum(layer.keys.shape[-2] * layer.keys.shape[-3] for layer in cache.layers)
+        kept = None if quant else sum(layer.keys.shape[-2] * layer.keys.shape[-3] for layer in cache.layers)
         logits = model(cont, past_key_values=cache, position_ids=pos, use_cache=True).logits[0].float()
         return logits, seconds, kept, cache
 
@@ -150,6 +173,21 @@ def _main(job_path: str) -> None:
         model(input_ids=ctx[:, :8], use_cache=False)
     teacher, prefill_s, full_entries, _ = run(None)
     passkey_full = passkey_ok(None)
+    if job.get("quant"):
+        for backend, bits in job["quant"]:
+            quant = (backend, bits)
+            for name in [None, *job["presses"]]:
+                for r in [1.0] if name is None else job["ratios"]:
+                    press = None if name is None else getattr(kvpress, name)(compression_ratio=1.0 - r)
+                    logits, seconds, kept, _ = run(press, quant)
+                    print(json.dumps({
+                        "method": "full" if name is None else f"kvpress.{name}", "quant": f"{backend}{bits}",
+                        "kv_bits": bits, "quant_group": QUANT_GROUP, "ratio": r, "kl": float(kl_per_position(teacher, logits).mean()),
+                        # a press keeps int(n·(1 − compression_ratio)) entries per head (KVzip masks, not frees)
+                        "kept_fraction": r, "entries_masked_not_freed": name == "KVzipPress",
+                        "compress_seconds": seconds, "prefill_seconds": prefill_s,
+                    }), flush=True)  # fmt: skip
+        return
     for name in job["presses"]:
         for r in job["ratios"]:
             press = getattr(kvpress, name)(compression_ratio=1.0 - r)

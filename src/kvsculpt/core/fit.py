@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from .attention import attend, logits
+from .quant import quantize
 
 
 def ridge_values(
@@ -40,13 +41,71 @@ def block_weight(z: torch.Tensor, local_lse=None) -> torch.Tensor | None:
     return None if local_lse is None else torch.sigmoid(z - local_lse)
 
 
-def fit_values(Q, Kc, O, z, scale, lam, prior=None, bias=None, local_lse=None) -> torch.Tensor:
+def subsample_index(N: int, at_most: int | None, seed: int = 0, device=None) -> torch.Tensor | None:
+    """Sorted indices ``[at_most]`` of a random subset of ``N`` rows, the same for the same seed (None when
+    ``at_most`` is None or not below N: keep all)."""
+    if at_most is None or N <= at_most:
+        return None
+    keep = torch.randperm(N, generator=torch.Generator().manual_seed(seed))[:at_most].sort().values
+    return keep if device is None else keep.to(device)
+
+
+def fit_subset(
+    local_lse: torch.Tensor | None, N: int, max_rows: int
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """At most ``max_rows`` of ``N`` queries for a fit, and a weight for each ``[rows]`` (None: all fit).
+
+    Queries that attend only to the block (``local_lse [H, N]`` all ``-inf``: the self samples) are all kept
+    while they fit; a fixed random subset of the others fills the rest, each weighted by √(others / kept
+    others), so the fit's objective keeps its expectation."""
+    if N <= max_rows:
+        return None
+    whole = torch.zeros(N, dtype=torch.bool) if local_lse is None else torch.isinf(local_lse).all(0).cpu()
+    if int(whole.sum()) >= max_rows:  # too many of them: sample among all alike
+        whole[:] = False
+    sure, rest = whole.nonzero().squeeze(1), (~whole).nonzero().squeeze(1)
+    k = max_rows - sure.numel()
+    picked = rest[subsample_index(rest.numel(), k)]
+    rows = torch.cat([sure, picked])
+    weight = torch.cat([torch.ones(sure.numel()), torch.full((k,), (rest.numel() / k) ** 0.5)])
+    order = rows.argsort()
+    return rows[order], weight[order]
+
+
+def fit_values(Q, Kc, O, z, scale, lam, prior=None, bias=None, local_lse=None, max_rows=None) -> torch.Tensor:
     """Ridge values ``[H, m, d]`` for kept keys ``Kc [H, m, d]`` so that the block reproduces, for queries
     ``Q [H, N, d]``, the full block's attention output ``O [H, N, d]`` (log-mass ``z [H, N]``: see
     :func:`~kvsculpt.core.attention.reference`); each query's error is weighted by the share of its attention
-    on the block (:func:`block_weight`). ``prior [H, m, d]``: what the values shrink toward."""
+    on the block (:func:`block_weight`). ``prior [H, m, d]``: what the values shrink toward. ``max_rows``: fit
+    on at most that many queries (:func:`fit_subset`; the normal equations cost ``N·m²`` per head)."""
+    w = block_weight(z, local_lse)
+    subset = None if max_rows is None else fit_subset(local_lse, Q.shape[1], max_rows)
+    if subset is not None:
+        rows, up = (t.to(Q.device) for t in subset)
+        Q, O = Q[:, rows], O[:, rows]
+        w = up.expand(Q.shape[0], -1) if w is None else w[:, rows] * up
     A = torch.softmax(logits(Q, Kc, scale, bias), dim=-1)
-    return ridge_values(A, O, lam, prior, block_weight(z, local_lse))
+    return ridge_values(A, O, lam, prior, w)
+
+
+def refit_for_quantized_keys(heads, Q, O, z, scale, lam, bits, group, dtype, local_lse=None, max_rows=None):
+    """Quantisation-aware values: one layer's solved ``heads`` (per head ``(K' [m_h, d], V' [m_h, d], β)``)
+    with each head's values re-solved (:func:`fit_values`, shrunk toward the values it had) against its keys as
+    ``bits``-bit storage will give them back: the flat keys in ``dtype``, quantised per channel in groups of
+    ``group`` (:func:`~kvsculpt.cache.quantize_layer`'s layout, so the same codes). Q, O ``[H, N, d]``, z and
+    ``local_lse`` ``[H, N]``: the fit's queries and the full block's answers. Keys and β are returned as given."""
+    flat = torch.cat([k.to(dtype) for k, _, _ in heads])
+    stored = quantize(flat, bits, group, "channel").dequantize(torch.float32)
+    out, start = [], 0
+    for h, (k, v, b) in enumerate(heads):
+        kq = stored[start : start + k.shape[0]]
+        start += k.shape[0]
+        one = slice(h, h + 1)
+        vq = fit_values(Q[one], kq[None], O[one], z[one], scale, lam, v[None].float(),
+                        None if b is None else b[None].float(), None if local_lse is None else local_lse[one],
+                        max_rows)[0]  # fmt: skip
+        out.append((k, vq, b))
+    return out
 
 
 def weighted_error(Q, O, z, Kc, Vc, scale, bias=None, local_lse=None) -> torch.Tensor:

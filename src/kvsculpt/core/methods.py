@@ -96,7 +96,8 @@ class Select(Method):
     each query weighted by the share of its attention on the block; ``beta="nnls"`` adds a per-entry bias
     fitted to the attention mass (Attention Matching). With ``fit=False`` the values are copied (eviction).
     ``guard``: a head keeps its copied values unless fitting beats them on queries held out of the fit
-    (:func:`~kvsculpt.core.fit.fit_generalises`)."""
+    (:func:`~kvsculpt.core.fit.fit_generalises`). ``fit_rows``: the value fit uses a fixed random subset of at
+    most that many queries per head (None: all; the selection always reads every query)."""
 
     scorer: Scorer = field(default_factory=KVzip)
     fit: bool = True
@@ -105,6 +106,7 @@ class Select(Method):
     beta: str = "none"
     recent: int = 0
     guard: bool = False
+    fit_rows: int | None = None
 
     BETAS = ("none", "nnls")
 
@@ -115,6 +117,8 @@ class Select(Method):
             raise ValueError(f"beta must be one of {', '.join(self.BETAS)}, not {self.beta!r}")
         if self.recent < 0:
             raise ValueError(f"recent must be >= 0, not {self.recent}")
+        if self.fit_rows is not None and self.fit_rows < 1:
+            raise ValueError(f"fit_rows must be >= 1 (or None for every query), not {self.fit_rows}")
         self.needs_context_queries = self.scorer.needs_context_queries
         self.uses_reference = self.fit or self.scorer.uses_reference or self.beta != "none"
 
@@ -147,7 +151,7 @@ class Select(Method):
             return Kc, gather(V, idx), bias
         copied = gather(V, idx)
         prior = copied if self.prior == "original" else None
-        Vc = fit_values(Q, Kc, ref.O, ref.z, scale, self.lam, prior, bias, local_lse)
+        Vc = fit_values(Q, Kc, ref.O, ref.z, scale, self.lam, prior, bias, local_lse, self.fit_rows)
         if self.guard:
             better = fit_generalises(Q, ref.O, ref.z, Kc, copied, scale, self.lam, prior, bias, local_lse)
             Vc = torch.where(better[:, None, None], Vc, copied)

@@ -82,6 +82,7 @@ def cache_stats(cache) -> dict:
         "logical_bytes": cache.logical_nbytes(),
         "full_bytes": cache.full_nbytes(),
         "cache_over_full": cache.nbytes() / cache.full_nbytes(),
+        "kv_bits": cache.kv_bits,
     }
 
 

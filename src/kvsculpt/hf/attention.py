@@ -33,8 +33,9 @@ def block_attention(query, key, value, block, scale: float) -> torch.Tensor:
     ``[B, Hkv, a, d]`` (the query's tokens are the last ``q`` of the ``a``), block ``(K [Hkv, P, d],
     V [Hkv, P, d], bias [Hkv, P] or None)`` → ``[B, H, q, d]`` in the query's dtype. One softmax over ``P + a``
     logits; the block's part is one matmul over all rows' queries. Computed in fp32 at least, as SDPA
-    accumulates (a bf16 block is upcast one layer at a time, transiently; nothing is kept in fp32)."""
-    bk, bv, bias = block
+    accumulates (a bf16 block is upcast one layer at a time, transiently; nothing is kept in fp32). ``block``
+    may also be a callable returning that triple (a quantised block, dequantised here, one layer at a time)."""
+    bk, bv, bias = block() if callable(block) else block
     B, H, q, d = query.shape
     Hkv, P, a = bk.shape[0], bk.shape[1], key.shape[-2]
     G, c = H // Hkv, torch.promote_types(query.dtype, torch.float32)

@@ -24,6 +24,7 @@ from transformers import DynamicCache
 
 from ..config import CompressConfig
 from ..core.attention import future_mask, logits
+from ..core.fit import subsample_index
 from .attention import capture_queries
 from .decode import check_ids, decode, forward, prefill, shared_cache, text_ids, top_p_pick
 from .dims import check_supported, model_dims
@@ -80,13 +81,6 @@ def stage(progress: bool, message: str) -> None:
     """One line on stderr saying what a slow step is doing now (when ``progress``)."""
     if progress:
         tqdm.write(f"kvsculpt: {message}", file=sys.stderr)
-
-
-def subsample_index(N: int, max_queries: int | None, seed: int = 0) -> torch.Tensor | None:
-    """Sorted indices of at most ``max_queries`` of ``N`` queries (None: keep all)."""
-    if max_queries is None or N <= max_queries:
-        return None
-    return torch.randperm(N, generator=torch.Generator().manual_seed(seed))[:max_queries].sort().values
 
 
 def sample_self_queries(model, keys, values, last_logits, cfg: CompressConfig, progress=False):
