@@ -40,10 +40,16 @@ PRESSES = ("KVzipPress", "SnapKVPress", "ExpectedAttentionPress", "TOVAPress")
 OVERHEAD_BITS = 32 / 64  # an fp16 scale and an fp16 minimum per group of 64 elements
 
 
+# our settings: label → CompressConfig changes (keys lose more than values at the same width: "k8v4" keeps
+# 8-bit keys beside 4-bit values)
+SETTINGS = {"b16": {}, "b8": {"kv_bits": 8}, "b4": {"kv_bits": 4}, "b4 no-refit": {"kv_bits": 4, "kv_refit": False},
+            "k8v4": {"kv_bits": 4, "key_bits": 8}, "b2": {"kv_bits": 2}}  # fmt: skip
+
+
 def point_name(row) -> str:
     if row["method"].startswith("kvsculpt"):
-        refit = "" if row["kv_bits"] == 16 or row["kv_refit"] else " no-refit"
-        return f"kvsculpt default{refit}"
+        label = row["config"].split(" ", 1)[1]
+        return "kvsculpt default" + {"b4 no-refit": " no-refit", "k8v4": " 8-bit keys"}.get(label, "")
     return row["method"] + ("" if row.get("quant") is None else f" + {row['quant'][:-1]}")
 
 
@@ -59,37 +65,30 @@ def run(args):
     wins = [w for w in windows(tok, texts, args.context_tokens, args.continuation_tokens, per_text=3)
             if w.id in args.windows]  # fmt: skip
     base = CompressConfig()
-    settings = [(r, b, refit) for r in args.ratios for b in args.bits for refit in ([True] if b == 16 else [True, False])
-                if refit or b in args.no_refit_bits]  # fmt: skip
+    todo_all = [(r, label) for r in args.ratios for label in args.settings]
     with jsonl.open("a") as f:
         for w in tqdm(wins, desc="windows", unit="window"):
-            todo = [
-                s
-                for s in settings
-                if (w.id, f"kvsculpt.default b{s[1]}{'' if s[2] else ' no-refit'}", s[0]) not in done
-            ]
+            todo = [(r, label) for r, label in todo_all if (w.id, f"kvsculpt.default {label}", r) not in done]
             if todo:
                 ref = teacher(model, w)
                 cap = capture(model, w.context, base, tokenizer=tok)
-                for r, bits, refit in tqdm(todo, desc=w.id, leave=False):
-                    cfg = base.replace(ratio=r, kv_bits=bits, kv_refit=refit)
+                for r, label in tqdm(todo, desc=w.id, leave=False):
+                    cfg = base.replace(ratio=r, **SETTINGS[label])
                     cache = compress_captured(model, cap, cfg, progress=False)
-                    full16 = cache.full_entries() * 2 * cache.layers[0].block_keys.shape[1] * 2
-                    stored = (
-                        cache.kept_entries() * 2 * cache.layers[0].block_keys.shape[1] * 2
-                        if bits == 16
-                        else cache.nbytes()
-                    )
-                    row = {"window": w.id, "config": f"kvsculpt.default b{bits}{'' if refit else ' no-refit'}", "ratio": r,
-                           "method": "kvsculpt.default", "kv_bits": bits, "kv_refit": refit, "compress_config": repr(cfg),
-                           "kl": score(model, cache, w, ref)["kl"], "bytes_over_full16": stored / full16,
-                           "model": args.model}  # fmt: skip
+                    entry16 = (
+                        2 * cache.layers[0].block_keys.shape[1] * 2
+                    )  # a key and a value at 2 bytes an element
+                    stored = cache.kept_entries() * entry16 if cfg.kv_bits == 16 else cache.nbytes()
+                    row = {"window": w.id, "config": f"kvsculpt.default {label}", "ratio": r, "method": "kvsculpt.default",
+                           "kv_bits": cfg.kv_bits, "key_bits": cfg.key_bits or cfg.kv_bits, "kv_refit": cfg.kv_refit,
+                           "compress_config": repr(cfg), "kl": score(model, cache, w, ref)["kl"],
+                           "bytes_over_full16": stored / (cache.full_entries() * entry16), "model": args.model}  # fmt: skip
                     f.write(json.dumps(row) + "\n")
                     f.flush()
                     done[(w.id, row["config"], r)] = row
             if not peers.available():
                 continue
-            jobs = [([("hqq", b) for b in args.bits if b in (8, 4)], PRESSES),  # presses on the HQQ cache
+            jobs = [([("hqq", 8), ("hqq", 4)], PRESSES),  # presses on the HQQ cache
                     ([("hqq", 2)] + [("quanto", b) for b in (4, 2)], ())]  # full caches only  # fmt: skip
             for quant, presses in jobs:
                 if all((w.id, f"full {q}{b}", 1.0) in done for q, b in quant):
@@ -193,9 +192,8 @@ def main():
     ap.add_argument("--context-tokens", type=int, default=1024)
     ap.add_argument("--continuation-tokens", type=int, default=128)
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.5])
-    ap.add_argument("--bits", type=int, nargs="+", default=[16, 8, 4, 2])
-    ap.add_argument("--no-refit-bits", type=int, nargs="*", default=[4, 2],
-                    help="bit widths also run without the quantisation-aware value refit")  # fmt: skip
+    ap.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS),
+                    help="our quantisation settings (b16: not quantised; k8v4: 8-bit keys, 4-bit values)")  # fmt: skip
     ap.add_argument("--out", default="benchmarks/results/quant_smollm2")
     ap.add_argument("--report-only", action="store_true", help="rewrite the report from the JSONL")
     run(ap.parse_args())

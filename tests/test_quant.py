@@ -70,18 +70,24 @@ def test_quantized_cache_attention_matches_its_dequantized_block():
         got = continuation_logits(model, q, cont, n)
         torch.testing.assert_close(got, continuation_logits(model, dense, cont, n), rtol=0, atol=1e-5)
         gaps.append(float((got - ref).abs().max()))
-        # fp32 entries → packed codes, fp16 scales and minima (2 bits an element in groups of 16), padding
-        assert q.nbytes() < full.nbytes() * (bits + 4) / 32
+        # packed codes, fp16 scales and minima: keys per channel in groups of 16 entries of one head (each head
+        # padded to whole groups), values per token in groups of 16 channels
+        d, g = full.layers[0].block_keys.shape[1], 16
+        expect = 0
+        for layer in full.layers:
+            key_groups = sum(-(-m // g) for m in layer.lengths)
+            expect += key_groups * d * (g * bits // 8 + 4) + sum(layer.lengths) * (d * bits // 8 + 4 * -(-d // g))
+        assert q.nbytes() == expect < full.nbytes()
     assert 0 < gaps[0] < gaps[1] < gaps[2]
 
 
 def test_quantized_cache_save_load_is_bit_exact(tmp_path):
     model = tiny_model("llama")
     ids, cont = torch.randint(0, 97, (1, 36)), torch.randint(0, 97, (1, 5))
-    cache = _cache(model, ids, kv_bits=4, kv_group=16)
-    assert cache.kv_bits == 4 and cache.info["kv_bits"] == 4
+    cache = _cache(model, ids, kv_bits=4, key_bits=8, kv_group=16)
+    assert (cache.key_bits, cache.kv_bits) == (8, 4) and cache.info["kv_bits"] == 4
     loaded = CompressedCache.load(cache.save(tmp_path / "q.kvs"), model)
-    assert loaded.kv_bits == 4 and loaded.nbytes() == cache.nbytes()
+    assert (loaded.key_bits, loaded.kv_bits) == (8, 4) and loaded.nbytes() == cache.nbytes()
     for a, b in zip(cache.layers, loaded.layers, strict=True):
         assert all(torch.equal(x, y) for x, y in zip(a.tensors(), b.tensors(), strict=True))
     assert torch.equal(

@@ -235,11 +235,16 @@ class CompressedCache(Cache):
 
     @property
     def kv_bits(self) -> int:
-        """Bits per stored key/value element: the codes' width, or 16 when not quantised."""
+        """Bits per stored value element (the values' codes' width), 16 when not quantised."""
+        return self.layers[0].block_values.bits if self.layers[0].quantized else 16
+
+    @property
+    def key_bits(self) -> int:
+        """Bits per stored key element, 16 when not quantised."""
         return self.layers[0].block_keys.bits if self.layers[0].quantized else 16
 
     def __repr__(self):
-        bits = "" if self.kv_bits == 16 else f", kv_bits={self.kv_bits}"
+        bits = "" if self.kv_bits == 16 else f", key_bits={self.key_bits}, kv_bits={self.kv_bits}"
         return f"CompressedCache(n={self.n}, kept={self.kept_entries()}, method={self.method}{bits})"
 
     def save(self, path, model_name: str | None = None):
@@ -256,24 +261,29 @@ class CompressedCache(Cache):
         return load(path, model, device)
 
 
-def quantize_layer(keys: torch.Tensor, values: torch.Tensor, bits: int, group: int = 64):
-    """A layer's flat block ``[Σ m_h, d]`` → ``(keys, values)`` :class:`~kvsculpt.core.quant.Quantized`: keys per
-    channel, values per token, ``group`` elements a group (KIVI's layout). Deterministic: the same block gives
-    the same codes (compression's quantisation-aware value fit relies on it)."""
-    return quantize(keys, bits, group, "channel"), quantize(values, bits, group, "token")
+def quantize_keys(keys: torch.Tensor, lengths, bits: int, group: int = 64) -> Quantized:
+    """A layer's flat keys ``[Σ m_h, d]`` (heads of ``lengths`` entries) in ``bits``-bit codes, per channel in
+    groups of ``group`` entries of one head. Deterministic: the same keys give the same codes (compression's
+    quantisation-aware value fit relies on it)."""
+    return quantize(keys, bits, group, "channel", segments=lengths)
 
 
-def quantize_cache(cache: CompressedCache, bits: int, group: int = 64) -> CompressedCache:
-    """A copy of ``cache`` whose blocks are stored in ``bits``-bit codes (:func:`quantize_layer`; 16: ``cache``
-    itself). Quantising an already quantised cache is refused."""
-    if bits == 16:
+def quantize_cache(
+    cache: CompressedCache, bits: int, group: int = 64, key_bits: int | None = None
+) -> CompressedCache:
+    """A copy of ``cache`` whose blocks are stored as codes: keys in ``key_bits`` (default ``bits``) per channel
+    (:func:`quantize_keys`), values in ``bits`` per token, ``group`` elements a group (KIVI's layout). 16 bits for
+    both: ``cache`` itself. Quantising an already quantised cache is refused."""
+    key_bits = bits if key_bits is None else key_bits
+    if bits == key_bits == 16:
         return cache
     if cache.layers[0].quantized:
         raise ValueError(f"the cache is already quantised to {cache.kv_bits} bits")
+    if 16 in (bits, key_bits):
+        raise ValueError("keys and values are quantised together: 16 bits for one of them is not supported")
     new = cache.fork()
     for layer in new.layers:
-        layer.block_keys, layer.block_values = quantize_layer(
-            layer.block_keys, layer.block_values, bits, group
-        )
-    new.info["kv_bits"], new.info["kv_group"] = bits, group
+        layer.block_keys = quantize_keys(layer.block_keys, layer.lengths, key_bits, group)
+        layer.block_values = quantize(layer.block_values, bits, group, "token")
+    new.info.update(kv_bits=bits, key_bits=key_bits, kv_group=group)
     return new

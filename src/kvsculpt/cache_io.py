@@ -4,8 +4,8 @@ Tensors: ``layers.{i}.keys`` / ``.values`` ``[Σ m_h, d]``, optional ``layers.{i
 ``context_ids [1, n]``; a quantised block stores ``layers.{i}.keys.codes`` / ``.scale`` / ``.low`` (and the
 same for values) instead, as :class:`~kvsculpt.core.quant.Quantized` holds them. Metadata
 (``__metadata__["kvsculpt"]``, JSON, with its own sha256): format version, model fingerprint, ``n``, head
-lengths, method, info, the quantisation (``quant``: bits, group, the dtype it stands for; absent when not
-quantised) and a sha256 of the tensor data. Writes are atomic. Version 1 files (before quantisation) load.
+lengths, method, info, the quantisation (``quant``: ``keys_bits``, ``values_bits``, group, the dtype they
+stand for; absent when not quantised; keys are grouped within each head) and a sha256 of the tensor data. Writes are atomic. Version 1 files (before quantisation) load.
 """
 
 from __future__ import annotations
@@ -73,7 +73,8 @@ def save(cache: CompressedCache, path: str | os.PathLike, model_name: str | None
     for i, layer in enumerate(cache.layers):
         for name, t in (("keys", layer.block_keys), ("values", layer.block_values)):
             if isinstance(t, Quantized):
-                quant = {"bits": t.bits, "group": t.group, "dtype": str(t.dtype).removeprefix("torch.")}
+                quant = {**(quant or {}), f"{name}_bits": t.bits, "group": t.group,
+                         "dtype": str(t.dtype).removeprefix("torch.")}  # fmt: skip
                 tensors.update(
                     {
                         f"layers.{i}.{name}.{part}": x.contiguous()
@@ -165,7 +166,7 @@ def load(path: str | os.PathLike, model, device=None) -> CompressedCache:
                 kv.append(tensors[f"layers.{i}.{name}"].to(device))
             else:
                 parts = [tensors[f"layers.{i}.{name}.{part}"].to(device) for part in _PARTS]
-                kv.append(Quantized(*parts, quant["bits"], quant["group"], axis, (sum(lengths), d),
-                                    getattr(torch, quant["dtype"])))  # fmt: skip
+                kv.append(Quantized(*parts, quant[f"{name}_bits"], quant["group"], axis, (sum(lengths), d),
+                                    getattr(torch, quant["dtype"]), tuple(lengths) if name == "keys" else None))  # fmt: skip
         layers.append(CompressedLayer(*kv, lengths, None if bias is None else bias.to(device), meta["n"]))
     return CompressedCache(model, layers, meta["method"], meta.get("info"), tensors.get("context_ids"))

@@ -75,7 +75,7 @@ def config_from_args(args) -> CompressConfig:
         refine=args.refine, refine_steps=args.refine_steps, refine_lr=args.refine_lr,
         refine_params=args.refine_params, refine_data=args.refine_data, refine_samples=args.refine_samples,
         refine_length=args.refine_length, refine_batch=args.refine_batch, refine_time=args.refine_time,
-        kv_bits=args.kv_bits, kv_group=args.kv_group, kv_refit=args.kv_refit,
+        kv_bits=args.kv_bits, key_bits=args.key_bits, kv_group=args.kv_group, kv_refit=args.kv_refit,
     )  # fmt: skip
 
 
@@ -299,6 +299,8 @@ def _compress_options(p):
     g.add_argument("--kv-bits", type=int, default=d.kv_bits, choices=[16, 8, 4, 2],
                    help="bits per stored key/value element: 16 keeps the model's dtype; 8, 4, 2 store packed codes "
                    "(keys per channel, values per token, fp16 scales; KIVI's layout) (default: %(default)s)")  # fmt: skip
+    g.add_argument("--key-bits", type=int, default=d.key_bits, choices=[8, 4, 2],
+                   help="bits per stored key element, if not --kv-bits (keys lose more than values at the same width)")  # fmt: skip
     g.add_argument("--kv-group", type=int, default=d.kv_group,
                    help="elements sharing one scale and minimum (default: %(default)s)")  # fmt: skip
     g.add_argument("--kv-refit", default=d.kv_refit, action=argparse.BooleanOptionalAction,

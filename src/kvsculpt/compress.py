@@ -121,7 +121,7 @@ def compress_captured(model, cap: Capture, cfg: CompressConfig, progress: bool =
         )
         if cfg.kv_bits != 16 and cfg.kv_refit and cfg.refine == "none" and getattr(solver, "fit", False):
             r = ref_of(li)
-            heads = refit_for_quantized_keys(heads, fit_q[li].float(), r.O, r.z, cap.scale, solver.lam, cfg.kv_bits,
+            heads = refit_for_quantized_keys(heads, fit_q[li].float(), r.O, r.z, cap.scale, solver.lam, cfg.key_bits or cfg.kv_bits,
                                              cfg.kv_group, model.dtype, None if local is None else local[li].float(),
                                              solver.fit_rows)  # fmt: skip
         refs.pop(li, None)
@@ -175,7 +175,7 @@ def compress_captured(model, cap: Capture, cfg: CompressConfig, progress: bool =
     )
     if cfg.refine != "none":
         cache = refine_captured(model, cache, cap, cfg, tokenizer, progress, on_eval)
-    return quantize_cache(cache, cfg.kv_bits, cfg.kv_group)
+    return quantize_cache(cache, cfg.kv_bits, cfg.kv_group, cfg.key_bits)
 
 
 def refine_captured(model, cache: CompressedCache, cap: Capture, cfg: CompressConfig, tokenizer=None,

@@ -113,7 +113,8 @@ class CompressConfig:
     validations without improvement or ``refine_time`` seconds (None: no limit).
 
     ``kv_bits``: store the block in 8-, 4- or 2-bit codes (16: not quantised, the model's dtype), keys per
-    channel and values per token in groups of ``kv_group`` (:mod:`kvsculpt.core.quant`); ``kv_refit``: re-solve
+    channel and values per token in groups of ``kv_group`` (:mod:`kvsculpt.core.quant`), the keys in
+    ``key_bits`` if given (keys lose more than values at the same width); ``kv_refit``: re-solve
     fitted values against the quantised keys (:func:`~kvsculpt.core.fit.refit_for_quantized_keys`; not after a
     refine, which moves the keys: its result is quantised as it is).
     """
@@ -150,6 +151,7 @@ class CompressConfig:
     refine_topk: int = 256
     refine_time: float | None = None
     kv_bits: int = 16
+    key_bits: int | None = None
     kv_group: int = 64
     kv_refit: bool = True
 
@@ -193,6 +195,10 @@ class CompressConfig:
                 f"temperature must be >= 0 and top_p in (0, 1]; got {self.temperature}, {self.top_p}"
             )
         self._check_refine()
+        if self.key_bits is not None and (self.key_bits not in BITS or self.kv_bits == 16):
+            raise ValueError(
+                f"key_bits must be one of {', '.join(map(str, BITS))}, with kv_bits below 16; got {self.key_bits}"
+            )
         if self.kv_bits not in (16, *BITS):
             raise ValueError(
                 f"kv_bits must be 16 (not quantised) or one of {', '.join(map(str, BITS))}; got {self.kv_bits}"
@@ -225,7 +231,7 @@ class CompressConfig:
     def __repr__(self) -> str:
         """The dataclass repr, without the quantisation fields when not quantised (``kv_bits=16``: they change
         nothing, and results recorded before quantisation existed keep matching)."""
-        skip = {"kv_bits", "kv_group", "kv_refit"} if self.kv_bits == 16 else set()
+        skip = {"kv_bits", "key_bits", "kv_group", "kv_refit"} if self.kv_bits == 16 else set()
         body = ", ".join(
             f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self) if f.name not in skip
         )
