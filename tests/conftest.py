@@ -29,6 +29,20 @@ def tiny_model(kind: str, seed: int = 0, hidden_size: int = 64):
     return model.eval()
 
 
+def tiny_model_dir(tmp_path, tokenizer):
+    """A random-weight Llama saved with ``tokenizer`` in ``tmp_path/tiny-llama`` (for code that loads by path)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                      max_position_embeddings=512)  # fmt: skip
+    path = tmp_path / "tiny-llama"
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 @pytest.fixture(params=["llama", "qwen2"])
 def tiny(request):
     return tiny_model(request.param)

@@ -1,26 +1,14 @@
 import json
 
 import pytest
-import torch
 
 from kvsculpt.cli import main
 
-
-def _tiny_model_dir(tmp_path, smollm):
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    _, tok = smollm
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)  # fmt: skip
-    path = tmp_path / "tiny-llama"
-    AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+from .conftest import tiny_model_dir
 
 
 def test_bench_paper_quick_schema_and_resume(tmp_path, smollm):
-    model_dir = _tiny_model_dir(tmp_path, smollm)
+    model_dir = tiny_model_dir(tmp_path, smollm[1])
     out = tmp_path / "results"
     argv = ["bench", "paper", "--model", str(model_dir), "--context-tokens", "96", "--continuation-tokens", "16",
             "--ratios", "0.5", "--docs", "1", "--no-peers", "--out", str(out),

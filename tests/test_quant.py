@@ -76,7 +76,9 @@ def test_quantized_cache_attention_matches_its_dequantized_block():
         expect = 0
         for layer in full.layers:
             key_groups = sum(-(-m // g) for m in layer.lengths)
-            expect += key_groups * d * (g * bits // 8 + 4) + sum(layer.lengths) * (d * bits // 8 + 4 * -(-d // g))
+            expect += key_groups * d * (g * bits // 8 + 4) + sum(layer.lengths) * (
+                d * bits // 8 + 4 * -(-d // g)
+            )
         assert q.nbytes() == expect < full.nbytes()
     assert 0 < gaps[0] < gaps[1] < gaps[2]
 

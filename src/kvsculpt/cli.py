@@ -147,11 +147,77 @@ def cmd_compress(args):
 def cmd_generate(args):
     from .cache_io import load
     from .hf.decode import ask
+    from .store import CacheStore
 
-    model, tok = _load(args)
-    cache = load(args.cache, model)
+    if (args.cache is None) == (args.store is None) or (args.store is None) != (args.doc is None):
+        raise ValueError("give --cache FILE, or --store STORE with --doc ID")
+    if args.store is not None:
+        store = CacheStore(_existing_store(args.store))
+        row = store.row(args.doc)
+        if row is None:
+            raise ValueError(
+                f"no document {args.doc!r} in {args.store} (see `kvsculpt store ls {args.store}`)"
+            )
+        args.model = args.model or row["model"]
+        model, tok = _load(args)
+        cache = store.load(args.doc, model)
+    else:
+        args.model = args.model or DEFAULT_MODEL
+        model, tok = _load(args)
+        cache = load(args.cache, model)
     for prompt in args.prompt:
         print(ask(model, tok, cache, prompt, max_new_tokens=args.max_new_tokens, stop=args.stop))
+
+
+def _existing_store(path) -> Path:
+    if not (Path(path) / "index.sqlite").is_file():
+        raise ValueError(
+            f"{path} is not a cache store (no index.sqlite); make one with `kvsculpt compress-corpus`"
+        )
+    return Path(path)
+
+
+def cmd_compress_corpus(args):
+    from .store import compress_corpus
+
+    cfg = config_from_args(args)
+    ray = None if args.ray is None else (True if args.ray == "local" else args.ray)
+    _say(f"compressing into {args.out} with {args.model}" + ("" if ray is None else f" on Ray ({args.ray})"))
+    counts = compress_corpus(args.docs, args.out, args.model, cfg, max_tokens=args.max_tokens, truncate=args.truncate,
+                             glob=args.glob, ray=ray, workers=args.workers, dtype=args.dtype)  # fmt: skip
+    print(f"{counts['documents']} documents: {counts['done']} compressed, {counts['failed']} failed, "
+          f"{counts['skipped']} already done, in {counts['seconds']:.1f} s; `kvsculpt store ls {args.out}` lists them")  # fmt: skip
+
+
+def cmd_store(args):
+    from .store import CacheStore
+
+    rows = CacheStore(_existing_store(args.store)).rows()
+    if args.json:
+        keep = (
+            "id",
+            "status",
+            "tokens",
+            "bytes",
+            "seconds",
+            "ratio",
+            "model",
+            "truncated",
+            "error",
+            "sha256",
+        )
+        print(json.dumps([{k: r[k] for k in keep} for r in rows]))
+        return
+    print(f"{'status':<7} {'tokens':>7} {'MB':>8} {'s':>7}  id")
+    for r in rows:
+        mb = "–" if r["bytes"] is None else f"{r['bytes'] / 1e6:.2f}"
+        s = "–" if r["seconds"] is None else f"{r['seconds']:.1f}"
+        note = f"  ({r['error']})" if r["error"] else ("  (truncated)" if r["truncated"] else "")
+        print(
+            f"{r['status']:<7} {r['tokens'] if r['tokens'] is not None else '–':>7} {mb:>8} {s:>7}  {r['id']}{note}"
+        )
+    done = sum(r["status"] == "done" for r in rows)
+    print(f"{len(rows)} documents, {done} done, {len(rows) - done} failed")
 
 
 def cmd_analyze(args):
@@ -358,12 +424,50 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("generate", "answer prompts from a saved compressed cache",
                 "Load a .kvs cache for its model and answer each prompt greedily from it (each on a fresh fork of "
                 "the cache), stopping at the end-of-sequence token or at --stop.")  # fmt: skip
-    _model_options(p, text=False)
-    p.add_argument("--cache", required=True, help="a .kvs file written by `kvsculpt compress`")
+    p.add_argument("--model", default=None,
+                   help=f"a packaged name, a Hugging Face id, a local directory or a .gguf file (default: the store's "
+                   f"model with --store, else {DEFAULT_MODEL})")  # fmt: skip
+    p.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: fp32 on CPU, bf16 on CUDA)")
+    p.add_argument("--cache", help="a .kvs file written by `kvsculpt compress`")
+    p.add_argument("--store", help="a cache store written by `kvsculpt compress-corpus` (with --doc)")
+    p.add_argument("--doc", help="the document's id in --store (see `kvsculpt store ls`)")
     p.add_argument("--prompt", required=True, action="append", help="a prompt; may be given several times")
     p.add_argument("--max-new-tokens", type=int, default=64, help="the most tokens generated per prompt")
     p.add_argument("--stop", default=None, help="stop when this text appears (it is not printed)")
     p.set_defaults(func=cmd_generate)
+
+    p = command("compress-corpus", "compress many documents into a cache store, resumably, here or on Ray",
+                "Compress every document (files, folders searched recursively, or JSONL lines of {\"id\", \"text\"}) "
+                "into STORE: one .kvs file per document and an SQLite index. A rerun skips finished documents whose "
+                "text and settings are unchanged, recompresses changed ones and retries failed ones; a document's "
+                "failure is recorded and never stops the run. --ray runs a pool of Ray actors, one model each "
+                "(pip install kvsculpt[distributed]).")  # fmt: skip
+    p.add_argument("docs", nargs="+", metavar="DOCS", help="files, folders or .jsonl files")
+    p.add_argument("--out", required=True, metavar="STORE", help="the store folder (created if missing)")
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"a packaged name ({', '.join(PACKAGED)}), a Hugging Face id, a local directory or a .gguf file")  # fmt: skip
+    p.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: fp32 on CPU, bf16 on CUDA)")
+    p.add_argument(
+        "--glob", default="**/*", help="which files of a folder are documents (default: %(default)s)"
+    )
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help="the longest document compressed (default: the model's context length); longer ones fail")  # fmt: skip
+    p.add_argument(
+        "--truncate", action="store_true", help="keep the first --max-tokens tokens of longer documents"
+    )
+    p.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                   help="run on Ray: alone, a local Ray; with an address (e.g. ray://head:10001 or auto), that cluster")  # fmt: skip
+    p.add_argument("--workers", type=int, default=1, help="Ray actors, one model each (default: %(default)s)")
+    _compress_options(p)
+    p.set_defaults(func=cmd_compress_corpus)
+
+    p = command("store", "list a cache store's documents",
+                "List the documents of a store made by `kvsculpt compress-corpus`: status, tokens, size, seconds, "
+                "errors. --json prints one JSON list as the last line.")  # fmt: skip
+    p.add_argument("action", choices=["ls"], help="what to do")
+    p.add_argument("store", metavar="STORE", help="the store folder")
+    p.add_argument("--json", action="store_true", help="print one JSON list of the documents")
+    p.set_defaults(func=cmd_store)
 
     p = command("analyze", "pilot difficulty per (layer, KV head), budgets, heatmaps",
                 "Measure how hard each (layer, KV head) is to compress (Select+Fit's relative output error on "
