@@ -196,11 +196,20 @@ GRIDS = {
         "kvzip-fit/self32x8+repeat global": SELF_REPEAT.replace(method="kvzip"),
         "kvzip-v/repeat global": SELF_REPEAT.replace(queries="repeat"),
     },
+    # issue 16: what the repeat pass is worth to the default (without it the compression is prefill + self samples
+    # + solve: could that reach the cost target?)
+    "no-repeat": {
+        "kvzip-v/self32x8+repeat global": SELF_REPEAT,
+        "kvzip-v/self32x8+context global": SELF_REPEAT.replace(queries="self+context"),
+        "kvzip-v/self32x8 global": SELF_REPEAT.replace(queries="self"),
+    },
     # issue 16: the value fit on a random subset of the queries (its normal equations cost N·m² per head)
     "fit-rows": {
         "kvzip-v/self32x8+repeat global": SELF_REPEAT,
-        **{f"kvzip-v/self32x8+repeat global fit_rows={k}": SELF_REPEAT.replace(options={"fit_rows": k})
-           for k in (1024, 2048, 4096)},
+        **{
+            f"kvzip-v/self32x8+repeat global fit_rows={k}": SELF_REPEAT.replace(options={"fit_rows": k})
+            for k in (1024, 2048, 4096)
+        },
     },
     # issue 15: the paper's claim on the corrected optimiser (iters=0 is Select+Fit, a test checks it); the
     # paper's queries (context) and ours (the default's repeat queries, KVzip selection); the point picked on

@@ -27,10 +27,9 @@ from tqdm.auto import tqdm
 
 from kvsculpt import CompressConfig, load_model
 from kvsculpt.bench import peers
-from kvsculpt.bench.runner import geomean, load_rows
+from kvsculpt.bench.runner import geomean, load_rows, results_jsonl, windows_by_id
 from kvsculpt.compress import compress_captured
 from kvsculpt.eval.metrics import score, teacher
-from kvsculpt.eval.texts import windows
 from kvsculpt.hf.capture import capture
 
 # report windows of the fast-default issue (offsets 1152 and 2304) that were not flagged as memorised there
@@ -54,16 +53,12 @@ def point_name(row) -> str:
 
 
 def run(args):
-    out = Path(args.out)
-    jsonl = out.parent / f"{out.name}.jsonl"
-    jsonl.parent.mkdir(parents=True, exist_ok=True)
+    out, jsonl = Path(args.out), results_jsonl(args.out)
     if args.report_only:
         return report(list(load_rows(jsonl).values()), args, out)
     done = load_rows(jsonl)
     model, tok = load_model(args.model)
-    texts = sorted({w.split("@")[0] for w in args.windows})
-    wins = [w for w in windows(tok, texts, args.context_tokens, args.continuation_tokens, per_text=3)
-            if w.id in args.windows]  # fmt: skip
+    wins = windows_by_id(tok, args.windows, args.context_tokens, args.continuation_tokens)
     base = CompressConfig()
     todo_all = [(r, label) for r in args.ratios for label in args.settings]
     with jsonl.open("a") as f:

@@ -28,10 +28,9 @@ from pathlib import Path
 from kvsculpt import CompressConfig, load_model
 from kvsculpt.bench import peers
 from kvsculpt.bench.paper import PAPER_GRID
-from kvsculpt.bench.runner import geomean, load_rows
+from kvsculpt.bench.runner import geomean, load_rows, results_jsonl, windows_by_id
 from kvsculpt.compress import compress_captured, refine_captured
 from kvsculpt.eval.metrics import score, teacher
-from kvsculpt.eval.texts import windows
 from kvsculpt.hf.capture import capture
 
 # 8 windows none of which the refine settings were chosen on (the probe used fastmcp_background_tasks@0 and
@@ -47,9 +46,7 @@ INITS = {"default": CompressConfig(), "kvzip-repeat": PAPER_GRID["KVzip-fit (KVz
 
 
 def run(args):
-    out = Path(args.out)
-    jsonl = out.parent / f"{out.name}.jsonl"
-    jsonl.parent.mkdir(parents=True, exist_ok=True)
+    out, jsonl = Path(args.out), results_jsonl(args.out)
     if args.report_only:
         return report(list(load_rows(jsonl).values()), args, out)
     base = INITS[args.init]
@@ -68,9 +65,7 @@ def run(args):
         raise SystemExit(f"{jsonl} has rows of '{setting}' made with another config (windows {', '.join(stale)}; "
                          "the default has changed since?): write to another --out, or pass the --init they used")  # fmt: skip
     model, tok = load_model(args.model)
-    texts = sorted({w.split("@")[0] for w in args.windows})
-    wins = [w for w in windows(tok, texts, args.context_tokens, args.continuation_tokens, per_text=2)
-            if w.id in args.windows]  # fmt: skip
+    wins = windows_by_id(tok, args.windows, args.context_tokens, args.continuation_tokens)
     if args.peers_from:
         copy_peers(Path(args.peers_from), jsonl, {w.id for w in wins}, args.ratios, done)
     with jsonl.open("a") as f:

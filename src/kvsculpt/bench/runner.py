@@ -30,7 +30,7 @@ from ..eval.metrics import (
     teacher,
 )
 from ..eval.tasks import passkey_context, passkey_found, passkey_full_cache
-from ..eval.texts import load_text
+from ..eval.texts import load_text, windows
 from ..hf.capture import capture, split_heldout
 from ..hf.decode import prefill
 
@@ -62,6 +62,21 @@ def paired_ratio(kl: dict, a: str, b: str, ratio: float):
     """Geo-mean of KL(a) / KL(b) over the windows both ran on (``kl[(config, ratio, window)]``); None if none."""
     common = [w for (c, r, w) in kl if c == a and r == ratio and (b, ratio, w) in kl]
     return geomean(kl[(a, ratio, w)] / kl[(b, ratio, w)] for w in common) if common else None
+
+
+def results_jsonl(out) -> Path:
+    """The resumable rows file of a results name ``out`` (``…/name`` → ``…/name.jsonl``), its folder made."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return out.parent / f"{out.name}.jsonl"
+
+
+def windows_by_id(tok, ids, context_tokens: int, continuation_tokens: int):
+    """The windows named ``text@offset`` in ``ids``, in text order (offsets up to the third window of a text)."""
+    texts = sorted({i.split("@")[0] for i in ids})
+    return [
+        w for w in windows(tok, texts, context_tokens, continuation_tokens, per_text=3) if w.id in set(ids)
+    ]
 
 
 def load_rows(jsonl: Path) -> dict:
