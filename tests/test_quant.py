@@ -25,7 +25,8 @@ def test_quantize_error_within_half_a_step_and_bytes_match_the_formula(bits, axi
     assert float(err.max()) > 0.3 * float(q.scale.float().max())  # a real rounding error, not a copy
     along, across = (R, C) if axis == "channel" else (C, R)
     groups = across * math.ceil(along / group)
-    assert q.codes.dtype == torch.uint8 and q.nbytes() == groups * group * bits // 8 + 2 * 2 * groups
+    # the codes of the real elements only (the padding's are not stored), an fp16 scale and minimum per group
+    assert q.codes.dtype == torch.uint8 and q.nbytes() == math.ceil(R * C * bits / 8) + 2 * 2 * groups
 
 
 def test_pack_unpack_round_trip():
@@ -70,14 +71,16 @@ def test_quantized_cache_attention_matches_its_dequantized_block():
         got = continuation_logits(model, q, cont, n)
         torch.testing.assert_close(got, continuation_logits(model, dense, cont, n), rtol=0, atol=1e-5)
         gaps.append(float((got - ref).abs().max()))
-        # packed codes, fp16 scales and minima: keys per channel in groups of 16 entries of one head (each head
-        # padded to whole groups), values per token in groups of 16 channels
+        # packed codes of every element, fp16 scales and minima: keys per channel in groups of 16 entries of
+        # one head (a head's last group may be short), values per token in groups of 16 channels
         d, g = full.layers[0].block_keys.shape[1], 16
         expect = 0
         for layer in full.layers:
             key_groups = sum(-(-m // g) for m in layer.lengths)
-            expect += key_groups * d * (g * bits // 8 + 4) + sum(layer.lengths) * (
-                d * bits // 8 + 4 * -(-d // g)
+            expect += (
+                2 * sum(layer.lengths) * d * bits // 8
+                + 4 * key_groups * d
+                + 4 * sum(layer.lengths) * -(-d // g)
             )
         assert q.nbytes() == expect < full.nbytes()
     assert 0 < gaps[0] < gaps[1] < gaps[2]

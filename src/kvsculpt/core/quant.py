@@ -5,6 +5,8 @@ of ``group`` consecutive entries of one head: a head's entries are padded to a w
 heads mixed in one group quantise far worse — SmolLM2, r = 0.3, 4-bit keys: KL 0.0099 against 0.0178), values
 **per token** (each entry's scale and zero-point shared by a group of ``group`` consecutive channels). A code of ``bits`` bits is ``round((x − min) / scale)``, ``scale = (max −
 min) / (2^bits − 1)`` over its group; ``8 / bits`` codes share a byte; scales and minima are stored in fp16.
+A head shorter than a group gets one short group: only real elements' codes are stored, so the codes take
+exactly ``R·C·bits / 8`` bytes (rounded up to a byte), plus 4 bytes a group for the scale and minimum.
 Reconstruction error per element is at most ``scale / 2`` (plus fp16 rounding of the scale and minimum).
 """
 
@@ -53,14 +55,18 @@ class Quantized:
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The ``[R, C]`` tensor the codes stand for, in ``dtype`` (default: the original dtype)."""
-        rows = self.scale.shape[0]
-        codes = unpack(self.codes, self.bits).view(rows, self.scale.shape[1], self.group).float()
-        x = (codes * self.scale.float()[..., None] + self.low.float()[..., None]).view(rows, -1)
+        rows, groups = self.scale.shape
+        real = self._real().to(self.codes.device)
+        codes = torch.zeros(rows, groups * self.group, device=self.codes.device)
+        codes[:, real] = unpack(self.codes, self.bits)[: rows * real.numel()].view(rows, -1).float()
+        x = codes.view(rows, groups, self.group) * self.scale.float()[..., None] + self.low.float()[..., None]
+        x = x.view(rows, -1)[:, real]
+        return (x.t() if self.axis == "channel" else x).to(dtype or self.dtype).contiguous()
+
+    def _real(self) -> torch.Tensor:
+        """Where the real elements of a row sit among the padded groups (padding's codes are not stored)."""
         R, C = self.shape
-        if self.axis == "token":
-            return x[:, :C].to(dtype or self.dtype).contiguous()
-        x = x[:, _real_rows(R, self.group, self.segments).to(x.device)]
-        return x.t().to(dtype or self.dtype).contiguous()
+        return _real_rows(R, self.group, self.segments) if self.axis == "channel" else torch.arange(C)
 
 
 def _real_rows(R: int, group: int, segments) -> torch.Tensor:
@@ -120,8 +126,11 @@ def quantize(x: torch.Tensor, bits: int, group: int, axis: str, segments=None) -
     low = g.amin(-1).half()
     scale = ((g.amax(-1) - low.float()) / (2**bits - 1)).half()
     safe = scale.float().clamp_min(torch.finfo(torch.float16).tiny)[..., None]
-    codes = ((g - low.float()[..., None]) / safe).round_().clamp_(0, 2**bits - 1)
-    return Quantized(pack(codes, bits), scale, low, bits, group, axis, (R, C), x.dtype, segments)
+    codes = ((g - low.float()[..., None]) / safe).round_().clamp_(0, 2**bits - 1).view(g.shape[0], -1)
+    q = Quantized(codes, scale, low, bits, group, axis, (R, C), x.dtype, segments)
+    stream = codes[:, q._real().to(codes.device)].reshape(-1)  # the padding's codes are dropped
+    q.codes = pack(torch.nn.functional.pad(stream, (0, -stream.numel() % (8 // bits))), bits)
+    return q
 
 
 def max_error(q: Quantized) -> float:
