@@ -18,6 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 from kvsculpt import CompressConfig, load_model
 from kvsculpt.eval.texts import text_index, windows
 from kvsculpt.store import CacheStore, compress_corpus
@@ -31,7 +33,11 @@ def main():
     ap.add_argument("--ratio", type=float, default=0.3)
     ap.add_argument("--workers", type=int, default=2, help="Ray actors")
     ap.add_argument("--out", default="benchmarks/results/corpus_smollm2")
+    ap.add_argument("--report-only", action="store_true", help="rewrite OUT.md from OUT.json")
     args = ap.parse_args()
+    if args.report_only:
+        out = Path(args.out)
+        return write_report(json.loads((out.parent / f"{out.name}.json").read_text()), out)
     _, tok = load_model(args.model)
     wins = windows(tok, sorted(text_index()), args.tokens, 1, per_text=8)[: args.docs]
     if len(wins) < args.docs:
@@ -68,27 +74,36 @@ def main():
         probe.record(Document(f"p{i}", b"x"), args.model, "s", args.ratio, {"status": "done", "blob": blob})
     driver_s = (time.perf_counter() - t0) / 20
     shutil.rmtree(work)
-    base = rows[0]
-    lines = [f"# Corpus throughput: {args.model}, {args.docs} documents of {args.tokens} tokens, r = {args.ratio}", "",
-             f"Command: `python {' '.join(sys.argv)}`", "",
-             "One 2-core machine (no GPU). `doc s` = mean seconds of one document's compression (its own clock, inside "
-             "whichever process ran it).", "",
-             "| mode | documents | done | seconds | documents / minute | doc s |", "|---|---|---|---|---|---|"]  # fmt: skip
-    for r in rows:
-        lines.append(f"| {r['mode']} | {r['documents']} | {r['done']} | {r['seconds']:.1f} | {r['docs_per_minute']:.2f} | "
-                     f"{r['mean_doc_seconds']:.1f} |")  # fmt: skip
-    lines += ["", f"The driver spends {driver_s * 1000:.1f} ms per document writing its cache file "
-              f"({len(blob) / 1e6:.1f} MB) and index row, so one driver keeps up with about "
-              f"{60 / driver_s:.0f} documents a minute.", "",
-              f"Estimate for N workers (one model each, one GPU each): throughput ≈ N × 60 / t documents a minute, "
-              f"t = one document's compression time on that worker, until the driver's limit above. Here t = "
-              f"{base['mean_doc_seconds']:.1f} s on one CPU core; on a GPU t is the CPU time divided by the GPU's "
-              "speed-up on the prefill, the repeat pass and the solve (not measured here: no GPU)."]  # fmt: skip
+    saved = {"args": vars(args), "rows": rows, "driver_seconds_per_doc": driver_s, "blob_bytes": len(blob),
+             "threads_in_process": torch.get_num_threads()}  # fmt: skip
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    (out.parent / f"{out.name}.json").write_text(
-        json.dumps({"args": vars(args), "rows": rows, "driver_seconds_per_doc": driver_s}, indent=1)
-    )
+    (out.parent / f"{out.name}.json").write_text(json.dumps(saved, indent=1))
+    write_report(saved, out)
+
+
+def write_report(saved: dict, out: Path):
+    args, rows, driver_s = saved["args"], saved["rows"], saved["driver_seconds_per_doc"]
+    base, ray_row = rows[0], rows[-1]
+    lines = [f"# Corpus throughput: {args['model']}, {args['docs']} documents of {args['tokens']} tokens, "
+             f"r = {args['ratio']}", "",
+             f"Command: `python {' '.join(a for a in sys.argv if a != '--report-only')}`", "",
+             "One 2-core machine (no GPU), nothing else running. In process, torch uses both cores (2 threads); each "
+             "Ray worker has one core (1 thread). `doc s` = mean seconds of one document's compression (its own "
+             "clock, inside whichever process ran it).", "",
+             "| mode | documents | done | seconds | documents / minute | doc s |", "|---|---|---|---|---|---|"]  # fmt: skip
+    for r in rows:
+        lines.append(f"| {r['mode']} | {r['documents']} | {r['done']} | {r['seconds']:.1f} | "
+                     f"{r['docs_per_minute']:.2f} | {r['mean_doc_seconds']:.1f} |")  # fmt: skip
+    lines += ["", f"The driver spends {driver_s * 1000:.1f} ms per document writing its cache file "
+              f"({saved['blob_bytes'] / 1e6:.1f} MB) and index row, so one driver keeps up with about "
+              f"{60 / driver_s:.0f} documents a minute.", "",
+              f"Two 1-core Ray workers gave {ray_row['docs_per_minute'] / base['docs_per_minute']:.2f}× the in-process "
+              f"rate. Estimate for N workers (one model each, one GPU each): N × 60 / t documents a minute, t = one "
+              f"document's compression time on one worker ({ray_row['mean_doc_seconds']:.1f} s on one CPU core here, "
+              f"{base['mean_doc_seconds']:.1f} s on two), until the driver's limit above. On GPUs t is this time "
+              "divided by the GPU's speed-up on the prefill, the repeat pass and the solve, which was not measured "
+              "(no GPU here)."]  # fmt: skip
     (out.parent / f"{out.name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

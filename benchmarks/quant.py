@@ -125,7 +125,7 @@ def report(rows, args, out: Path):
     on_front = {(p["name"], p["ratio"], p["bits"]) for p in front}
     ours = [p for p in points if p["name"].startswith("kvsculpt")]
     lines = [f"# Quality per byte: {args.model}, n = {args.context_tokens}, T = {args.continuation_tokens}", "",
-             f"Command: `python {' '.join(sys.argv)}`", "",
+             f"Command: `python {' '.join(a for a in sys.argv if a != '--report-only')}`", "",
              f"Windows ({len(wins)}): {', '.join(wins)}. KL = geo-mean over the windows of the KL on each window's real "
              "continuation (nats/token); `worst` = the largest. `bytes` = the stored context over the full cache at 16 bits "
              "(see the script's docstring for how each is counted). `*` = on the frontier (no point has both fewer bytes "
