@@ -6,7 +6,7 @@ import torch
 from kvsculpt import CompressConfig, CompressedCache, compress
 from kvsculpt.cache import quantize_cache
 from kvsculpt.core.fit import fit_values, refit_for_quantized_keys, weighted_error
-from kvsculpt.core.quant import Quantized, max_error, pack, quantize, unpack
+from kvsculpt.core.quant import Quantized, max_error, pack, quantize, quantize_keys, unpack
 from kvsculpt.eval.metrics import continuation_logits
 
 from .conftest import tiny_model
@@ -101,14 +101,23 @@ def test_quantized_cache_save_load_is_bit_exact(tmp_path):
 
 
 def test_sixteen_bits_is_todays_cache():
+    """kv_bits=16 leaves the block unquantised (the solver's tensors, nothing re-laid out) and its config records
+    exactly the repr results were recorded with before quantisation existed."""
     model = tiny_model("llama")
     ids = torch.randint(0, 97, (1, 32))
-    a, b = _cache(model, ids), _cache(model, ids, kv_bits=16)
-    assert "kv_bits" not in repr(
-        CompressConfig(kv_bits=16)
-    )  # results recorded before quantisation still match
-    for x, y in zip(a.layers, b.layers, strict=True):
-        assert torch.equal(x.block_keys, y.block_keys) and torch.equal(x.block_values, y.block_values)
+    cache = _cache(model, ids, kv_bits=16)
+    assert not cache.layers[0].quantized and isinstance(cache.layers[0].block_keys, torch.Tensor)
+    assert quantize_cache(cache, 16) is cache and cache.nbytes() == cache.logical_nbytes()
+    recorded = (  # a committed row's compress_config (benchmarks/results/default_v2_smollm2.jsonl), before kv_bits
+        "CompressConfig(ratio=0.7, method='kvzip-v', fit=True, options={}, allocation='global', alpha=1.0, "
+        "scope='all', floor=None, queries='self+repeat', repeat_prompt='kvzip', max_queries=None, self_samples=32, "
+        "self_length=8, temperature=1.0, top_p=0.95, heldout=0.0, on_policy=0, seed=0, refine='none', "
+        "refine_steps=100, refine_lr=None, refine_params='kv', refine_data='self+repeat+study', refine_samples=16, "
+        "refine_length=64, refine_batch=4, refine_val=0.25, refine_eval_every=10, refine_patience=3, "
+        "refine_topk=256, refine_time=None)"
+    )
+    assert repr(CompressConfig(ratio=0.7, kv_bits=16)) == recorded
+    assert repr(CompressConfig(ratio=0.7, kv_bits=4)) != recorded
 
 
 def test_refit_against_quantized_keys_recovers_part_of_the_quantisation_loss():
@@ -124,7 +133,7 @@ def test_refit_against_quantized_keys_recovers_part_of_the_quantisation_loss():
     Vc = fit_values(Q, Kc, O, z, s, 1e-3)
     refit = refit_for_quantized_keys([(Kc[h], Vc[h], None) for h in range(H)], Q, O, z, s, 1e-3, bits=2, group=8,
                                      dtype=torch.float32)  # fmt: skip
-    stored = quantize(torch.cat(list(Kc)), 2, 8, "channel").dequantize().view(H, m, d)
+    stored = quantize_keys(torch.cat(list(Kc)), [m] * H, 2, 8).dequantize().view(H, m, d)
     exact = weighted_error(Q, O, z, Kc, Vc, s)
     quantised = weighted_error(Q, O, z, stored, Vc, s)
     refitted = weighted_error(Q, O, z, stored, torch.stack([v for _, v, _ in refit]), s)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from .core.quant import Quantized, quantize
+from .core.quant import Quantized, quantize_keys, quantize_values
 from .hf.attention import ATTENTION_NAME, BLOCK_ATTR, use_kvsculpt_attention
 from .hf.dims import model_dims
 
@@ -231,7 +231,7 @@ class CompressedCache(Cache):
     def bytes_per_entry(self) -> int:
         """Bytes of one entry's key and value in the block's (unquantised) dtype."""
         layer = self.layers[0]
-        return 2 * layer.block_keys.shape[1] * torch.empty(0, dtype=layer.dtype).element_size()
+        return 2 * layer.block_keys.shape[1] * layer.dtype.itemsize
 
     @property
     def kv_bits(self) -> int:
@@ -261,18 +261,11 @@ class CompressedCache(Cache):
         return load(path, model, device)
 
 
-def quantize_keys(keys: torch.Tensor, lengths, bits: int, group: int = 64) -> Quantized:
-    """A layer's flat keys ``[Σ m_h, d]`` (heads of ``lengths`` entries) in ``bits``-bit codes, per channel in
-    groups of ``group`` entries of one head. Deterministic: the same keys give the same codes (compression's
-    quantisation-aware value fit relies on it)."""
-    return quantize(keys, bits, group, "channel", segments=lengths)
-
-
 def quantize_cache(
     cache: CompressedCache, bits: int, group: int = 64, key_bits: int | None = None
 ) -> CompressedCache:
     """A copy of ``cache`` whose blocks are stored as codes: keys in ``key_bits`` (default ``bits``) per channel
-    (:func:`quantize_keys`), values in ``bits`` per token, ``group`` elements a group (KIVI's layout). 16 bits for
+    (:func:`~kvsculpt.core.quant.quantize_keys`), values in ``bits`` per token, ``group`` elements a group (KIVI's layout). 16 bits for
     both: ``cache`` itself. Quantising an already quantised cache is refused."""
     key_bits = bits if key_bits is None else key_bits
     if bits == key_bits == 16:
@@ -284,6 +277,6 @@ def quantize_cache(
     new = cache.fork()
     for layer in new.layers:
         layer.block_keys = quantize_keys(layer.block_keys, layer.lengths, key_bits, group)
-        layer.block_values = quantize(layer.block_values, bits, group, "token")
+        layer.block_values = quantize_values(layer.block_values, bits, group)
     new.info.update(kv_bits=bits, key_bits=key_bits, kv_group=group)
     return new

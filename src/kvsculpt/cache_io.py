@@ -5,7 +5,8 @@ Tensors: ``layers.{i}.keys`` / ``.values`` ``[Σ m_h, d]``, optional ``layers.{i
 same for values) instead, as :class:`~kvsculpt.core.quant.Quantized` holds them. Metadata
 (``__metadata__["kvsculpt"]``, JSON, with its own sha256): format version, model fingerprint, ``n``, head
 lengths, method, info, the quantisation (``quant``: ``keys_bits``, ``values_bits``, group, the dtype they
-stand for; absent when not quantised; keys are grouped within each head) and a sha256 of the tensor data. Writes are atomic. Version 1 files (before quantisation) load.
+stand for; absent when not quantised; keys are grouped within each head) and a sha256 of the tensor data.
+Writes are atomic. Version 1 files (before quantisation) load.
 """
 
 from __future__ import annotations

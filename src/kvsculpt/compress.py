@@ -120,9 +120,9 @@ def compress_captured(model, cap: Capture, cfg: CompressConfig, progress: bool =
             ref_of(li),
         )
         if cfg.kv_bits != 16 and cfg.kv_refit and cfg.refine == "none" and getattr(solver, "fit", False):
-            r = ref_of(li)
-            heads = refit_for_quantized_keys(heads, fit_q[li].float(), r.O, r.z, cap.scale, solver.lam, cfg.key_bits or cfg.kv_bits,
-                                             cfg.kv_group, model.dtype, None if local is None else local[li].float(),
+            r, loc = ref_of(li), None if local is None else local[li].float()
+            heads = refit_for_quantized_keys(heads, fit_q[li].float(), r.O, r.z, cap.scale, solver.lam,
+                                             cfg.key_bits or cfg.kv_bits, cfg.kv_group, model.dtype, loc,
                                              solver.fit_rows)  # fmt: skip
         refs.pop(li, None)
         keys.append([k.to(model.dtype) for k, _, _ in heads])

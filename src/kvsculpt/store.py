@@ -174,9 +174,15 @@ def compress_document(model, tokenizer, doc_id: str, data: bytes, cfg: CompressC
             "fingerprint": json.dumps(_fingerprint(model.config), sort_keys=True)}  # fmt: skip
 
 
-def default_max_tokens(model) -> int | None:
-    """The model's context length, if its config states one."""
-    return getattr(model.config, "max_position_embeddings", None)
+def context_length(model_name: str) -> int | None:
+    """The model's context length, if its config states one (read without loading the weights)."""
+    from transformers import AutoConfig
+
+    from .hf.models import resolve
+
+    where, gguf = resolve(model_name)
+    config = AutoConfig.from_pretrained(where, **({"gguf_file": gguf} if gguf else {}))
+    return getattr(config.get_text_config(decoder=True), "max_position_embeddings", None)
 
 
 def _todo(store: CacheStore, docs: list[Document], settings: str, model_name: str) -> list[Document]:
@@ -204,27 +210,11 @@ def compress_corpus(sources, store_path, model_name: str, cfg: CompressConfig | 
     docs = read_documents(sources, glob)
     store = CacheStore(store_path)
     t0 = time.perf_counter()
-    if ray is None:
-        from .hf.models import load_model
-
-        model, tok = load_model(model_name, dtype=dtype)
-        max_tokens = max_tokens or default_max_tokens(model)
-        settings = settings_key(cfg, max_tokens, truncate)
-        todo = _todo(store, docs, settings, model_name)
-        results = (
-            (d.id, compress_document(model, tok, d.id, d.data, cfg, max_tokens, truncate)) for d in todo
-        )
-    else:
-        from transformers import AutoConfig
-
-        from .hf.models import resolve
-
-        where, gguf = resolve(model_name)
-        config = AutoConfig.from_pretrained(where, **({"gguf_file": gguf} if gguf else {}))
-        max_tokens = max_tokens or getattr(config, "max_position_embeddings", None)
-        settings = settings_key(cfg, max_tokens, truncate)
-        todo = _todo(store, docs, settings, model_name)
-        results = _ray_results(todo, model_name, cfg, max_tokens, truncate, ray, workers, dtype)
+    max_tokens = max_tokens or context_length(model_name)
+    settings = settings_key(cfg, max_tokens, truncate)
+    todo = _todo(store, docs, settings, model_name)
+    run = _local_results if ray is None else _ray_results
+    results = run(todo, model_name, cfg, max_tokens, truncate, ray, workers, dtype)
     counts = {"documents": len(docs), "skipped": len(docs) - len(todo), "done": 0, "failed": 0}
     bar = tqdm(total=len(todo), desc=f"compress {len(todo)} of {len(docs)} documents", unit="doc",
                disable=not progress)  # fmt: skip
@@ -237,6 +227,18 @@ def compress_corpus(sources, store_path, model_name: str, cfg: CompressConfig | 
     bar.close()
     counts["seconds"] = time.perf_counter() - t0
     return counts
+
+
+def _local_results(todo: list[Document], model_name, cfg, max_tokens, truncate, _ray, _workers, dtype
+                   ) -> Iterator[tuple[str, dict]]:  # fmt: skip
+    """``(doc id, result)`` in this process, in order; the model is loaded only if there is work."""
+    if not todo:
+        return
+    from .hf.models import load_model
+
+    model, tok = load_model(model_name, dtype=dtype)
+    for d in todo:
+        yield d.id, compress_document(model, tok, d.id, d.data, cfg, max_tokens, truncate)
 
 
 def _ray_results(todo: list[Document], model_name, cfg, max_tokens, truncate, address, workers, dtype

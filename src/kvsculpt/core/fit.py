@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .attention import attend, logits
-from .quant import quantize
+from .quant import quantize_keys
 
 
 def ridge_values(
@@ -92,12 +92,10 @@ def refit_for_quantized_keys(heads, Q, O, z, scale, lam, bits, group, dtype, loc
     """Quantisation-aware values: one layer's solved ``heads`` (per head ``(K' [m_h, d], V' [m_h, d], β)``)
     with each head's values re-solved (:func:`fit_values`, shrunk toward the values it had) against its keys as
     ``bits``-bit storage will give them back: the flat keys in ``dtype``, quantised per channel in groups of
-    ``group`` entries of one head (:func:`~kvsculpt.cache.quantize_keys`'s layout, so the same codes). Q, O ``[H, N, d]``, z and
+    ``group`` entries of one head (:func:`~kvsculpt.core.quant.quantize_keys`, as storage does: the same codes). Q, O ``[H, N, d]``, z and
     ``local_lse`` ``[H, N]``: the fit's queries and the full block's answers. Keys and β are returned as given."""
     flat = torch.cat([k.to(dtype) for k, _, _ in heads])
-    stored = quantize(flat, bits, group, "channel", [k.shape[0] for k, _, _ in heads]).dequantize(
-        torch.float32
-    )
+    stored = quantize_keys(flat, [k.shape[0] for k, _, _ in heads], bits, group).dequantize(torch.float32)
     out, start = [], 0
     for h, (k, v, b) in enumerate(heads):
         kq = stored[start : start + k.shape[0]]

@@ -133,6 +133,18 @@ def quantize(x: torch.Tensor, bits: int, group: int, axis: str, segments=None) -
     return q
 
 
+def quantize_keys(keys: torch.Tensor, lengths, bits: int, group: int = 64) -> Quantized:
+    """A layer's flat keys ``[Σ m_h, d]`` (heads of ``lengths`` entries) per channel, in groups of ``group``
+    entries of one head. Deterministic: the same keys give the same codes (compression's quantisation-aware
+    value fit relies on it)."""
+    return quantize(keys, bits, group, "channel", segments=lengths)
+
+
+def quantize_values(values: torch.Tensor, bits: int, group: int = 64) -> Quantized:
+    """A layer's flat values ``[Σ m_h, d]`` per token, in groups of ``group`` channels."""
+    return quantize(values, bits, group, "token")
+
+
 def max_error(q: Quantized) -> float:
     """The largest reconstruction error :func:`quantize` allows for ``q``: half a step, plus what the fp16
     rounding of the minimum (relative error ``u = 2^-11``) and of the step (``u`` over ``2^bits − 1`` steps)

@@ -83,9 +83,8 @@ def top_p_pick(temperature: float, top_p: float, gen: torch.Generator, candidate
         top_p_, top_i = probs.topk(min(candidates, vocab), dim=-1)  # descending
         sorted_p = torch.nn.functional.pad(top_p_, (0, vocab - top_p_.shape[-1]))
         order = torch.nn.functional.pad(top_i, (0, vocab - top_i.shape[-1]))
-        wide = (top_p_.cumsum(-1) - top_p_)[
-            :, -1
-        ] <= top_p  # rows whose nucleus may reach past the candidates
+        mass_before = top_p_.cumsum(-1) - top_p_
+        wide = mass_before[:, -1] <= top_p  # rows whose nucleus may reach past the candidates
         if top_p_.shape[-1] < vocab and bool(wide.any()):  # sort those rows only (a full sort is slow)
             sorted_p[wide], order[wide] = probs[wide].sort(dim=-1, descending=True)
         sorted_p[(sorted_p.cumsum(-1) - sorted_p) > top_p] = 0.0
