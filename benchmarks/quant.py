@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from kvsculpt import CompressConfig, load_model
 from kvsculpt.bench import peers
 from kvsculpt.bench.runner import geomean, load_rows, results_jsonl, windows_by_id
+from kvsculpt.cache import quantize_cache
 from kvsculpt.compress import compress_captured
 from kvsculpt.eval.metrics import score, teacher
 from kvsculpt.hf.capture import capture
@@ -40,15 +41,26 @@ OVERHEAD_BITS = 32 / 64  # an fp16 scale and an fp16 minimum per group of 64 ele
 
 
 # our settings: label → CompressConfig changes (keys lose more than values at the same width: "k8v4" keeps
-# 8-bit keys beside 4-bit values)
+# 8-bit keys beside 4-bit values); "quantise_after": the cache made at 16 bits, then quantised to that width
+# (the refine's baseline: refined at 16 bits, quantised after, against refined through the codes)
+REFINE = {"refine": "kl", "refine_steps": 60}
 SETTINGS = {"b16": {}, "b8": {"kv_bits": 8}, "b4": {"kv_bits": 4}, "b4 no-refit": {"kv_bits": 4, "kv_refit": False},
-            "k8v4": {"kv_bits": 4, "key_bits": 8}, "b2": {"kv_bits": 2}}  # fmt: skip
+            "k8v4": {"kv_bits": 4, "key_bits": 8}, "b2": {"kv_bits": 2},
+            "b16 refine": REFINE, "b4 refine": {"kv_bits": 4, **REFINE},
+            "b4 refine-after": {"quantise_after": 4, **REFINE}}  # fmt: skip
+FAST = [label for label in SETTINGS if "refine" not in label.split()[-1]]  # the default run: no refine
 
 
 def point_name(row) -> str:
     if row["method"].startswith("kvsculpt"):
         label = row["config"].split(" ", 1)[1]
-        return "kvsculpt default" + {"b4 no-refit": " no-refit", "k8v4": " 8-bit keys"}.get(label, "")
+        return "kvsculpt default" + {
+            "b4 no-refit": " no-refit",
+            "k8v4": " 8-bit keys",
+            "b16 refine": " refined",
+            "b4 refine": " refined",
+            "b4 refine-after": " refined, quantised after",
+        }.get(label, "")
     return row["method"] + ("" if row.get("quant") is None else f" + {row['quant'][:-1]}")
 
 
@@ -67,21 +79,30 @@ def run(args):
             if todo:
                 ref = teacher(model, w)
                 cap = capture(model, w.context, base, tokenizer=tok)
+                made = {}  # config repr → its cache, for this window
                 for r, label in tqdm(todo, desc=w.id, leave=False):
-                    cfg = base.replace(ratio=r, **SETTINGS[label])
-                    cache = compress_captured(model, cap, cfg, progress=False)
+                    changes = dict(SETTINGS[label])
+                    after = changes.pop("quantise_after", None)
+                    cfg = base.replace(ratio=r, **changes)
+                    if repr(cfg) not in made:  # "b4 refine-after" quantises the cache of "b16 refine"
+                        made[repr(cfg)] = compress_captured(model, cap, cfg, progress=False, tokenizer=tok)
+                    cache = made[repr(cfg)]
+                    if after:
+                        cache = quantize_cache(cache, after, cfg.kv_group)
                     entry16 = (
                         2 * cache.layers[0].block_keys.shape[1] * 2
                     )  # a key and a value at 2 bytes an element
-                    stored = cache.kept_entries() * entry16 if cfg.kv_bits == 16 else cache.nbytes()
+                    stored = cache.nbytes() if cache.layers[0].quantized else cache.kept_entries() * entry16
                     row = {"window": w.id, "config": f"kvsculpt.default {label}", "ratio": r, "method": "kvsculpt.default",
-                           "kv_bits": cfg.kv_bits, "key_bits": cfg.key_bits or cfg.kv_bits, "kv_refit": cfg.kv_refit,
-                           "compress_config": repr(cfg), "kl": score(model, cache, w, ref)["kl"],
-                           "bytes_over_full16": stored / (cache.full_entries() * entry16), "model": args.model}  # fmt: skip
+                           "kv_bits": cache.kv_bits, "key_bits": cache.key_bits, "kv_refit": cfg.kv_refit,
+                           "compress_config": repr(cfg) + (f" then quantised to {after} bits" if after else ""),
+                           "kl": score(model, cache, w, ref)["kl"], "refine_seconds": cache.info.get("refine_seconds"),
+                           "bytes_over_full16": stored / (cache.full_entries() * entry16), "model": args.model,
+                           "command": command()}  # fmt: skip
                     f.write(json.dumps(row) + "\n")
                     f.flush()
                     done[(w.id, row["config"], r)] = row
-            if not peers.available():
+            if args.no_peers or not peers.available():
                 continue
             jobs = [([("hqq", 8), ("hqq", 4)], PRESSES),  # presses on the HQQ cache
                     ([("hqq", 2)] + [("quanto", b) for b in (4, 2)], ())]  # full caches only  # fmt: skip
@@ -97,6 +118,10 @@ def run(args):
                     f.flush()
                     done[(w.id, row["config"], row["ratio"])] = row
     return report(list(load_rows(jsonl).values()), args, out)
+
+
+def command() -> str:
+    return "python " + " ".join(a for a in sys.argv if a != "--report-only")
 
 
 def frontier(points):
@@ -125,7 +150,7 @@ def report(rows, args, out: Path):
     on_front = {(p["name"], p["ratio"], p["bits"]) for p in front}
     ours = [p for p in points if p["name"].startswith("kvsculpt")]
     lines = [f"# Quality per byte: {args.model}, n = {args.context_tokens}, T = {args.continuation_tokens}", "",
-             f"Command: `python {' '.join(a for a in sys.argv if a != '--report-only')}`", "",
+             "Commands: " + ", ".join(f"`{c}`" for c in dict.fromkeys(r.get("command", command()) for r in rows)), "",
              f"Windows ({len(wins)}): {', '.join(wins)}. KL = geo-mean over the windows of the KL on each window's real "
              "continuation (nats/token); `worst` = the largest. `bytes` = the stored context over the full cache at 16 bits "
              "(see the script's docstring for how each is counted). `*` = on the frontier (no point has both fewer bytes "
@@ -140,23 +165,43 @@ def report(rows, args, out: Path):
     lines += ["", "At each byte budget (the bytes of each of our frontier points): our best KL within it, and each peer "
               "family's best KL within it (– where the peer has no point that small).", ""]  # fmt: skip
     families = sorted({p["name"] for p in points if not p["name"].startswith("kvsculpt")})
-    lines += ["| budget | ours | " + " | ".join(families) + " |", "|---" * (len(families) + 2) + "|"]
+    lines += ["| budget | ours |" + "".join(f" {f} |" for f in families), "|---" * (len(families) + 2) + "|"]
     for p in frontier(ours):
         cells = []
         for fam in families:
             within = [q["kl"] for q in points if q["name"] == fam and q["bytes"] <= p["bytes"] * 1.0001]
             cells.append("–" if not within else f"{min(within):.4f}")
-        lines.append(f"| {p['bytes']:.4f} | {p['kl']:.4f} | " + " | ".join(cells) + " |")
+        lines.append(f"| {p['bytes']:.4f} | {p['kl']:.4f} |" + "".join(f" {c} |" for c in cells))
     # 4 bits against 16 at the same r
     lines += ["", "4 bits against 16 at the same r (ours): KL ratio and bytes ratio.", ""]
     for r in sorted({p["ratio"] for p in ours}):
-        a = next((p for p in ours if p["ratio"] == r and p["bits"] == 16), None)
+        a = next(
+            (p for p in ours if p["ratio"] == r and p["bits"] == 16 and p["name"] == "kvsculpt default"), None
+        )
         b = next(
             (p for p in ours if p["ratio"] == r and p["bits"] == 4 and p["name"] == "kvsculpt default"), None
         )
         if a and b:
             lines.append(f"- r = {r}: KL {b['kl'] / a['kl']:.2f}× the 16-bit point's, at {b['bytes'] / a['bytes']:.3f} of its "
                          f"bytes ({b['bytes'] / a['bytes'] / 2:.3f} of the fp32 cache it replaces here)")  # fmt: skip
+    # the refine at 4 bits: through the codes, against quantised after a 16-bit refine and the fast 4-bit cache
+    named = {(p["name"], p["ratio"], p["bits"]): p for p in ours}
+    refined = sorted({p["ratio"] for p in ours if p["name"] == "kvsculpt default refined"})
+    if refined:
+        lines += ["", "The refine (60 steps) at 4 bits: KL of the fast 4-bit cache, of the 16-bit refine quantised "
+                  "after, of the refine through the codes (straight-through), and of the 16-bit refine it is "
+                  "measured against (geo-means; – not run).", "",
+                  "| r | 4-bit fast | refined, quantised after | refined through the codes | 16-bit refined | "
+                  "through the codes / 16-bit refined |", "|---|---|---|---|---|---|"]  # fmt: skip
+        for r in refined:
+            cells = [named.get(k) for k in [("kvsculpt default", r, 4), ("kvsculpt default refined, quantised after", r, 4),
+                                            ("kvsculpt default refined", r, 4), ("kvsculpt default refined", r, 16)]]  # fmt: skip
+            ratio = f"{cells[2]['kl'] / cells[3]['kl']:.2f}×" if cells[2] and cells[3] else "–"
+            lines.append(
+                f"| {r} | "
+                + " | ".join("–" if c is None else f"{c['kl']:.4f}" for c in cells)
+                + f" | {ratio} |"
+            )
     (out.parent / f"{out.name}.json").write_text(
         json.dumps({"points": points, "frontier": front, "windows": wins}, indent=1)
     )
@@ -187,8 +232,11 @@ def main():
     ap.add_argument("--context-tokens", type=int, default=1024)
     ap.add_argument("--continuation-tokens", type=int, default=128)
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.5])
-    ap.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS),
-                    help="our quantisation settings (b16: not quantised; k8v4: 8-bit keys, 4-bit values)")  # fmt: skip
+    ap.add_argument("--settings", nargs="+", default=FAST, choices=list(SETTINGS),
+                    help="our settings (b16: not quantised; k8v4: 8-bit keys, 4-bit values; '... refine': refined "
+                         f"end to end, {REFINE['refine_steps']} steps, through the codes or quantised after; "
+                         "default: %(default)s)")  # fmt: skip
+    ap.add_argument("--no-peers", action="store_true", help="only our settings (the peers' rows are not run)")
     ap.add_argument("--out", default="benchmarks/results/quant_smollm2")
     ap.add_argument("--report-only", action="store_true", help="rewrite the report from the JSONL")
     run(ap.parse_args())

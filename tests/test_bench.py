@@ -62,3 +62,16 @@ def test_memorised_windows_are_reported_apart():
     kept, flagged = split_memorised(rows)
     assert [r["window"] for r in kept] == ["a@0", "a@0"]
     assert flagged == {"b@0": (1.5, 0.45), "c@0": (0.2, 0.0)}
+
+
+def test_windows_by_id_finds_any_offset_and_refuses_an_unknown_one(smollm):
+    """Windows are named text@offset: an offset past the third window is found, and an id naming no window is an
+    error (a benchmark once ran on no window at all and wrote an empty report)."""
+    from kvsculpt.bench.runner import windows_by_id
+
+    _, tok = smollm
+    found = windows_by_id(tok, ["openai_agents_tar_utils@1152", "markitdown_core@0"], 256, 32)
+    assert [w.id for w in found] == ["markitdown_core@0", "openai_agents_tar_utils@1152"]
+    assert found[1].context.shape == (1, 256) and found[1].continuation.shape[-1] == 32
+    with pytest.raises(ValueError, match="no window openai_agents_tar_utils@1000"):
+        windows_by_id(tok, ["openai_agents_tar_utils@1000"], 256, 32)

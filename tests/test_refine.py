@@ -187,3 +187,29 @@ def test_self_queries_and_refine_run_on_a_bf16_model():
         loss = batch_kl(model, student, data, torch.arange(2))
         grads = torch.autograd.grad(loss, [student.uk[0], student.uv[-1]])
     assert all(g.dtype == torch.float32 and g.abs().sum() > 0 for g in grads)  # through the bf16 forward
+
+
+def test_refine_of_a_quantised_block_goes_through_its_codes():
+    """``kv_bits=4``: the forward sees the block as stored (straight through), the result is the quantised cache,
+    and its reported validation KL (and its init's) is that of the stored codes (fp32, 4-bit codes of a tiny
+    random model; whether going through the codes beats quantising after a 16-bit refine is measured on real
+    models, benchmarks/quant_refine.py)."""
+    model, ids, cfg, init, keys, values, last, data = _setup(dtype=torch.float32)
+    cfg4 = cfg.replace(kv_bits=4, kv_group=8, refine_lr=3e-2, refine_steps=20, refine_eval_every=5)
+    from kvsculpt.cache import quantize_cache
+
+    init4 = quantize_cache(init, 4, 8)
+    done = refine_from(model, init, keys, values, last, ids, cfg4, progress=False, data=data)
+    assert done.layers[0].quantized and done.kv_bits == 4 and done.info["kv_bits"] == 4
+    _, val = split_validation(data, cfg.refine_val, cfg.seed)
+    stored = mean_kl(model, Student(done, "kv"), data, val, 3)  # the dequantised codes, no straight-through
+    assert stored == pytest.approx(done.info["refine_val_kl"], rel=1e-4)
+    assert done.info["refine_val_kl_init"] == pytest.approx(mean_kl(model, Student(init4, "kv"), data, val, 3),
+                                                            rel=1e-4)  # fmt: skip
+    assert done.info["refine_val_kl"] < 0.9 * done.info["refine_val_kl_init"]
+    # a 4-bit init keeps its storage; asking for other bits is refused
+    again = refine_from(model, init4, keys, values, last, ids, cfg4.replace(kv_bits=16, kv_group=64, refine_steps=5),
+                        progress=False, data=data)  # fmt: skip
+    assert again.kv_bits == 4
+    with pytest.raises(ValueError, match="stored in"):
+        refine_from(model, init4, keys, values, last, ids, cfg4.replace(kv_bits=8), progress=False, data=data)

@@ -119,7 +119,7 @@ def compress_captured(model, cap: Capture, cfg: CompressConfig, progress: bool =
             sc,
             ref_of(li),
         )
-        if cfg.kv_bits != 16 and cfg.kv_refit and cfg.refine == "none" and getattr(solver, "fit", False):
+        if cfg.kv_bits != 16 and cfg.kv_refit and getattr(solver, "fit", False):
             r, loc = ref_of(li), None if local is None else local[li].float()
             heads = refit_for_quantized_keys(heads, fit_q[li].float(), r.O, r.z, cap.scale, solver.lam,
                                              cfg.key_bits or cfg.kv_bits, cfg.kv_group, model.dtype, loc,
@@ -173,8 +173,8 @@ def compress_captured(model, cap: Capture, cfg: CompressConfig, progress: bool =
     cache = CompressedCache.from_heads(
         model, keys, values, n, biases if has_bias else None, repr(solver), info, cap.context_ids
     )
-    if cfg.refine != "none":
-        cache = refine_captured(model, cache, cap, cfg, tokenizer, progress, on_eval)
+    if cfg.refine != "none":  # refined through the codes, and returned quantised (kvsculpt.refine)
+        return refine_captured(model, cache, cap, cfg, tokenizer, progress, on_eval)
     return quantize_cache(cache, cfg.kv_bits, cfg.kv_group, cfg.key_bits)
 
 

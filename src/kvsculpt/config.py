@@ -115,8 +115,8 @@ class CompressConfig:
     ``kv_bits``: store the block in 8-, 4- or 2-bit codes (16: not quantised, the model's dtype), keys per
     channel and values per token in groups of ``kv_group`` (:mod:`kvsculpt.core.quant`), the keys in
     ``key_bits`` if given (keys lose more than values at the same width); ``kv_refit``: re-solve
-    fitted values against the quantised keys (:func:`~kvsculpt.core.fit.refit_for_quantized_keys`; not after a
-    refine, which moves the keys: its result is quantised as it is).
+    fitted values against the quantised keys (:func:`~kvsculpt.core.fit.refit_for_quantized_keys`); a refine
+    then starts from that block and optimises through the codes (straight through, :mod:`kvsculpt.refine`).
     """
 
     ratio: float = 0.5

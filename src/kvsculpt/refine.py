@@ -18,6 +18,11 @@ distribution at every position is stored as its ``refine_topk`` most likely toke
 bucket for the rest (``[N, T, k]`` + ``[N, T]``; the full vocabulary would be ``V/k`` times larger). The loss is
 the KL between these coarse distributions, a lower bound of the full KL that is tight when the tail is small.
 
+Quantised storage (``kv_bits`` below 16): the forward sees the block as its codes will give it back (keys and
+values quantised and dequantised exactly as :func:`~kvsculpt.cache.quantize_cache` stores them), the gradient
+passes the rounding unchanged (the straight-through estimator), and the result is the quantised cache; the KL
+that chooses the best iterate is that of the stored codes.
+
 Optimisation: Adam on offsets measured in units of each layer tensor's RMS (so ``refine_lr`` is a relative
 step; by default 3e-3 below r = 0.2 and 1e-3 above), fp32 master copies, the model's dtype in the forward; a
 validation split of the generated sequences is scored every ``refine_eval_every`` steps, the best iterate is
@@ -36,8 +41,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .cache import CompressedCache, CompressedLayer
+from .cache import CompressedCache, CompressedLayer, quantize_cache
 from .config import CompressConfig
+from .core.quant import quantize_keys, quantize_values
 from .hf.capture import chat_template_parts, repeat_prompt_ids, stage
 from .hf.decode import forward, prefill, shared_cache, text_ids, top_p_pick
 
@@ -199,16 +205,20 @@ class Student(torch.nn.Module):
     """The compressed block as trainable offsets (fp32 masters, or the cache's dtype if wider): per layer
     ``K = K0 + rms(K0)·u_K``, ``V = V0 + rms(V0)·u_V`` and ``β = β0 + u_β`` (flat ``[Σ m_h, d]`` and ``[Σ m_h]``,
     as :class:`CompressedLayer` stores them). ``params``: which offsets train (:data:`~kvsculpt.config.REFINE_PARAMS`).
-    The offsets start at zero, so the student starts as the cache it refines."""
+    The offsets start at zero, so the student starts as the cache it refines (a quantised cache: as its
+    dequantised block). ``storage``: ``(value bits, key bits, group)`` when the block is stored quantised: the
+    forward then goes through the codes, straight through for the gradient, and :meth:`cache` with
+    ``detach`` returns the quantised cache."""
 
-    def __init__(self, cache: CompressedCache, params: str):
+    def __init__(self, cache: CompressedCache, params: str, storage: tuple[int, int, int] | None = None):
         super().__init__()
         self.lengths = [layer.lengths for layer in cache.layers]
-        self.n, self.dtype = cache.n, cache.layers[0].dtype
+        self.n, self.dtype, self.storage = cache.n, cache.layers[0].dtype, storage
         self.k0, self.v0, self.b0, self.sk, self.sv = [], [], [], [], []
         for layer in cache.layers:  # clones: the init's tensors may be inference tensors
-            k0 = at_least_fp32(layer.block_keys.detach()).clone()
-            v0 = at_least_fp32(layer.block_values.detach()).clone()
+            keys, values = layer.dense()
+            k0 = at_least_fp32(keys.detach()).clone()
+            v0 = at_least_fp32(values.detach()).clone()
             self.k0.append(k0)
             self.v0.append(v0)
             self.sk.append(k0.pow(2).mean().sqrt().clamp_min(1e-6))
@@ -223,22 +233,36 @@ class Student(torch.nn.Module):
         self.uk.requires_grad_("k" in params)
 
     def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Layer ``i``'s block as the forward sees it (through the codes, when stored quantised)."""
         k = self.k0[i] + self.sk[i] * self.uk[i]
         v = self.v0[i] + self.sv[i] * self.uv[i]
         b = self.b0[i]
         if self.ub is not None:
             b = self.ub[i] if b is None else b + self.ub[i]
+        if self.storage is not None:  # straight through: the codes' values forward, the identity backward
+            bits, key_bits, group = self.storage
+            k_stored = quantize_keys(k.detach().to(self.dtype), self.lengths[i], key_bits, group)
+            v_stored = quantize_values(v.detach().to(self.dtype), bits, group)
+            k = k + (k_stored.dequantize(k.dtype) - k).detach()
+            v = v + (v_stored.dequantize(v.dtype) - v).detach()
         return k, v, b
 
     def cache(self, model, detach: bool = False) -> CompressedCache:
-        """A fresh :class:`CompressedCache` of the current block (differentiable unless ``detach``)."""
+        """A fresh :class:`CompressedCache` of the current block: differentiable, or with ``detach`` the cache
+        as it is stored (quantised, when the block is)."""
         layers = []
         for i, lengths in enumerate(self.lengths):
             k, v, b = self.layer(i)
-            if detach:
+            if detach:  # the masters, which quantise to the very codes the forward went through
+                k = self.k0[i] + self.sk[i] * self.uk[i].detach()
+                v = self.v0[i] + self.sv[i] * self.uv[i].detach()
                 k, v, b = k.detach(), v.detach(), None if b is None else b.detach()
             layers.append(CompressedLayer(k.to(self.dtype), v.to(self.dtype), lengths, b, self.n))
-        return CompressedCache(model, layers)
+        cache = CompressedCache(model, layers)
+        if detach and self.storage is not None:
+            bits, key_bits, group = self.storage
+            cache = quantize_cache(cache, bits, group, key_bits)
+        return cache
 
     def offsets(self) -> list[torch.Tensor]:
         return [p.detach().clone() for p in self.parameters()]
@@ -247,6 +271,24 @@ class Student(torch.nn.Module):
         with torch.no_grad():
             for p, s in zip(self.parameters(), saved, strict=True):
                 p.copy_(s)
+
+
+def storage_of(cache: CompressedCache, cfg: CompressConfig) -> tuple[int, int, int] | None:
+    """``(value bits, key bits, group)`` the refined block is stored in: the config's ``kv_bits`` (below 16), or
+    else the init's own quantisation; None for the model's dtype. A quantised init and a config asking for
+    other bits is refused."""
+    layer = cache.layers[0]
+    own = (
+        (layer.block_values.bits, layer.block_keys.bits, layer.block_values.group)
+        if layer.quantized
+        else None
+    )
+    asked = None if cfg.kv_bits == 16 else (cfg.kv_bits, cfg.key_bits or cfg.kv_bits, cfg.kv_group)
+    if own and asked and own != asked:
+        raise ValueError(
+            f"the cache is stored in (value bits, key bits, group) {own}, the config asks {asked}"
+        )
+    return asked or own
 
 
 @contextlib.contextmanager
@@ -306,7 +348,7 @@ def refine_from(model, cache: CompressedCache, keys, values, last_logits, contex
     if len(train) == 0:
         raise ValueError("refine has no training sequences left after the validation split")
     check = val if len(val) else train  # with no validation split, the best iterate is chosen on train
-    student = Student(cache, cfg.refine_params)
+    student = Student(cache, cfg.refine_params, storage_of(cache, cfg))
     params = [p for p in student.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=cfg.refine_step)
     gen = torch.Generator().manual_seed(cfg.seed + 2)
@@ -355,6 +397,7 @@ def refine_from(model, cache: CompressedCache, keys, values, last_logits, contex
     out.method, out.context_ids = cache.method, cache.context_ids
     out.info = {
         **cache.info,
+        **out.info,  # the quantisation, if any
         "refine_seconds": data.seconds + train_seconds,  # the data (made here or before) and the training
         "refine_data_seconds": data.seconds,
         "refine_steps_run": step,

@@ -72,11 +72,19 @@ def results_jsonl(out) -> Path:
 
 
 def windows_by_id(tok, ids, context_tokens: int, continuation_tokens: int):
-    """The windows named ``text@offset`` in ``ids``, in text order (offsets up to the third window of a text)."""
+    """The windows named ``text@offset`` in ``ids``, in text order; an id that names no window (the offset is
+    not a multiple of ``context_tokens + continuation_tokens``, or the text is too short) is refused."""
     texts = sorted({i.split("@")[0] for i in ids})
-    return [
-        w for w in windows(tok, texts, context_tokens, continuation_tokens, per_text=3) if w.id in set(ids)
+    span = context_tokens + continuation_tokens
+    per_text = 1 + max(int(i.split("@")[1]) // span if "@" in i else 0 for i in ids)
+    found = [
+        w for w in windows(tok, texts, context_tokens, continuation_tokens, per_text) if w.id in set(ids)
     ]
+    missing = sorted(set(ids) - {w.id for w in found})
+    if missing:
+        raise ValueError(f"no window {', '.join(missing)} at {context_tokens} + {continuation_tokens} tokens "
+                         f"(ids are text@offset, the offset a multiple of {span} within the text)")  # fmt: skip
+    return found
 
 
 def load_rows(jsonl: Path) -> dict:
