@@ -247,6 +247,16 @@ def cmd_bench(args):
     paper(args)
 
 
+def cmd_bench_tasks(args):
+    from .bench.tasks import tasks_bench
+
+    if args.samples < 1:
+        raise ValueError(f"--samples must be at least 1; got {args.samples}")
+    if any(not 0 < r <= 1 for r in args.ratios):
+        raise ValueError(f"--ratios are kept fractions in (0, 1]; got {args.ratios}")
+    tasks_bench(args)
+
+
 def cmd_demo(args):
     from tqdm.auto import tqdm
 
@@ -487,34 +497,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory")
     p.set_defaults(func=cmd_analyze)
 
-    p = command("bench", "benchmarks; `bench paper` reproduces the KVSculpt table with kvpress peers",
-                "`bench paper`: the KVSculpt paper's comparison (Select+Fit, Sculpt, adaptive budgets), our default, "
-                "eviction baselines and NVIDIA kvpress presses (pip install -e .[peers]) on the same windows, "
-                "in one resumable run; writes paper_<model>.{jsonl,json,md,png} in --out.")  # fmt: skip
-    p.add_argument("which", choices=["paper"], help="the benchmark")
-    p.add_argument("--model", default="qwen2.5-coder-1.5b", help="a packaged name, HF id or path")
-    p.add_argument("--context-tokens", type=int, default=2048, help="tokens compressed per window")
-    p.add_argument("--continuation-tokens", type=int, default=256, help="real tokens the KL is measured on")
-    p.add_argument(
-        "--ratios", type=float, nargs="+", help="kept fractions (default 0.3 0.5 0.7; --quick: 0.3 0.5)"
-    )
-    p.add_argument("--docs", type=int, default=4, help="number of documents (one window each)")
-    p.add_argument(
-        "--texts", nargs="*", help="shipped text names or paths (default: the non-memorised texts)"
-    )
-    p.add_argument("--methods", nargs="*",
-                   help="a subset of the paper grid's method names (default: all but 'default + KL refine', "
-                   "which runs only when named)")  # fmt: skip
-    p.add_argument("--quick", action="store_true",
-                   help="qwen2.5-coder-0.5b, 1024 tokens, T=128, 2 documents, r = 0.3 0.5")  # fmt: skip
-    p.add_argument("--no-peers", dest="peers", action="store_false", help="skip the kvpress presses")
-    p.add_argument("--no-passkey", dest="passkey", action="store_false", help="skip pass-key retrieval")
-    p.add_argument("--passkey-ratios", type=float, nargs="+",
-                   help="ratios at which pass-key retrieval is tried (default: the ratio nearest 0.3)")  # fmt: skip
-    p.add_argument("--out", default="benchmarks/results", help="output directory (rows are cached there)")
-    p.add_argument("--report-only", action="store_true",
-                   help="rewrite paper_<model>.{json,md,png} from the cached rows; runs nothing")  # fmt: skip
+    p = command("bench", "benchmarks: `bench paper` (the KVSculpt table), `bench tasks` (RULER-style tasks)",
+                "Resumable benchmarks that write results files (JSONL rows, JSON, Markdown, PNG) with kvpress as a "
+                "peer in the same run (pip install -e .[peers]).")  # fmt: skip
+    which = p.add_subparsers(dest="which", required=True, metavar="BENCHMARK")
+    p = which.add_parser("paper", formatter_class=_Help, help="the KVSculpt paper's table with kvpress peers",
+                         description="The KVSculpt paper's comparison (Select+Fit, Sculpt, adaptive budgets), our "
+                         "default, eviction baselines and NVIDIA kvpress presses on the same windows, in one "
+                         "resumable run; writes paper_<model>.{jsonl,json,md,png} in --out.")  # fmt: skip
     p.set_defaults(func=cmd_bench)
+
+    from .bench.tasks import METHODS, OPT_IN, PRESSES
+    from .eval.tasks import TASKS
+
+    p = which.add_parser("tasks", formatter_class=_Help, help="RULER-style tasks and document QA: accuracy against "
+                         "the kept fraction", description="Needle, variable-tracking, common-words and document-QA "
+                         "questions generated from a seed with the shipped 2025-2026 texts, each context compressed "
+                         "before its question is seen; our methods, the full cache, the question alone and kvpress "
+                         "presses in one resumable run; writes tasks_<model>_n<N>.{jsonl,json,md,png} in --out.")  # fmt: skip
+    p.add_argument("--model", default="qwen2.5-coder-0.5b", help="a packaged name, HF id or path")
+    p.add_argument("--context-tokens", type=int, default=2048, help="tokens per context (cwe: at most)")
+    p.add_argument("--ratios", type=float, nargs="+", default=[0.1, 0.25, 0.5], help="kept fractions")
+    p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS, help="tasks")
+    p.add_argument("--samples", type=int, default=20, help="questions per task")
+    p.add_argument("--seed", type=int, default=0, help="the questions' seed")
+    p.add_argument("--methods", nargs="*", help=f"our methods, from {list(METHODS)} (default: all but "
+                   f"{list(OPT_IN)}, which run only when named)")  # fmt: skip
+    p.add_argument("--presses", nargs="*", default=list(PRESSES), help="kvpress presses")
+    p.add_argument("--no-peers", dest="peers", action="store_false", help="skip the kvpress presses")
+    p.add_argument("--out", default="benchmarks/results", help="output directory (rows are cached there)")
+    p.add_argument("--report-only", action="store_true", help="rewrite the report from the cached rows")
+    p.set_defaults(func=cmd_bench_tasks)
     return ap
 
 

@@ -10,6 +10,7 @@ kvpress's ``compression_ratio`` is the fraction **removed**: a kept fraction ``r
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -49,15 +50,30 @@ def run_presses(
     tried at ``passkey_ratios`` (default: all) and with the full cache (``passkey_full``). ``quant``: pairs
     ``(backend, bits)`` of transformers' ``QuantizedCache`` ("hqq", "quanto"): then every press and the full
     cache (``method="full"``, ratio 1) run on that cache instead, and rows carry ``quant="<backend><bits>"``."""
+    return _run_job({"model": model_name, "context": context.cpu(), "continuation": continuation.cpu(),
+                     "ratios": list(ratios), "presses": list(presses), "passkey": passkey,
+                     "passkey_ratios": list(ratios if passkey_ratios is None else passkey_ratios),
+                     "quant": [list(q) for q in quant]})  # fmt: skip
+
+
+def generate_with_presses(model_name: str, prompts, ratios, presses) -> list[dict]:
+    """Greedy replies after each press at each kept ratio, and with the full cache: ``prompts`` is a list of
+    ``(context ids [1, n], question ids [1, q], max new tokens)``; the context is compressed before the
+    question is read (question-agnostic). Rows: ``method`` (``"full"`` or ``"kvpress.<Press>"``), ``ratio``,
+    ``prompt`` (index into ``prompts``), ``tokens`` (the reply's ids), ``compress_seconds``."""
+    prompts = [(c.cpu(), q.cpu(), int(m)) for c, q, m in prompts]
+    return _run_job(
+        {"model": model_name, "generate": prompts, "ratios": list(ratios), "presses": list(presses)}
+    )
+
+
+def _run_job(job: dict) -> list[dict]:
+    """Run ``job`` in ``python -m kvsculpt.bench.peers`` and read back its JSON rows."""
     with tempfile.TemporaryDirectory() as tmp:
-        job = Path(tmp) / "job.pt"
-        torch.save({"model": model_name, "context": context.cpu(), "continuation": continuation.cpu(),
-                    "ratios": list(ratios), "presses": list(presses), "passkey": passkey,
-                    "passkey_ratios": list(ratios if passkey_ratios is None else passkey_ratios),
-                    "quant": [list(q) for q in quant]}, job)  # fmt: skip
-        proc = subprocess.run(
-            [sys.executable, "-m", "kvsculpt.bench.peers", str(job)], capture_output=True, text=True
-        )
+        path = Path(tmp) / "job.pt"
+        torch.save(job, path)
+        proc = subprocess.run([sys.executable, "-m", "kvsculpt.bench.peers", str(path)], capture_output=True,
+                              text=True)  # fmt: skip
         if proc.returncode != 0:
             raise RuntimeError(f"kvpress peers failed:\n{proc.stderr[-3000:]}")
         return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
@@ -128,6 +144,8 @@ def _main(job_path: str) -> None:
 
     job = torch.load(job_path)
     model, tok = load_plain_model(job["model"])
+    if "generate" in job:
+        return _generate(model, job)
     ctx, cont = job["context"], job["continuation"]
     n, T = ctx.shape[1], cont.shape[1]
     pos = torch.arange(n, n + T)[None]
@@ -206,6 +224,27 @@ def _main(job_path: str) -> None:
                 "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
             }  # fmt: skip
             print(json.dumps(row), flush=True)
+
+
+@torch.inference_mode()
+def _generate(model, job) -> None:
+    """The ``generate`` job of :func:`generate_with_presses`: one JSON row a line on stdout."""
+    import kvpress
+    from transformers import DynamicCache
+
+    from ..hf.decode import decode
+
+    for name in [None, *job["presses"]]:
+        for r in [1.0] if name is None else job["ratios"]:
+            for i, (ctx, question, max_new) in enumerate(job["generate"]):
+                press = None if name is None else getattr(kvpress, name)(compression_ratio=1.0 - r)
+                cache, t0 = DynamicCache(), time.perf_counter()
+                with press(model) if press is not None else contextlib.nullcontext():
+                    model(input_ids=ctx, past_key_values=cache, use_cache=True)
+                seconds = time.perf_counter() - t0
+                tokens = decode(model, cache, question, ctx.shape[1], max_new)[0].tolist()
+                print(json.dumps({"method": "full" if name is None else f"kvpress.{name}", "ratio": r, "prompt": i,
+                                  "tokens": tokens, "compress_seconds": seconds}), flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -1,0 +1,284 @@
+"""``kvsculpt bench tasks``: RULER-style tasks and document QA (:mod:`kvsculpt.eval.tasks`), accuracy against the
+kept fraction, for our methods, the full cache and kvpress presses in the same run.
+
+Each sample's context is compressed before its question is seen; the question is then answered greedily (up to
+the sample's token limit, stopping at a blank line) and scored by :func:`~kvsculpt.eval.tasks.score_reply`.
+Two references: ``full`` (the uncompressed cache) and ``no context`` (the question alone: what the model
+guesses without the text). Rows are cached in ``tasks_<model>_n<N>.jsonl`` keyed by (task, sample, method,
+ratio), so a run continues where it stopped; ``--report-only`` rewrites ``.json``, ``.md`` and ``.png`` from them.
+
+Intervals: a mean over K samples is given ± 1.96 standard errors of the per-sample scores (a normal
+approximation); a difference to the full cache is the paired mean difference over the same samples, ± 1.96 of
+its standard error.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+from transformers import DynamicCache
+
+from ..compress import compress_captured
+from ..config import CompressConfig
+from ..eval.tasks import TASKS, score_reply, task_samples
+from ..hf.capture import capture
+from ..hf.decode import answer_text, decode, eos_ids, prefill, text_ids, text_stop
+from .paper import PAPER_GRID, check_cached_setting
+
+METHODS = {
+    "default": CompressConfig(),
+    "Select+Fit": PAPER_GRID["Select+Fit"],
+    "Sculpt": PAPER_GRID["Sculpt"],
+    "default + refine (20 steps)": CompressConfig(refine="kl", refine_steps=20),
+}
+OPT_IN = ("default + refine (20 steps)",)  # runs only when named in --methods (minutes per sample on a CPU)
+PRESSES = ("KVzipPress", "SnapKVPress", "ExpectedAttentionPress", "StreamingLLMPress")
+FULL, NO_CONTEXT = "full", "no context"
+STOP = "\n\n"
+
+
+@torch.inference_mode()
+def reply(model, tokenizer, cache, start: int, sample) -> tuple[str, float]:
+    """The greedy reply to ``sample.question`` after ``cache`` (logical length ``start``, extended in place; None:
+    no context) and its score."""
+    cache = DynamicCache() if cache is None else cache
+    tokens = decode(model, cache, text_ids(tokenizer, sample.question), start, sample.max_new_tokens,
+                    stop=text_stop(eos_ids(model, tokenizer), tokenizer, STOP))  # fmt: skip
+    text = answer_text(tokenizer, tokens[0].tolist())
+    return text, score_reply(text, sample.answers)
+
+
+def stem(args) -> str:
+    return f"tasks_{Path(args.model).name}_n{args.context_tokens}"
+
+
+def tasks_bench(args) -> dict:
+    """Run what is missing of (tasks × samples) × (references, methods × ratios, presses × ratios), then write
+    the report; ``args`` as ``kvsculpt bench tasks`` parses them."""
+    from ..hf.models import load_model
+    from . import peers
+
+    out = Path(args.out)
+    jsonl = out / f"{stem(args)}.jsonl"
+    if args.report_only:
+        if not jsonl.exists():
+            raise FileNotFoundError(f"no cached rows at {jsonl}: run without --report-only first")
+        return report(_rows(jsonl), args, out)
+    check_cached_setting(
+        jsonl, {"model": args.model, "context_tokens": args.context_tokens, "seed": args.seed}
+    )
+    methods = {k: v for k, v in METHODS.items() if (k in args.methods if args.methods else k not in OPT_IN)}
+    unknown = set(args.methods or ()) - set(METHODS)
+    if unknown:
+        raise ValueError(f"unknown method(s) {sorted(unknown)}; choose from {list(METHODS)}")
+    presses = list(args.presses) if args.peers and peers.available() else []
+    if args.peers and not presses and args.presses:
+        print("kvpress is not installed (pip install -e .[peers]): the presses are skipped")
+    done = {_key(r) for r in _rows(jsonl)}
+    model, tok = load_model(args.model)
+    groups = defaultdict(list)  # configs sharing a capture
+    for name, cfg in methods.items():
+        groups[cfg.capture_key()].append(name)
+    wanted = [(FULL, 1.0), (NO_CONTEXT, 0.0)] + [(m, r) for m in methods for r in args.ratios]
+    wanted += [(f"kvpress.{p}", r) for p in presses for r in args.ratios]
+    with open(jsonl, "a") as f:
+
+        def write(bar, task, s, method, r, text, score, **extra):
+            row = {"task": task, "sample": s.index, "method": method, "ratio": r, "reply": text, "score": score,
+                   "answers": s.answers, "source": s.source, "context_tokens": s.context.shape[1],
+                   "model": args.model, **extra}  # fmt: skip
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+            done.add(_key(row))
+            bar.update()
+
+        for task in args.tasks:
+            samples = task_samples(tok, task, args.context_tokens, args.samples, args.seed)
+            todo = [(s, m, r) for s in samples for m, r in wanted if (task, s.index, m, r) not in done]
+            bar = tqdm(total=len(todo), desc=f"{task} ({len(samples)} samples)", unit="answer")
+
+            for s in samples:
+                n = s.context.shape[1]
+                if (task, s.index, FULL, 1.0) not in done:
+                    cache, _, seconds = prefill(model, s.context)
+                    write(bar, task, s, FULL, 1.0, *reply(model, tok, cache, n, s), compress_seconds=seconds)
+                if (task, s.index, NO_CONTEXT, 0.0) not in done:
+                    write(bar, task, s, NO_CONTEXT, 0.0, *reply(model, tok, None, 0, s))
+                for names in groups.values():
+                    missing = [
+                        (m, r) for m in names for r in args.ratios if (task, s.index, m, r) not in done
+                    ]
+                    if not missing:
+                        continue
+                    cap = capture(model, s.context, methods[names[0]], tokenizer=tok,
+                                  keep_context_queries=any(methods[m].solver.needs_context_queries for m in names))  # fmt: skip
+                    for m, r in missing:
+                        cfg = methods[m].replace(ratio=r)
+                        t0 = time.perf_counter()
+                        cache = compress_captured(model, cap, cfg, progress=False, tokenizer=tok)
+                        seconds = cap.prefill_seconds + cap.query_seconds + time.perf_counter() - t0
+                        write(bar, task, s, m, r, *reply(model, tok, cache.fork(), n, s), compress_seconds=seconds,
+                              compress_config=repr(cfg))  # fmt: skip
+            missing = [s for s in samples if any((task, s.index, m, r) not in done for m, r in wanted
+                                                 if m.startswith("kvpress."))]  # fmt: skip
+            if missing:
+                bar.set_postfix_str("kvpress (subprocess)")
+                prompts = [(s.context, text_ids(tok, s.question), s.max_new_tokens) for s in missing]
+                for row in peers.generate_with_presses(args.model, prompts, args.ratios, presses):
+                    s = missing[row["prompt"]]
+                    if row["method"] == FULL or (task, s.index, row["method"], row["ratio"]) in done:
+                        continue
+                    text = answer_text(tok, row["tokens"])
+                    write(bar, task, s, row["method"], row["ratio"], text, score_reply(text, s.answers),
+                          compress_seconds=row["compress_seconds"])  # fmt: skip
+            bar.close()
+    return report(_rows(jsonl), args, out)
+
+
+def _key(row) -> tuple:
+    return row["task"], row["sample"], row["method"], row["ratio"]
+
+
+def _rows(jsonl: Path) -> list[dict]:
+    rows = {}
+    for line in (jsonl.read_text() if jsonl.exists() else "").splitlines():
+        if line.strip():
+            r = json.loads(line)
+            rows[_key(r)] = r
+    return list(rows.values())
+
+
+def mean_interval(xs) -> tuple[float, float]:
+    """Mean of ``xs`` and the half-width of its 95 % interval (1.96 standard errors; 0 for one value)."""
+    xs = list(xs)
+    m = sum(xs) / len(xs)
+    if len(xs) < 2:
+        return m, 0.0
+    var = sum((x - m) ** 2 for x in xs) / (len(xs) - 1)
+    return m, 1.96 * math.sqrt(var / len(xs))
+
+
+def summarise(rows) -> dict:
+    """``{(task, method, ratio): {"acc", "pm", "k", "delta", "delta_pm"}}`` in percent; ``delta``: the paired
+    difference to the full cache over the samples both answered."""
+    by = defaultdict(dict)
+    for r in rows:
+        by[(r["task"], r["method"], r["ratio"])][r["sample"]] = r["score"]
+    full = {t: s for (t, m, _), s in by.items() if m == FULL}
+    out = {}
+    for (task, method, ratio), scores in by.items():
+        acc, pm = mean_interval(scores.values())
+        ref = full.get(task, {})
+        common = [i for i in scores if i in ref]
+        d, dpm = mean_interval([scores[i] - ref[i] for i in common]) if common else (math.nan, math.nan)
+        out[(task, method, ratio)] = {"acc": 100 * acc, "pm": 100 * pm, "k": len(scores), "delta": 100 * d,
+                                      "delta_pm": 100 * dpm}  # fmt: skip
+    return out
+
+
+def report(rows, args, out: Path) -> dict:
+    """Tables (one per ratio: methods × tasks, with the average over tasks), the target check at r = 0.25, a
+    figure (a panel per task: accuracy against the kept fraction, a line per method); returns the summary."""
+    summ = summarise(rows)
+    tasks = [t for t in TASKS if any(k[0] == t for k in summ)]
+    ratios = sorted({k[2] for k in summ if k[1] not in (FULL, NO_CONTEXT)})
+    methods = list(dict.fromkeys(k[1] for k in sorted(summ, key=lambda k: (k[1].startswith("kvpress."), k[1]))
+                                 if k[1] not in (FULL, NO_CONTEXT)))  # fmt: skip
+    ks = sorted({v["k"] for v in summ.values()})
+    lines = [f"# Downstream tasks: {args.model}, contexts of {args.context_tokens} tokens", "",
+             f"Command: `{getattr(args, 'command_line', 'kvsculpt bench tasks')}`", "",
+             f"Samples per (task, method, ratio): {', '.join(map(str, ks))}. Accuracy in % (the mean per-sample score: "
+             "the fraction of the answer's items in the reply), ± the 95 % interval's half-width (1.96 standard "
+             "errors). Each context is compressed before its question is seen. `no context`: the question alone, "
+             "the model's guess.", ""]  # fmt: skip
+
+    def cell(task, method, ratio):
+        v = summ.get((task, method, ratio))
+        return "–" if v is None else f"{v['acc']:.0f} ± {v['pm']:.0f}"
+
+    def average(method, ratio):
+        vs = [summ.get((t, method, ratio)) for t in tasks]
+        return None if any(v is None for v in vs) else sum(v["acc"] for v in vs) / len(vs)
+
+    head = "| method | " + " | ".join(tasks) + " | average |"
+    rule = "|---" * (len(tasks) + 2) + "|"
+    lines += ["## References", "", head, rule]
+    for m, r in [(FULL, 1.0), (NO_CONTEXT, 0.0)]:
+        avg = average(m, r)
+        lines.append(
+            f"| {m} | "
+            + " | ".join(cell(t, m, r) for t in tasks)
+            + f" | {'–' if avg is None else f'{avg:.1f}'} |"
+        )
+    for r in ratios:
+        lines += ["", f"## r = {r} (fraction of KV entries kept)", "", head, rule]
+        for m in methods:
+            avg = average(m, r)
+            lines.append(
+                f"| {m} | "
+                + " | ".join(cell(t, m, r) for t in tasks)
+                + f" | {'–' if avg is None else f'{avg:.1f}'} |"
+            )
+    target = 0.25
+    if target in ratios:
+        ours = [m for m in methods if not m.startswith("kvpress.")]
+        press = [m for m in methods if m.startswith("kvpress.")]
+        lines += ["", f"## Target at r = {target}: within 2 points of the full cache on every task, ahead of every "
+                  "press on the average", "", "Difference to the full cache in points (paired over the same samples, "
+                  "± 95 % half-width):", "", head.replace(" average |", " average | within 2 on every task |"),
+                  rule + "---|"]  # fmt: skip
+        for m in ours + press:
+            ds = [summ.get((t, m, target)) for t in tasks]
+            if any(d is None for d in ds):
+                continue
+            avg = average(m, target) - average(FULL, 1.0) if average(FULL, 1.0) is not None else math.nan
+            ok = all(d["delta"] >= -2 for d in ds)
+            lines.append(f"| {m} | " + " | ".join(f"{d['delta']:+.0f} ± {d['delta_pm']:.0f}" for d in ds)
+                         + f" | {avg:+.1f} | {'yes' if ok else 'no'} |")  # fmt: skip
+        best_press = max((average(m, target) or -1, m) for m in press) if press else None
+        best_ours = max((average(m, target) or -1, m) for m in ours) if ours else None
+        if best_press and best_ours:
+            lines += ["", f"Average at r = {target}: our best {best_ours[1]} {best_ours[0]:.1f}, the best press "
+                      f"{best_press[1]} {best_press[0]:.1f}."]  # fmt: skip
+    summary = {f"{t}|{m}|{r}": v for (t, m, r), v in summ.items()}
+    (out / f"{stem(args)}.json").write_text(json.dumps(summary, indent=1) + "\n")
+    (out / f"{stem(args)}.md").write_text("\n".join(lines) + "\n")
+    _plot(summ, tasks, methods, ratios, out / f"{stem(args)}.png", f"{args.model}, n = {args.context_tokens}")
+    print("\n".join(lines))
+    return summary
+
+
+def _plot(summ, tasks, methods, ratios, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = min(3, max(1, len(tasks)))
+    rows_n = -(-len(tasks) // cols) or 1
+    fig, axes = plt.subplots(rows_n, cols, figsize=(4.2 * cols, 3.2 * rows_n), squeeze=False)
+    for ax, task in zip(axes.flat, tasks, strict=False):
+        for m in methods:
+            pts = [(r, summ[(task, m, r)]["acc"]) for r in ratios if (task, m, r) in summ]
+            if pts:
+                ax.plot(*zip(*pts, strict=True), marker="o" if not m.startswith("kvpress.") else "x",
+                        ls="-" if not m.startswith("kvpress.") else "--", label=m)  # fmt: skip
+        for ref, style in [(FULL, "k-"), (NO_CONTEXT, "k:")]:
+            v = summ.get((task, ref, 1.0 if ref == FULL else 0.0))
+            if v is not None:
+                ax.axhline(v["acc"], color="k", ls=style[1:], lw=1, label=ref)
+        ax.set(title=task, xlabel="fraction of KV entries kept", ylabel="accuracy (%)", ylim=(-3, 103))
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(tasks) :]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=6)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,73 @@
+"""Downstream tasks (kvsculpt.eval.tasks, kvsculpt bench tasks): seeded generation, the scorer, resume."""
+
+import json
+
+import pytest
+
+from kvsculpt.cli import main
+from kvsculpt.eval.tasks import TASKS, function_parameters, score_reply, task_samples
+
+from .conftest import tiny_model_dir
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_samples_are_deterministic_by_seed_and_hold_their_answers(smollm, task):
+    _, tok = smollm
+    a, b = task_samples(tok, task, 384, 3, seed=0), task_samples(tok, task, 384, 3, seed=0)
+    other = task_samples(tok, task, 384, 3, seed=1)
+    for x, y in zip(a, b, strict=True):
+        assert x.context.equal(y.context) and x.question == y.question and x.answers == y.answers
+    assert [x.answers for x in a] != [x.answers for x in other]
+    for s in a:
+        assert s.context.shape[1] == 384 or (task == "cwe" and 300 < s.context.shape[1] <= 384)
+        shown = tok.decode(s.context[0])
+        assert all(ans in shown for ans in s.answers)  # every answer item is in the context
+    if task == "cwe":  # the asked words are the most frequent lines of the list
+        lines = [w.split(". ", 1)[1] for w in tok.decode(a[0].context[0]).splitlines() if ". " in w]
+        counts = sorted({w: lines.count(w) for w in lines}.items(), key=lambda kv: -kv[1])
+        assert {w for w, _ in counts[:5]} == set(a[0].answers) and counts[5][1] < counts[4][1]
+    if task == "niah_multivalue":
+        assert len(set(a[0].answers)) == 4
+
+
+def test_the_scorer_counts_whole_words_until_the_first_blank_line():
+    assert score_reply(" 1234567.", ["1234567"]) == 1.0
+    assert score_reply("12345678", ["1234567"]) == 0.0  # a longer number is a miss
+    assert score_reply("`wrap` and `Wrapper`", ["wrap", "wrapper"]) == 1.0  # case and backticks do not matter
+    assert score_reply("wrapper", ["wrap"]) == 0.0  # inside a longer word is a miss
+    assert score_reply("\n\n 111, 222\n\n333", ["111", "222", "333"]) == pytest.approx(
+        2 / 3
+    )  # cut at the blank line
+    assert score_reply("ZXRCB, TULOD", ["TULOD", "ZXRCB", "GOPOH", "AAAAA"]) == 0.5  # order free, fraction
+
+
+def test_function_parameters_are_read_by_the_python_parser():
+    src = "class A:\n    def f(self, a: dict[str, int] = g(1, 2), *rest, b, **kw):\n        pass\n\nasync def h(x, /, y):\n    pass\n"
+    assert function_parameters(src) == [("f", ["a", "rest", "b", "kw"], src.index("    def f")),
+                                        ("h", ["x", "y"], src.index("async def h"))]  # fmt: skip
+
+
+def test_bench_tasks_resumes_and_refuses_other_settings(tmp_path, smollm, capsys):
+    """A tiny model, two tasks: a second run with more samples computes only the new sample's rows; a rerun adds
+    nothing; the report names every method; another seed into the same file is refused."""
+    model_dir = tiny_model_dir(tmp_path, smollm[1])
+    out = tmp_path / "res"
+    args = ["bench", "tasks", "--model", str(model_dir), "--context-tokens", "160", "--ratios", "0.5",
+            "--tasks", "niah_single", "vt", "--methods", "default", "--no-peers", "--out", str(out)]  # fmt: skip
+    main([*args, "--samples", "1"])
+    jsonl = out / f"tasks_{model_dir.name}_n160.jsonl"
+    first = jsonl.read_text().splitlines()
+    assert len(first) == 2 * 3  # per task: full, no context, default at r = 0.5
+    main([*args, "--samples", "2"])
+    second = jsonl.read_text().splitlines()
+    assert second[: len(first)] == first and len(second) == 2 * len(first)
+    assert {json.loads(x)["sample"] for x in second[len(first) :]} == {1}
+    main([*args, "--samples", "2"])
+    assert jsonl.read_text().splitlines() == second
+    md = (out / f"tasks_{model_dir.name}_n160.md").read_text()
+    assert "| default |" in md and "| full |" in md and "| no context |" in md
+    rows = [json.loads(x) for x in second]
+    assert all(0.0 <= r["score"] <= 1.0 and isinstance(r["reply"], str) for r in rows)
+    with pytest.raises(SystemExit):
+        main([*args, "--samples", "1", "--seed", "1"])
+    assert "holds results for" in capsys.readouterr().err
