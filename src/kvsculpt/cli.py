@@ -505,6 +505,28 @@ def build_parser() -> argparse.ArgumentParser:
                          description="The KVSculpt paper's comparison (Select+Fit, Sculpt, adaptive budgets), our "
                          "default, eviction baselines and NVIDIA kvpress presses on the same windows, in one "
                          "resumable run; writes paper_<model>.{jsonl,json,md,png} in --out.")  # fmt: skip
+    p.add_argument("--model", default="qwen2.5-coder-1.5b", help="a packaged name, HF id or path")
+    p.add_argument("--context-tokens", type=int, default=2048, help="tokens compressed per window")
+    p.add_argument("--continuation-tokens", type=int, default=256, help="real tokens the KL is measured on")
+    p.add_argument(
+        "--ratios", type=float, nargs="+", help="kept fractions (default 0.3 0.5 0.7; --quick: 0.3 0.5)"
+    )
+    p.add_argument("--docs", type=int, default=4, help="number of documents (one window each)")
+    p.add_argument(
+        "--texts", nargs="*", help="shipped text names or paths (default: the non-memorised texts)"
+    )
+    p.add_argument("--methods", nargs="*",
+                   help="a subset of the paper grid's method names (default: all but 'default + KL refine', "
+                   "which runs only when named)")  # fmt: skip
+    p.add_argument("--quick", action="store_true",
+                   help="qwen2.5-coder-0.5b, 1024 tokens, T=128, 2 documents, r = 0.3 0.5")  # fmt: skip
+    p.add_argument("--no-peers", dest="peers", action="store_false", help="skip the kvpress presses")
+    p.add_argument("--no-passkey", dest="passkey", action="store_false", help="skip pass-key retrieval")
+    p.add_argument("--passkey-ratios", type=float, nargs="+",
+                   help="ratios at which pass-key retrieval is tried (default: the ratio nearest 0.3)")  # fmt: skip
+    p.add_argument("--out", default="benchmarks/results", help="output directory (rows are cached there)")
+    p.add_argument("--report-only", action="store_true",
+                   help="rewrite paper_<model>.{json,md,png} from the cached rows; runs nothing")  # fmt: skip
     p.set_defaults(func=cmd_bench)
 
     from .bench.tasks import METHODS, OPT_IN, PRESSES
