@@ -10,7 +10,6 @@ kvpress's ``compression_ratio`` is the fraction **removed**: a kept fraction ``r
 
 from __future__ import annotations
 
-import contextlib
 import json
 import subprocess
 import sys
@@ -56,27 +55,35 @@ def run_presses(
                      "quant": [list(q) for q in quant]})  # fmt: skip
 
 
-def generate_with_presses(model_name: str, prompts, ratios, presses) -> list[dict]:
-    """Greedy replies after each press at each kept ratio, and with the full cache: ``prompts`` is a list of
+def generate_with_presses(model_name: str, prompts, ratios, presses, on_row=None) -> list[dict]:
+    """Greedy replies after each press at each kept ratio: ``prompts`` is a list of
     ``(context ids [1, n], question ids [1, q], max new tokens)``; the context is compressed before the
-    question is read (question-agnostic). Rows: ``method`` (``"full"`` or ``"kvpress.<Press>"``), ``ratio``,
-    ``prompt`` (index into ``prompts``), ``tokens`` (the reply's ids), ``compress_seconds``."""
+    question is read (question-agnostic). Rows: ``method`` (``"kvpress.<Press>"``), ``ratio``,
+    ``prompt`` (index into ``prompts``), ``tokens`` (the reply's ids), ``compress_seconds``. ``on_row(row)`` is
+    called as each row arrives (progress)."""
     prompts = [(c.cpu(), q.cpu(), int(m)) for c, q, m in prompts]
-    return _run_job(
-        {"model": model_name, "generate": prompts, "ratios": list(ratios), "presses": list(presses)}
-    )
+    job = {"model": model_name, "generate": prompts, "ratios": list(ratios), "presses": list(presses)}
+    return _run_job(job, on_row)
 
 
-def _run_job(job: dict) -> list[dict]:
-    """Run ``job`` in ``python -m kvsculpt.bench.peers`` and read back its JSON rows."""
+def _run_job(job: dict, on_row=None) -> list[dict]:
+    """Run ``job`` in ``python -m kvsculpt.bench.peers`` and read back its JSON rows as they come."""
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "job.pt"
+        path, err = Path(tmp) / "job.pt", Path(tmp) / "stderr.txt"
         torch.save(job, path)
-        proc = subprocess.run([sys.executable, "-m", "kvsculpt.bench.peers", str(path)], capture_output=True,
-                              text=True)  # fmt: skip
+        rows = []
+        with err.open("w") as stderr:
+            proc = subprocess.Popen([sys.executable, "-m", "kvsculpt.bench.peers", str(path)],
+                                    stdout=subprocess.PIPE, stderr=stderr, text=True)  # fmt: skip
+            for line in proc.stdout:
+                if line.startswith("{"):
+                    rows.append(json.loads(line))
+                    if on_row is not None:
+                        on_row(rows[-1])
+            proc.wait()
         if proc.returncode != 0:
-            raise RuntimeError(f"kvpress peers failed:\n{proc.stderr[-3000:]}")
-        return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+            raise RuntimeError(f"kvpress peers failed:\n{err.read_text()[-3000:]}")
+        return rows
 
 
 def run_peers(
@@ -234,16 +241,16 @@ def _generate(model, job) -> None:
 
     from ..hf.decode import decode
 
-    for name in [None, *job["presses"]]:
-        for r in [1.0] if name is None else job["ratios"]:
+    for name in job["presses"]:
+        for r in job["ratios"]:
             for i, (ctx, question, max_new) in enumerate(job["generate"]):
-                press = None if name is None else getattr(kvpress, name)(compression_ratio=1.0 - r)
+                press = getattr(kvpress, name)(compression_ratio=1.0 - r)
                 cache, t0 = DynamicCache(), time.perf_counter()
-                with press(model) if press is not None else contextlib.nullcontext():
+                with press(model):
                     model(input_ids=ctx, past_key_values=cache, use_cache=True)
                 seconds = time.perf_counter() - t0
                 tokens = decode(model, cache, question, ctx.shape[1], max_new)[0].tolist()
-                print(json.dumps({"method": "full" if name is None else f"kvpress.{name}", "ratio": r, "prompt": i,
+                print(json.dumps({"method": f"kvpress.{name}", "ratio": r, "prompt": i,
                                   "tokens": tokens, "compress_seconds": seconds}), flush=True)  # fmt: skip
 
 

@@ -130,13 +130,16 @@ def tasks_bench(args) -> dict:
             if missing:
                 bar.set_postfix_str("kvpress (subprocess)")
                 prompts = [(s.context, text_ids(tok, s.question), s.max_new_tokens) for s in missing]
-                for row in peers.generate_with_presses(args.model, prompts, args.ratios, presses):
+
+                def record(row, task=task, bar=bar, missing=missing):
                     s = missing[row["prompt"]]
-                    if row["method"] == FULL or (task, s.index, row["method"], row["ratio"]) in done:
-                        continue
+                    if (task, s.index, row["method"], row["ratio"]) in done:
+                        return
                     text = answer_text(tok, row["tokens"])
                     write(bar, task, s, row["method"], row["ratio"], text, score_reply(text, s.answers),
                           compress_seconds=row["compress_seconds"])  # fmt: skip
+
+                peers.generate_with_presses(args.model, prompts, args.ratios, presses, on_row=record)
             bar.close()
     return report(_rows(jsonl), args, out)
 
@@ -241,11 +244,12 @@ def report(rows, args, out: Path) -> dict:
             ok = all(d["delta"] >= -2 for d in ds)
             lines.append(f"| {m} | " + " | ".join(f"{d['delta']:+.0f} ± {d['delta_pm']:.0f}" for d in ds)
                          + f" | {avg:+.1f} | {'yes' if ok else 'no'} |")  # fmt: skip
-        best_press = max((average(m, target) or -1, m) for m in press) if press else None
-        best_ours = max((average(m, target) or -1, m) for m in ours) if ours else None
-        if best_press and best_ours:
-            lines += ["", f"Average at r = {target}: our best {best_ours[1]} {best_ours[0]:.1f}, the best press "
-                      f"{best_press[1]} {best_press[0]:.1f}."]  # fmt: skip
+        averages = {m: average(m, target) for m in ours + press}
+        best = {side: max(((a, m) for m, a in averages.items() if m in names and a is not None), default=None)
+                for side, names in (("ours", ours), ("press", press))}  # fmt: skip
+        if best["ours"] and best["press"]:
+            lines += ["", f"Average at r = {target}: our best, {best['ours'][1]}, {best['ours'][0]:.1f}; the best press, "
+                      f"{best['press'][1]}, {best['press'][0]:.1f}."]  # fmt: skip
     summary = {f"{t}|{m}|{r}": v for (t, m, r), v in summ.items()}
     (out / f"{stem(args)}.json").write_text(json.dumps(summary, indent=1) + "\n")
     (out / f"{stem(args)}.md").write_text("\n".join(lines) + "\n")
