@@ -71,3 +71,12 @@ def test_bench_tasks_resumes_and_refuses_other_settings(tmp_path, smollm, capsys
     with pytest.raises(SystemExit):
         main([*args, "--samples", "1", "--seed", "1"])
     assert "holds results for" in capsys.readouterr().err
+
+
+def test_wilson_interval_matches_known_values():
+    from kvsculpt.bench.tasks import wilson
+
+    lo, hi = wilson(1.0, 5)  # 5/5 correct: not "100 ± 0"
+    assert lo == pytest.approx(0.5655, abs=1e-3) and hi == 1.0
+    lo, hi = wilson(0.5, 100)
+    assert lo == pytest.approx(0.4038, abs=1e-3) and hi == pytest.approx(0.5962, abs=1e-3)

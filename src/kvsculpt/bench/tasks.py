@@ -7,9 +7,10 @@ Two references: ``full`` (the uncompressed cache) and ``no context`` (the questi
 guesses without the text). Rows are cached in ``tasks_<model>_n<N>.jsonl`` keyed by (task, sample, method,
 ratio), so a run continues where it stopped; ``--report-only`` rewrites ``.json``, ``.md`` and ``.png`` from them.
 
-Intervals: a mean over K samples is given ± 1.96 standard errors of the per-sample scores (a normal
-approximation); a difference to the full cache is the paired mean difference over the same samples, ± 1.96 of
-its standard error.
+Intervals: an accuracy over K samples is given with its 95 % Wilson score interval (exact for 0/1 scores, an
+approximation for the fractional scores of the multi-item tasks; unlike ± 1.96 standard errors it does not
+shrink to nothing at 0 % or 100 %); a difference to the full cache is the paired mean difference over the same
+samples, ± 1.96 of its standard error (0 when every sample agrees: read it with K).
 """
 
 from __future__ import annotations
@@ -167,21 +168,29 @@ def mean_interval(xs) -> tuple[float, float]:
     return m, 1.96 * math.sqrt(var / len(xs))
 
 
+def wilson(p: float, k: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval ``(low, high)`` of a proportion ``p`` seen over ``k`` trials."""
+    centre, denom = p + z * z / (2 * k), 1 + z * z / k
+    half = z * math.sqrt(max(p * (1 - p), 0.0) / k + z * z / (4 * k * k))
+    return max(0.0, (centre - half) / denom), min(1.0, (centre + half) / denom)
+
+
 def summarise(rows) -> dict:
-    """``{(task, method, ratio): {"acc", "pm", "k", "delta", "delta_pm"}}`` in percent; ``delta``: the paired
-    difference to the full cache over the samples both answered."""
+    """``{(task, method, ratio): {"acc", "low", "high", "k", "delta", "delta_pm"}}`` in percent (``low``–``high``:
+    the Wilson interval); ``delta``: the paired difference to the full cache over the samples both answered."""
     by = defaultdict(dict)
     for r in rows:
         by[(r["task"], r["method"], r["ratio"])][r["sample"]] = r["score"]
     full = {t: s for (t, m, _), s in by.items() if m == FULL}
     out = {}
     for (task, method, ratio), scores in by.items():
-        acc, pm = mean_interval(scores.values())
+        acc = sum(scores.values()) / len(scores)
+        low, high = wilson(acc, len(scores))
         ref = full.get(task, {})
         common = [i for i in scores if i in ref]
         d, dpm = mean_interval([scores[i] - ref[i] for i in common]) if common else (math.nan, math.nan)
-        out[(task, method, ratio)] = {"acc": 100 * acc, "pm": 100 * pm, "k": len(scores), "delta": 100 * d,
-                                      "delta_pm": 100 * dpm}  # fmt: skip
+        out[(task, method, ratio)] = {"acc": 100 * acc, "low": 100 * low, "high": 100 * high, "k": len(scores),
+                                      "delta": 100 * d, "delta_pm": 100 * dpm}  # fmt: skip
     return out
 
 
@@ -197,13 +206,12 @@ def report(rows, args, out: Path) -> dict:
     lines = [f"# Downstream tasks: {args.model}, contexts of {args.context_tokens} tokens", "",
              f"Command: `{getattr(args, 'command_line', 'kvsculpt bench tasks')}`", "",
              f"Samples per (task, method, ratio): {', '.join(map(str, ks))}. Accuracy in % (the mean per-sample score: "
-             "the fraction of the answer's items in the reply), ± the 95 % interval's half-width (1.96 standard "
-             "errors). Each context is compressed before its question is seen. `no context`: the question alone, "
-             "the model's guess.", ""]  # fmt: skip
+             "the fraction of the answer's items in the reply) and its 95 % Wilson interval. Each context is "
+             "compressed before its question is seen. `no context`: the question alone, the model's guess.", ""]  # fmt: skip
 
     def cell(task, method, ratio):
         v = summ.get((task, method, ratio))
-        return "–" if v is None else f"{v['acc']:.0f} ± {v['pm']:.0f}"
+        return "–" if v is None else f"{v['acc']:.0f} ({v['low']:.0f}–{v['high']:.0f})"
 
     def average(method, ratio):
         vs = [summ.get((t, method, ratio)) for t in tasks]

@@ -258,7 +258,9 @@ def _doc_qa(tokenizer, task, n, i, gen, seed) -> TaskSample:
         candidates = [c for c in candidates if c[0] != name or seen[c[1]] == 1]  # one definition of the name
     # sample i asks about the i-th function of one seeded order (no repeats before every function is asked);
     # if its definition does not lie whole in its window (a text's end), the next one
-    order = torch.randperm(len(candidates), generator=torch.Generator().manual_seed(hash_seed(task, seed))).tolist()
+    order = torch.randperm(
+        len(candidates), generator=torch.Generator().manual_seed(hash_seed(task, seed))
+    ).tolist()
     for j in range(20):
         name, fn, params, at = candidates[order[(i + j) % len(candidates)]]
         text = load_text(name)
