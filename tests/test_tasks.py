@@ -67,7 +67,7 @@ def test_bench_tasks_resumes_and_refuses_other_settings(tmp_path, smollm, capsys
     md = (out / f"tasks_{model_dir.name}_n160.md").read_text()
     assert "| default |" in md and "| full |" in md and "| no context |" in md
     rows = [json.loads(x) for x in second]
-    assert all(0.0 <= r["score"] <= 1.0 and isinstance(r["reply"], str) for r in rows)
+    assert all(r["score"] == score_reply(r["reply"], r["answers"]) for r in rows)  # stored as scored
     with pytest.raises(SystemExit):
         main([*args, "--samples", "1", "--seed", "1"])
     assert "holds results for" in capsys.readouterr().err

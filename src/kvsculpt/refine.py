@@ -232,13 +232,18 @@ class Student(torch.nn.Module):
         )
         self.uk.requires_grad_("k" in params)
 
-    def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Layer ``i``'s block as the forward sees it (through the codes, when stored quantised)."""
+    def masters(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Layer ``i``'s block as trained: keys, values, β (or None)."""
         k = self.k0[i] + self.sk[i] * self.uk[i]
         v = self.v0[i] + self.sv[i] * self.uv[i]
         b = self.b0[i]
         if self.ub is not None:
             b = self.ub[i] if b is None else b + self.ub[i]
+        return k, v, b
+
+    def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Layer ``i``'s block as the forward sees it (through the codes, when stored quantised)."""
+        k, v, b = self.masters(i)
         if self.storage is not None:  # straight through: the codes' values forward, the identity backward
             bits, key_bits, group = self.storage
             k_stored = quantize_keys(k.detach().to(self.dtype), self.lengths[i], key_bits, group)
@@ -249,14 +254,13 @@ class Student(torch.nn.Module):
 
     def cache(self, model, detach: bool = False) -> CompressedCache:
         """A fresh :class:`CompressedCache` of the current block: differentiable, or with ``detach`` the cache
-        as it is stored (quantised, when the block is)."""
+        as it is stored (the masters, quantised when the block is: the very codes the forward went through)."""
         layers = []
         for i, lengths in enumerate(self.lengths):
-            k, v, b = self.layer(i)
-            if detach:  # the masters, which quantise to the very codes the forward went through
-                k = self.k0[i] + self.sk[i] * self.uk[i].detach()
-                v = self.v0[i] + self.sv[i] * self.uv[i].detach()
-                k, v, b = k.detach(), v.detach(), None if b is None else b.detach()
+            if detach:
+                k, v, b = (None if x is None else x.detach() for x in self.masters(i))
+            else:
+                k, v, b = self.layer(i)
             layers.append(CompressedLayer(k.to(self.dtype), v.to(self.dtype), lengths, b, self.n))
         cache = CompressedCache(model, layers)
         if detach and self.storage is not None:

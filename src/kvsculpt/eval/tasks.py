@@ -22,7 +22,9 @@ from a seeded offset. The phrasing of the needles and questions follows RULER's 
 
 from __future__ import annotations
 
+import functools
 import re
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -193,6 +195,7 @@ def _vt(tokenizer, task, n, i, gen, seed) -> TaskSample:
     return TaskSample(task, i, _plant(tokenizer, body, needles, gen), question, names, 40, "prose")
 
 
+@functools.cache
 def _cwe_words() -> list[str]:
     """Lower-case words of 4–10 letters from every shipped text, sorted (the pool the list is drawn from)."""
     words = set()
@@ -245,17 +248,21 @@ def function_parameters(source: str) -> list[tuple[str, list[str], int]]:
     return sorted(out, key=lambda f: f[2])
 
 
+@functools.cache
+def _doc_functions() -> list[tuple[str, str, list[str], int]]:
+    """``(text, function, parameters, offset)`` of every function of the shipped code (not memorised) with at
+    least two parameters, not a dunder, and defined once in its text (so the question names one definition)."""
+    out = []
+    for name in sorted(k for k, v in text_index().items() if v["kind"] == "code" and not v["memorised"]):
+        found = function_parameters(load_text(name))
+        defined = Counter(fn for fn, _, _ in found)
+        out += [(name, fn, params, at) for fn, params, at in found
+                if len(params) >= 2 and not fn.startswith("__") and defined[fn] == 1]  # fmt: skip
+    return out
+
+
 def _doc_qa(tokenizer, task, n, i, gen, seed) -> TaskSample:
-    names = sorted(k for k, v in text_index().items() if v["kind"] == "code" and not v["memorised"])
-    candidates = []
-    for name in names:
-        text = load_text(name)
-        seen = {}
-        for fn, params, at in function_parameters(text):
-            seen[fn] = seen.get(fn, 0) + 1
-            if len(params) >= 2 and not fn.startswith("__"):
-                candidates.append((name, fn, params, at))
-        candidates = [c for c in candidates if c[0] != name or seen[c[1]] == 1]  # one definition of the name
+    candidates = _doc_functions()
     # sample i asks about the i-th function of one seeded order (no repeats before every function is asked);
     # if its definition does not lie whole in its window (a text's end), the next one
     order = torch.randperm(
