@@ -26,6 +26,7 @@ from kvsculpt.bench.runner import (
     paired_ratio,
     run_grid,  # fmt: skip
     split_memorised,
+    windows_by_id,
 )
 from kvsculpt.eval.texts import text_index, windows
 
@@ -224,6 +225,25 @@ GRIDS = {
         "sculpt/context iters=20 val=0": C("sculpt", "context", iters=20, val=0.0),
         "sculpt/context iters=100 mass=1": C("sculpt", "context", iters=100, mass_weight=1.0),
     },
+    # the fixed Sculpt (one L-BFGS per head, evaluations counted) against its own start, Select+Fit on the same
+    # queries: the paper's (context queries) and ours (the default's self+repeat queries, kvzip-v selection,
+    # global budgets); iters=0 of each is its select-fit row exactly (tests/test_methods.py)
+    "sculpt-iters": {
+        "select-fit/context": C("h2o", "context"),
+        "sculpt/context iters=20": C("sculpt", "context", iters=20),
+        "sculpt/context iters=100": C("sculpt", "context", iters=100),
+        "select-fit/default": CompressConfig(),
+        "sculpt/default iters=20": CompressConfig(method="sculpt", options={"score": "kvzip-v", "iters": 20}),
+        "sculpt/default iters=100": CompressConfig(
+            method="sculpt", options={"score": "kvzip-v", "iters": 100}
+        ),
+    },
+    "sculpt-iters-300": {  # the long runs, apart (about 3x the 100-iteration rows' time)
+        "sculpt/context iters=300": C("sculpt", "context", iters=300),
+        "sculpt/default iters=300": CompressConfig(
+            method="sculpt", options={"score": "kvzip-v", "iters": 300}
+        ),
+    },
     "smoke": {
         "h2o/context": C("h2o", "context", **EVICT),
         "select-fit/context": C("h2o", "context"),
@@ -240,7 +260,10 @@ def run(args):
         return
     model, tok = load_model(args.model)
     texts = args.texts or [k for k, v in text_index().items() if not v["memorised"]]
-    wins = windows(tok, texts, args.context_tokens, args.continuation_tokens, per_text=args.per_text)
+    if args.windows:
+        wins = windows_by_id(tok, args.windows, args.context_tokens, args.continuation_tokens)
+    else:
+        wins = windows(tok, texts, args.context_tokens, args.continuation_tokens, per_text=args.per_text)
     for w in wins:  # window by window (with the peers), so that an interrupted run has whole windows
         run_grid(model, tok, args.model, [w], GRIDS[args.grid], args.ratios, jsonl, passkey=args.passkey)
         if args.peers:
@@ -360,6 +383,7 @@ def main(argv=None):
     ap.add_argument("--grid", default="core", choices=GRIDS)
     ap.add_argument("--texts", nargs="*")
     ap.add_argument("--per-text", type=int, default=1)
+    ap.add_argument("--windows", nargs="+", help="window ids (text@offset) instead of --texts/--per-text")
     ap.add_argument("--context-tokens", type=int, default=1024)
     ap.add_argument("--continuation-tokens", type=int, default=128)
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.3, 0.5])

@@ -108,11 +108,16 @@ def run(args):
             jobs = [([("hqq", 8), ("hqq", 4)], PRESSES),  # presses on the HQQ cache
                     ([("hqq", 2)] + [("quanto", b) for b in (4, 2)], ())]  # full caches only  # fmt: skip
             for quant, presses in jobs:
-                if all((w.id, f"full {q}{b}", 1.0) in done for q, b in quant):
+                # the ratios some press lacks (a grid widened later gets its peers too); the full caches once
+                ratios = [r for r in args.ratios
+                          if any((w.id, f"kvpress.{p} {q}{b}", r) not in done for p in presses for q, b in quant)]  # fmt: skip
+                if not ratios and all((w.id, f"full {q}{b}", 1.0) in done for q, b in quant):
                     continue
                 for row in peers.run_presses(
-                    args.model, w.context, w.continuation, args.ratios, presses, quant=quant
+                    args.model, w.context, w.continuation, ratios, presses, quant=quant
                 ):
+                    if (w.id, f"{row['method']} {row['quant']}", row["ratio"]) in done:
+                        continue  # a full cache measured before
                     row.update(window=w.id, config=f"{row['method']} {row['quant']}", model=args.model, command=command(),
                                bytes_over_full16=row["ratio"] * (row["kv_bits"] + OVERHEAD_BITS) / 16)  # fmt: skip
                     f.write(json.dumps(row) + "\n")

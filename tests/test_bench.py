@@ -38,6 +38,23 @@ def test_bench_paper_quick_schema_and_resume(tmp_path, smollm):
     lines = (out / "paper_tiny-llama.jsonl").read_text().splitlines()
     main(argv)  # resumes: nothing recomputed
     assert (out / "paper_tiny-llama.jsonl").read_text().splitlines() == lines
+    # --rerun: a row made by an earlier version of a method is run again and replaced; current rows stay
+    jsonl = out / "paper_tiny-llama.jsonl"
+    sculpt = next(json.loads(line) for line in lines if json.loads(line)["config"] == "Sculpt")
+    old = {**sculpt, "method": "Sculpt(iters=20, inner=5)", "kl": 99.0}
+    jsonl.write_text("\n".join([*lines, json.dumps(old)]) + "\n")
+    main([*argv, "--rerun", "Sculpt", "Select+Fit"])
+    added = jsonl.read_text().splitlines()[len(lines) + 1 :]
+    assert [json.loads(line)["config"] for line in added] == ["Sculpt"]
+    assert json.loads(added[0])["method"] == sculpt["method"] and json.loads(added[0])["kl"] < 99.0
+    assert (
+        max(json.loads((out / "paper_tiny-llama.json").read_text())["kl_geomean"]["Sculpt"].values()) < 99.0
+    )
+    main([*argv, "--rerun", "Sculpt"])  # now current: nothing more
+    assert len(jsonl.read_text().splitlines()) == len(lines) + 2
+    with pytest.raises(SystemExit):
+        main([*argv, "--rerun", "Scuplt"])
+    jsonl.write_text("\n".join(lines) + "\n")
     (out / "paper_tiny-llama.md").unlink()
     main([*argv, "--report-only"])  # rewrites the report from the cache alone
     assert (out / "paper_tiny-llama.jsonl").read_text().splitlines() == lines

@@ -45,7 +45,7 @@ def test_curves_allocation_beats_uniform_for_sculpt(smollm):
 
 def test_sculpt_fits_heldout_queries_at_least_as_well_as_select_fit(smollm):
     """Sculpt's output error on held-out self-sample queries is lower than Select+Fit's (fit, not KL: see
-    benchmarks/results/sculpt_claim_smollm2.md for the KL)."""
+    benchmarks/results/sculpt_iters_smollm2.md for the KL)."""
     model, tok = smollm
     w = make_window(tok, load_text("openai_agents_human_in_the_loop"), 512, 64)
     cap = capture(model, w.context, queries="self+context", self_samples=6, self_length=32)

@@ -518,6 +518,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", nargs="*",
                    help="a subset of the paper grid's method names (default: all but 'default + KL refine', "
                    "which runs only when named)")  # fmt: skip
+    p.add_argument("--rerun", nargs="+", metavar="METHOD",
+                   help="run these methods again where their cached rows were made by an earlier version of "
+                   "the method (e.g. 'Sculpt' after its optimiser was fixed); the new rows replace them")  # fmt: skip
     p.add_argument("--quick", action="store_true",
                    help="qwen2.5-coder-0.5b, 1024 tokens, T=128, 2 documents, r = 0.3 0.5")  # fmt: skip
     p.add_argument("--no-peers", dest="peers", action="store_false", help="skip the kvpress presses")

@@ -146,8 +146,12 @@ def heldout_self_sample(cap, cfg: CompressConfig) -> torch.Tensor | None:
 
 
 def run_grid(model, tok, model_name, wins, grid: dict[str, CompressConfig], ratios, jsonl, passkey=False,
-             passkey_ratios=None, heldout_self_kl=True) -> list[dict]:  # fmt: skip
+             passkey_ratios=None, heldout_self_kl=True, rerun=()) -> list[dict]:  # fmt: skip
     """Run every (window, config, ratio) not yet in ``jsonl``; return all rows for these windows and configs.
+
+    ``rerun``: config names whose rows count as done only if made by the method as it is now (the row's
+    ``method`` equals the solver's ``repr``); the others are run again and the new rows replace them (the
+    file keeps the old lines; :func:`load_rows` takes the last row of a key).
 
     ``passkey``: also compress a pass-key version of each window's text with the same config, at the ratios in
     ``passkey_ratios`` (default: all), and record whether the key is retrieved afterwards (question asked
@@ -158,6 +162,9 @@ def run_grid(model, tok, model_name, wins, grid: dict[str, CompressConfig], rati
     jsonl = Path(jsonl)
     jsonl.parent.mkdir(parents=True, exist_ok=True)
     done = load_rows(jsonl)
+    for key in [k for k in done if k[1] in rerun and k[1] in grid]:
+        if done[key].get("method") != repr(grid[key[1]].replace(ratio=key[2]).solver):
+            del done[key]  # made by an earlier version of the method
     groups = defaultdict(list)
     for name, cfg in grid.items():
         groups[cfg.capture_key()].append(name)
