@@ -47,9 +47,11 @@ OVERHEAD_BITS = 32 / 64  # an fp16 scale and an fp16 minimum per group of 64 ele
 REFINE = {"refine": "kl", "refine_steps": 60}
 SETTINGS = {"b16": {}, "b8": {"kv_bits": 8}, "b4": {"kv_bits": 4}, "b4 no-refit": {"kv_bits": 4, "kv_refit": False},
             "k8v4": {"kv_bits": 4, "key_bits": 8}, "b2": {"kv_bits": 2},
+            "b4 g32": {"kv_bits": 4, "kv_group": 32}, "b4 g16": {"kv_bits": 4, "kv_group": 16},
             "b16 refine": REFINE, "b4 refine": {"kv_bits": 4, **REFINE},
             "b4 refine-after": {"quantise_after": 4, **REFINE}}  # fmt: skip
-FAST = [label for label in SETTINGS if "refine" not in label.split()[-1]]  # the default run: no refine
+# the default run: no refine, groups of 64
+FAST = [label for label in SETTINGS if "refine" not in label.split()[-1] and " g" not in label]
 
 
 def point_name(row) -> str:
@@ -58,6 +60,8 @@ def point_name(row) -> str:
         return "kvsculpt default" + {
             "b4 no-refit": " no-refit",
             "k8v4": " 8-bit keys",
+            "b4 g32": " groups of 32",
+            "b4 g16": " groups of 16",
             "b16 refine": " refined",
             "b4 refine": " refined",
             "b4 refine-after": " refined, quantised after",
@@ -146,6 +150,8 @@ def frontier(points):
 
 
 def report(rows, args, out: Path):
+    if not rows:
+        raise SystemExit(f"quant.py: error: no rows on the windows asked for in {results_jsonl(args.out)}")
     wins = sorted({r["window"] for r in rows})
     by = defaultdict(dict)
     for r in rows:
@@ -184,17 +190,21 @@ def report(rows, args, out: Path):
             cells.append("–" if not within else f"{min(within):.4f}")
         lines.append(f"| {p['bytes']:.4f} | {p['kl']:.4f} |" + "".join(f" {c} |" for c in cells))
     # 4 bits against 16 at the same r
-    lines += ["", "4 bits against 16 at the same r (ours): KL ratio and bytes ratio.", ""]
+    lines += [
+        "",
+        "4 bits against 16 at the same r (ours): KL ratio and bytes ratio (groups of 64 unless named).",
+        "",
+    ]
     for r in sorted({p["ratio"] for p in ours}):
         a = next(
             (p for p in ours if p["ratio"] == r and p["bits"] == 16 and p["name"] == "kvsculpt default"), None
         )
-        b = next(
-            (p for p in ours if p["ratio"] == r and p["bits"] == 4 and p["name"] == "kvsculpt default"), None
-        )
-        if a and b:
-            lines.append(f"- r = {r}: KL {b['kl'] / a['kl']:.2f}× the 16-bit point's, at {b['bytes'] / a['bytes']:.3f} of its "
-                         f"bytes ({b['bytes'] / a['bytes'] / 2:.3f} of the fp32 cache it replaces here)")  # fmt: skip
+        for name in ("kvsculpt default", "kvsculpt default groups of 32", "kvsculpt default groups of 16"):
+            b = next((p for p in ours if p["ratio"] == r and p["bits"] == 4 and p["name"] == name), None)
+            if a and b:
+                lines.append(f"- r = {r}{name[16:] and ',' + name[16:]}: KL {b['kl'] / a['kl']:.2f}× the 16-bit point's, at "
+                             f"{b['bytes'] / a['bytes']:.3f} of its bytes ({b['bytes'] / a['bytes'] / 2:.3f} of the fp32 "
+                             "cache it replaces here)")  # fmt: skip
     # the refine at 4 bits: through the codes, against quantised after a 16-bit refine and the fast 4-bit cache,
     # on the windows where all four ran (the refine is run on fewer windows than the rest)
     four = [("kvsculpt default", 4), ("kvsculpt default refined, quantised after", 4), ("kvsculpt default refined", 4),
