@@ -227,18 +227,30 @@ GRIDS = {
     },
     # the fixed Sculpt (one L-BFGS per head, evaluations counted) against its own start, Select+Fit on the same
     # queries: the paper's (context queries) and ours (the default's self+repeat queries, kvzip-v selection,
-    # global budgets); iters=0 of each is its select-fit row exactly (tests/test_methods.py)
+    # global budgets); iters=0 of each is its select-fit row exactly (tests/test_solvers.py)
     "sculpt-iters": {
         "select-fit/context": C("h2o", "context"),
         "sculpt/context iters=20": C("sculpt", "context", iters=20),
-        "sculpt/context iters=100": C("sculpt", "context", iters=100),
         "select-fit/default": CompressConfig(),
         "sculpt/default iters=20": CompressConfig(method="sculpt", options={"score": "kvzip-v", "iters": 20}),
+    },
+    "sculpt-iters-100": {  # the longer runs, apart (about 5x the 20-iteration rows' time)
+        "sculpt/context iters=100": C("sculpt", "context", iters=100),
         "sculpt/default iters=100": CompressConfig(
             method="sculpt", options={"score": "kvzip-v", "iters": 100}
         ),
     },
-    "sculpt-iters-300": {  # the long runs, apart (about 3x the 100-iteration rows' time)
+    # the block's log-mass is free when mass_weight = 0: held to the teacher's by the mass term or by β (NNLS)
+    "sculpt-mass": {
+        "sculpt/context iters=20 mass=1": C("sculpt", "context", iters=20, mass_weight=1.0),
+        "sculpt/default iters=20 mass=1": CompressConfig(
+            method="sculpt", options={"score": "kvzip-v", "iters": 20, "mass_weight": 1.0}
+        ),
+        "sculpt/default iters=20 beta=nnls": CompressConfig(
+            method="sculpt", options={"score": "kvzip-v", "iters": 20, "beta": "nnls"}
+        ),
+    },
+    "sculpt-iters-300": {  # the long runs (about 3x the 100-iteration rows' time)
         "sculpt/context iters=300": C("sculpt", "context", iters=300),
         "sculpt/default iters=300": CompressConfig(
             method="sculpt", options={"score": "kvzip-v", "iters": 300}

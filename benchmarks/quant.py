@@ -70,7 +70,7 @@ def point_name(row) -> str:
 
 
 def run(args):
-    out, jsonl = Path(args.out), results_jsonl(args.out)
+    out, jsonl = Path(args.out), Path(args.rows) if args.rows else results_jsonl(args.out)
     if args.report_only:
         return report(rows_of(jsonl, args.windows), args, out)
     done = load_rows(jsonl)
@@ -151,7 +151,9 @@ def frontier(points):
 
 def report(rows, args, out: Path):
     if not rows:
-        raise SystemExit(f"quant.py: error: no rows on the windows asked for in {results_jsonl(args.out)}")
+        raise SystemExit(
+            f"quant.py: error: no rows on the windows asked for in {args.rows or results_jsonl(args.out)}"
+        )
     wins = sorted({r["window"] for r in rows})
     by = defaultdict(dict)
     for r in rows:
@@ -262,6 +264,8 @@ def main():
                          "default: %(default)s)")  # fmt: skip
     ap.add_argument("--no-peers", action="store_true", help="only our settings (the peers' rows are not run)")
     ap.add_argument("--out", default="benchmarks/results/quant_smollm2")
+    ap.add_argument("--rows", help="the results JSONL to read and extend (default: OUT.jsonl); e.g. a report on "
+                    "fewer windows, written apart")  # fmt: skip
     ap.add_argument("--report-only", action="store_true", help="rewrite the report from the JSONL")
     run(ap.parse_args())
 
