@@ -212,19 +212,6 @@ GRIDS = {
             for k in (1024, 2048, 4096)
         },
     },
-    # issue 15: the paper's claim on the corrected optimiser (iters=0 is Select+Fit, a test checks it); the
-    # paper's queries (context) and ours (the default's repeat queries, KVzip selection); the point picked on
-    # held-out queries (val=0.2, the default) or on the fitted objective (val=0); the mass term. 300
-    # iterations and β by NNLS: per head in benchmarks/sculpt.py (as grid rows they cost hours here)
-    "sculpt-claim": {
-        "select-fit/context": C("h2o", "context"),
-        "sculpt/context iters=100": C("sculpt", "context", iters=100),
-        "sculpt/context iters=100 val=0": C("sculpt", "context", iters=100, val=0.0),
-        "select-fit/default": CompressConfig(),
-        "sculpt/default iters=100": CompressConfig(method="sculpt", options={"score": "kvzip", "iters": 100}),
-        "sculpt/context iters=20 val=0": C("sculpt", "context", iters=20, val=0.0),
-        "sculpt/context iters=100 mass=1": C("sculpt", "context", iters=100, mass_weight=1.0),
-    },
     # the fixed Sculpt (one L-BFGS per head, evaluations counted) against its own start, Select+Fit on the same
     # queries: the paper's (context queries) and ours (the default's self+repeat queries, kvzip-v selection,
     # global budgets); iters=0 of each is its select-fit row exactly (tests/test_solvers.py)

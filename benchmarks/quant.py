@@ -50,8 +50,9 @@ SETTINGS = {"b16": {}, "b8": {"kv_bits": 8}, "b4": {"kv_bits": 4}, "b4 no-refit"
             "b4 g32": {"kv_bits": 4, "kv_group": 32}, "b4 g16": {"kv_bits": 4, "kv_group": 16},
             "b16 refine": REFINE, "b4 refine": {"kv_bits": 4, **REFINE},
             "b4 refine-after": {"quantise_after": 4, **REFINE}}  # fmt: skip
-# the default run: no refine, groups of 64
-FAST = [label for label in SETTINGS if "refine" not in label.split()[-1] and " g" not in label]
+FAST = [
+    label for label, c in SETTINGS.items() if "refine" not in c and "kv_group" not in c
+]  # no refine, groups of 64
 
 
 def point_name(row) -> str:
@@ -201,10 +202,11 @@ def report(rows, args, out: Path):
         a = next(
             (p for p in ours if p["ratio"] == r and p["bits"] == 16 and p["name"] == "kvsculpt default"), None
         )
-        for name in ("kvsculpt default", "kvsculpt default groups of 32", "kvsculpt default groups of 16"):
+        for group in ("", " groups of 32", " groups of 16"):
+            name = "kvsculpt default" + group
             b = next((p for p in ours if p["ratio"] == r and p["bits"] == 4 and p["name"] == name), None)
             if a and b:
-                lines.append(f"- r = {r}{name[16:] and ',' + name[16:]}: KL {b['kl'] / a['kl']:.2f}× the 16-bit point's, at "
+                lines.append(f"- r = {r}{group and ',' + group}: KL {b['kl'] / a['kl']:.2f}× the 16-bit point's, at "
                              f"{b['bytes'] / a['bytes']:.3f} of its bytes ({b['bytes'] / a['bytes'] / 2:.3f} of the fp32 "
                              "cache it replaces here)")  # fmt: skip
     # the refine at 4 bits: through the codes, against quantised after a 16-bit refine and the fast 4-bit cache,

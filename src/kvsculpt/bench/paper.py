@@ -76,7 +76,8 @@ def paper(args) -> dict:
         getattr(args, "quick", False) and use_peers
     ):  # kvpress runs the same presses (equal KL: kvpress_parity.jsonl)
         grid = {k: v for k, v in grid.items() if k not in KVPRESS_DUPLICATES}
-    unknown = set(getattr(args, "rerun", None) or ()) - set(grid)
+    rerun = getattr(args, "rerun", None) or ()
+    unknown = set(rerun) - set(grid)
     if unknown:
         raise ValueError(f"--rerun names no method of this run: {', '.join(sorted(unknown))}; "
                          f"choose from {', '.join(grid)}")  # fmt: skip
@@ -97,7 +98,7 @@ def paper(args) -> dict:
     rows = []
     for w in wins:  # window by window, so that an interrupted run has complete windows to report
         rows += run_grid(model, tok, args.model, [w], grid, args.ratios, jsonl, passkey=args.passkey,
-                         passkey_ratios=pk_ratios, heldout_self_kl=False, rerun=getattr(args, "rerun", None) or ())  # fmt: skip
+                         passkey_ratios=pk_ratios, heldout_self_kl=False, rerun=rerun)  # fmt: skip
         if use_peers:
             rows += peers.run_peers(args.model, [w], args.ratios, jsonl, tok, args.passkey, pk_ratios)
     summary = write_paper_report(rows, args, out, tag, peers_note=None if use_peers else _peer_note(args))
