@@ -19,6 +19,7 @@ from kvsculpt import CompressConfig, load_model
 from kvsculpt.bench.peers import run_peers
 from kvsculpt.bench.runner import (
     EVICTION,
+    copy_peers,
     geomean,
     legacy_config,
     load_rows,
@@ -219,12 +220,14 @@ GRIDS = {
         "select-fit/context": C("h2o", "context"),
         "sculpt/context iters=20": C("sculpt", "context", iters=20),
         "select-fit/default": CompressConfig(),
-        "sculpt/default iters=20": CompressConfig(method="sculpt", options={"score": "kvzip-v", "iters": 20}),
+        "sculpt/default iters=20": CompressConfig(
+            method="sculpt", options={"score": "kvzip-v", "iters": 20, "mass_weight": 0.0}
+        ),
     },
     "sculpt-iters-100": {  # the longer runs, apart (about 5x the 20-iteration rows' time)
         "sculpt/context iters=100": C("sculpt", "context", iters=100),
         "sculpt/default iters=100": CompressConfig(
-            method="sculpt", options={"score": "kvzip-v", "iters": 100}
+            method="sculpt", options={"score": "kvzip-v", "iters": 100, "mass_weight": 0.0}
         ),
     },
     # the block's log-mass is free when mass_weight = 0: held to the teacher's by the mass term or by β (NNLS)
@@ -234,13 +237,13 @@ GRIDS = {
             method="sculpt", options={"score": "kvzip-v", "iters": 20, "mass_weight": 1.0}
         ),
         "sculpt/default iters=20 beta=nnls": CompressConfig(
-            method="sculpt", options={"score": "kvzip-v", "iters": 20, "beta": "nnls"}
+            method="sculpt", options={"score": "kvzip-v", "iters": 20, "beta": "nnls", "mass_weight": 0.0}
         ),
     },
     "sculpt-iters-300": {  # the long runs (about 3x the 100-iteration rows' time)
         "sculpt/context iters=300": C("sculpt", "context", iters=300),
         "sculpt/default iters=300": CompressConfig(
-            method="sculpt", options={"score": "kvzip-v", "iters": 300}
+            method="sculpt", options={"score": "kvzip-v", "iters": 300, "mass_weight": 0.0}
         ),
     },
     "smoke": {
@@ -257,14 +260,22 @@ def run(args):
     if args.report_only:
         write_report(list(load_rows(jsonl).values()), args, out)
         return
+    grid = GRIDS[args.grid]
+    if args.rows:
+        unknown = [n for n in args.rows if n not in grid]
+        if unknown:
+            raise SystemExit(f"--rows: {', '.join(unknown)} not in grid {args.grid} ({', '.join(grid)})")
+        grid = {n: grid[n] for n in args.rows}
     model, tok = load_model(args.model)
     texts = args.texts or [k for k, v in text_index().items() if not v["memorised"]]
     if args.windows:
         wins = windows_by_id(tok, args.windows, args.context_tokens, args.continuation_tokens)
     else:
         wins = windows(tok, texts, args.context_tokens, args.continuation_tokens, per_text=args.per_text)
+    if args.peers_from:
+        copy_peers(Path(args.peers_from), jsonl, {w.id for w in wins}, args.ratios, load_rows(jsonl))
     for w in wins:  # window by window (with the peers), so that an interrupted run has whole windows
-        run_grid(model, tok, args.model, [w], GRIDS[args.grid], args.ratios, jsonl, passkey=args.passkey)
+        run_grid(model, tok, args.model, [w], grid, args.ratios, jsonl, passkey=args.passkey)
         if args.peers:
             run_peers(args.model, [w], args.ratios, jsonl, tok)
     write_report(list(load_rows(jsonl).values()), args, out)  # everything measured so far, all grids
@@ -303,9 +314,12 @@ def summarise(rows, ratios) -> list[dict]:
             sf = f"select-fit/{src}" if src else None
             worst = [min(kl[(p, ratio, w)] for p in presses if (p, ratio, w) in kl) / kl[(c, ratio, w)]
                      for w in wins if (c, ratio, w) in kl and any((p, ratio, w) in kl for p in presses)]  # fmt: skip
+            worst_sf = [kl[(sf, ratio, w)] / kl[(c, ratio, w)] for w in wins
+                        if (c, ratio, w) in kl and (sf, ratio, w) in kl]  # fmt: skip
             summary.append({
                 "config": c, "ratio": ratio, "method": methods[(c, ratio)], "kl_geomean": gm[c],
                 "vs_select_fit": paired_ratio(kl, sf, c, ratio) if sf in gm else None,
+                "worst_window_vs_select_fit": min(worst_sf) if worst_sf else None,
                 "vs_best_eviction": paired_ratio(kl, best_evict, c, ratio) if best_evict else None,
                 "best_eviction": best_evict, "best_press": best_press,
                 "vs_best_press": paired_ratio(kl, best_press, c, ratio) if best_press else None,
@@ -321,12 +335,12 @@ def summarise(rows, ratios) -> list[dict]:
 
 def table(summary) -> list[str]:
     f = lambda x: "–" if x is None else f"{x:.2f}"  # noqa: E731
-    lines = ["| config | ratio | windows | KL | ×S+F | ×evict | ×best press | worst window ×press | rises with room "
-             "| passkey | compress/prefill |", "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = ["| config | ratio | windows | KL | ×S+F | worst window ×S+F | ×evict | ×best press | worst window ×press "
+             "| rises with room | passkey | compress/prefill |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for s in summary:
         lines.append(
             f"| {s['config']} | {s['ratio']} | {s['windows']} | {s['kl_geomean']:.4f} | {f(s['vs_select_fit'])} | "
-            f"{f(s['vs_best_eviction'])} | {f(s['vs_best_press'])} | {f(s['worst_window_vs_best_press'])} | "
+            f"{f(s.get('worst_window_vs_select_fit'))} | {f(s['vs_best_eviction'])} | {f(s['vs_best_press'])} | {f(s['worst_window_vs_best_press'])} | "
             f"{len(s['rises_with_room'])} | {'/'.join(map(str, s['passkey'])) if s['passkey'] else '–'} | "
             f"{s['compress_over_prefill']:.1f} |"
         )
@@ -349,7 +363,7 @@ def write_report(rows, args, out: Path):
         "",
         f"Geo-mean held-out KL (nats) over up to {len({r['window'] for r in rows})} windows "
         f"({', '.join(sorted({r['window'] for r in rows}))}). "
-        "`×S+F` = KL(Select+Fit, same queries) / KL(row); `×evict` = KL(best eviction baseline) / KL(row); "
+        "`×S+F` = KL(Select+Fit, same queries) / KL(row), `worst window ×S+F` its smallest per-window value; `×evict` = KL(best eviction baseline) / KL(row); "
         "`×best press` = KL(the kvpress press with the lowest geo-mean) / KL(row): above 1 means the row is "
         "better. Ratios are paired: geo-mean over the windows both ran on. `worst window ×press`: the smallest, "
         "over windows, of KL(the best press on that window) / KL(row). `rises with room`: windows on which the "
@@ -380,6 +394,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--grid", default="core", choices=GRIDS)
+    ap.add_argument("--rows", nargs="+", help="run only these rows of the grid (default: all)")
     ap.add_argument("--texts", nargs="*")
     ap.add_argument("--per-text", type=int, default=1)
     ap.add_argument("--windows", nargs="+", help="window ids (text@offset) instead of --texts/--per-text")
@@ -388,6 +403,9 @@ def main(argv=None):
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.3, 0.5])
     ap.add_argument("--passkey", action="store_true", help="also try pass-key retrieval at every ratio")
     ap.add_argument("--peers", action="store_true", help="also run kvpress's presses on the same windows")
+    ap.add_argument(
+        "--peers-from", help="a results JSONL (same model and window lengths) whose kvpress rows are copied"
+    )
     ap.add_argument("--out", default="benchmarks/results/ablation")
     ap.add_argument(
         "--report-only", action="store_true", help="rewrite JSON/Markdown from the JSONL and stop"

@@ -13,13 +13,14 @@ def test_bench_paper_quick_schema_and_resume(tmp_path, smollm):
     argv = ["bench", "paper", "--model", str(model_dir), "--context-tokens", "96", "--continuation-tokens", "16",
             "--ratios", "0.5", "--docs", "1", "--no-peers", "--out", str(out),
             "--methods", "Select+Fit", "Sculpt", "Sculpt adaptive (curves)", "SnapKV",
-            "KVzip-fit (repeat, global)", "KVzip-fit (KVzip prompt, global)"]  # fmt: skip
+            "KVzip-fit (repeat, global)", "KVzip-fit (KVzip prompt, global)", "Sculpt from the default"]  # fmt: skip
     main(argv)
     for ext in ("json", "md", "png"):
         assert (out / f"paper_tiny-llama.{ext}").stat().st_size > 0
     data = json.loads((out / "paper_tiny-llama.json").read_text())
     assert set(data["kl_geomean"]) == {"Select+Fit", "Sculpt", "Sculpt adaptive (curves)", "SnapKV",
-                                       "KVzip-fit (repeat, global)", "KVzip-fit (KVzip prompt, global)"}  # fmt: skip
+                                       "KVzip-fit (repeat, global)", "KVzip-fit (KVzip prompt, global)",
+                                       "Sculpt from the default"}  # fmt: skip
     row = data["rows"][0]
     for key in ("kl", "ppl", "passkey", "compress_over_prefill", "peak_rss_gb", "cache_over_full", "method",
                 "teacher_nll", "window", "ratio"):  # fmt: skip
@@ -59,6 +60,13 @@ def test_bench_paper_quick_schema_and_resume(tmp_path, smollm):
     main([*argv, "--report-only"])  # rewrites the report from the cache alone
     assert (out / "paper_tiny-llama.jsonl").read_text().splitlines() == lines
     assert "--report-only" not in (out / "paper_tiny-llama.md").read_text()
+    # running one method again keeps the others' cached rows in the report
+    main([*argv[: argv.index("--methods")], "--methods", "SnapKV"])
+    assert set(json.loads((out / "paper_tiny-llama.json").read_text())["kl_geomean"]) >= {
+        "Select+Fit",
+        "Sculpt",
+    }
+    assert (out / "paper_tiny-llama.jsonl").read_text().splitlines() == lines
     # cached rows are keyed by window name: another context length must not silently reuse them
     other = [a if a != "96" else "80" for a in argv]
     with pytest.raises(SystemExit):

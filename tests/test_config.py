@@ -7,7 +7,7 @@ import kvsculpt
 from kvsculpt.cli import build_parser, config_from_args
 from kvsculpt.config import CompressConfig, build_method
 from kvsculpt.core.methods import Sculpt, Select
-from kvsculpt.core.scores import H2O, KVzip, SnapKV
+from kvsculpt.core.scores import H2O, KVzip, SnapKV, ValueKVzip
 
 from .conftest import tiny_model
 
@@ -43,7 +43,10 @@ def test_repr_round_trips_and_is_what_a_cache_records():
 def test_names_map_to_one_method_each():
     assert build_method("h2o") == Select(scorer=H2O(), fit=True)
     assert build_method("kvzip", False, {"sinks": 0}) == Select(scorer=KVzip(sinks=0), fit=False)
-    assert build_method("sculpt") == Sculpt(scorer=H2O())
+    assert build_method("sculpt") == Sculpt(
+        scorer=ValueKVzip(), iters=20, mass_weight=1.0
+    )  # from the default
+    assert build_method("sculpt", True, {"score": "h2o"}).scorer == H2O()
     with pytest.raises(ValueError, match="unknown option window for method 'kvzip'"):
         build_method("kvzip", True, {"window": 3})
 

@@ -32,7 +32,8 @@ def test_curves_allocation_beats_uniform_for_sculpt(smollm):
     w = make_window(tok, load_text("openai_agents_human_in_the_loop"), 512, 64)
     ref = teacher(model, w)
     cfg = CompressConfig(ratio=0.3, method="sculpt", queries="self+context", self_samples=6, self_length=32,
-                         heldout=0.2, allocation="uniform", options={"iters": 5})  # fmt: skip
+                         heldout=0.2, allocation="uniform",
+                         options={"iters": 5, "score": "h2o", "mass_weight": 0.0})  # fmt: skip
     cap = capture(model, w.context, cfg)
     uniform = compress_captured(model, cap, cfg, progress=False)
     curves = compress_captured(model, cap, cfg.replace(allocation="curves"), progress=False)
@@ -54,7 +55,10 @@ def test_sculpt_fits_heldout_queries_at_least_as_well_as_select_fit(smollm):
     sculpt_err, sf_err = [], []
     for li in (2, 15, 28):
         K, V, Q = cap.keys[li], cap.values[li], cap.queries[li]
-        for solver, errs in ((Sculpt(iters=30), sculpt_err), (Select(scorer=H2O()), sf_err)):
+        for solver, errs in (
+            (Sculpt(scorer=H2O(), iters=30, mass_weight=0.0), sculpt_err),
+            (Select(scorer=H2O()), sf_err),
+        ):
             heads = solver(K, V, Q[:, ~held], budgets, cap.scale)
             errs += [
                 float(fidelity(Q[h, held], K[h], V[h], *heads[h], cap.scale)[0]) for h in range(len(heads))

@@ -29,7 +29,8 @@ METHODS = {
     "streaming-llm": "4 sink tokens and the most recent ones (StreamingLLM)",
     "knorm": "lowest key norm",
     "random": "random entries",
-    "sculpt": "KVSculpt: h2o selection with fitted values, then keys moved by L-BFGS",
+    "sculpt": "kvzip-v selection with fitted values, then each head's keys moved by L-BFGS (KVSculpt; "
+    "20 iterations, the block's log-mass held: mass_weight=1; score=h2o, mass_weight=0 is the paper's form)",
     "identity": "keep every entry (ratio 1.0; exactness checks)",
 }
 ALLOCATIONS = {
@@ -73,7 +74,9 @@ def build_method(name: str, fit: bool = True, options: dict | None = None) -> Me
             raise ValueError(f"identity takes no options; got {sorted(options)}")
         return Identity()
     cls = Sculpt if name == "sculpt" else Select
-    score = options.pop("score", "h2o") if name == "sculpt" else name
+    score = (
+        options.pop("score", DEFAULT_METHOD) if name == "sculpt" else name
+    )  # sculpt starts from the default
     if score not in SCORERS:
         raise ValueError(f"unknown score {score!r}; choose from {', '.join(SCORERS)}")
     scorer_cls = SCORERS[score]

@@ -49,8 +49,23 @@ EVICTION = ("h2o", "snapkv", "tova", "streaming-llm", "knorm")  # display-name p
 
 
 def legacy_config(method: str, queries: str, **opts) -> CompressConfig:
-    """A config with :data:`LEGACY` settings unless ``opts`` say otherwise."""
+    """A config with :data:`LEGACY` settings unless ``opts`` say otherwise; Sculpt as the paper states it
+    (Select+Fit's ``h2o`` selection, no mass term) and with its former 100 iterations."""
+    if method == "sculpt":
+        opts = {"score": "h2o", "iters": 100, "mass_weight": 0.0, **opts}
     return CompressConfig.of(method, queries, **{**LEGACY, **opts})
+
+
+def copy_peers(src: Path, jsonl: Path, wins: set, ratios, done: dict) -> None:
+    """Append to ``jsonl`` the kvpress rows of ``src`` (an earlier results file made with the same model and
+    window lengths) for the windows ``wins`` and ``ratios`` that ``done`` lacks, each marked with its source."""
+    new = [r for k, r in load_rows(src).items()
+           if k[0] in wins and k[1].startswith("kvpress.") and k[2] in ratios and k not in done]  # fmt: skip
+    with Path(jsonl).open("a") as f:
+        for r in new:
+            r = {**r, "source": str(src)}
+            f.write(json.dumps(r) + "\n")
+            done[(r["window"], r["config"], r["ratio"])] = r
 
 
 def geomean(xs) -> float:
