@@ -281,7 +281,9 @@ def cmd_demo(args):
         (CompressConfig(method="streaming-llm", fit=False, queries="context", allocation="uniform"), "StreamingLLM"),
     ]  # fmt: skip
     rows, default_cache = [], None
-    for cfg, label in tqdm(runs, desc="demo: compress and score", unit="method"):
+    bar = tqdm(runs, desc="demo: compress and score", unit="method")
+    for cfg, label in bar:
+        bar.set_postfix_str(label)  # the Sculpt row takes minutes: say which row is running
         cache, row = _eval_row(
             model, tok, args.model, window, ref, cfg.replace(ratio=args.ratio), progress=False
         )
