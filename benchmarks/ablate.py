@@ -33,6 +33,13 @@ from kvsculpt.eval.texts import text_index, windows
 
 # name: a CompressConfig with the settings the committed rows were made with (kvsculpt.bench.runner.LEGACY)
 C = legacy_config
+
+
+def S(iters: int, **options) -> CompressConfig:  # noqa: N802 (a grid row, beside C)
+    """Sculpt from the default's cache (``kvzip-v``, its queries and budgets) with ``iters`` L-BFGS iterations."""
+    return CompressConfig(method="sculpt", options={"score": "kvzip-v", "iters": iters, **options})
+
+
 EVICT = {"fit": False}  # plain eviction: values copied
 MAX = {"sinks": 0}  # kvzip scores without sinks = the former Select+Fit `select="max"`
 KVZIP_FIT = C("kvzip", "repeat", allocation="global", heldout=0.0)  # the default since session 4
@@ -220,31 +227,21 @@ GRIDS = {
         "select-fit/context": C("h2o", "context"),
         "sculpt/context iters=20": C("sculpt", "context", iters=20),
         "select-fit/default": CompressConfig(),
-        "sculpt/default iters=20": CompressConfig(
-            method="sculpt", options={"score": "kvzip-v", "iters": 20, "mass_weight": 0.0}
-        ),
+        "sculpt/default iters=20": S(20, mass_weight=0.0),
     },
     "sculpt-iters-100": {  # the longer runs, apart (about 5x the 20-iteration rows' time)
         "sculpt/context iters=100": C("sculpt", "context", iters=100),
-        "sculpt/default iters=100": CompressConfig(
-            method="sculpt", options={"score": "kvzip-v", "iters": 100, "mass_weight": 0.0}
-        ),
+        "sculpt/default iters=100": S(100, mass_weight=0.0),
     },
     # the block's log-mass is free when mass_weight = 0: held to the teacher's by the mass term or by β (NNLS)
     "sculpt-mass": {
         "sculpt/context iters=20 mass=1": C("sculpt", "context", iters=20, mass_weight=1.0),
-        "sculpt/default iters=20 mass=1": CompressConfig(
-            method="sculpt", options={"score": "kvzip-v", "iters": 20, "mass_weight": 1.0}
-        ),
-        "sculpt/default iters=20 beta=nnls": CompressConfig(
-            method="sculpt", options={"score": "kvzip-v", "iters": 20, "beta": "nnls", "mass_weight": 0.0}
-        ),
+        "sculpt/default iters=20 mass=1": S(20, mass_weight=1.0),
+        "sculpt/default iters=20 beta=nnls": S(20, beta="nnls", mass_weight=0.0),
     },
     "sculpt-iters-300": {  # the long runs (about 3x the 100-iteration rows' time)
         "sculpt/context iters=300": C("sculpt", "context", iters=300),
-        "sculpt/default iters=300": CompressConfig(
-            method="sculpt", options={"score": "kvzip-v", "iters": 300, "mass_weight": 0.0}
-        ),
+        "sculpt/default iters=300": S(300, mass_weight=0.0),
     },
     "smoke": {
         "h2o/context": C("h2o", "context", **EVICT),
