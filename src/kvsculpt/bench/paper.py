@@ -48,6 +48,9 @@ PAPER_GRID = {
 
 KVPRESS_DUPLICATES = ("SnapKV", "StreamingLLM", "Knorm")
 OPT_IN = ("default + KL refine",)  # run only when named in --methods (slow on a CPU)
+# CompressConfig()'s rows, which the opt-in rows are paired with
+DEFAULT_ROW = "KVzip-v (self+repeat, global)"
+BASELINES = ("H2O", "SnapKV", "TOVA", "StreamingLLM", "Knorm")
 
 
 def check_cached_setting(jsonl: Path, setting: dict) -> None:
@@ -90,9 +93,9 @@ def paper(args) -> dict:
         raise FileNotFoundError(f"{jsonl}: no cached results to report (run without --report-only first)")
     check_cached_setting(jsonl, {"context_tokens": args.context_tokens,
                                  "continuation_tokens": args.continuation_tokens})  # fmt: skip
-    # the report covers every cached row of the table's methods (those run now, and the default grid's from
-    # earlier runs), so that re-running one method does not drop the others from it
-    shown = set(grid) | {k for k in PAPER_GRID if k not in OPT_IN}
+    # the report covers every cached row of the table's methods (those run now and those of earlier runs), so
+    # that re-running one method does not drop the others from it; opt-in rows are compared apart
+    shown = set(PAPER_GRID)
 
     def cached(ids=None):
         return [r for (window, config, ratio), r in load_rows(jsonl).items()
@@ -117,6 +120,36 @@ def paper(args) -> dict:
     return write_paper_report(rows, args, out, tag, peers_note=None if use_peers else _peer_note(args))
 
 
+def opt_in_comparisons(extra: list[dict], rows: list[dict]) -> list[dict]:
+    """Each opt-in (config, ratio) against the default and the best peer or eviction baseline, paired on the
+    windows of ``rows`` (the main table's complete windows) where it ran."""
+    kl = {(r["config"], r["ratio"], r["window"]): r["kl"] for r in rows}
+    others = {r["config"] for r in rows if r["config"].startswith("kvpress.") or r["config"] in BASELINES}
+    out = []
+    for c, ratio in dict.fromkeys((r["config"], r["ratio"]) for r in extra):
+        mine = {r["window"]: r for r in extra if r["config"] == c and r["ratio"] == ratio
+                and (DEFAULT_ROW, ratio, r["window"]) in kl}  # fmt: skip
+        if not mine:
+            continue
+        per = {}
+        for w, r in sorted(mine.items()):
+            best = min(
+                (o for o in others if (o, ratio, w) in kl), key=lambda o: kl[(o, ratio, w)], default=None
+            )
+            per[w] = {"kl": r["kl"], "default": kl[(DEFAULT_ROW, ratio, w)], "best_other": best,
+                      "best_other_kl": kl[(best, ratio, w)] if best else None}  # fmt: skip
+        over_default = [p["default"] / p["kl"] for p in per.values()]
+        over_other = [p["best_other_kl"] / p["kl"] for p in per.values() if p["best_other_kl"] is not None]
+        cp = [float(r["compress_over_prefill"]) for r in mine.values() if r.get("compress_over_prefill")]
+        out.append({"config": c, "ratio": ratio, "windows": list(per), "per_window": per,
+                    "kl": geomean(p["kl"] for p in per.values()), "kl_default": geomean(p["default"] for p in per.values()),
+                    "gain_over_default": geomean(over_default), "worst_over_default": min(over_default),
+                    "gain_over_best_other": geomean(over_other) if over_other else None,
+                    "worst_over_best_other": min(over_other) if over_other else None,
+                    "compress_over_prefill": sum(cp) / len(cp) if cp else None})  # fmt: skip
+    return out
+
+
 def _peer_note(args) -> str:
     return (
         "kvpress peers not run ("
@@ -131,6 +164,9 @@ def write_paper_report(rows, args, out: Path, tag: str, peers_note=None) -> dict
     out.mkdir(parents=True, exist_ok=True)
     all_rows = rows
     rows, flagged = split_memorised(rows)
+    # opt-in methods (hours per window) run on fewer windows and ratios: compared apart, paired with the default
+    extra = [r for r in rows if r["config"] in OPT_IN]
+    rows = [r for r in rows if r["config"] not in OPT_IN]
     configs = list(dict.fromkeys(r["config"] for r in rows))
     # Only windows on which every configuration ran at every ratio, so that all columns compare like with like.
     have = defaultdict(set)
@@ -152,12 +188,7 @@ def write_paper_report(rows, args, out: Path, tag: str, peers_note=None) -> dict
     table = {c: {r: gm(c, r) for r in args.ratios} for c in configs}
     comparisons = []
     for r in args.ratios:
-        ours = [
-            c
-            for c in configs
-            if not c.startswith("kvpress.")
-            and c.split(" ")[0] not in ("H2O", "SnapKV", "TOVA", "StreamingLLM", "Knorm")
-        ]
+        ours = [c for c in configs if not c.startswith("kvpress.") and c.split(" ")[0] not in BASELINES]
         others = [c for c in configs if c not in ours and table[c][r] is not None]
         best_other = min(others, key=lambda c: table[c][r]) if others else None
         best_ours = min(ours, key=lambda c: table[c][r]) if ours else None
@@ -175,8 +206,9 @@ def write_paper_report(rows, args, out: Path, tag: str, peers_note=None) -> dict
     wins = sorted({r["window"] for r in rows})
     nll = {w: next(r["teacher_nll"] for r in rows if r["window"] == w and "teacher_nll" in r) for w in wins
            if any("teacher_nll" in r for r in rows if r["window"] == w)}  # fmt: skip
+    opt_in = opt_in_comparisons(extra, rows)
     summary = {"args": {k: v for k, v in vars(args).items() if k not in ("func",)}, "kl_geomean": table,
-               "comparisons": comparisons, "teacher_nll": nll, "paper": PAPER,
+               "comparisons": comparisons, "opt_in": opt_in, "teacher_nll": nll, "paper": PAPER,
                "looks_memorised": flagged, "rows": all_rows}  # fmt: skip
     (out / f"paper_{tag}.json").write_text(json.dumps(summary, indent=1))
     f = lambda x, p=4: "–" if x is None else f"{x:.{p}f}"  # noqa: E731
@@ -217,6 +249,21 @@ def write_paper_report(rows, args, out: Path, tag: str, peers_note=None) -> dict
             f"({c['best_other']} vs {c['best_ours']}) | {f(c['pilot_layer_spread_max'], 0)}×, "
             f"{f(c['pilot_head_ratio_max'], 0)}× |"
         )
+    if opt_in:
+        lines += ["", f"Opt-in methods, on the windows they ran on (not yet all), paired with the default "
+                  f"({DEFAULT_ROW}) and with the best peer or baseline on each window; `gain` = geo-mean of "
+                  "KL(other) / KL(method), `worst` its smallest per-window value:", "",
+                  "| method | r | windows | KL | KL default | gain over default (worst) | gain over best other (worst) "
+                  "| compress/prefill |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for o in opt_in:
+            lines.append(f"| {o['config']} | {o['ratio']} | {len(o['windows'])} | {f(o['kl'])} | "
+                         f"{f(o['kl_default'])} | {f(o['gain_over_default'], 2)}× ({f(o['worst_over_default'], 2)}×) "
+                         f"| {f(o['gain_over_best_other'], 2)}× ({f(o['worst_over_best_other'], 2)}×) | "
+                         f"{f(o['compress_over_prefill'], 0)} |")  # fmt: skip
+        lines += ["", "Per window: " + "; ".join(
+            f"{o['config']} r={o['ratio']} {w}: {f(o['per_window'][w]['kl'])} (default {f(o['per_window'][w]['default'])}, "
+            f"{o['per_window'][w]['best_other']} {f(o['per_window'][w]['best_other_kl'])})"
+            for o in opt_in for w in o["windows"])]  # fmt: skip
     full = {x["window"]: x["passkey_full"] for x in rows if x.get("passkey_full") is not None}
     if full:
         lines += ["", f"Pass-key with the full cache (reference): {sum(full.values())}/{len(full)} windows."]

@@ -191,6 +191,7 @@ def run_grid(model, tok, model_name, wins, grid: dict[str, CompressConfig], rati
         for w in wins:
             if all((w.id, c, r) in done for c in grid for r in ratios):
                 continue
+            bar.set_postfix_str(f"{w.id}: full-cache teacher")  # each phase named: a window takes minutes
             ref = teacher(model, w)
             pk_full = None
             if passkey:
@@ -201,6 +202,7 @@ def run_grid(model, tok, model_name, wins, grid: dict[str, CompressConfig], rati
                     continue
                 base = grid[names[0]]
                 keep_ctx = any(grid[c].solver.needs_context_queries for c in names)
+                bar.set_postfix_str(f"{w.id}: {base.queries} queries for {', '.join(names)}")
                 cap = capture(model, w.context, base, tokenizer=tok, keep_context_queries=keep_ctx)
                 pk_cap = None
                 if passkey and passkey_ratios & set(ratios):
@@ -212,8 +214,10 @@ def run_grid(model, tok, model_name, wins, grid: dict[str, CompressConfig], rati
                         if (w.id, name, r) in done:
                             continue
                         cfg = grid[name].replace(ratio=r)
+                        bar.set_postfix_str(f"{w.id}: {name} r={r}")
                         t0 = time.perf_counter()
-                        cache = compress_captured(model, cap, cfg, progress=False, tokenizer=tok)
+                        slow = cfg.refine != "none"  # minutes to hours: its bars (data, steps, val KL) show
+                        cache = compress_captured(model, cap, cfg, progress=slow, tokenizer=tok)
                         solve_s = time.perf_counter() - t0
                         res = score(model, cache, w, ref)
                         if held_sample is not None:
