@@ -103,9 +103,9 @@ def paper(args) -> dict:
                 and (ids is None or window in ids)]  # fmt: skip
 
     if report_only:
-        return write_paper_report(
-            cached(), args, out, tag, peers_note=None if use_peers else _peer_note(args)
-        )
+        rows = cached()  # the peers note: are kvpress rows in the cache (not: is kvpress installed now)
+        ran = any(r["config"].startswith("kvpress.") for r in rows)
+        return write_paper_report(rows, args, out, tag, peers_note=None if ran else _peer_note(args))
     torch.manual_seed(0)
     model, tok = load_model(args.model)
     texts = args.texts or [k for k, v in text_index().items() if not v["memorised"]]
