@@ -53,6 +53,11 @@ DEFAULT_ROW = "KVzip-v (self+repeat, global)"
 BASELINES = ("H2O", "SnapKV", "TOVA", "StreamingLLM", "Knorm")
 
 
+def is_peer_or_baseline(config: str) -> bool:
+    """A kvpress press or one of our eviction baselines (not one of our fitted methods)."""
+    return config.startswith("kvpress.") or config.split(" ")[0] in BASELINES
+
+
 def check_cached_setting(jsonl: Path, setting: dict) -> None:
     """Refuse to mix cached results made with another window setting into ``jsonl`` (rows are keyed by
     window name, not length). The setting is kept beside it in ``<jsonl>.setting.json``."""
@@ -124,7 +129,7 @@ def opt_in_comparisons(extra: list[dict], rows: list[dict]) -> list[dict]:
     """Each opt-in (config, ratio) against the default and the best peer or eviction baseline, paired on the
     windows of ``rows`` (the main table's complete windows) where it ran."""
     kl = {(r["config"], r["ratio"], r["window"]): r["kl"] for r in rows}
-    others = {r["config"] for r in rows if r["config"].startswith("kvpress.") or r["config"] in BASELINES}
+    others = {r["config"] for r in rows if is_peer_or_baseline(r["config"])}
     out = []
     for c, ratio in dict.fromkeys((r["config"], r["ratio"]) for r in extra):
         mine = {r["window"]: r for r in extra if r["config"] == c and r["ratio"] == ratio
@@ -188,7 +193,7 @@ def write_paper_report(rows, args, out: Path, tag: str, peers_note=None) -> dict
     table = {c: {r: gm(c, r) for r in args.ratios} for c in configs}
     comparisons = []
     for r in args.ratios:
-        ours = [c for c in configs if not c.startswith("kvpress.") and c.split(" ")[0] not in BASELINES]
+        ours = [c for c in configs if not is_peer_or_baseline(c)]
         others = [c for c in configs if c not in ours and table[c][r] is not None]
         best_other = min(others, key=lambda c: table[c][r]) if others else None
         best_ours = min(ours, key=lambda c: table[c][r]) if ours else None
