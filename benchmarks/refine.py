@@ -123,11 +123,12 @@ def quick_point(curve: list[dict], steps: int, data_s: float, prefill_s: float, 
     return None if p is None else ((init_s + data_s + p["seconds"]) / prefill_s, p["kl"])
 
 
-def kept_gain(kl_init: float, kl_quick: float, kl_full: float) -> float:
-    """Fraction of the full refine's gain in log KL that the quick setting keeps (1 when the full gained nothing;
-    below 0 when the quick setting is worse than the start)."""
+def kept_gain(kl_init: float, kl_quick: float, kl_full: float) -> float | None:
+    """Fraction of the full refine's gain in log KL that the quick setting keeps (below 0 when the quick setting is
+    worse than the start). None when the full refine gained under 5 %: a share of almost nothing is noise (at
+    r = 0.5 it read -62)."""
     full = math.log(kl_init / kl_full)
-    return 1.0 if full <= 0 else math.log(kl_init / kl_quick) / full
+    return None if full < math.log(1.05) else math.log(kl_init / kl_quick) / full
 
 
 def report(rows, args, out: Path):
@@ -149,7 +150,8 @@ def report(rows, args, out: Path):
              "`cost` = (init compression + refine data + refine steps) / prefill; `quick` = the same refine stopped "
              f"at step {args.quick_steps} (`refine_steps={args.quick_steps}`, read off the curve): its cost, its KL "
              "(geo-means), and the fraction of the full refine's gain in log KL it keeps (of the geo-means: per "
-             "window the fraction is unstable where the full gain is near zero).", "",
+             "window the fraction is unstable where the full gain is near zero; – where the full gain is under "
+             "5 %).", "",
              "| setting | r | windows | KL init | KL refined | gain | worst-window gain | init ×best press | "
              "×best press | worst ×press | windows below every press | refine s | cost ×prefill | quick: cost, KL, kept gain |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip

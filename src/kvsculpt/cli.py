@@ -355,7 +355,8 @@ def _compress_options(p):
     g = p.add_argument_group("end-to-end refine (after the method)")
     g.add_argument("--refine", default=d.refine, choices=["none", "kl"],
                    help="kl: optimise the whole compressed block by backpropagation through the frozen model, to "
-                   "the full cache's next-token distributions on text the model generates itself")  # fmt: skip
+                   "the full cache's next-token distributions on text the model generates itself; measured to help at "
+                   "ratio <= 0.3, not at 0.5 (README)")  # fmt: skip
     g.add_argument("--refine-steps", type=int, default=d.refine_steps, help="Adam steps (at most)")
     g.add_argument(
         "--refine-lr",
