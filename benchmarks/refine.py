@@ -53,10 +53,13 @@ def run(args):
         return report(list(load_rows(jsonl).values()), args, out)
     base = INITS[args.init]
     refined = base.replace(refine="kl", refine_steps=args.steps, refine_params=args.params,
-                           refine_data=args.data, refine_lr=args.lr, refine_samples=args.samples)  # fmt: skip
+                           refine_data=args.data, refine_lr=args.lr, refine_samples=args.samples,
+                           refine_length=args.length, refine_batch=args.batch)  # fmt: skip
     setting = f"refine kl {args.params} {args.data} steps={args.steps}"
     for name, value, default in [("lr", args.lr, CompressConfig().refine_lr), ("init", args.init, "default"),
-                                 ("samples", args.samples, CompressConfig().refine_samples)]:  # fmt: skip
+                                 ("samples", args.samples, CompressConfig().refine_samples),
+                                 ("length", args.length, CompressConfig().refine_length),
+                                 ("batch", args.batch, CompressConfig().refine_batch)]:  # fmt: skip
         if value != default:
             setting += f" {name}={value}"
     done = load_rows(jsonl)
@@ -244,6 +247,15 @@ def main(argv=None):
     ap.add_argument("--data", default="self+repeat+study", help="refine_data")
     ap.add_argument(
         "--samples", type=int, default=CompressConfig().refine_samples, help="refine_samples per source"
+    )
+    ap.add_argument(
+        "--length",
+        type=int,
+        default=CompressConfig().refine_length,
+        help="refine_length (tokens per sequence)",
+    )
+    ap.add_argument(
+        "--batch", type=int, default=CompressConfig().refine_batch, help="refine_batch (sequences per step)"
     )
     ap.add_argument(
         "--init", choices=list(INITS), default="default", help="the method whose cache is refined"

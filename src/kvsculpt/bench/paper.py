@@ -255,7 +255,7 @@ def write_paper_report(rows, args, out: Path, tag: str, peers_note=None) -> dict
             f"{f(c['pilot_head_ratio_max'], 0)}× |"
         )
     if opt_in:
-        lines += ["", f"Opt-in methods, on the windows they ran on (not yet all), paired with the default "
+        lines += ["", f"Opt-in methods, on the windows they ran on (`windows`, of the {len(wins)} above), paired with the default "
                   f"({DEFAULT_ROW}) and with the best peer or baseline on each window; `gain` = geo-mean of "
                   "KL(other) / KL(method), `worst` its smallest per-window value:", "",
                   "| method | r | windows | KL | KL default | gain over default (worst) | gain over best other (worst) "
