@@ -41,7 +41,8 @@ WINDOWS = ["fastmcp_background_tasks@1152", "fastmcp_feature_program@1152", "goo
 PRESSES = ("KVzipPress", "SnapKVPress", "ExpectedAttentionPress", "TOVAPress")
 # the cache that is refined: the fast default, or the paper's per-layer methods as the paper table runs them
 # (the refine results committed before the kvzip-v default were made with init "kvzip-repeat", then "default")
-INITS = {"default": CompressConfig(), "kvzip-repeat": PAPER_GRID["KVzip-fit (KVzip prompt, global)"],
+DEFAULT = CompressConfig()
+INITS = {"default": DEFAULT, "kvzip-repeat": PAPER_GRID["KVzip-fit (KVzip prompt, global)"],
          "select-fit": PAPER_GRID["Select+Fit"], "sculpt": PAPER_GRID["Sculpt"],
          # Sculpt from the default's cache with the mass term (issue 15: 2.6-2.7x below the default on SmolLM2)
          "sculpt-mass": CompressConfig(method="sculpt", options={"score": "kvzip-v", "iters": 20, "mass_weight": 1.0})}  # fmt: skip
@@ -56,10 +57,10 @@ def run(args):
                            refine_data=args.data, refine_lr=args.lr, refine_samples=args.samples,
                            refine_length=args.length, refine_batch=args.batch)  # fmt: skip
     setting = f"refine kl {args.params} {args.data} steps={args.steps}"
-    for name, value, default in [("lr", args.lr, CompressConfig().refine_lr), ("init", args.init, "default"),
-                                 ("samples", args.samples, CompressConfig().refine_samples),
-                                 ("length", args.length, CompressConfig().refine_length),
-                                 ("batch", args.batch, CompressConfig().refine_batch)]:  # fmt: skip
+    # options off their default, in the setting's name (this order: the names of the recorded rows)
+    for name, value, default in [("lr", args.lr, DEFAULT.refine_lr), ("init", args.init, "default"),
+                                 *((k, getattr(args, k), getattr(DEFAULT, f"refine_{k}"))
+                                   for k in ("samples", "length", "batch"))]:  # fmt: skip
         if value != default:
             setting += f" {name}={value}"
     done = load_rows(jsonl)
@@ -241,21 +242,17 @@ def main(argv=None):
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.05, 0.1, 0.3, 0.5])
     ap.add_argument("--steps", type=int, default=60, help="refine_steps")
     ap.add_argument("--params", default="kv", help="refine_params")
-    ap.add_argument(
-        "--lr", type=float, default=CompressConfig().refine_lr, help="refine_lr (default: by ratio)"
-    )
+    ap.add_argument("--lr", type=float, default=DEFAULT.refine_lr, help="refine_lr (default: by ratio)")
     ap.add_argument("--data", default="self+repeat+study", help="refine_data")
-    ap.add_argument(
-        "--samples", type=int, default=CompressConfig().refine_samples, help="refine_samples per source"
-    )
+    ap.add_argument("--samples", type=int, default=DEFAULT.refine_samples, help="refine_samples per source")
     ap.add_argument(
         "--length",
         type=int,
-        default=CompressConfig().refine_length,
+        default=DEFAULT.refine_length,
         help="refine_length (tokens per sequence)",
     )
     ap.add_argument(
-        "--batch", type=int, default=CompressConfig().refine_batch, help="refine_batch (sequences per step)"
+        "--batch", type=int, default=DEFAULT.refine_batch, help="refine_batch (sequences per step)"
     )
     ap.add_argument(
         "--init", choices=list(INITS), default="default", help="the method whose cache is refined"
