@@ -55,12 +55,12 @@ def run(args):
     base = INITS[args.init]
     refined = base.replace(refine="kl", refine_steps=args.steps, refine_params=args.params,
                            refine_data=args.data, refine_lr=args.lr, refine_samples=args.samples,
-                           refine_length=args.length, refine_batch=args.batch)  # fmt: skip
+                           refine_length=args.length, refine_batch=args.batch, refine_topk=args.topk)  # fmt: skip
     setting = f"refine kl {args.params} {args.data} steps={args.steps}"
     # options off their default, in the setting's name (this order: the names of the recorded rows)
     for name, value, default in [("lr", args.lr, DEFAULT.refine_lr), ("init", args.init, "default"),
                                  *((k, getattr(args, k), getattr(DEFAULT, f"refine_{k}"))
-                                   for k in ("samples", "length", "batch"))]:  # fmt: skip
+                                   for k in ("samples", "length", "batch", "topk"))]:  # fmt: skip
         if value != default:
             setting += f" {name}={value}"
     done = load_rows(jsonl)
@@ -139,6 +139,7 @@ def report(rows, args, out: Path):
     from kvsculpt.bench.plots import kl_vs_ratio
 
     ours = [r for r in rows if not r["config"].startswith("kvpress.")]
+    ratios = sorted({r["ratio"] for r in ours})  # every ratio in the file, not only this run's --ratios
     init = INITS[args.init]
     press = defaultdict(dict)
     for r in rows:
@@ -160,7 +161,7 @@ def report(rows, args, out: Path):
              "×best press | worst ×press | windows below every press | refine s | cost ×prefill | quick: cost, KL, kept gain |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     summary = []
-    for setting, ratio in [(c, x) for c in dict.fromkeys(r["config"] for r in ours) for x in args.ratios]:
+    for setting, ratio in [(c, x) for c in dict.fromkeys(r["config"] for r in ours) for x in ratios]:
         rs = [r for r in ours if r["ratio"] == ratio and r["config"] == setting]
         if not rs:
             continue
@@ -199,11 +200,12 @@ def report(rows, args, out: Path):
         lines.append(f"- {r['config']}, r={r['ratio']} {r['window']}: {r['kl_init']:.4f} → {r['kl']:.4f} (best step "
                      f"{r['refine_best_step']} of {r['refine_steps_run']}, {r['refine_seconds']:.0f} s)"
                      + (f"; {best.split('.')[1]} {p[best]:.4f}" if best else ""))  # fmt: skip
-    tail = [r["refine_tail_mass"] for r in ours]
+    tail = [r["refine_tail_mass"] for r in ours if " topk=" not in r["config"]]
     if tail:
         lines += [
             "",
-            f"Teacher mass outside its top-256 tokens (the tail bucket): mean {sum(tail) / len(tail):.3f}.",
+            f"Teacher mass outside its top-{DEFAULT.refine_topk} tokens (the tail bucket; settings that name "
+            f"another topk left out): mean {sum(tail) / len(tail):.3f}.",
         ]
     if any("source" in r for r in rows):
         lines += ["", "kvpress rows were copied from `" + next(r["source"] for r in rows if "source" in r) + "` (same "
@@ -212,7 +214,7 @@ def report(rows, args, out: Path):
     (out.parent / f"{out.name}.json").write_text(json.dumps({"args": vars(args), "summary": summary, "rows": rows},
                                                             indent=1))  # fmt: skip
     curves = {}
-    for setting, ratio in [(c, x) for c in dict.fromkeys(r["config"] for r in ours) for x in args.ratios]:
+    for setting, ratio in [(c, x) for c in dict.fromkeys(r["config"] for r in ours) for x in ratios]:
         rs = [r for r in ours if r["ratio"] == ratio and r["config"] == setting]
         steps = sorted({p["step"] for r in rs for p in r["curve"]})
         pts = {}
@@ -254,6 +256,8 @@ def main(argv=None):
     ap.add_argument(
         "--batch", type=int, default=DEFAULT.refine_batch, help="refine_batch (sequences per step)"
     )
+    ap.add_argument("--topk", type=int, default=DEFAULT.refine_topk,
+                    help="refine_topk (the teacher's tokens kept; the vocabulary size: the exact KL)")  # fmt: skip
     ap.add_argument(
         "--init", choices=list(INITS), default="default", help="the method whose cache is refined"
     )
