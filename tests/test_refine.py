@@ -147,6 +147,7 @@ def test_refine_options_are_checked():
         CompressConfig(refine_lr=0.0)
     # the step by ratio, unless given
     assert CompressConfig(ratio=0.1).refine_step == 3e-3 and CompressConfig(ratio=0.3).refine_step == 1e-3
+    assert CompressConfig(ratio=0.5).refine_step == 3e-4 and CompressConfig(ratio=0.7).refine_step == 3e-4
     assert CompressConfig(ratio=0.3, refine_lr=5e-3).refine_step == 5e-3
 
 

@@ -24,10 +24,10 @@ passes the rounding unchanged (the straight-through estimator), and the result i
 that chooses the best iterate is that of the stored codes.
 
 Optimisation: Adam on offsets measured in units of each layer tensor's RMS (so ``refine_lr`` is a relative
-step; by default 3e-3 below r = 0.2 and 1e-3 above), fp32 master copies, the model's dtype in the forward; a
-validation split of the generated sequences is scored every ``refine_eval_every`` steps, the best iterate is
-returned (never worse than the start on it), and training stops early after ``refine_patience`` evaluations
-without improvement or after ``refine_time`` seconds.
+step; by default 3e-3 below r = 0.2, 1e-3 below 0.5, 3e-4 from there), fp32 master copies, the model's dtype
+in the forward; a validation split of the generated sequences is scored every ``refine_eval_every`` steps, the
+best iterate is returned (never worse than the start on it), and training stops early after
+``refine_patience`` evaluations without improvement or after ``refine_time`` seconds.
 """
 
 from __future__ import annotations
