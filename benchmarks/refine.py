@@ -200,13 +200,12 @@ def report(rows, args, out: Path):
         lines.append(f"- {r['config']}, r={r['ratio']} {r['window']}: {r['kl_init']:.4f} → {r['kl']:.4f} (best step "
                      f"{r['refine_best_step']} of {r['refine_steps_run']}, {r['refine_seconds']:.0f} s)"
                      + (f"; {best.split('.')[1]} {p[best]:.4f}" if best else ""))  # fmt: skip
-    tail = [r["refine_tail_mass"] for r in ours if " topk=" not in r["config"]]
+    tail = defaultdict(list)  # per setting: its topk decides the tail
+    for r in ours:
+        tail[r["config"]].append(r["refine_tail_mass"])
     if tail:
-        lines += [
-            "",
-            f"Teacher mass outside its top-{DEFAULT.refine_topk} tokens (the tail bucket; settings that name "
-            f"another topk left out): mean {sum(tail) / len(tail):.3f}.",
-        ]
+        lines += ["", f"Teacher mass outside its top-k tokens (the tail bucket; k = {DEFAULT.refine_topk} unless the "
+                  "setting names a topk), mean: " + "; ".join(f"{c} {sum(t) / len(t):.3f}" for c, t in tail.items())]  # fmt: skip
     if any("source" in r for r in rows):
         lines += ["", "kvpress rows were copied from `" + next(r["source"] for r in rows if "source" in r) + "` (same "
                   "model, windows and lengths); missing ones were run here."]  # fmt: skip

@@ -248,8 +248,9 @@ class CompressConfig:
         """The refine's relative learning rate: ``refine_lr``, or by default 3e-3 below r = 0.2, 1e-3 below
         r = 0.5 and 3e-4 from there (SmolLM2, 60 steps: at r = 0.1, 1.99× against 1.70× at 1e-3 on the tuning
         windows; at r = 0.3, 1.53× against 1.21× there, and 1.96× against ~1.0× on four other windows; at
-        r = 0.5, on 8 report windows, 1.40× against 1.03× at 1e-3 on SmolLM2 and 1.26× against 1.00× on Qwen2.5-Coder-0.5B).
-        Results recorded before 2026-12-02 at r >= 0.5 with ``refine_lr=None`` ran 1e-3 (README)."""
+        r = 0.5, on 8 report windows, 1.40× against 1.03× at 1e-3 on SmolLM2 and 1.26× against 1.00× on
+        Qwen2.5-Coder-0.5B). Results recorded before 2026-12-02 at r >= 0.5 with ``refine_lr=None`` ran 1e-3
+        (README)."""
         if self.refine_lr is not None:
             return self.refine_lr
         return 3e-3 if self.ratio < 0.2 else 1e-3 if self.ratio < 0.5 else 3e-4
