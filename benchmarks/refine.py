@@ -12,7 +12,9 @@ here) and are not tuned on these windows.
 
 kvpress rows: copied from ``--peers-from`` (a results file made on the same windows with the same model and
 window lengths; their ``source`` says so), and any (window, press, ratio) missing there is run here
-(``kvsculpt.bench.peers``, a subprocess). Writes ``OUT.jsonl`` (resumable), ``OUT.json``, ``OUT.md``, ``OUT.png``.
+(``kvsculpt.bench.peers``, a subprocess). ``--heldout SOURCES`` also scores the init and the refined cache on
+fresh sequences of those refine data sources (another seed): what a refine on one kind of data does to the
+others. Writes ``OUT.jsonl`` (resumable), ``OUT.json``, ``OUT.md``, ``OUT.png``.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+import torch
+
 from kvsculpt import CompressConfig, load_model
 from kvsculpt.bench import peers
 from kvsculpt.bench.paper import PAPER_GRID
@@ -32,12 +36,14 @@ from kvsculpt.bench.runner import copy_peers, geomean, load_rows, results_jsonl,
 from kvsculpt.compress import compress_captured, refine_captured
 from kvsculpt.eval.metrics import score, teacher
 from kvsculpt.hf.capture import capture
+from kvsculpt.refine import Student, make_data, mean_kl
 
 # 8 windows none of which the refine settings were chosen on (the probe used fastmcp_background_tasks@0 and
 # openai_agents_human_in_the_loop@0); markitdown_core@0 is left out as the fast-default issue did on Qwen
 WINDOWS = ["fastmcp_background_tasks@1152", "fastmcp_feature_program@1152", "google_adk_skills_utils@1152",
            "markitdown_core@1152", "openai_agents_human_in_the_loop@1152", "openai_agents_tar_utils@1152",
            "fastmcp_feature_program@0", "openai_agents_tar_utils@0"]  # fmt: skip
+HELDOUT_SEED = 1000  # the held-out sequences' seed offset (the refine's own data use the config's seed)
 PRESSES = ("KVzipPress", "SnapKVPress", "ExpectedAttentionPress", "TOVAPress")
 # the cache that is refined: the fast default, or the paper's per-layer methods as the paper table runs them
 # (the refine results committed before the kvzip-v default were made with init "kvzip-repeat", then "default")
@@ -55,12 +61,14 @@ def run(args):
     base = INITS[args.init]
     refined = base.replace(refine="kl", refine_steps=args.steps, refine_params=args.params,
                            refine_data=args.data, refine_lr=args.lr, refine_samples=args.samples,
-                           refine_length=args.length, refine_batch=args.batch, refine_topk=args.topk)  # fmt: skip
+                           refine_length=args.length, refine_batch=args.batch, refine_topk=args.topk,
+                           temperature=args.temperature, top_p=args.top_p)  # fmt: skip
     setting = f"refine kl {args.params} {args.data} steps={args.steps}"
     # options off their default, in the setting's name (this order: the names of the recorded rows)
     for name, value, default in [("lr", args.lr, DEFAULT.refine_lr), ("init", args.init, "default"),
                                  *((k, getattr(args, k), getattr(DEFAULT, f"refine_{k}"))
-                                   for k in ("samples", "length", "batch", "topk"))]:  # fmt: skip
+                                   for k in ("samples", "length", "batch", "topk")),
+                                 ("temperature", args.temperature, DEFAULT.temperature), ("top_p", args.top_p, DEFAULT.top_p)]:  # fmt: skip
         if value != default:
             setting += f" {name}={value}"
     done = load_rows(jsonl)
@@ -80,8 +88,11 @@ def run(args):
             if todo:
                 ref = teacher(model, w)
                 cap = capture(model, w.context, base, tokenizer=tok)
+                held = heldout_data(model, tok, cap, refined, args.heldout)
                 for r in todo:
-                    row = run_one(model, tok, w, ref, cap, base.replace(ratio=r), refined.replace(ratio=r))
+                    row = run_one(
+                        model, tok, w, ref, cap, base.replace(ratio=r), refined.replace(ratio=r), held
+                    )
                     row.update(window=w.id, config=setting, ratio=r, model=args.model,
                                compress_config=repr(refined.replace(ratio=r)))  # fmt: skip
                     f.write(json.dumps(row) + "\n")
@@ -94,7 +105,20 @@ def run(args):
     return report(list(load_rows(jsonl).values()), args, out)
 
 
-def run_one(model, tok, w, ref, cap, base: CompressConfig, refined: CompressConfig) -> dict:
+def heldout_data(model, tok, cap, refined: CompressConfig, sources: list[str]) -> dict:
+    """Per source: sequences made from the full cache as the refine makes its data, with another seed (so none
+    is a training or validation sequence), for the KL of a cache on each kind of use."""
+    return {src: make_data(model, tok, cap.keys, cap.values, cap.last_logits, cap.context_ids,
+                           refined.replace(refine_data=src, seed=refined.seed + HELDOUT_SEED)) for src in sources}  # fmt: skip
+
+
+def heldout_kl(model, cache, held: dict, batch: int) -> dict:
+    """Mean coarse KL per position of ``cache`` on each source's held-out sequences."""
+    student = Student(cache, "kv")
+    return {src: mean_kl(model, student, d, torch.arange(len(d.tokens)), batch) for src, d in held.items()}
+
+
+def run_one(model, tok, w, ref, cap, base: CompressConfig, refined: CompressConfig, held: dict) -> dict:
     t0 = time.perf_counter()
     init = compress_captured(model, cap, base, progress=False)
     init_s = cap.prefill_seconds + cap.query_seconds + time.perf_counter() - t0
@@ -115,7 +139,8 @@ def run_one(model, tok, w, ref, cap, base: CompressConfig, refined: CompressConf
         "refine_data_seconds": info["refine_data_seconds"], "refine_steps_run": info["refine_steps_run"],
         "refine_best_step": info["refine_best_step"], "refine_val_kl": info["refine_val_kl"],
         "refine_val_kl_init": info["refine_val_kl_init"], "refine_tail_mass": info["refine_tail_mass"],
-        "curve": curve,
+        "curve": curve, "heldout_kl_init": heldout_kl(model, init, held, refined.refine_batch),
+        "heldout_kl": heldout_kl(model, cache, held, refined.refine_batch),
     }  # fmt: skip
 
 
@@ -200,6 +225,15 @@ def report(rows, args, out: Path):
         lines.append(f"- {r['config']}, r={r['ratio']} {r['window']}: {r['kl_init']:.4f} → {r['kl']:.4f} (best step "
                      f"{r['refine_best_step']} of {r['refine_steps_run']}, {r['refine_seconds']:.0f} s)"
                      + (f"; {best.split('.')[1]} {p[best]:.4f}" if best else ""))  # fmt: skip
+    held = [r for r in ours if r.get("heldout_kl")]
+    if held:
+        lines += ["", "KL (coarse, nats/token) on fresh sequences of each refine data source, made from the full cache "
+                  "with another seed (none trained or validated on), geo-mean over windows, init → refined:", ""]  # fmt: skip
+        for setting, ratio in dict.fromkeys((r["config"], r["ratio"]) for r in held):
+            rs = [r for r in held if (r["config"], r["ratio"]) == (setting, ratio)]
+            parts = [f"{src} {geomean(r['heldout_kl_init'][src] for r in rs):.4f} → "
+                     f"{geomean(r['heldout_kl'][src] for r in rs):.4f}" for src in rs[0]["heldout_kl"]]  # fmt: skip
+            lines.append(f"- {setting}, r={ratio} ({len(rs)} windows): " + "; ".join(parts))
     tail = defaultdict(list)  # per setting: its topk decides the tail
     for r in ours:
         tail[r["config"]].append(r["refine_tail_mass"])
@@ -257,12 +291,17 @@ def main(argv=None):
     )
     ap.add_argument("--topk", type=int, default=DEFAULT.refine_topk,
                     help="refine_topk (the teacher's tokens kept; the vocabulary size: the exact KL)")  # fmt: skip
+    ap.add_argument("--temperature", type=float, default=DEFAULT.temperature,
+                    help="sampling temperature of the refine data (the init's own queries keep the default)")  # fmt: skip
+    ap.add_argument("--top-p", type=float, default=DEFAULT.top_p, help="top-p of the refine data's sampling")
     ap.add_argument(
         "--init", choices=list(INITS), default="default", help="the method whose cache is refined"
     )
     ap.add_argument(
         "--quick-steps", type=int, default=20, help="the quick setting's refine_steps (report only)"
     )
+    ap.add_argument("--heldout", nargs="*", default=[], choices=["self", "repeat", "study"],
+                    help="also score init and refined on fresh sequences of these sources (another seed)")  # fmt: skip
     ap.add_argument("--peers", action="store_true", help="run the kvpress presses missing from the rows")
     ap.add_argument("--peers-from", help="a results JSONL whose kvpress rows (same windows) are copied")
     ap.add_argument("--out", default="benchmarks/results/refine_smollm2")
