@@ -34,6 +34,7 @@ from kvsculpt.bench import peers
 from kvsculpt.bench.paper import PAPER_GRID
 from kvsculpt.bench.runner import copy_peers, geomean, load_rows, results_jsonl, windows_by_id
 from kvsculpt.compress import compress_captured, refine_captured
+from kvsculpt.config import REFINE_SOURCES
 from kvsculpt.eval.metrics import score, teacher
 from kvsculpt.hf.capture import capture
 from kvsculpt.refine import Student, make_data, mean_kl
@@ -139,8 +140,9 @@ def run_one(model, tok, w, ref, cap, base: CompressConfig, refined: CompressConf
         "refine_data_seconds": info["refine_data_seconds"], "refine_steps_run": info["refine_steps_run"],
         "refine_best_step": info["refine_best_step"], "refine_val_kl": info["refine_val_kl"],
         "refine_val_kl_init": info["refine_val_kl_init"], "refine_tail_mass": info["refine_tail_mass"],
-        "curve": curve, "heldout_kl_init": heldout_kl(model, init, held, refined.refine_batch),
-        "heldout_kl": heldout_kl(model, cache, held, refined.refine_batch),
+        "curve": curve,
+        **({"heldout_kl_init": heldout_kl(model, init, held, refined.refine_batch),
+            "heldout_kl": heldout_kl(model, cache, held, refined.refine_batch)} if held else {}),
     }  # fmt: skip
 
 
@@ -300,7 +302,7 @@ def main(argv=None):
     ap.add_argument(
         "--quick-steps", type=int, default=20, help="the quick setting's refine_steps (report only)"
     )
-    ap.add_argument("--heldout", nargs="*", default=[], choices=["self", "repeat", "study"],
+    ap.add_argument("--heldout", nargs="*", default=[], choices=list(REFINE_SOURCES),
                     help="also score init and refined on fresh sequences of these sources (another seed)")  # fmt: skip
     ap.add_argument("--peers", action="store_true", help="run the kvpress presses missing from the rows")
     ap.add_argument("--peers-from", help="a results JSONL whose kvpress rows (same windows) are copied")
