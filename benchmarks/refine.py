@@ -34,7 +34,7 @@ from kvsculpt.bench import peers
 from kvsculpt.bench.paper import PAPER_GRID
 from kvsculpt.bench.runner import copy_peers, geomean, load_rows, results_jsonl, windows_by_id
 from kvsculpt.compress import compress_captured, refine_captured
-from kvsculpt.config import REFINE_SOURCES
+from kvsculpt.config import REFINE_SCHEDULES, REFINE_SOURCES
 from kvsculpt.eval.metrics import score, teacher
 from kvsculpt.hf.capture import capture
 from kvsculpt.refine import Student, make_data, mean_kl
@@ -61,12 +61,13 @@ def run(args):
         return report(list(load_rows(jsonl).values()), args, out)
     base = INITS[args.init]
     refined = base.replace(refine="kl", refine_steps=args.steps, refine_params=args.params,
-                           refine_data=args.data, refine_lr=args.lr, refine_samples=args.samples,
+                           refine_data=args.data, refine_lr=args.lr, refine_schedule=args.schedule, refine_samples=args.samples,
                            refine_length=args.length, refine_batch=args.batch, refine_topk=args.topk,
                            temperature=args.temperature, top_p=args.top_p)  # fmt: skip
     setting = f"refine kl {args.params} {args.data} steps={args.steps}"
     # options off their default, in the setting's name (this order: the names of the recorded rows)
-    for name, value, default in [("lr", args.lr, DEFAULT.refine_lr), ("init", args.init, "default"),
+    for name, value, default in [("lr", args.lr, DEFAULT.refine_lr), ("schedule", args.schedule, DEFAULT.refine_schedule),
+                                 ("init", args.init, "default"),
                                  *((k, getattr(args, k), getattr(DEFAULT, f"refine_{k}"))
                                    for k in ("samples", "length", "batch", "topk")),
                                  ("temperature", args.temperature, DEFAULT.temperature), ("top_p", args.top_p, DEFAULT.top_p)]:  # fmt: skip
@@ -167,6 +168,7 @@ def report(rows, args, out: Path):
 
     ours = [r for r in rows if not r["config"].startswith("kvpress.")]
     ratios = sorted({r["ratio"] for r in ours})  # every ratio in the file, not only this run's --ratios
+    settings = list(dict.fromkeys(r["config"] for r in ours))
     init = INITS[args.init]
     press = defaultdict(dict)
     for r in rows:
@@ -174,6 +176,9 @@ def report(rows, args, out: Path):
             press[(r["window"], r["ratio"])][r["config"]] = r["kl"]
     lines = [f"# End-to-end refine: {args.model}, n={args.context_tokens}, T={args.continuation_tokens}", "",
              f"Command: `python {' '.join(a for a in sys.argv if a != '--report-only')}`", "",
+             *([f"The file holds {len(settings)} settings, merged from separate runs: each was run as this command "
+                "with the options its name gives (`refine kl PARAMS DATA steps=N`, then every option off its default, "
+                "as `lr=`, `schedule=`, `init=`, `top_p=`), in place of the command's own.", ""] if len(settings) > 1 else []),
              "KL (nats/token) on each window's real continuation, which neither the compression nor the refine "
              f"sees. `init` = the cache of `--init {args.init}` (`{init.method}` on `{init.queries}` queries, "
              f"{'fitted' if init.fit else 'copied'} values, `{init.allocation}` budgets); `refined` = the "
@@ -188,7 +193,7 @@ def report(rows, args, out: Path):
              "×best press | worst ×press | windows below every press | refine s | cost ×prefill | quick: cost, KL, kept gain |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     summary = []
-    for setting, ratio in [(c, x) for c in dict.fromkeys(r["config"] for r in ours) for x in ratios]:
+    for setting, ratio in [(c, x) for c in settings for x in ratios]:
         rs = [r for r in ours if r["ratio"] == ratio and r["config"] == setting]
         if not rs:
             continue
@@ -249,7 +254,7 @@ def report(rows, args, out: Path):
     (out.parent / f"{out.name}.json").write_text(json.dumps({"args": vars(args), "summary": summary, "rows": rows},
                                                             indent=1))  # fmt: skip
     curves = {}
-    for setting, ratio in [(c, x) for c in dict.fromkeys(r["config"] for r in ours) for x in ratios]:
+    for setting, ratio in [(c, x) for c in settings for x in ratios]:
         rs = [r for r in ours if r["ratio"] == ratio and r["config"] == setting]
         steps = sorted({p["step"] for r in rs for p in r["curve"]})
         pts = {}
@@ -280,6 +285,8 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=60, help="refine_steps")
     ap.add_argument("--params", default="kv", help="refine_params")
     ap.add_argument("--lr", type=float, default=DEFAULT.refine_lr, help="refine_lr (default: by ratio)")
+    ap.add_argument("--schedule", default=DEFAULT.refine_schedule, choices=list(REFINE_SCHEDULES),
+                    help="refine_schedule")  # fmt: skip
     ap.add_argument("--data", default="self+repeat+study", help="refine_data")
     ap.add_argument("--samples", type=int, default=DEFAULT.refine_samples, help="refine_samples per source")
     ap.add_argument(

@@ -105,6 +105,25 @@ def test_refine_never_returns_a_cache_worse_than_its_init_on_validation():
     assert init.info["compress_seconds"] < good.info["compress_seconds"]
 
 
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_the_refine_step_follows_its_schedule(schedule, monkeypatch):
+    """Every Adam step's learning rate: the configured step throughout (constant), or from the configured step
+    down to near zero along a half cosine over ``refine_steps`` (cosine)."""
+    model, ids, cfg, init, keys, values, last, data = _setup(dtype=torch.float32)
+    seen, step = [], torch.optim.Adam.step
+    monkeypatch.setattr(torch.optim.Adam, "step", lambda opt, *a, **k: (seen.append(opt.param_groups[0]["lr"]),
+                                                                       step(opt, *a, **k))[1])  # fmt: skip
+    refine_from(model, init, keys, values, last, ids, cfg.replace(refine_lr=1e-2, refine_steps=8, refine_patience=9,
+                refine_schedule=schedule), progress=False, data=data)  # fmt: skip
+    assert len(seen) == 8 and seen[0] == pytest.approx(1e-2)
+    if schedule == "constant":
+        assert seen == pytest.approx([1e-2] * 8)
+    else:
+        assert all(a > b for a, b in zip(seen[:-1], seen[1:], strict=True)) and seen[-1] < 0.05 * 1e-2
+    with pytest.raises(ValueError, match="refine_schedule"):
+        CompressConfig(refine_schedule="linear")
+
+
 def test_refine_data_sit_after_the_context_and_come_from_the_full_cache():
     """The teacher kept while sampling is the full cache's distribution at positions n, n+1, … of each row: the
     same as one teacher-forced pass over the finished rows (fp64), so no position is off by one."""

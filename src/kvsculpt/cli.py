@@ -14,6 +14,7 @@ from .config import (
     METHODS,
     QUERY_SOURCES,
     REFINE_PARAMS,
+    REFINE_SCHEDULES,
     REFINE_SOURCES,
     REPEAT_PROMPTS,
     CompressConfig,
@@ -73,7 +74,7 @@ def config_from_args(args) -> CompressConfig:
         max_queries=None if args.max_queries == 0 else args.max_queries, self_samples=args.self_samples,
         self_length=args.self_length, heldout=args.heldout, on_policy=args.on_policy, seed=args.seed,
         refine=args.refine, refine_steps=args.refine_steps, refine_lr=args.refine_lr,
-        refine_params=args.refine_params, refine_data=args.refine_data, refine_samples=args.refine_samples,
+        refine_schedule=args.refine_schedule, refine_params=args.refine_params, refine_data=args.refine_data, refine_samples=args.refine_samples,
         refine_length=args.refine_length, refine_batch=args.refine_batch, refine_time=args.refine_time,
         kv_bits=args.kv_bits, key_bits=args.key_bits, kv_group=args.kv_group, kv_refit=args.kv_refit,
     )  # fmt: skip
@@ -365,6 +366,8 @@ def _compress_options(p):
         help="step size relative to each tensor's RMS (default: 3e-3 below ratio 0.2, 1e-3 below 0.5, 3e-4 from "
         "there)",
     )
+    g.add_argument("--refine-schedule", default=d.refine_schedule, choices=list(REFINE_SCHEDULES),
+                   help="; ".join(f"{k}: {v}" for k, v in REFINE_SCHEDULES.items()) + " (default: %(default)s)")  # fmt: skip
     g.add_argument("--refine-params", default=d.refine_params, choices=list(REFINE_PARAMS),
                    help="what is trained: " + "; ".join(f"{k}: {v}" for k, v in REFINE_PARAMS.items()))  # fmt: skip
     g.add_argument("--refine-data", default=d.refine_data,

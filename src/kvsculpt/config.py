@@ -50,6 +50,10 @@ REFINE_SOURCES = {
     "study": "a self-study request (summarise, ask and answer, explain, list facts) and the model's sampled reply",
 }
 REFINE_PARAMS = {"kv": "keys and values", "v": "values only", "kvb": "keys, values and the bias β"}
+REFINE_SCHEDULES = {
+    "constant": "the same step throughout",
+    "cosine": "the step falls to zero over refine_steps along a half cosine",
+}
 DEFAULT_METHOD, DEFAULT_QUERIES, DEFAULT_ALLOCATION = "kvzip-v", "self+repeat", "global"
 
 
@@ -109,7 +113,8 @@ class CompressConfig:
 
     ``refine="kl"``: after the method, optimise the whole block end to end to the full cache's next-token
     distributions (:mod:`kvsculpt.refine`): ``refine_steps`` Adam steps of ``refine_batch`` sequences at the
-    relative learning rate ``refine_lr`` (None: by ratio, :attr:`refine_step`), on ``refine_params`` (:data:`REFINE_PARAMS`), with
+    relative learning rate ``refine_lr`` (None: by ratio, :attr:`refine_step`) on the ``refine_schedule``
+    (:data:`REFINE_SCHEDULES`), on ``refine_params`` (:data:`REFINE_PARAMS`), with
     ``refine_samples`` sequences of ``refine_length`` tokens from each source of ``refine_data``
     (:data:`REFINE_SOURCES`), ``refine_val`` of them held out for validation every ``refine_eval_every`` steps,
     the teacher kept as its ``refine_topk`` most likely tokens plus a tail; stops after ``refine_patience``
@@ -146,6 +151,7 @@ class CompressConfig:
     refine: str = "none"
     refine_steps: int = 100
     refine_lr: float | None = None
+    refine_schedule: str = "constant"
     refine_params: str = "kv"
     refine_data: str = "self+repeat+study"
     refine_samples: int = 16
@@ -218,6 +224,10 @@ class CompressConfig:
         if self.refine not in ("none", "kl"):
             raise ValueError(f"unknown refine {self.refine!r}; choose none or kl")
         self.refine_data = _parse_sources(self.refine_data, REFINE_SOURCES, "refine_data")
+        if self.refine_schedule not in REFINE_SCHEDULES:
+            raise ValueError(
+                f"unknown refine_schedule {self.refine_schedule!r}; choose from {', '.join(REFINE_SCHEDULES)}"
+            )
         if self.refine_params not in REFINE_PARAMS:
             raise ValueError(
                 f"unknown refine_params {self.refine_params!r}; choose from {', '.join(REFINE_PARAMS)}"
@@ -236,8 +246,10 @@ class CompressConfig:
 
     def __repr__(self) -> str:
         """The dataclass repr, without the quantisation fields when not quantised (``kv_bits=16``: they change
-        nothing, and results recorded before quantisation existed keep matching)."""
+        nothing) and without ``refine_schedule`` when constant, so results recorded before these fields existed
+        keep matching."""
         skip = {"kv_bits", "key_bits", "kv_group", "kv_refit"} if self.kv_bits == 16 else set()
+        skip |= {"refine_schedule"} if self.refine_schedule == "constant" else set()
         body = ", ".join(
             f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self) if f.name not in skip
         )

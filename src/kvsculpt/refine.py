@@ -24,7 +24,8 @@ passes the rounding unchanged (the straight-through estimator), and the result i
 that chooses the best iterate is that of the stored codes.
 
 Optimisation: Adam on offsets measured in units of each layer tensor's RMS (so ``refine_lr`` is a relative
-step; by default 3e-3 below r = 0.2, 1e-3 below 0.5, 3e-4 from there), fp32 master copies, the model's dtype
+step; by default 3e-3 below r = 0.2, 1e-3 below 0.5, 3e-4 from there; constant, or falling to zero along a
+half cosine with ``refine_schedule="cosine"``), fp32 master copies, the model's dtype
 in the forward; a validation split of the generated sequences is scored every ``refine_eval_every`` steps, the
 best iterate is returned (never worse than the start on it), and training stops early after
 ``refine_patience`` evaluations without improvement or after ``refine_time`` seconds.
@@ -355,6 +356,8 @@ def refine_from(model, cache: CompressedCache, keys, values, last_logits, contex
     student = Student(cache, cfg.refine_params, storage_of(cache, cfg))
     params = [p for p in student.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=cfg.refine_step)
+    cosine = cfg.refine_schedule == "cosine"
+    decay = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(cfg.refine_steps, 1)) if cosine else None
     gen = torch.Generator().manual_seed(cfg.seed + 2)
     order, at = torch.randperm(len(train), generator=gen), 0
     t_train = time.perf_counter()
@@ -376,6 +379,8 @@ def refine_from(model, cache: CompressedCache, keys, values, last_logits, contex
             with torch.enable_grad():
                 batch_kl(model, student, data, idx).backward()
             opt.step()
+            if decay:
+                decay.step()
             bar.update()
             out_of_time = cfg.refine_time is not None and time.perf_counter() - t_train >= cfg.refine_time
             if step % cfg.refine_eval_every and step != cfg.refine_steps and not out_of_time:
