@@ -247,9 +247,9 @@ def report(rows, args, out: Path):
     if tail:
         lines += ["", f"Teacher mass outside its top-k tokens (the tail bucket; k = {DEFAULT.refine_topk} unless the "
                   "setting names a topk), mean: " + "; ".join(f"{c} {sum(t) / len(t):.3f}" for c, t in tail.items())]  # fmt: skip
-    if any("source" in r for r in rows):
-        lines += ["", "kvpress rows were copied from `" + next(r["source"] for r in rows if "source" in r) + "` (same "
-                  "model, windows and lengths); missing ones were run here."]  # fmt: skip
+    if sources := list(dict.fromkeys(r["source"] for r in rows if "source" in r)):
+        lines += ["", "kvpress rows were copied from `" + "`, `".join(sources) + "` (same model, windows and "
+                  "lengths); missing ones were run here."]  # fmt: skip
     (out.parent / f"{out.name}.md").write_text("\n".join(lines) + "\n")
     (out.parent / f"{out.name}.json").write_text(json.dumps({"args": vars(args), "summary": summary, "rows": rows},
                                                             indent=1))  # fmt: skip
