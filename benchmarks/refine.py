@@ -61,13 +61,13 @@ def run(args):
         return report(list(load_rows(jsonl).values()), args, out)
     base = INITS[args.init]
     refined = base.replace(refine="kl", refine_steps=args.steps, refine_params=args.params,
-                           refine_data=args.data, refine_lr=args.lr, refine_schedule=args.schedule, refine_samples=args.samples,
-                           refine_length=args.length, refine_batch=args.batch, refine_topk=args.topk,
+                           refine_data=args.data, refine_lr=args.lr, refine_schedule=args.schedule,
+                           refine_samples=args.samples, refine_length=args.length, refine_batch=args.batch, refine_topk=args.topk,
                            temperature=args.temperature, top_p=args.top_p)  # fmt: skip
     setting = f"refine kl {args.params} {args.data} steps={args.steps}"
     # options off their default, in the setting's name (this order: the names of the recorded rows)
-    for name, value, default in [("lr", args.lr, DEFAULT.refine_lr), ("schedule", args.schedule, DEFAULT.refine_schedule),
-                                 ("init", args.init, "default"),
+    for name, value, default in [("lr", args.lr, DEFAULT.refine_lr),
+                                 ("schedule", args.schedule, DEFAULT.refine_schedule), ("init", args.init, "default"),
                                  *((k, getattr(args, k), getattr(DEFAULT, f"refine_{k}"))
                                    for k in ("samples", "length", "batch", "topk")),
                                  ("temperature", args.temperature, DEFAULT.temperature), ("top_p", args.top_p, DEFAULT.top_p)]:  # fmt: skip
@@ -267,7 +267,7 @@ def report(rows, args, out: Path):
             if len(at) == len(rs):  # only steps every window reached
                 pts[sum(p["seconds"] for p in at) / len(at) + 1.0] = geomean(p["kl"] for p in at)
         if pts:
-            curves[f"r={ratio}" if len({r["config"] for r in ours}) == 1 else f"{setting}, r={ratio}"] = pts
+            curves[f"r={ratio}" if len(settings) == 1 else f"{setting}, r={ratio}"] = pts
     if curves:
         kl_vs_ratio(curves, f"{args.model}: KL against refine seconds (+1)", out.parent / f"{out.name}.png",
                     xlabel="refine training seconds + 1 (mean over windows)", logx=True)  # fmt: skip

@@ -74,8 +74,9 @@ def config_from_args(args) -> CompressConfig:
         max_queries=None if args.max_queries == 0 else args.max_queries, self_samples=args.self_samples,
         self_length=args.self_length, heldout=args.heldout, on_policy=args.on_policy, seed=args.seed,
         refine=args.refine, refine_steps=args.refine_steps, refine_lr=args.refine_lr,
-        refine_schedule=args.refine_schedule, refine_params=args.refine_params, refine_data=args.refine_data, refine_samples=args.refine_samples,
-        refine_length=args.refine_length, refine_batch=args.refine_batch, refine_time=args.refine_time,
+        refine_schedule=args.refine_schedule, refine_params=args.refine_params, refine_data=args.refine_data,
+        refine_samples=args.refine_samples, refine_length=args.refine_length, refine_batch=args.refine_batch,
+        refine_time=args.refine_time,
         kv_bits=args.kv_bits, key_bits=args.key_bits, kv_group=args.kv_group, kv_refit=args.kv_refit,
     )  # fmt: skip
 
