@@ -89,7 +89,7 @@ def run(args):
             todo = [r for r in args.ratios if (w.id, setting, r) not in done]
             if todo:
                 ref = teacher(model, w)
-                cap = capture(model, w.context, base, tokenizer=tok)
+                cap = capture(model, w.context, base, tokenizer=tok, progress=True)
                 held = heldout_data(model, tok, cap, refined, args.heldout)
                 for r in todo:
                     row = run_one(
@@ -122,7 +122,7 @@ def heldout_kl(model, cache, held: dict, batch: int) -> dict:
 
 def run_one(model, tok, w, ref, cap, base: CompressConfig, refined: CompressConfig, held: dict) -> dict:
     t0 = time.perf_counter()
-    init = compress_captured(model, cap, base, progress=False)
+    init = compress_captured(model, cap, base, progress=True)
     init_s = cap.prefill_seconds + cap.query_seconds + time.perf_counter() - t0
     kl_init = score(model, init, w, ref)["kl"]
     curve = []
