@@ -74,9 +74,9 @@ def run(args):
         if value != default:
             setting += f" {name}={value}"
     done = load_rows(jsonl)
-    stale = sorted({k[0] for k, r in done.items() if k[1] == setting
-                    # rows before 2026-12 recorded the config at its default ratio
-                    and r.get("compress_config") not in (None, repr(refined.replace(ratio=k[2])), repr(refined))})  # fmt: skip
+    stale = sorted(
+        {k[0] for k, r in done.items() if k[1] == setting and is_stale(r, refined.replace(ratio=k[2]))}
+    )
     if stale:
         raise SystemExit(f"{jsonl} has rows of '{setting}' made with another config (windows {', '.join(stale)}; "
                          "the default has changed since?): write to another --out, or pass the --init they used")  # fmt: skip
@@ -105,6 +105,15 @@ def run(args):
             if args.peers and peers.available():
                 peers.run_peers(args.model, [w], args.ratios, jsonl, tok)
     return report(list(load_rows(jsonl).values()), args, out)
+
+
+def is_stale(row: dict, cfg: CompressConfig) -> bool:
+    """A recorded row not made with ``cfg``: another config repr (rows before 2026-12 recorded the config at its
+    default ratio, so that repr counts too), or another learning rate under the same repr (``refine_lr=None``
+    follows a rule by ratio that has changed; rows before 2026-12-03 did not record the step that ran)."""
+    if row.get("compress_config") not in (None, repr(cfg), repr(cfg.replace(ratio=DEFAULT.ratio))):
+        return True
+    return row.get("refine_lr_used", cfg.refine_step) != cfg.refine_step
 
 
 def heldout_data(model, tok, cap, refined: CompressConfig, sources: list[str]) -> dict:
@@ -141,6 +150,7 @@ def run_one(model, tok, w, ref, cap, base: CompressConfig, refined: CompressConf
         "refine_data_seconds": info["refine_data_seconds"], "refine_steps_run": info["refine_steps_run"],
         "refine_best_step": info["refine_best_step"], "refine_val_kl": info["refine_val_kl"],
         "refine_val_kl_init": info["refine_val_kl_init"], "refine_tail_mass": info["refine_tail_mass"],
+        "refine_lr_used": info["refine_lr_used"],
         "curve": curve,
         **({"heldout_kl_init": heldout_kl(model, init, held, refined.refine_batch),
             "heldout_kl": heldout_kl(model, cache, held, refined.refine_batch)} if held else {}),

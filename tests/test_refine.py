@@ -93,6 +93,7 @@ def test_refine_never_returns_a_cache_worse_than_its_init_on_validation():
     bad = refine_from(model, init, keys, values, last, ids, cfg.replace(refine_lr=50.0, refine_steps=6,
                       refine_eval_every=2), progress=False, data=data)  # fmt: skip
     assert bad.info["refine_best_step"] == 0 and bad.info["refine_steps_run"] >= 2
+    assert bad.info["refine_lr_used"] == 50.0  # the step that ran is recorded, not the rule's
     assert bad.info["refine_val_kl"] == bad.info["refine_val_kl_init"]
     for a, b in zip(bad.layers, init.layers, strict=True):
         assert torch.equal(a.block_keys, b.block_keys) and torch.equal(a.block_values, b.block_values)
@@ -168,6 +169,23 @@ def test_refine_options_are_checked():
     assert CompressConfig(ratio=0.1).refine_step == 3e-3 and CompressConfig(ratio=0.3).refine_step == 1e-3
     assert CompressConfig(ratio=0.5).refine_step == 3e-4 and CompressConfig(ratio=0.7).refine_step == 3e-4
     assert CompressConfig(ratio=0.3, refine_lr=5e-3).refine_step == 5e-3
+
+
+def test_the_refine_benchmark_finds_rows_made_with_another_step():
+    """benchmarks/refine.py resumes only rows made with the same config: the same repr is not enough when the
+    step rule by ratio changed under ``refine_lr=None``, which is why the step that ran is recorded."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "benchmarks" / "refine.py"
+    spec = importlib.util.spec_from_file_location("refine_benchmark", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    cfg = CompressConfig(ratio=0.5, refine="kl")  # the rule gives 3e-4 at r = 0.5 (1e-3 before 2026-12-02)
+    assert not bench.is_stale({"compress_config": repr(cfg), "refine_lr_used": 3e-4}, cfg)
+    assert not bench.is_stale({"compress_config": repr(cfg)}, cfg)  # an old row: its step was not recorded
+    assert bench.is_stale({"compress_config": repr(cfg), "refine_lr_used": 1e-3}, cfg)
+    assert bench.is_stale({"compress_config": repr(cfg.replace(refine_steps=7)), "refine_lr_used": 3e-4}, cfg)
 
 
 def test_refine_lowers_heldout_kl_on_a_real_text(smollm):

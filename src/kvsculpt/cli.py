@@ -96,7 +96,7 @@ def _eval_row(model, tok, model_name, window, ref, cfg: CompressConfig, progress
     }  # fmt: skip
 
 
-REFINE_INFO = ("refine_seconds", "refine_steps_run", "refine_val_kl", "refine_val_kl_init")
+REFINE_INFO = ("refine_seconds", "refine_steps_run", "refine_val_kl", "refine_val_kl_init", "refine_lr_used")
 
 
 # ------------------------------------------------------------------------------------------ commands

@@ -409,6 +409,7 @@ def refine_from(model, cache: CompressedCache, keys, values, last_logits, contex
         **out.info,  # the quantisation, if any
         "refine_seconds": data.seconds + train_seconds,  # the data (made here or before) and the training
         "refine_data_seconds": data.seconds,
+        "refine_lr_used": cfg.refine_step,  # the relative step that ran (refine_lr, or the rule by ratio)
         "refine_steps_run": step,
         "refine_best_step": best_step,
         "refine_val_kl": best_kl,
