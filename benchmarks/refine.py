@@ -33,6 +33,7 @@ from kvsculpt import CompressConfig, load_model
 from kvsculpt.bench import peers
 from kvsculpt.bench.paper import PAPER_GRID
 from kvsculpt.bench.runner import copy_peers, geomean, load_rows, results_jsonl, windows_by_id
+from kvsculpt.cli import _option
 from kvsculpt.compress import compress_captured, refine_captured
 from kvsculpt.config import REFINE_SCHEDULES, REFINE_SOURCES
 from kvsculpt.eval.metrics import score, teacher
@@ -59,11 +60,15 @@ def run(args):
     out, jsonl = Path(args.out), results_jsonl(args.out)
     if args.report_only:
         return report(list(load_rows(jsonl).values()), args, out)
-    base = INITS[args.init]
-    refined = base.replace(refine="kl", refine_steps=args.steps, refine_params=args.params,
-                           refine_data=args.data, refine_lr=args.lr, refine_schedule=args.schedule,
-                           refine_samples=args.samples, refine_length=args.length, refine_batch=args.batch, refine_topk=args.topk,
-                           temperature=args.temperature, top_p=args.top_p)  # fmt: skip
+    try:  # every option is checked here, before the model loads: one line on a bad one
+        base = INITS[args.init]
+        base = base.replace(options={**base.options, **dict(args.init_option or [])})
+        refined = base.replace(refine="kl", refine_steps=args.steps, refine_params=args.params,
+                               refine_data=args.data, refine_lr=args.lr, refine_schedule=args.schedule,
+                               refine_samples=args.samples, refine_length=args.length, refine_batch=args.batch,
+                               refine_topk=args.topk, temperature=args.temperature, top_p=args.top_p)  # fmt: skip
+    except ValueError as e:
+        raise SystemExit(f"refine.py: {e}") from None
     setting = f"refine kl {args.params} {args.data} steps={args.steps}"
     # options off their default, in the setting's name (this order: the names of the recorded rows)
     for name, value, default in [("lr", args.lr, DEFAULT.refine_lr),
@@ -73,6 +78,8 @@ def run(args):
                                  ("temperature", args.temperature, DEFAULT.temperature), ("top_p", args.top_p, DEFAULT.top_p)]:  # fmt: skip
         if value != default:
             setting += f" {name}={value}"
+    for key, value in args.init_option or []:
+        setting += f" init.{key}={value}"
     done = load_rows(jsonl)
     stale = sorted(
         {k[0] for k, r in done.items() if k[1] == setting and is_stale(r, refined.replace(ratio=k[2]))}
@@ -188,7 +195,7 @@ def report(rows, args, out: Path):
              f"Command: `python {' '.join(a for a in sys.argv if a != '--report-only')}`", "",
              *([f"The file holds {len(settings)} settings, merged from separate runs: each was run as this command "
                 "with the options its name gives (`refine kl PARAMS DATA steps=N`, then every option off its default, "
-                "as `lr=`, `schedule=`, `init=`, `top_p=`), in place of the command's own.", ""] if len(settings) > 1 else []),
+                "as `lr=`, `schedule=`, `init=`, `top_p=`, and `init.KEY=` for `--init-option KEY=`), in place of the command's own.", ""] if len(settings) > 1 else []),
              "KL (nats/token) on each window's real continuation, which neither the compression nor the refine "
              f"sees. `init` = the cache of `--init {args.init}` (`{init.method}` on `{init.queries}` queries, "
              f"{'fitted' if init.fit else 'copied'} values, `{init.allocation}` budgets); `refined` = the "
@@ -316,6 +323,8 @@ def main(argv=None):
     ap.add_argument(
         "--init", choices=list(INITS), default="default", help="the method whose cache is refined"
     )
+    ap.add_argument("--init-option", action="append", type=_option, metavar="KEY=VALUE",
+                    help="a field of the init's method, e.g. iters=60 (sculpt); repeatable")  # fmt: skip
     ap.add_argument(
         "--quick-steps", type=int, default=20, help="the quick setting's refine_steps (report only)"
     )
