@@ -33,7 +33,7 @@ from kvsculpt import CompressConfig, load_model
 from kvsculpt.bench import peers
 from kvsculpt.bench.paper import PAPER_GRID
 from kvsculpt.bench.runner import copy_peers, geomean, load_rows, results_jsonl, windows_by_id
-from kvsculpt.cli import _option
+from kvsculpt.cli import key_value
 from kvsculpt.compress import compress_captured, refine_captured
 from kvsculpt.config import REFINE_SCHEDULES, REFINE_SOURCES
 from kvsculpt.eval.metrics import score, teacher
@@ -323,7 +323,7 @@ def main(argv=None):
     ap.add_argument(
         "--init", choices=list(INITS), default="default", help="the method whose cache is refined"
     )
-    ap.add_argument("--init-option", action="append", type=_option, metavar="KEY=VALUE",
+    ap.add_argument("--init-option", action="append", type=key_value, metavar="KEY=VALUE",
                     help="a field of the init's method, e.g. iters=60 (sculpt); repeatable")  # fmt: skip
     ap.add_argument(
         "--quick-steps", type=int, default=20, help="the quick setting's refine_steps (report only)"

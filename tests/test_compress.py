@@ -53,6 +53,7 @@ def test_adaptive_allocation_keeps_the_total():
         ({"heldout": 1.0}, "heldout"),
         ({"max_queries": 0}, "max_queries"),
         ({"options": {"colour": 1}}, "unknown option colour"),
+        ({"method": "sculpt", "options": {"iters": "x"}}, "option iters of method 'sculpt' takes a number"),
         ({"on_policy": 2, "queries": "repeat"}, "self queries"),
         ({"colour": 1}, "unknown compress option colour"),
     ],
@@ -148,6 +149,7 @@ def test_cli_compress_then_generate(smollm, tmp_path, capsys):
         (["eval", "--ratio", "1.5"], "ratio"),
         (["eval", "--queries", "tomorrow"], "unknown queries"),
         (["eval", "--option", "colour=red"], "unknown option colour"),
+        (["eval", "--method", "sculpt", "--option", "iters=x"], "option iters of method 'sculpt' takes a number"),
         (["generate", "--cache", "/nonexistent.kvs", "--prompt", "x"], "no cache file"),
     ],
 )  # fmt: skip

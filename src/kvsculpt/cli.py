@@ -55,7 +55,9 @@ def _load(args):
     return load_model(args.model, dtype=args.dtype)
 
 
-def _option(text: str) -> tuple[str, object]:
+def key_value(text: str) -> tuple[str, object]:
+    """A ``KEY=VALUE`` option (``--option``; benchmarks' ``--init-option``) → ``(key, value)``, the value read as
+    JSON where it parses (numbers, booleans), else kept as text."""
     key, sep, value = text.partition("=")
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
@@ -328,7 +330,7 @@ def _compress_options(p):
                    help="how entries are chosen: " + "; ".join(f"{k}: {v}" for k, v in METHODS.items()))  # fmt: skip
     p.add_argument("--fit", default=d.fit, action=argparse.BooleanOptionalAction,
                    help="re-solve the kept entries' values by ridge least squares (--no-fit copies them: eviction)")  # fmt: skip
-    p.add_argument("--option", action="append", type=_option, metavar="KEY=VALUE",
+    p.add_argument("--option", action="append", type=key_value, metavar="KEY=VALUE",
                    help="a field of the method, e.g. lam=0.01, iters=60 (sculpt), sinks=0 (kvzip), window=32 (snapkv); repeatable")  # fmt: skip
     p.add_argument("--allocation", default=d.allocation, choices=list(ALLOCATIONS), metavar="RULE",
                    help="how budgets are shared between heads: " + "; ".join(f"{k}: {v}" for k, v in ALLOCATIONS.items()))  # fmt: skip

@@ -90,6 +90,10 @@ def build_method(name: str, fit: bool = True, options: dict | None = None) -> Me
     if unknown:
         known = ", ".join(sorted(scorer_fields | method_fields | ({"score"} if name == "sculpt" else set())))
         raise ValueError(f"unknown option {', '.join(unknown)} for method {name!r}; known: {known}")
+    for f in (*dataclasses.fields(scorer_cls), *dataclasses.fields(cls)):  # a number where the default is one
+        value = options.get(f.name)
+        if f.name in options and isinstance(f.default, int | float) and not isinstance(value, int | float):
+            raise ValueError(f"option {f.name} of method {name!r} takes a number; got {value!r}")
     scorer = scorer_cls(**{k: v for k, v in options.items() if k in scorer_fields})
     return cls(scorer=scorer, fit=fit, **{k: v for k, v in options.items() if k in method_fields})
 
