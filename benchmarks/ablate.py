@@ -237,7 +237,7 @@ GRIDS = {
     "sculpt-mass": {
         "sculpt/context iters=20 mass=1": C("sculpt", "context", iters=20, mass_weight=1.0),
         "sculpt/default iters=20 mass=1": S(20, mass_weight=1.0),
-        "sculpt/default iters=60 mass=1": S(60, mass_weight=1.0),  # about 3x the time of 20
+        "sculpt/default iters=60 mass=1": S(60, mass_weight=1.0),  # 2-4x the time of 20
         "sculpt/default iters=20 beta=nnls": S(20, beta="nnls", mass_weight=0.0),
     },
     "sculpt-iters-300": {  # the long runs (about 3x the 100-iteration rows' time)

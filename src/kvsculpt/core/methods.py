@@ -176,7 +176,7 @@ class Sculpt(Select):
     Defaults: it starts from the library default's selection (``kvzip-v``), 20 iterations, and holds the
     block's log-mass with ``mass_weight=1``: on SmolLM2 and Qwen2.5-Coder-0.5B, from the default's cache,
     ``mass_weight=0`` made KL worse and more iterations worse still, while the mass term lowered it. With
-    the mass term, ``iters=60`` lowered KL again on every window tried, at about 2.5–4× the time
+    the mass term, ``iters=60`` lowered KL again on every window tried, at about 2–4× the time
     (``benchmarks/results/sculpt_iters_*.md``); 20 stays the default for its cost. The paper's form is
     ``scorer=H2O(), mass_weight=0``.
     """
