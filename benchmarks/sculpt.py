@@ -23,10 +23,10 @@ import torch
 from kvsculpt import load_model
 from kvsculpt.bench.runner import legacy_config
 from kvsculpt.core.attention import attend, fidelity
-from kvsculpt.core.fit import nnls_bias
+from kvsculpt.core.fit import nnls_bias, split_heldout
 from kvsculpt.core.methods import sculpt_head, sculpt_objective
 from kvsculpt.eval.texts import load_text, make_window
-from kvsculpt.hf.capture import capture, split_heldout
+from kvsculpt.hf.capture import capture
 
 OPTIONS = {  # name: (mass_weight, β)
     "mass 0": (0.0, "none"),

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from kvsculpt import CacheFileError, CompressedCache, ask, capture, encode
+from kvsculpt import CacheFileError, CompressedCache, ask, capture, encode, load_cache, save_cache
 from kvsculpt.cache import CompressedLayer
 from kvsculpt.eval.metrics import continuation_logits
 from kvsculpt.hf.attention import kvsculpt_attention
@@ -194,9 +194,9 @@ def test_save_load_round_trip_and_errors(tmp_path):
     ids, cont = torch.randint(0, 97, (1, 30)), torch.randint(0, 97, (1, 5))
     bias = [[torch.randn(30) * 0.1 for _ in range(2)] for _ in range(2)]
     cache = identity_cache(model, ids, bias=bias, method="Identity()")
-    path = cache.save(tmp_path / "c.kvs")
+    path = save_cache(cache, tmp_path / "c.kvs")
     assert not list(tmp_path.glob("*.tmp"))
-    loaded = CompressedCache.load(path, model)
+    loaded = load_cache(path, model)
     assert loaded.method == "Identity()" and loaded.budgets == cache.budgets
     assert torch.equal(loaded.context_ids, ids)
     a = continuation_logits(model, cache.fork(), cont, 30)
@@ -205,13 +205,13 @@ def test_save_load_round_trip_and_errors(tmp_path):
 
     other = tiny_model("llama")
     with pytest.raises(CacheFileError, match="another model"):
-        CompressedCache.load(path, other)
+        load_cache(path, other)
 
     data = path.read_bytes()
     truncated = tmp_path / "t.kvs"
     truncated.write_bytes(data[: len(data) - 100])
     with pytest.raises(CacheFileError):
-        CompressedCache.load(truncated, model)
+        load_cache(truncated, model)
 
     header_len = int.from_bytes(data[:8], "little")
     header = data[8 : 8 + header_len].decode()
@@ -221,14 +221,14 @@ def test_save_load_round_trip_and_errors(tmp_path):
     bad = tmp_path / "f.kvs"
     bad.write_bytes(bytes(flipped))
     with pytest.raises(CacheFileError, match="checksum"):
-        CompressedCache.load(bad, model)
+        load_cache(bad, model)
 
     flipped_data = bytearray(data)
     flipped_data[-3] ^= 0xFF  # a byte of tensor data
     bad2 = tmp_path / "g.kvs"
     bad2.write_bytes(bytes(flipped_data))
     with pytest.raises(CacheFileError, match="checksum"):
-        CompressedCache.load(bad2, model)
+        load_cache(bad2, model)
 
     meta_json = json.loads(header)["__metadata__"]["kvsculpt"]
     assert json.loads(meta_json)["fingerprint"]["num_key_value_heads"] == 2

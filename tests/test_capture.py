@@ -3,8 +3,9 @@ import torch
 from transformers import DynamicCache
 
 from kvsculpt.core.attention import attend
+from kvsculpt.core.fit import split_heldout, subsample_index
 from kvsculpt.hf.attention import capture_queries
-from kvsculpt.hf.capture import capture, pool_gqa, split_heldout, subsample_index
+from kvsculpt.hf.capture import capture, pool_gqa
 from kvsculpt.hf.decode import prefill
 from kvsculpt.hf.dims import check_supported
 
@@ -118,7 +119,7 @@ def test_attend_matches_softmax():
 def test_local_lse_in_chunks_equals_the_masked_square():
     """Each of the last t queries' log-sum-exp over the local keys it sees causally, computed a chunk of queries
     at a time against only the keys the chunk can see, equals the masked full square."""
-    from kvsculpt.hf.capture import local_lse
+    from kvsculpt.core.attention import local_lse
 
     g = torch.Generator().manual_seed(3)
     q, k = torch.randn(1, 6, 23, 8, generator=g), torch.randn(2, 30, 8, generator=g)  # GQA 3, s=30 > t=23

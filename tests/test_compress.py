@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from kvsculpt import CompressConfig, CompressedCache, ask, capture, compress
+from kvsculpt import CompressConfig, ask, capture, compress, load_cache
 from kvsculpt.cli import main
 from kvsculpt.eval.metrics import continuation_logits, kl_per_position
 from kvsculpt.hf.decode import prefill
@@ -127,7 +127,7 @@ def test_cli_compress_then_generate(smollm, tmp_path, capsys):
     assert out.stat().st_mode & 0o777 == 0o644
     assert f"saved {out}: {100 * 30 * 3} of {200 * 30 * 3} entries kept" in capsys.readouterr().out
     model, tok = smollm
-    cache = CompressedCache.load(out, model)
+    cache = load_cache(out, model)
     assert cache.kept_entries() == 100 * 30 * 3 and "fit=False" in cache.method
     prompt = "\nThe function above"
     main(["generate", "--cache", str(out), "--prompt", prompt, "--max-new-tokens", "12"])
@@ -166,8 +166,8 @@ def test_cli_help_shows_every_default(capsys):
     with pytest.raises(SystemExit):
         main(["compress", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    for piece in ("(default: 0.5)", "(default: kvzip-v)", "(default: global)", "(default: self+repeat)", "kvzip:",
-                  "curves:", "self:", "(default: kvzip)", "0 or unset keeps all"):  # fmt: skip
+    for piece in ("(default: 0.3)", "(default: kvzip-v)", "(default: global)", "(default: self+repeat)", "kvzip:",
+                  "curves:", "self:", "(default: kvzip)", "0 or none keeps all"):  # fmt: skip
         assert piece in text
 
 

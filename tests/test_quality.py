@@ -3,11 +3,11 @@
 from kvsculpt import CompressConfig, capture, compress
 from kvsculpt.compress import compress_captured
 from kvsculpt.core.attention import fidelity
+from kvsculpt.core.fit import split_heldout
 from kvsculpt.core.methods import Sculpt, Select
 from kvsculpt.core.scores import H2O
 from kvsculpt.eval.metrics import score, teacher
 from kvsculpt.eval.texts import load_text, make_window
-from kvsculpt.hf.capture import split_heldout
 
 
 def test_default_compression_beats_plain_eviction(smollm):

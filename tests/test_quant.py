@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from kvsculpt import CompressConfig, CompressedCache, compress
+from kvsculpt import CompressConfig, compress, load_cache, save_cache
 from kvsculpt.cache import quantize_cache
 from kvsculpt.core.fit import fit_values, refit_for_quantized_keys, weighted_error
 from kvsculpt.core.quant import Quantized, max_error, pack, quantize, quantize_keys, unpack
@@ -91,7 +91,7 @@ def test_quantized_cache_save_load_is_bit_exact(tmp_path):
     ids, cont = torch.randint(0, 97, (1, 36)), torch.randint(0, 97, (1, 5))
     cache = _cache(model, ids, kv_bits=4, key_bits=8, kv_group=16)
     assert (cache.key_bits, cache.kv_bits) == (8, 4) and cache.info["kv_bits"] == 4
-    loaded = CompressedCache.load(cache.save(tmp_path / "q.kvs"), model)
+    loaded = load_cache(save_cache(cache, tmp_path / "q.kvs"), model)
     assert (loaded.key_bits, loaded.kv_bits) == (8, 4) and loaded.nbytes() == cache.nbytes()
     for a, b in zip(cache.layers, loaded.layers, strict=True):
         assert all(torch.equal(x, y) for x, y in zip(a.tensors(), b.tensors(), strict=True))

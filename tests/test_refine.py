@@ -4,14 +4,14 @@ import pytest
 import torch
 
 from kvsculpt import CompressConfig, compress
-from kvsculpt.hf.decode import forward, prefill, shared_cache
+from kvsculpt.cache import shared_cache
+from kvsculpt.core.kl import coarse, coarse_kl
+from kvsculpt.hf.decode import forward, prefill
 from kvsculpt.refine import (
     RefineData,
     Student,
     _sample_with_teacher,
     batch_kl,
-    coarse,
-    coarse_kl,
     frozen,
     make_data,
     mean_kl,

@@ -7,8 +7,10 @@ padding, once per generation, and **shared by every row of a batch** (never copi
 reads it once for all rows); tokens appended after it are concatenated per row as in a ``DynamicCache``.
 The attention finds the block on the appended keys it is handed (:data:`~kvsculpt.hf.attention.BLOCK_ATTR`).
 
-The logical length stays ``n``: new tokens get positions ``n, n+1, …`` whatever the ``m_h``. Saving and
-loading are in :mod:`kvsculpt.cache_io`.
+The logical length stays ``n``: new tokens get positions ``n, n+1, …`` whatever the ``m_h``. The cache holds
+state only: the model's attention is switched by whoever hands it a cache (:func:`kvsculpt.compress`,
+:func:`kvsculpt.load_cache`, :func:`~kvsculpt.hf.decode.full_cache`; ``kvsculpt.load_model`` loads models with
+it), and saving and loading are :mod:`kvsculpt.cache_io`'s.
 
 A block may be stored quantised (:func:`quantize_cache`, ``compress(..., kv_bits=4)``): keys and values are
 then :class:`~kvsculpt.core.quant.Quantized` (packed codes, fp16 scales and minima), and the attention
@@ -22,7 +24,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .core.quant import Quantized, quantize_keys, quantize_values
-from .hf.attention import ATTENTION_NAME, BLOCK_ATTR, use_kvsculpt_attention
+from .hf.attention import ATTENTION_NAME, BLOCK_ATTR
 from .hf.dims import model_dims
 
 
@@ -101,16 +103,22 @@ class CompressedLayer(CacheLayerMixin):
     def get_seq_length(self) -> int:
         return self.n + self.appended()
 
-    def get_mask_sizes(self, cache_position):
-        return max(self.lengths) + self.appended() + cache_position.shape[0], 0
+    def get_mask_sizes(self, query) -> tuple[int, int]:
+        """``(kv_length, kv_offset)`` for ``query``: its length (transformers ≥ 5.16) or its cache positions."""
+        q = query if isinstance(query, int) else query.shape[0]
+        return max(self.lengths) + self.appended() + q, 0
 
-    def get_max_cache_shape(self) -> int:
+    def get_max_length(self) -> int:
         return -1
 
-    def crop(self, max_length: int) -> None:
-        keep = max_length - self.n
+    get_max_cache_shape = get_max_length  # transformers < 5.16
+
+    def crop(self, length: int) -> None:
+        """Drop appended tokens: ``length < 0`` removes that many (transformers ≥ 5.16), ``length ≥ 0`` keeps the
+        logical length ``length`` (the older convention). The compressed block itself cannot be cropped."""
+        keep = self.appended() + length if length < 0 else length - self.n
         if keep < 0:
-            raise ValueError(f"cannot crop into the compressed block (n={self.n}, asked {max_length})")
+            raise ValueError(f"cannot crop into the compressed block (n={self.n}, asked {length})")
         if self.keys is not None:
             self.keys, self.values = self.keys[..., :keep, :], self.values[..., :keep, :]
 
@@ -151,14 +159,14 @@ class CompressedCache(Cache):
         model.generate(torch.cat([context_ids, question_ids], 1), past_key_values=cache.fork(), ...)
 
     ``generate`` is given the *full* ids (context + question); it skips the ``n`` cached positions. The model
-    must use kvsculpt's attention (the constructor switches it; only this model is affected).
+    must use kvsculpt's attention (:func:`kvsculpt.use_kvsculpt_attention`; ``compress``, ``load_cache`` and
+    ``load_model`` set it); a forward without it is refused with that advice.
     """
 
     def __init__(self, model, layers: list[CompressedLayer], method: str = "", info: dict | None = None,
                  context_ids=None):  # fmt: skip
         super().__init__(layers=layers)
         self.context_ids = None if context_ids is None else context_ids.reshape(1, -1).cpu()  # [1, n] or None
-        use_kvsculpt_attention(model)
         self._config = model.config
         self.n = layers[0].n
         self.method = method
@@ -247,18 +255,15 @@ class CompressedCache(Cache):
         bits = "" if self.kv_bits == 16 else f", key_bits={self.key_bits}, kv_bits={self.kv_bits}"
         return f"CompressedCache(n={self.n}, kept={self.kept_entries()}, method={self.method}{bits})"
 
-    def save(self, path, model_name: str | None = None):
-        """Write the cache to ``path`` (see :func:`kvsculpt.cache_io.save`)."""
-        from .cache_io import save
 
-        return save(self, path, model_name)
-
-    @classmethod
-    def load(cls, path, model, device=None) -> CompressedCache:
-        """Load a saved cache for ``model`` (see :func:`kvsculpt.cache_io.load`)."""
-        from .cache_io import load
-
-        return load(path, model, device)
+def shared_cache(model, keys, values) -> CompressedCache:
+    """A context's full cache (keys and values per layer ``[Hkv, n, d]``) as a :class:`CompressedCache` that
+    keeps every entry: any number of sequences can continue it at once, the context shared by all rows (read
+    once per step, never copied per row)."""
+    n, Hkv = keys[0].shape[1], keys[0].shape[0]
+    layers = [CompressedLayer(k.reshape(Hkv * n, -1), v.reshape(Hkv * n, -1), [n] * Hkv, None, n)
+              for k, v in zip(keys, values, strict=True)]  # fmt: skip
+    return CompressedCache(model, layers)
 
 
 def quantize_cache(

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import torch
@@ -22,6 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from .cache import CompressedCache, CompressedLayer
 from .core.quant import Quantized
+from .hf.attention import use_kvsculpt_attention
 
 FORMAT_VERSION = 2  # 2: quantised blocks (version 1 files have none, and still load)
 READS = (1, 2)
@@ -65,10 +67,25 @@ def _umask() -> int:
     return mask
 
 
+def check_writable(path: str | os.PathLike) -> Path:
+    """``path`` if a cache file can be written there (its folder made if missing), else a one-line
+    :class:`CacheFileError`: call it before long work, so that a bad path fails first."""
+    path = Path(path)
+    if path.is_dir():
+        raise CacheFileError(f"{path} is a directory; give the .kvs file to write")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".probe"):
+            pass
+    except OSError as exc:
+        raise CacheFileError(f"cannot write {path}: {exc.strerror or exc}") from None
+    return path
+
+
 def save(cache: CompressedCache, path: str | os.PathLike, model_name: str | None = None) -> Path:
     """Write ``cache`` to ``path`` (safetensors with JSON metadata); atomic (a temporary file, then a
-    rename), with the permissions the user's umask gives a new file."""
-    path = Path(path)
+    rename), with the permissions the user's umask gives a new file; on failure nothing is left behind."""
+    path = check_writable(path)
     tensors = {}
     quant = None
     for i, layer in enumerate(cache.layers):
@@ -103,17 +120,22 @@ def save(cache: CompressedCache, path: str | os.PathLike, model_name: str | None
     }
     meta_json = json.dumps(meta, sort_keys=True)
     header = {"kvsculpt": meta_json, "kvsculpt_sha256": hashlib.sha256(meta_json.encode()).hexdigest()}
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().cpu() for k, v in tensors.items()}, str(tmp), metadata=header)
-    os.chmod(tmp, 0o666 & ~_umask())
-    os.replace(tmp, path)
+    try:
+        save_file({k: v.detach().cpu() for k, v in tensors.items()}, str(tmp), metadata=header)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except (OSError, SafetensorError) as exc:
+        tmp.unlink(missing_ok=True)
+        raise CacheFileError(f"cannot write {path}: {exc}") from None
     return path
 
 
 def read_metadata(path: str | os.PathLike) -> dict:
     """The JSON metadata of a saved cache, checked against its own checksum."""
     path = Path(path)
+    if not path.is_file():
+        raise CacheFileError(f"no cache file at {path}")
     try:
         with open(path, "rb") as f:
             size = int.from_bytes(f.read(8), "little")
@@ -170,4 +192,5 @@ def load(path: str | os.PathLike, model, device=None) -> CompressedCache:
                 kv.append(Quantized(*parts, quant[f"{name}_bits"], quant["group"], axis, (sum(lengths), d),
                                     getattr(torch, quant["dtype"]), tuple(lengths) if name == "keys" else None))  # fmt: skip
         layers.append(CompressedLayer(*kv, lengths, None if bias is None else bias.to(device), meta["n"]))
+    use_kvsculpt_attention(model)
     return CompressedCache(model, layers, meta["method"], meta.get("info"), tensors.get("context_ids"))

@@ -8,24 +8,10 @@ import shlex
 import sys
 from pathlib import Path
 
-from .config import (
-    ALLOCATIONS,
-    DEFAULT_METHOD,
-    METHODS,
-    QUERY_SOURCES,
-    REFINE_PARAMS,
-    REFINE_SCHEDULES,
-    REFINE_SOURCES,
-    REPEAT_PROMPTS,
-    CompressConfig,
-)
+from .config import DEFAULT_RATIO, SELF_10X64, CompressConfig, compress_fields
 from .hf.models import DEFAULT_MODEL, PACKAGED
 
 DEMO_TEXT = "fastmcp_background_tasks"
-DEMO_QUESTION = "\n\nQuestion: What does a client do while a background task is running?\nAnswer:"
-DEFAULTS = CompressConfig()
-# the self samples that the demo's Select+Fit row and `analyze` were first measured with
-SELF_10X64 = {"self_samples": 10, "self_length": 64}
 
 
 class _Help(argparse.RawDescriptionHelpFormatter):
@@ -40,7 +26,8 @@ class _Help(argparse.RawDescriptionHelpFormatter):
             and action.option_strings
             and not flag
         ):
-            text += " (default: %(default)s)"
+            text += " (default: on)" if action.default is True else " (default: off)" if action.default is False \
+                else " (default: %(default)s)"  # fmt: skip
         return text
 
 
@@ -68,37 +55,23 @@ def key_value(text: str) -> tuple[str, object]:
 
 
 def config_from_args(args) -> CompressConfig:
-    """The :class:`CompressConfig` the command-line options describe (every check is the config's)."""
-    return CompressConfig(
-        ratio=args.ratio, method=args.method, fit=args.fit, options=dict(args.option or []),
-        allocation=args.allocation, alpha=args.alpha, scope=args.scope, floor=args.floor, queries=args.queries,
-        repeat_prompt=args.repeat_prompt,
-        max_queries=None if args.max_queries == 0 else args.max_queries, self_samples=args.self_samples,
-        self_length=args.self_length, heldout=args.heldout, on_policy=args.on_policy, seed=args.seed,
-        refine=args.refine, refine_steps=args.refine_steps, refine_lr=args.refine_lr,
-        refine_schedule=args.refine_schedule, refine_params=args.refine_params, refine_data=args.refine_data,
-        refine_samples=args.refine_samples, refine_length=args.refine_length, refine_batch=args.refine_batch,
-        refine_time=args.refine_time,
-        kv_bits=args.kv_bits, key_bits=args.key_bits, kv_group=args.kv_group, kv_refit=args.kv_refit,
-    )  # fmt: skip
+    """The :class:`CompressConfig` the command-line options describe: every field has its option
+    (:func:`_compress_options`), so this copies them all; every check is the config's."""
+    values = {f.name: getattr(args, f.name) for f in compress_fields()}
+    values["options"] = dict(values["options"] or [])
+    values["max_queries"] = values["max_queries"] or None  # --max-queries 0 keeps every query, as none does
+    return CompressConfig(**values)
 
 
-def _eval_row(model, tok, model_name, window, ref, cfg: CompressConfig, progress: bool):
-    from .compress import compress
-    from .eval.metrics import cache_stats, score
-
-    cache = compress(model, window.context, cfg, tokenizer=tok, progress=progress)
-    return cache, {
-        **score(model, cache, window, ref), "config": repr(cfg), "method": cache.method, "queries": cfg.queries,
-        "ratio": cfg.ratio, "allocation": cfg.allocation, **cache_stats(cache),
-        "compress_seconds": cache.info["compress_seconds"], "prefill_seconds": ref.prefill_seconds,
-        "query_seconds": cache.info["query_seconds"], "teacher_nll": ref.nll, "model": model_name,
-        "context_tokens": window.context.shape[1], "continuation_tokens": window.continuation.shape[1],
-        **{k: cache.info.get(k) for k in REFINE_INFO},
-    }  # fmt: skip
-
-
-REFINE_INFO = ("refine_seconds", "refine_steps_run", "refine_val_kl", "refine_val_kl_init", "refine_lr_used")
+def positive_int(text: str) -> int:
+    """An integer >= 1 (argparse type)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1; got {value}")
+    return value
 
 
 # ------------------------------------------------------------------------------------------ commands
@@ -119,7 +92,7 @@ def cmd_models(args):
 
 
 def cmd_eval(args):
-    from .eval.metrics import teacher
+    from .eval.metrics import compress_and_score, teacher
     from .eval.texts import load_text, make_window
 
     cfg = config_from_args(args)
@@ -127,7 +100,7 @@ def cmd_eval(args):
     window = make_window(
         tok, load_text(args.text), args.context_tokens, args.continuation_tokens, name=args.text
     )
-    _, row = _eval_row(model, tok, args.model, window, teacher(model, window), cfg, progress=True)
+    _, row = compress_and_score(model, tok, args.model, window, teacher(model, window), cfg, progress=True)
     if args.json:
         print(json.dumps(row))
     else:
@@ -136,25 +109,30 @@ def cmd_eval(args):
 
 
 def cmd_compress(args):
+    from .cache_io import check_writable, save
     from .compress import compress
     from .eval.texts import context_ids, load_text
 
     cfg = config_from_args(args)
+    out = check_writable(args.out)  # before any work: a bad path fails now, not after the compression
     model, tok = _load(args)
     ids = context_ids(tok, load_text(args.text), args.context_tokens, name=args.text)
     cache = compress(model, ids, cfg, tokenizer=tok, progress=True)
-    path = cache.save(args.out, model_name=args.model)
+    path = save(cache, out, model_name=args.model)
     print(f"saved {path}: {cache.kept_entries()} of {cache.full_entries()} entries kept ({ids.shape[1]} tokens), "
           f"{cache.nbytes() / 1e6:.1f} MB, {cache.info['compress_seconds']:.1f} s; {cfg!r}")  # fmt: skip
 
 
 def cmd_generate(args):
-    from .cache_io import load
-    from .hf.decode import ask
+    from .cache_io import load, read_metadata
+    from .hf.decode import ask, full_cache
     from .store import CacheStore
 
     if (args.cache is None) == (args.store is None) or (args.store is None) != (args.doc is None):
         raise ValueError("give --cache FILE, or --store STORE with --doc ID")
+    for i, prompt in enumerate(args.prompt, 1):
+        if not prompt.strip():
+            raise ValueError(f"--prompt {i} is empty")
     if args.store is not None:
         store = CacheStore(_existing_store(args.store))
         row = store.row(args.doc)
@@ -166,11 +144,23 @@ def cmd_generate(args):
         model, tok = _load(args)
         cache = store.load(args.doc, model)
     else:
-        args.model = args.model or DEFAULT_MODEL
+        args.model = args.model or read_metadata(args.cache).get("model") or DEFAULT_MODEL  # the cache's own
         model, tok = _load(args)
         cache = load(args.cache, model)
-    for prompt in args.prompt:
-        print(ask(model, tok, cache, prompt, max_new_tokens=args.max_new_tokens, stop=args.stop))
+    answers = {"compressed": ask(model, tok, cache, args.prompt, args.max_new_tokens, args.stop)}
+    if args.full:
+        if cache.context_ids is None:
+            raise ValueError("--full needs the context's tokens, and this cache was saved without them")
+        _say(f"prefill of the full context ({cache.n} tokens) for --full")
+        answers["full context"] = ask(model, tok, full_cache(model, cache.context_ids), args.prompt,
+                                      args.max_new_tokens, args.stop)  # fmt: skip
+    if len(args.prompt) == 1 and not args.full:
+        print(answers["compressed"][0])  # one prompt, one answer: printed as it is
+        return
+    for i, prompt in enumerate(args.prompt):
+        print(f"[{i + 1}] {' '.join(prompt.split())}")
+        for source, texts in answers.items():
+            print(f"  {source}: {texts[i].strip()}")
 
 
 def _existing_store(path) -> Path:
@@ -216,10 +206,9 @@ def cmd_store(args):
     for r in rows:
         mb = "–" if r["bytes"] is None else f"{r['bytes'] / 1e6:.2f}"
         s = "–" if r["seconds"] is None else f"{r['seconds']:.1f}"
+        tokens = r["tokens"] if r["tokens"] is not None else "–"
         note = f"  ({r['error']})" if r["error"] else ("  (truncated)" if r["truncated"] else "")
-        print(
-            f"{r['status']:<7} {r['tokens'] if r['tokens'] is not None else '–':>7} {mb:>8} {s:>7}  {r['id']}{note}"
-        )
+        print(f"{r['status']:<7} {tokens:>7} {mb:>8} {s:>7}  {r['id']}{note}")
     done = sum(r["status"] == "done" for r in rows)
     print(f"{len(rows)} documents, {done} done, {len(rows) - done} failed")
 
@@ -254,60 +243,23 @@ def cmd_bench(args):
 def cmd_bench_tasks(args):
     from .bench.tasks import tasks_bench
 
-    if args.samples < 1:
-        raise ValueError(f"--samples must be at least 1; got {args.samples}")
     if any(not 0 < r <= 1 for r in args.ratios):
         raise ValueError(f"--ratios are kept fractions in (0, 1]; got {args.ratios}")
     tasks_bench(args)
 
 
 def cmd_demo(args):
-    from tqdm.auto import tqdm
+    from .bench.demo import demo
 
-    from .eval.metrics import teacher
-    from .eval.texts import load_text, make_window
-    from .hf.decode import ask
-
-    model, tok = _load(args)
-    window = make_window(
-        tok, load_text(args.text), args.context_tokens, args.continuation_tokens, name=args.text
-    )
-    ref = teacher(model, window)
-    print(f"\n{args.model}: {args.text}, {args.context_tokens} context tokens compressed to {args.ratio:.0%}, KL "
-          f"over the next {args.continuation_tokens} real tokens (teacher NLL {ref.nll:.2f} nats/token)\n")  # fmt: skip
-    runs = [
-        (CompressConfig(), "kvsculpt default"),
-        (CompressConfig(method="h2o", queries="self+context", allocation="curves", **SELF_10X64),
-         "Select+Fit, curves budget"),
-        (CompressConfig(method="sculpt"), "Sculpt from the default"),  # + 20 L-BFGS iterations on the keys
-        (CompressConfig(method="snapkv", fit=False, queries="context", allocation="uniform"), "SnapKV eviction"),
-        (CompressConfig(method="h2o", fit=False, queries="context", allocation="uniform"), "H2O eviction"),
-        (CompressConfig(method="streaming-llm", fit=False, queries="context", allocation="uniform"), "StreamingLLM"),
-    ]  # fmt: skip
-    rows, default_cache = [], None
-    bar = tqdm(runs, desc="demo: compress and score", unit="method")
-    for cfg, label in bar:
-        bar.set_postfix_str(label)  # the Sculpt row takes minutes: say which row is running
-        cache, row = _eval_row(
-            model, tok, args.model, window, ref, cfg.replace(ratio=args.ratio), progress=False
-        )
-        rows.append((label, row))
-        default_cache = default_cache or cache
-    print(f"{'method':<26}{'queries':<14}{'KL (nats)':>10}{'top-1 agree':>13}{'cache MB':>10}{'of full':>9}"
-          f"{'compress s':>12}")  # fmt: skip
-    for label, r in rows:
-        print(f"{label:<26}{r['queries']:<14}{r['kl']:>10.4f}{r['top1_agree']:>13.2f}{r['cache_bytes'] / 1e6:>10.2f}"
-              f"{r['cache_over_full']:>9.0%}{r['compress_seconds']:>12.1f}")  # fmt: skip
-    print(f"\nfull cache: {rows[0][1]['full_bytes'] / 1e6:.2f} MB, prefill {ref.prefill_seconds:.1f} s")
-    print(f"\nQ: {DEMO_QUESTION.strip()}")
-    answer = ask(model, tok, default_cache, DEMO_QUESTION, max_new_tokens=40, stop="\n\n")
-    print(f"A (from the compressed cache): {answer.strip()}")
+    demo(args.model, args.text, args.context_tokens, args.continuation_tokens, args.ratio, args.dtype)
 
 
 # ------------------------------------------------------------------------------------------ parser
-def _model_options(p, text=True):
-    p.add_argument("--model", default=DEFAULT_MODEL,
-                   help=f"a packaged name ({', '.join(PACKAGED)}), a Hugging Face id, a local directory or a .gguf file")  # fmt: skip
+def _model_options(p, text=True, default=DEFAULT_MODEL):
+    where = f"a packaged name ({', '.join(PACKAGED)}), a Hugging Face id, a local directory or a .gguf file"
+    p.add_argument(
+        "--model", default=default, help=where + ("" if default else " (default: the cache's own)")
+    )
     p.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: fp32 on CPU, bf16 on CUDA)")
     if text:
         p.add_argument(
@@ -316,83 +268,56 @@ def _model_options(p, text=True):
 
 
 def _window_options(p):
-    p.add_argument("--context-tokens", type=int, default=1024, help="tokens of the text compressed")
-    p.add_argument(
-        "--continuation-tokens", type=int, default=128, help="real tokens after it the KL is measured on"
-    )
+    p.add_argument("--context-tokens", type=positive_int, default=1024, help="tokens of the text compressed")
+    p.add_argument("--continuation-tokens", type=positive_int, default=128,
+                   help="real tokens after it the KL is measured on")  # fmt: skip
+
+
+def _parse_as(kind: type, name: str, optional: bool):
+    """The argparse type of a config field: its value type, where ``none`` stands for None if allowed."""
+
+    def parse(text: str):
+        if optional and text.lower() == "none":
+            return None
+        try:
+            return kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"--{name} takes a {kind.__name__}; got {text!r}") from None
+
+    parse.__name__ = kind.__name__
+    return parse
 
 
 def _compress_options(p):
-    d = DEFAULTS
-    p.add_argument("--ratio", type=float, default=d.ratio,
-                   help="fraction of KV entries KEPT (kvpress's compression_ratio is the fraction removed: 1 - ratio)")  # fmt: skip
-    p.add_argument("--method", default=DEFAULT_METHOD, choices=list(METHODS), metavar="METHOD",
-                   help="how entries are chosen: " + "; ".join(f"{k}: {v}" for k, v in METHODS.items()))  # fmt: skip
-    p.add_argument("--fit", default=d.fit, action=argparse.BooleanOptionalAction,
-                   help="re-solve the kept entries' values by ridge least squares (--no-fit copies them: eviction)")  # fmt: skip
-    p.add_argument("--option", action="append", type=key_value, metavar="KEY=VALUE",
-                   help="a field of the method, e.g. lam=0.01, iters=60 (sculpt), sinks=0 (kvzip), window=32 (snapkv); repeatable")  # fmt: skip
-    p.add_argument("--allocation", default=d.allocation, choices=list(ALLOCATIONS), metavar="RULE",
-                   help="how budgets are shared between heads: " + "; ".join(f"{k}: {v}" for k, v in ALLOCATIONS.items()))  # fmt: skip
-    p.add_argument("--alpha", type=float, default=d.alpha, help="exponent of the adaptive rule")
-    p.add_argument("--scope", default=d.scope, choices=["all", "heads", "layers"],
-                   help="move budget across all heads and layers, only between the heads of a layer, or only between layers")  # fmt: skip
-    p.add_argument("--queries", default=d.queries,
-                   help="reference queries, one source or several joined by '+': "
-                   + "; ".join(f"{k}: {v}" for k, v in QUERY_SOURCES.items()))  # fmt: skip
-    p.add_argument("--floor", type=int, default=d.floor,
-                   help="the smallest budget a head gets under a non-uniform rule (default: n/64)")  # fmt: skip
-    p.add_argument("--repeat-prompt", default=d.repeat_prompt, choices=list(REPEAT_PROMPTS), metavar="STYLE",
-                   help="for 'repeat' queries: " + "; ".join(f"{k}: {v}" for k, v in REPEAT_PROMPTS.items()))  # fmt: skip
-    p.add_argument("--max-queries", type=int, default=d.max_queries,
-                   help="reference queries kept per KV head (a random subset; 0 or unset keeps all)")  # fmt: skip
-    p.add_argument(
-        "--self-samples", type=int, default=d.self_samples, help="sampled continuations for 'self' queries"
-    )
-    p.add_argument("--self-length", type=int, default=d.self_length, help="tokens per sampled continuation")
-    p.add_argument("--heldout", type=float, default=d.heldout,
-                   help="fraction of query groups kept out of the fit, for the fidelity stats")  # fmt: skip
-    p.add_argument("--on-policy", type=int, default=d.on_policy,
-                   help="solve the layers in N stages, replaying the self samples through the layers already "
-                   "compressed (N >= layers: layer by layer; 0: off)")  # fmt: skip
-    p.add_argument("--seed", type=int, default=d.seed, help="seed of sampling and subsampling")
-    g = p.add_argument_group("end-to-end refine (after the method)")
-    g.add_argument("--refine", default=d.refine, choices=["none", "kl"],
-                   help="kl: optimise the whole compressed block by backpropagation through the frozen model, to "
-                   "the full cache's next-token distributions on text the model generates itself; gains most where the "
-                   "cache is tight (about 2x at ratio 0.1, 1.3-1.4x at 0.5; README)")  # fmt: skip
-    g.add_argument("--refine-steps", type=int, default=d.refine_steps, help="Adam steps (at most)")
-    g.add_argument(
-        "--refine-lr",
-        type=float,
-        default=d.refine_lr,
-        help="step size relative to each tensor's RMS (default: 3e-3 below ratio 0.2, 1e-3 below 0.5, 3e-4 from "
-        "there)",
-    )
-    g.add_argument("--refine-schedule", default=d.refine_schedule, choices=list(REFINE_SCHEDULES),
-                   help="; ".join(f"{k}: {v}" for k, v in REFINE_SCHEDULES.items()) + " (default: %(default)s)")  # fmt: skip
-    g.add_argument("--refine-params", default=d.refine_params, choices=list(REFINE_PARAMS),
-                   help="what is trained: " + "; ".join(f"{k}: {v}" for k, v in REFINE_PARAMS.items()))  # fmt: skip
-    g.add_argument("--refine-data", default=d.refine_data,
-                   help="training text, sources joined by '+': " + "; ".join(f"{k}: {v}" for k, v in REFINE_SOURCES.items()))  # fmt: skip
-    g.add_argument("--refine-samples", type=int, default=d.refine_samples, help="sequences per data source")
-    g.add_argument("--refine-length", type=int, default=d.refine_length, help="tokens per sequence")
-    g.add_argument("--refine-batch", type=int, default=d.refine_batch, help="sequences per step")
-    g.add_argument("--refine-time", type=float, default=d.refine_time,
-                   help="stop training after this many seconds (default: no limit)")  # fmt: skip
-    g = p.add_argument_group("quantised storage of the compressed block")
-    g.add_argument("--kv-bits", type=int, default=d.kv_bits, choices=[16, 8, 4, 2],
-                   help="bits per stored key/value element: 16 keeps the model's dtype; 8, 4, 2 store packed codes "
-                   "(keys per channel, values per token, fp16 scales; KIVI's layout) (default: %(default)s)")  # fmt: skip
-    g.add_argument("--key-bits", type=int, default=d.key_bits, choices=[8, 4, 2],
-                   help="bits per stored key element, if not --kv-bits (keys lose more than values at the same width)")  # fmt: skip
-    g.add_argument("--kv-group", type=int, default=d.kv_group,
-                   help="elements sharing one scale and minimum (default: %(default)s)")  # fmt: skip
-    g.add_argument("--kv-refit", default=d.kv_refit, action=argparse.BooleanOptionalAction,
-                   help="re-solve fitted values against the quantised keys (default: on)")  # fmt: skip
+    """One option per :class:`CompressConfig` field, its help, choices and default taken from the field."""
+    from .config import field_types
+
+    types, groups = field_types(), {}
+    for f in compress_fields():
+        meta = f.metadata
+        group = (
+            p
+            if meta["group"] is None
+            else groups.setdefault(meta["group"], p.add_argument_group(meta["group"]))
+        )
+        flag = meta["flag"] or "--" + f.name.replace("_", "-")
+        kind, optional = types[f.name]
+        if f.name == "options":
+            group.add_argument(flag, dest="options", action="append", type=key_value, metavar="KEY=VALUE",
+                               help=meta["help"])  # fmt: skip
+        elif kind is bool:
+            group.add_argument(flag, dest=f.name, default=f.default, action=argparse.BooleanOptionalAction,
+                               help=meta["help"])  # fmt: skip
+        else:
+            choices = meta["choices"]
+            group.add_argument(flag, dest=f.name, default=f.default, type=_parse_as(kind, flag[2:], optional),
+                               choices=choices, metavar=None if choices is None else f.name.upper(),
+                               help=meta["help"] + ("" if choices is None else f" (one of: {', '.join(map(str, choices))})"))  # fmt: skip
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(benchmarks: bool = True) -> argparse.ArgumentParser:
+    """The ``kvsculpt`` parser. ``benchmarks=False`` leaves out ``bench``'s options, whose lists need the
+    tensor code imported (``kvsculpt --help`` stays fast)."""
     ap = argparse.ArgumentParser(
         prog="kvsculpt", formatter_class=_Help,
         description="Compress a language model's KV cache by distillation: far fewer key/value pairs, fitted so "
@@ -416,7 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
                 "cache.")  # fmt: skip
     _model_options(p)
     _window_options(p)
-    p.add_argument("--ratio", type=float, default=0.3, help="fraction of KV entries kept")
+    p.add_argument("--ratio", type=float, default=DEFAULT_RATIO, help="fraction of KV entries kept")
     p.set_defaults(func=cmd_demo)
 
     p = command("eval", "compress one window of a text and measure held-out KL",
@@ -443,16 +368,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("generate", "answer prompts from a saved compressed cache",
                 "Load a .kvs cache for its model and answer each prompt greedily from it (each on a fresh fork of "
                 "the cache), stopping at the end-of-sequence token or at --stop.")  # fmt: skip
-    p.add_argument("--model", default=None,
-                   help=f"a packaged name, a Hugging Face id, a local directory or a .gguf file (default: the store's "
-                   f"model with --store, else {DEFAULT_MODEL})")  # fmt: skip
-    p.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: fp32 on CPU, bf16 on CUDA)")
+    _model_options(p, text=False, default=None)
     p.add_argument("--cache", help="a .kvs file written by `kvsculpt compress`")
     p.add_argument("--store", help="a cache store written by `kvsculpt compress-corpus` (with --doc)")
     p.add_argument("--doc", help="the document's id in --store (see `kvsculpt store ls`)")
     p.add_argument("--prompt", required=True, action="append", help="a prompt; may be given several times")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="the most tokens generated per prompt")
+    p.add_argument(
+        "--max-new-tokens", type=positive_int, default=64, help="the most tokens generated per prompt"
+    )
     p.add_argument("--stop", default=None, help="stop when this text appears (it is not printed)")
+    p.add_argument("--full", action="store_true",
+                   help="also answer from the full, uncompressed context (one prefill), each answer labelled")  # fmt: skip
     p.set_defaults(func=cmd_generate)
 
     p = command("compress-corpus", "compress many documents into a cache store, resumably, here or on Ray",
@@ -463,9 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
                 "(pip install kvsculpt[distributed]).")  # fmt: skip
     p.add_argument("docs", nargs="+", metavar="DOCS", help="files, folders or .jsonl files")
     p.add_argument("--out", required=True, metavar="STORE", help="the store folder (created if missing)")
-    p.add_argument("--model", default=DEFAULT_MODEL,
-                   help=f"a packaged name ({', '.join(PACKAGED)}), a Hugging Face id, a local directory or a .gguf file")  # fmt: skip
-    p.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: fp32 on CPU, bf16 on CUDA)")
+    _model_options(p, text=False)
     p.add_argument(
         "--glob", default="**/*", help="which files of a folder are documents (default: %(default)s)"
     )
@@ -494,7 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
                 "write difficulty.json, heatmaps and summary.md.")  # fmt: skip
     _model_options(p)
     p.add_argument("--context-tokens", type=int, default=1024, help="tokens of the text analysed")
-    p.add_argument("--ratio", type=float, default=0.3, help="fraction of KV entries kept")
+    p.add_argument("--ratio", type=float, default=DEFAULT_RATIO, help="fraction of KV entries kept")
     p.add_argument("--queries", default="self+context", help="reference queries (see `kvsculpt eval --help`)")
     p.add_argument(
         "--allocation", default="curves", choices=["adaptive", "curves"], help="the pilot-based rule"
@@ -540,7 +464,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report-only", action="store_true",
                    help="rewrite paper_<model>.{json,md,png} from the cached rows; runs nothing")  # fmt: skip
     p.set_defaults(func=cmd_bench)
-
+    if not benchmarks:
+        return ap
     from .bench.tasks import METHODS, OPT_IN, PRESSES
     from .eval.tasks import TASKS
 
@@ -553,7 +478,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context-tokens", type=int, default=2048, help="tokens per context (cwe: at most)")
     p.add_argument("--ratios", type=float, nargs="+", default=[0.1, 0.25, 0.5], help="kept fractions")
     p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS, help="tasks")
-    p.add_argument("--samples", type=int, default=20, help="questions per task")
+    p.add_argument("--samples", type=positive_int, default=20, help="questions per task")
     p.add_argument("--seed", type=int, default=0, help="the questions' seed")
     p.add_argument("--methods", nargs="*", help=f"our methods, from {list(METHODS)} (default: all but "
                    f"{list(OPT_IN)}, which run only when named)")  # fmt: skip
@@ -569,7 +494,7 @@ def main(argv=None):
     from .hf.models import ModelError
 
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser().parse_args(argv)
+    args = build_parser(benchmarks="bench" in argv).parse_args(argv)
     args.command_line = "kvsculpt " + " ".join(shlex.quote(a) for a in argv if a != "--report-only")
     try:
         args.func(args)

@@ -10,10 +10,12 @@ from tqdm.auto import tqdm
 from .cache import CompressedCache, quantize_cache
 from .config import CompressConfig
 from .core.attention import fidelity, reference
-from .core.fit import refit_for_quantized_keys
+from .core.fit import refit_for_quantized_keys, split_heldout
 from .core.methods import Identity, Select
 from .core.scores import H2O
-from .hf.capture import Capture, capture, replay_self_queries, split_heldout, stage
+from .hf.attention import use_kvsculpt_attention
+from .hf.capture import Capture, capture, replay_self_queries, stage
+from .hf.decode import full_cache
 from .hf.dims import model_dims
 
 PILOT = Select(scorer=H2O(), fit=True)  # the pilot of the curves/adaptive rules: Select+Fit
@@ -26,9 +28,27 @@ def compress(model, context_ids: torch.Tensor, config: CompressConfig | None = N
     tokenizer=tok)``. The ``repeat`` query source (the default) needs the tokenizer."""
     t_start = time.perf_counter()
     cfg = (config or CompressConfig()).replace(**changes)
+    use_kvsculpt_attention(model)
+    if isinstance(cfg.solver, Identity) and cfg.refine == "none" and cfg.kv_bits == 16:
+        return keep_everything(model, context_ids, cfg, t_start)  # no reference queries needed
     cap = capture(model, context_ids, cfg, tokenizer=tokenizer, progress=progress)
     cache = compress_captured(model, cap, cfg, progress, tokenizer)
     cache.info["compress_seconds"] = time.perf_counter() - t_start
+    return cache
+
+
+def keep_everything(model, context_ids: torch.Tensor, cfg: CompressConfig, t_start: float) -> CompressedCache:
+    """The ``identity`` method without a capture: the full cache after one prefill (what the full context
+    would say), with the info every compressed cache records."""
+    cache = full_cache(model, context_ids)
+    dims, seconds = model_dims(model), time.perf_counter() - t_start
+    cache.method = repr(cfg.solver)
+    cache.info = {"config": repr(cfg), "method": repr(cfg.solver), "ratio": cfg.ratio, "allocation": cfg.allocation,
+                  "queries": cfg.queries, "budgets": [[cache.n] * dims.kv_heads for _ in range(dims.layers)],
+                  "n": cache.n, "fit_queries": 0, "heldout_queries": 0, "prefill_seconds": seconds,
+                  "query_seconds": 0.0, "query_seconds_by_source": {}, "solve_seconds": 0.0, "on_policy": 0,
+                  "replay_seconds": 0.0, "compress_seconds": seconds,
+                  "stats": {"heldout_rel_mse": [], "heldout_mass_err": []}}  # fmt: skip
     return cache
 
 

@@ -9,11 +9,18 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from .core import budget
-from .core.methods import Identity, Method, Sculpt, Select
-from .core.quant import BITS
-from .core.scores import SCORERS
+if TYPE_CHECKING:  # the tensor code is imported when a config is built, so that `kvsculpt --help` is fast
+    from .core.methods import Method
+
+QUANT_BITS = (8, 4, 2)  # packed widths (kvsculpt.core.quant.BITS; a test keeps them equal)
+SCOPES = ("all", "heads", "layers")  # kvsculpt.core.SCOPES
+SELF_10X64 = {
+    "self_samples": 10,
+    "self_length": 64,
+}  # the self samples the demo's Select+Fit and `analyze` use
+DEFAULT_RATIO = 0.3  # the README's examples, the demo and most measured results keep 30 %
 
 QUERY_SOURCES = {
     "repeat": "the second copy's queries while the model repeats the context after its prompt (KVzip's pass)",
@@ -55,6 +62,26 @@ REFINE_SCHEDULES = {
     "cosine": "the step falls to zero over refine_steps along a half cosine",
 }
 DEFAULT_METHOD, DEFAULT_QUERIES, DEFAULT_ALLOCATION = "kvzip-v", "self+repeat", "global"
+_REFINE = "end-to-end refine (after the method)"
+_QUANT = "quantised storage of the compressed block"
+
+
+def _choices(known: dict) -> str:
+    return "; ".join(f"{k}: {v}" for k, v in known.items())
+
+
+def opt(default, help: str, *, choices=None, group: str | None = None, flag: str | None = None):
+    """A :class:`CompressConfig` field with what the command line needs to offer it: its help, its choices
+    (the keys of a dict, or a tuple), the help group, and the flag if not ``--field-name``."""
+    meta = {
+        "help": help,
+        "choices": None if choices is None else tuple(choices),
+        "group": group,
+        "flag": flag,
+    }
+    if isinstance(default, dict):
+        return field(default_factory=dict, metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 def _parse_sources(text, known: dict, name: str) -> str:
@@ -70,6 +97,9 @@ def _parse_sources(text, known: dict, name: str) -> str:
 def build_method(name: str, fit: bool = True, options: dict | None = None) -> Method:
     """The method object for a name (:data:`METHODS`) and its options (the fields of its dataclass and of
     its scorer's)."""
+    from .core.methods import Identity, Sculpt, Select
+    from .core.scores import SCORERS
+
     options = dict(options or {})
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
@@ -134,44 +164,110 @@ class CompressConfig:
     then starts from that block and optimises through the codes (straight through, :mod:`kvsculpt.refine`).
     """
 
-    ratio: float = 0.5
-    method: str = DEFAULT_METHOD
-    fit: bool = True
-    options: dict = field(default_factory=dict)
-    allocation: str = DEFAULT_ALLOCATION
-    alpha: float = 1.0
-    scope: str = "all"
-    floor: int | None = None
-    queries: str = DEFAULT_QUERIES
-    repeat_prompt: str = "kvzip"
-    max_queries: int | None = None
-    self_samples: int = 32
-    self_length: int = 8
-    temperature: float = 1.0
-    top_p: float = 0.95
-    heldout: float = 0.0
-    on_policy: int = 0
-    seed: int = 0
-    refine: str = "none"
-    refine_steps: int = 100
-    refine_lr: float | None = None
-    refine_schedule: str = "constant"
-    refine_params: str = "kv"
-    refine_data: str = "self+repeat+study"
-    refine_samples: int = 16
-    refine_length: int = 64
-    refine_batch: int = 4
-    refine_val: float = 0.25
-    refine_eval_every: int = 10
-    refine_patience: int = 3
-    refine_topk: int = 256
-    refine_time: float | None = None
-    kv_bits: int = 16
-    key_bits: int | None = None
-    kv_group: int = 64
-    kv_refit: bool = True
+    ratio: float = opt(
+        DEFAULT_RATIO,
+        "fraction of KV entries KEPT (kvpress's compression_ratio is the fraction removed: 1 - ratio)",
+    )
+    method: str = opt(DEFAULT_METHOD, "how entries are chosen: " + _choices(METHODS), choices=METHODS)
+    fit: bool = opt(
+        True, "re-solve the kept entries' values by ridge least squares (--no-fit copies them: eviction)"
+    )
+    options: dict = opt(
+        {},
+        "a field of the method, e.g. lam=0.01, iters=60 (sculpt), sinks=0 (kvzip), "
+        "window=32 (snapkv); repeatable",
+        flag="--option",
+    )
+    allocation: str = opt(
+        DEFAULT_ALLOCATION,
+        "how budgets are shared between heads: " + _choices(ALLOCATIONS),
+        choices=ALLOCATIONS,
+    )
+    alpha: float = opt(1.0, "exponent of the adaptive rule")
+    scope: str = opt(
+        "all",
+        "move budget across all heads and layers, only between the heads of a layer, or only between layers",
+        choices=SCOPES,
+    )
+    floor: int | None = opt(None, "the smallest budget a head gets under a non-uniform rule (none: n/64)")
+    queries: str = opt(
+        DEFAULT_QUERIES, "reference queries, one source or several joined by '+': " + _choices(QUERY_SOURCES)
+    )
+    repeat_prompt: str = opt(
+        "kvzip", "for 'repeat' queries: " + _choices(REPEAT_PROMPTS), choices=REPEAT_PROMPTS
+    )
+    max_queries: int | None = opt(
+        None, "reference queries kept per KV head (a random subset; 0 or none keeps all)"
+    )
+    self_samples: int = opt(32, "sampled continuations for 'self' queries")
+    self_length: int = opt(8, "tokens per sampled continuation")
+    temperature: float = opt(1.0, "sampling temperature of the self samples and the refine data (0: greedy)")
+    top_p: float = opt(0.95, "nucleus of the self samples and the refine data")
+    heldout: float = opt(0.0, "fraction of query groups kept out of the fit, for the fidelity stats")
+    on_policy: int = opt(
+        0,
+        "solve the layers in N stages, replaying the self samples through the layers "
+        "already compressed (N >= layers: layer by layer; 0: off)",
+    )
+    seed: int = opt(0, "seed of sampling and subsampling")
+    refine: str = opt(
+        "none",
+        "kl: optimise the whole compressed block by backpropagation through the frozen "
+        "model, to the full cache's next-token distributions on text the model generates itself; "
+        "gains most where the cache is tight (docs/refine.md)",
+        choices=("none", "kl"),
+        group=_REFINE,
+    )
+    refine_steps: int = opt(100, "Adam steps (at most)", group=_REFINE)
+    refine_lr: float | None = opt(
+        None,
+        "step size relative to each tensor's RMS (none: by ratio, CompressConfig.refine_step)",
+        group=_REFINE,
+    )
+    refine_schedule: str = opt(
+        "constant", _choices(REFINE_SCHEDULES), choices=REFINE_SCHEDULES, group=_REFINE
+    )
+    refine_params: str = opt(
+        "kv", "what is trained: " + _choices(REFINE_PARAMS), choices=REFINE_PARAMS, group=_REFINE
+    )
+    refine_data: str = opt(
+        "self+repeat+study",
+        "training text, sources joined by '+': " + _choices(REFINE_SOURCES),
+        group=_REFINE,
+    )
+    refine_samples: int = opt(16, "sequences per data source", group=_REFINE)
+    refine_length: int = opt(64, "tokens per sequence", group=_REFINE)
+    refine_batch: int = opt(4, "sequences per step", group=_REFINE)
+    refine_val: float = opt(
+        0.25, "fraction of the sequences held out to choose the best iterate", group=_REFINE
+    )
+    refine_eval_every: int = opt(10, "steps between validations", group=_REFINE)
+    refine_patience: int = opt(3, "validations without a gain before stopping", group=_REFINE)
+    refine_topk: int = opt(
+        256, "the teacher's most likely tokens kept per position (plus a tail bucket)", group=_REFINE
+    )
+    refine_time: float | None = opt(
+        None, "stop training after this many seconds (none: no limit)", group=_REFINE
+    )
+    kv_bits: int = opt(
+        16,
+        "bits per stored key/value element: 16 keeps the model's dtype; 8, 4, 2 store packed "
+        "codes (keys per channel, values per token, fp16 scales; KIVI's layout)",
+        choices=(16, *QUANT_BITS),
+        group=_QUANT,
+    )
+    key_bits: int | None = opt(
+        None,
+        "bits per stored key element, if not --kv-bits (keys lose more than values at the same width)",
+        choices=QUANT_BITS,
+        group=_QUANT,
+    )
+    kv_group: int = opt(64, "elements sharing one scale and minimum", group=_QUANT)
+    kv_refit: bool = opt(True, "re-solve fitted values against the quantised keys", group=_QUANT)
 
     def __post_init__(self):
+        from .core import budget
+
         budget.check_ratio(self.ratio)
         self.ratio = float(self.ratio)
         self.queries = _parse_sources(self.queries, QUERY_SOURCES, "queries")
@@ -179,8 +275,8 @@ class CompressConfig:
         self.solver = build_method(self.method, self.fit, self.options)  # not a field: derived, checked here
         if self.allocation not in ALLOCATIONS:
             raise ValueError(f"unknown allocation {self.allocation!r}; choose from {', '.join(ALLOCATIONS)}")
-        if self.scope not in budget.SCOPES:
-            raise ValueError(f"unknown scope {self.scope!r}; choose from {', '.join(budget.SCOPES)}")
+        if self.scope not in SCOPES:
+            raise ValueError(f"unknown scope {self.scope!r}; choose from {', '.join(SCOPES)}")
         if self.floor is not None and self.floor < 1:
             raise ValueError(f"floor must be >= 1 (or None for n/64); got {self.floor}")
         if self.allocation == "uniform":
@@ -211,13 +307,13 @@ class CompressConfig:
                 f"temperature must be >= 0 and top_p in (0, 1]; got {self.temperature}, {self.top_p}"
             )
         self._check_refine()
-        if self.key_bits is not None and (self.key_bits not in BITS or self.kv_bits == 16):
+        if self.key_bits is not None and (self.key_bits not in QUANT_BITS or self.kv_bits == 16):
             raise ValueError(
-                f"key_bits must be one of {', '.join(map(str, BITS))}, with kv_bits below 16; got {self.key_bits}"
+                f"key_bits must be one of {', '.join(map(str, QUANT_BITS))}, with kv_bits below 16; got {self.key_bits}"
             )
-        if self.kv_bits not in (16, *BITS):
+        if self.kv_bits not in (16, *QUANT_BITS):
             raise ValueError(
-                f"kv_bits must be 16 (not quantised) or one of {', '.join(map(str, BITS))}; got {self.kv_bits}"
+                f"kv_bits must be 16 (not quantised) or one of {', '.join(map(str, QUANT_BITS))}; got {self.kv_bits}"
             )
         if self.kv_group < 1 or (self.kv_group * self.kv_bits) % 8:
             raise ValueError(
@@ -241,6 +337,8 @@ class CompressConfig:
             least = 0 if name == "refine_steps" else 1
             if not isinstance(getattr(self, name), int) or getattr(self, name) < least:
                 raise ValueError(f"{name} must be an integer >= {least}; got {getattr(self, name)!r}")
+        if self.refine == "kl" and self.refine_steps < 1:
+            raise ValueError("refine='kl' needs refine_steps >= 1 (0 would make its data for nothing)")
         if self.refine_lr is not None and not self.refine_lr > 0:
             raise ValueError(f"refine_lr must be > 0 (or None: by ratio); got {self.refine_lr}")
         if not 0.0 <= self.refine_val < 1.0:
@@ -305,3 +403,19 @@ class CompressConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(method=method, queries=queries, **{k: v for k, v in opts.items() if k in names},
                    options={k: v for k, v in opts.items() if k not in names})  # fmt: skip
+
+
+def compress_fields() -> tuple[dataclasses.Field, ...]:
+    """The fields of :class:`CompressConfig`, each with its command-line help in ``metadata``."""
+    return dataclasses.fields(CompressConfig)
+
+
+def field_types() -> dict[str, tuple[type, bool]]:
+    """Each field's ``(value type, whether None is allowed)``, ``X | None`` read as ``(X, True)``."""
+    import typing
+
+    out = {}
+    for name, t in typing.get_type_hints(CompressConfig).items():
+        args = typing.get_args(t)
+        out[name] = (next(a for a in args if a is not type(None)), True) if args else (t, False)
+    return out

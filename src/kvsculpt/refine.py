@@ -39,14 +39,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .cache import CompressedCache, CompressedLayer, quantize_cache
+from .cache import CompressedCache, CompressedLayer, quantize_cache, shared_cache
 from .config import CompressConfig
+from .core.kl import at_least_fp32, coarse, coarse_kl
 from .core.quant import quantize_keys, quantize_values
 from .hf.capture import chat_template_parts, repeat_prompt_ids, stage
-from .hf.decode import forward, prefill, shared_cache, text_ids, top_p_pick
+from .hf.decode import forward, prefill, text_ids, top_p_pick
 
 STUDY_REQUESTS = (
     "Summarise the text above.",
@@ -69,34 +69,6 @@ class RefineData:
 
 
 # ------------------------------------------------------------------------------------------ data
-def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
-    """``x`` in fp32, or in its own dtype if that is wider (fp64 for exactness checks)."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
-
-
-def coarse(logits: torch.Tensor, k: int):
-    """Teacher logits ``[..., V]`` → (top ids ``[..., k]``, their log-probs ``[..., k]``, tail log-prob ``[...]``)."""
-    logp = F.log_softmax(at_least_fp32(logits), dim=-1)
-    top_logp, top_ids = logp.topk(min(k, logp.shape[-1]), dim=-1)
-    return top_ids.to(torch.int32), top_logp, log1mexp(torch.logsumexp(top_logp, dim=-1))
-
-
-def log1mexp(x: torch.Tensor) -> torch.Tensor:
-    """``log(1 − exp(x))`` for ``x ≤ 0``, stable, clamped away from ``-inf`` (an empty tail)."""
-    x = x.clamp(max=-1e-7)
-    return torch.where(x > -0.6931, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x))).clamp_min(-60.0)
-
-
-def coarse_kl(top_ids, top_logp, tail_logp, student_logits) -> torch.Tensor:
-    """KL between the teacher's and the student's coarse distributions (the teacher's top-k tokens and one tail
-    bucket), per position: ``student_logits [B, T, V]`` → ``[B, T]``."""
-    lq = F.log_softmax(at_least_fp32(student_logits), dim=-1)
-    lq_top = lq.gather(-1, top_ids.long())
-    lq_tail = log1mexp(torch.logsumexp(lq_top, dim=-1))
-    top = (top_logp.exp() * (top_logp - lq_top)).sum(-1)
-    return top + tail_logp.exp() * (tail_logp - lq_tail)
-
-
 @torch.inference_mode()
 def make_data(model, tokenizer, keys, values, last_logits, context_ids, cfg: CompressConfig,
               progress: bool = False) -> RefineData:  # fmt: skip
@@ -331,8 +303,12 @@ def refine(model, cache: CompressedCache, context_ids: torch.Tensor, config: Com
            tokenizer=None, progress: bool = True, **changes) -> CompressedCache:  # fmt: skip
     """Refine ``cache`` (any method's result for ``context_ids [1, n]``) end to end; the full cache is
     prefilled here. ``changes`` update the config, e.g. ``refine(model, cache, ids, tokenizer=tok,
-    refine_steps=30)``. Returns a new cache; ``cache`` is not changed."""
-    cfg = (config or CompressConfig(refine="kl")).replace(**changes)
+    refine_steps=30)``. Without a config, the ratio (which sets the default step) is the cache's own.
+    Returns a new cache; ``cache`` is not changed."""
+    if config is None:
+        ratio = cache.info.get("ratio") or cache.kept_entries() / cache.full_entries()
+        config = CompressConfig(refine="kl", ratio=ratio)
+    cfg = config.replace(**changes)
     stage(progress, f"refine: prefill of {context_ids.shape[-1]} tokens for the teacher")
     full, last, _ = prefill(model, context_ids)
     keys = [layer.keys[0] for layer in full.layers]

@@ -144,7 +144,7 @@ def compress_document(model, tokenizer, doc_id: str, data: bytes, cfg: CompressC
     """Compress one document; never raises for the document's own faults. Returns ``status`` ``done`` with the
     ``.kvs`` file's bytes (``blob``), ``bytes``, ``tokens``, ``seconds``, ``fingerprint``, ``truncated``, or
     ``failed`` with ``error``."""
-    from .cache_io import _fingerprint
+    from .cache_io import _fingerprint, save
     from .compress import compress
     from .hf.models import encode
 
@@ -165,7 +165,7 @@ def compress_document(model, tokenizer, doc_id: str, data: bytes, cfg: CompressC
             ids, truncated = ids[:, :max_tokens], True
         cache = compress(model, ids, cfg, tokenizer=tokenizer, progress=False)
         with tempfile.TemporaryDirectory() as tmp:
-            path = cache.save(Path(tmp) / "doc.kvs", model_name=getattr(model.config, "_name_or_path", ""))
+            path = save(cache, Path(tmp) / "doc.kvs", model_name=getattr(model.config, "_name_or_path", ""))
             blob = path.read_bytes()
     except Exception as exc:  # noqa: BLE001 — one document's failure is recorded, never stops the corpus
         return {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}

@@ -10,7 +10,8 @@ import torch
 from ..compress import pilot_errors
 from ..config import CompressConfig
 from ..core.budget import kept
-from ..hf.capture import capture, split_heldout
+from ..core.fit import split_heldout
+from ..hf.capture import capture
 from ..hf.dims import model_dims
 from . import plots
 

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from ..compress import compress_captured
 from ..config import CompressConfig
+from ..core.fit import split_heldout
 from ..eval.metrics import (
     cache_stats,
     continuation_logits,
@@ -31,7 +32,7 @@ from ..eval.metrics import (
 )
 from ..eval.tasks import passkey_context, passkey_found, passkey_full_cache
 from ..eval.texts import load_text, windows
-from ..hf.capture import capture, split_heldout
+from ..hf.capture import capture
 from ..hf.decode import prefill
 
 # The settings under which the committed benchmark rows were made (the runner's defaults until the config

@@ -88,3 +88,21 @@ def fidelity(Q, K, V, Kc, Vc, bias, scale) -> tuple[torch.Tensor, torch.Tensor]:
     O, z = attend(Q, K, V, scale)
     Oc, zc = attend(Q, Kc, Vc, scale, bias)
     return relative_error(Oc, O), ((zc - z) ** 2).mean(-1)
+
+
+def local_lse(q: torch.Tensor, local_k: torch.Tensor, scale: float, chunk: int = 256) -> torch.Tensor:
+    """Log-sum-exp of the last ``t`` queries ``q [1, H, t, d]`` over the local keys ``[Hkv, s, d]`` they see
+    causally (``s ≥ t``; query i sees the first ``s − t + i + 1``) → ``[1, H, t]``. ``chunk`` queries at a time,
+    each against only the keys it can see (bounded memory, half the work of the full square)."""
+    _, H, t, _ = q.shape
+    Hkv, s_len, _ = local_k.shape
+    qg = q[0].reshape(Hkv, H // Hkv, t, -1)
+    out = q.new_empty(Hkv, H // Hkv, t, dtype=torch.promote_types(q.dtype, torch.float32))
+    for a in range(0, t, chunk):
+        b = min(t, a + chunk)
+        seen = s_len - t + b  # the keys the chunk's last query sees
+        lg = logits(qg[:, :, a:b].float(), local_k[:, None, :seen].float(), scale)  # [Hkv, G, c, seen]
+        lg.masked_fill_(future_mask(b - a, seen, q.device), float("-inf"))
+        top = lg.amax(-1, keepdim=True)
+        out[:, :, a:b] = (lg.sub_(top).exp_().sum(-1, keepdim=True).log_() + top)[..., 0]
+    return out.reshape(1, H, t)

@@ -149,3 +149,13 @@ def nnls_bias(Q, Kc, z, scale, max_rows: int = 2048) -> torch.Tensor:
         w, _ = nnls(E[h], [1.0] * E.shape[1], maxiter=20 * E.shape[2])
         out.append(torch.log(torch.from_numpy(w).clamp_min(1e-6)).float())
     return torch.stack(out).to(Kc.device)
+
+
+def split_heldout(groups: torch.Tensor, fraction: float, seed: int = 0) -> torch.Tensor:
+    """Boolean mask ``[N]``: True for queries of a random ``fraction`` of groups (held out from fitting)."""
+    ids = torch.unique(groups)
+    if ids.numel() < 2 or fraction <= 0:
+        return torch.zeros_like(groups, dtype=torch.bool)
+    k = max(1, int(round(fraction * ids.numel())))
+    chosen = ids[torch.randperm(ids.numel(), generator=torch.Generator().manual_seed(seed))[:k]]
+    return torch.isin(groups, chosen)

@@ -105,3 +105,22 @@ MEMORISED_NLL = 0.5  # or a teacher NLL below 0.5 nats/token
 def looks_memorised(teacher_nll: float, self_overlap: float | None) -> bool:
     """The rule by which a window is flagged as (probably) memorised and reported apart."""
     return teacher_nll < MEMORISED_NLL or (self_overlap is not None and self_overlap >= MEMORISED_OVERLAP)
+
+
+REFINE_INFO = ("refine_seconds", "refine_steps_run", "refine_val_kl", "refine_val_kl_init", "refine_lr_used")
+
+
+def compress_and_score(model, tok, model_name: str, window: Window, ref: Teacher, cfg, progress: bool = True):
+    """Compress ``window``'s context under ``cfg`` (a :class:`~kvsculpt.config.CompressConfig`) and score it
+    against the full cache ``ref``. Returns ``(cache, row)``: the row of ``kvsculpt eval`` and the demo."""
+    from ..compress import compress
+
+    cache = compress(model, window.context, cfg, tokenizer=tok, progress=progress)
+    return cache, {
+        **score(model, cache, window, ref), "config": repr(cfg), "method": cache.method, "queries": cfg.queries,
+        "ratio": cfg.ratio, "allocation": cfg.allocation, **cache_stats(cache),
+        "compress_seconds": cache.info["compress_seconds"], "prefill_seconds": ref.prefill_seconds,
+        "query_seconds": cache.info["query_seconds"], "teacher_nll": ref.nll, "model": model_name,
+        "context_tokens": window.context.shape[1], "continuation_tokens": window.continuation.shape[1],
+        **{k: cache.info.get(k) for k in REFINE_INFO},
+    }  # fmt: skip

@@ -79,10 +79,9 @@ def kvsculpt_attention(module, query, key, value, attention_mask, scaling=None, 
     return out.transpose(1, 2).contiguous(), None
 
 
-def kvsculpt_mask(
-    batch_size, cache_position, kv_length, kv_offset=0, mask_function=None, attention_mask=None, **kw
-):
-    """The matching mask function: the attention builds its own mask, so this only rejects padding."""
+def kvsculpt_mask(*args, attention_mask=None, **kw):
+    """The matching mask function: the attention builds its own mask, so this only rejects padding. It takes
+    any arguments (transformers 5.2 passes ``cache_position``, 5.1x ``q_length``), all by keyword."""
     if attention_mask is not None and attention_mask.ndim == 2 and not bool(attention_mask.all()):
         raise ValueError(
             "kvsculpt attention does not support padded batches (attention_mask has zeros); "

@@ -22,11 +22,12 @@ import torch
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
+from ..cache import shared_cache
 from ..config import CompressConfig
-from ..core.attention import future_mask, logits
+from ..core.attention import local_lse
 from ..core.fit import subsample_index
 from .attention import capture_queries
-from .decode import check_ids, decode, forward, prefill, shared_cache, text_ids, top_p_pick
+from .decode import check_ids, decode, forward, prefill, text_ids, top_p_pick
 from .dims import check_supported, model_dims
 
 REPEAT_PROMPT = "\n\nRepeat the text above.\n\n"  # repeat_prompt="plain"
@@ -154,24 +155,6 @@ def _repeat_queries(model, context_ids, tokenizer, style: str, cache=None):
     return qs, _position_groups(t, dims.groups), lses
 
 
-def local_lse(q: torch.Tensor, local_k: torch.Tensor, scale: float, chunk: int = 256) -> torch.Tensor:
-    """Log-sum-exp of the last ``t`` queries ``q [1, H, t, d]`` over the local keys ``[Hkv, s, d]`` they see
-    causally (``s ≥ t``; query i sees the first ``s − t + i + 1``) → ``[1, H, t]``. ``chunk`` queries at a time,
-    each against only the keys it can see (bounded memory, half the work of the full square)."""
-    _, H, t, _ = q.shape
-    Hkv, s_len, _ = local_k.shape
-    qg = q[0].reshape(Hkv, H // Hkv, t, -1)
-    out = q.new_empty(Hkv, H // Hkv, t, dtype=torch.promote_types(q.dtype, torch.float32))
-    for a in range(0, t, chunk):
-        b = min(t, a + chunk)
-        seen = s_len - t + b  # the keys the chunk's last query sees
-        lg = logits(qg[:, :, a:b].float(), local_k[:, None, :seen].float(), scale)  # [Hkv, G, c, seen]
-        lg.masked_fill_(future_mask(b - a, seen, q.device), float("-inf"))
-        top = lg.amax(-1, keepdim=True)
-        out[:, :, a:b] = (lg.sub_(top).exp_().sum(-1, keepdim=True).log_() + top)[..., 0]
-    return out.reshape(1, H, t)
-
-
 @torch.inference_mode()
 def capture(model, context_ids: torch.Tensor, cfg: CompressConfig | None = None, tokenizer=None,
             progress: bool = False, keep_context_queries: bool | None = None, **changes) -> Capture:  # fmt: skip
@@ -264,13 +247,3 @@ def replay_self_queries(model, cap: Capture, cache) -> list[torch.Tensor]:
         q[:, where.to(q.device)] = fresh[:, (idx[where] - start).to(q.device)]
         out.append(q)
     return out
-
-
-def split_heldout(groups: torch.Tensor, fraction: float, seed: int = 0) -> torch.Tensor:
-    """Boolean mask ``[N]``: True for queries of a random ``fraction`` of groups (held out from fitting)."""
-    ids = torch.unique(groups)
-    if ids.numel() < 2 or fraction <= 0:
-        return torch.zeros_like(groups, dtype=torch.bool)
-    k = max(1, int(round(fraction * ids.numel())))
-    chosen = ids[torch.randperm(ids.numel(), generator=torch.Generator().manual_seed(seed))[:k]]
-    return torch.isin(groups, chosen)

@@ -41,16 +41,19 @@ def forward(model, ids: torch.Tensor, cache, start: int, last_only: bool = False
     return model(ids, past_key_values=cache, position_ids=pos, use_cache=True, **kw).logits
 
 
-def shared_cache(model, keys, values):
-    """A context's full cache (keys and values per layer ``[Hkv, n, d]``) as a
-    :class:`~kvsculpt.cache.CompressedCache` that keeps every entry: any number of sequences can continue it at
-    once, the context shared by all rows (read once per step, never copied per row)."""
-    from ..cache import CompressedCache, CompressedLayer
+def full_cache(model, context_ids: torch.Tensor):
+    """The full, uncompressed cache of ``context_ids [1, n]`` (one prefill) as a cache :func:`ask` and
+    ``generate`` take like a compressed one: what the full context would have said. O(n) memory."""
+    from ..cache import shared_cache
+    from .attention import use_kvsculpt_attention
 
-    n, Hkv = keys[0].shape[1], keys[0].shape[0]
-    layers = [CompressedLayer(k.reshape(Hkv * n, -1), v.reshape(Hkv * n, -1), [n] * Hkv, None, n)
-              for k, v in zip(keys, values, strict=True)]  # fmt: skip
-    return CompressedCache(model, layers)
+    use_kvsculpt_attention(model)
+    full, _, _ = prefill(model, context_ids)
+    out = shared_cache(
+        model, [layer.keys[0] for layer in full.layers], [layer.values[0] for layer in full.layers]
+    )
+    out.context_ids = check_ids(context_ids).cpu()
+    return out
 
 
 @torch.inference_mode()
@@ -150,6 +153,10 @@ def ask(model, tokenizer, cache, questions, max_new_tokens: int = 64, stop: str 
     question's tokens leak into the next.
     """
     single = isinstance(questions, str)
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be at least 1; got {max_new_tokens}")
+    if any(not q.strip() for q in ([questions] if single else questions)) or not questions:
+        raise ValueError("a question is empty: give the text to continue the context with")
     eos, answers = eos_ids(model, tokenizer), []
     for question in [questions] if single else questions:
         q = text_ids(tokenizer, question)

