@@ -129,11 +129,7 @@ def _top_level_imports(path: Path, package: Path) -> set[str]:
     out = set()
     for node in ast.parse(path.read_text()).body:
         if isinstance(node, ast.ImportFrom) and node.level:
-            base = (
-                list(rel[: len(rel) - node.level])
-                if rel[-1] != "__init__"
-                else list(rel[: len(rel) - node.level + 1])
-            )
+            base = list(rel[: len(rel) - node.level])  # the package the dots name
             mod = ".".join(base + ([node.module] if node.module else []))
             out |= {mod} | {f"{mod}.{a.name}" for a in node.names}
     return out

@@ -16,6 +16,7 @@ results written here. Chunking one document across several caches is out of scop
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -77,6 +78,36 @@ def read_documents(sources: Iterable[str | os.PathLike], glob: str = "**/*") -> 
             raise ValueError(f"document id {d.id!r} appears twice")
         seen.add(d.id)
     return docs
+
+
+class StoreBusyError(ValueError):
+    """Another run is writing the store."""
+
+
+@contextlib.contextmanager
+def writer_lock(store_path: Path):
+    """Hold the store's writer lock (``writer.lock``, an OS lock released when the process ends, even if it is
+    killed) for one compress-corpus run; a second run is refused at once with one line, before any work."""
+    import fcntl
+
+    store_path.mkdir(parents=True, exist_ok=True)
+    with open(store_path / "writer.lock", "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise StoreBusyError(f"{store_path} is being written by another compress-corpus run ({holder}); "
+                                 "wait for it to finish, or write to another store") from None  # fmt: skip
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} since {time.strftime('%H:%M:%S')}")
+        f.flush()
+        try:
+            yield
+        finally:
+            f.truncate(0)
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def settings_key(cfg: CompressConfig, max_tokens: int | None, truncate: bool) -> str:
@@ -208,7 +239,12 @@ def compress_corpus(sources, store_path, model_name: str, cfg: CompressConfig | 
     ``seconds``."""
     cfg = cfg or CompressConfig()
     docs = read_documents(sources, glob)
-    store = CacheStore(store_path)
+    with writer_lock(Path(store_path)):
+        return _compress_corpus(docs, CacheStore(store_path), model_name, cfg, max_tokens, truncate, ray, workers,
+                                progress, dtype)  # fmt: skip
+
+
+def _compress_corpus(docs, store, model_name, cfg, max_tokens, truncate, ray, workers, progress, dtype) -> dict:
     t0 = time.perf_counter()
     max_tokens = max_tokens or context_length(model_name)
     settings = settings_key(cfg, max_tokens, truncate)

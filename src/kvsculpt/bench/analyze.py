@@ -11,7 +11,7 @@ from ..compress import pilot_errors
 from ..config import CompressConfig
 from ..core.budget import kept
 from ..core.fit import split_heldout
-from ..hf.capture import capture
+from ..hf.capture import capture, stage
 from ..hf.dims import model_dims
 from . import plots
 
@@ -26,7 +26,9 @@ def analyze(model, tok, ids: torch.Tensor, cfg: CompressConfig, out: Path, title
     held = split_heldout(cap.groups, cfg.heldout, cfg.seed)
     fit_q, check_q = [q[:, ~held] for q in cap.queries], [q[:, held] for q in cap.queries]
     n, m = cap.n, kept(cap.n, cfg.ratio)
+    stage(True, f"pilot difficulty: Select+Fit at m={m} for {dims.layers} layers × {dims.kv_heads} KV heads")
     difficulty = pilot_errors(cap, fit_q, check_q, m)
+    stage(True, f"{cfg.allocation} budgets (more pilots)")
     budgets, record = cfg.rule.plan(n, cfg.ratio, dims.layers, dims.kv_heads,
                                     pilot=lambda size: pilot_errors(cap, fit_q, check_q, size))  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
