@@ -11,7 +11,14 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
 	touch $@
 
-.PHONY: demo test lint
+# kvpress, the benchmarks' peer, in its own environment (it needs transformers<5.3): `make peers`
+.venv-peers/.installed: constraints-peers.txt $(VENV)/.installed
+	$(PY) -m kvsculpt.bench.peers --setup .venv-peers constraints-peers.txt .
+	touch $@
+
+.PHONY: demo test lint peers
+peers: .venv-peers/.installed
+
 demo: $(VENV)/.installed
 	$(VENV)/bin/kvsculpt demo
 

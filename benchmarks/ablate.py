@@ -271,7 +271,7 @@ def run(args):
     else:
         wins = windows(tok, texts, args.context_tokens, args.continuation_tokens, per_text=args.per_text)
     if args.peers_from:
-        copy_peers(Path(args.peers_from), jsonl, {w.id for w in wins}, args.ratios, load_rows(jsonl))
+        copy_peers(Path(args.peers_from), load_rows(jsonl), {w.id for w in wins}, args.ratios)
     for w in wins:  # window by window (with the peers), so that an interrupted run has whole windows
         run_grid(model, tok, args.model, [w], grid, args.ratios, jsonl, passkey=args.passkey)
         if args.peers:

@@ -115,7 +115,7 @@ def main():
     done = load_rows(jsonl)
     model, tok = load_model(args.model)
     wins = windows(tok, args.texts, args.context_tokens, args.continuation_tokens)
-    with open(jsonl, "a") as f:
+    with done:
         for w in wins:
             todo = [p for p in args.presses if any((w.id, p, r) not in done for r in args.ratios)]
             if not todo:
@@ -131,9 +131,7 @@ def main():
                 if press == "KVzipPress":
                     replica = kvzip_as_kvpress(model, tok, w.context, row["ratio"])
                     out["replica_kl"] = score(model, replica, w, ref)["kl"]
-                f.write(json.dumps(out) + "\n")
-                f.flush()
-                done[(w.id, press, row["ratio"])] = out
+                done.add(out)
                 print(json.dumps(out), flush=True)
     rows = [r for r in load_rows(jsonl).values() if r.get("model", "smollm2-135m") == args.model]
     lines = [f"# Parity with kvpress: {args.model}, n={args.context_tokens}, T={args.continuation_tokens}", "",

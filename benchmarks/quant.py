@@ -79,7 +79,7 @@ def run(args):
     wins = windows_by_id(tok, args.windows, args.context_tokens, args.continuation_tokens)
     base = CompressConfig()
     todo_all = [(r, label) for r in args.ratios for label in args.settings]
-    with jsonl.open("a") as f:
+    with done:
         for w in tqdm(wins, desc="windows", unit="window"):
             todo = [(r, label) for r, label in todo_all if (w.id, f"kvsculpt.default {label}", r) not in done]
             if todo:
@@ -105,9 +105,7 @@ def run(args):
                            "kl": score(model, cache, w, ref)["kl"], "refine_seconds": cache.info.get("refine_seconds"),
                            "bytes_over_full16": stored / (cache.full_entries() * entry16), "model": args.model,
                            "command": command()}  # fmt: skip
-                    f.write(json.dumps(row) + "\n")
-                    f.flush()
-                    done[(w.id, row["config"], r)] = row
+                    done.add(row)
             if args.no_peers or not peers.available():
                 continue
             jobs = [([("hqq", 8), ("hqq", 4)], PRESSES),  # presses on the HQQ cache
@@ -125,9 +123,7 @@ def run(args):
                         continue  # a full cache measured before
                     row.update(window=w.id, config=f"{row['method']} {row['quant']}", model=args.model, command=command(),
                                bytes_over_full16=row["ratio"] * (row["kv_bits"] + OVERHEAD_BITS) / 16)  # fmt: skip
-                    f.write(json.dumps(row) + "\n")
-                    f.flush()
-                    done[(w.id, row["config"], row["ratio"])] = row
+                    done.add(row)
     return report(rows_of(jsonl, args.windows), args, out)
 
 

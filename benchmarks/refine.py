@@ -90,8 +90,8 @@ def run(args):
     model, tok = load_model(args.model)
     wins = windows_by_id(tok, args.windows, args.context_tokens, args.continuation_tokens)
     if args.peers_from:
-        copy_peers(Path(args.peers_from), jsonl, {w.id for w in wins}, args.ratios, done)
-    with jsonl.open("a") as f:
+        copy_peers(Path(args.peers_from), done, {w.id for w in wins}, args.ratios)
+    with done:
         for w in wins:
             todo = [r for r in args.ratios if (w.id, setting, r) not in done]
             if todo:
@@ -104,9 +104,7 @@ def run(args):
                     )
                     row.update(window=w.id, config=setting, ratio=r, model=args.model,
                                compress_config=repr(refined.replace(ratio=r)))  # fmt: skip
-                    f.write(json.dumps(row) + "\n")
-                    f.flush()
-                    done[(w.id, setting, r)] = row
+                    done.add(row)
                     print(f"{w.id} r={r}: KL {row['kl_init']:.4f} → {row['kl']:.4f} in {row['refine_seconds']:.0f} s "
                           f"({row['refine_steps_run']} steps)", flush=True)  # fmt: skip
             if args.peers and peers.available():

@@ -244,7 +244,9 @@ def compress_corpus(sources, store_path, model_name: str, cfg: CompressConfig | 
                                 progress, dtype)  # fmt: skip
 
 
-def _compress_corpus(docs, store, model_name, cfg, max_tokens, truncate, ray, workers, progress, dtype) -> dict:
+def _compress_corpus(
+    docs, store, model_name, cfg, max_tokens, truncate, ray, workers, progress, dtype
+) -> dict:
     t0 = time.perf_counter()
     max_tokens = max_tokens or context_length(model_name)
     settings = settings_key(cfg, max_tokens, truncate)

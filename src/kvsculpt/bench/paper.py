@@ -85,7 +85,9 @@ def paper(args) -> dict:
     use_peers = args.peers and peers.available()
     unknown = sorted(set(args.methods or ()) - set(PAPER_GRID))
     if unknown:
-        raise ValueError(f"--methods: unknown {', '.join(map(repr, unknown))}; choose from {', '.join(PAPER_GRID)}")
+        raise ValueError(
+            f"--methods: unknown {', '.join(map(repr, unknown))}; choose from {', '.join(PAPER_GRID)}"
+        )
     grid = {k: v for k, v in PAPER_GRID.items() if (k in args.methods if args.methods else k not in OPT_IN)}
     if (
         getattr(args, "quick", False) and use_peers

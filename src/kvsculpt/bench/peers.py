@@ -1,8 +1,11 @@
-"""NVIDIA kvpress presses as external peers, run in a subprocess.
+"""NVIDIA kvpress presses as external peers, run in a subprocess of their own environment.
 
 Importing kvpress patches transformers' attention functions globally, so it never runs in the caller's
 process: :func:`run_presses` starts ``python -m kvsculpt.bench.peers`` on a job file and reads back one JSON row
-per (press, ratio). Install with ``pip install kvsculpt[peers]`` (kvpress 0.5.5, transformers < 5.3).
+per (press, ratio). kvpress 0.5.5 needs transformers < 5.3 while the library runs on the current one, so the
+subprocess runs in its own virtual environment, ``.venv-peers`` (``make peers``, or
+``python -m kvsculpt.bench.peers --setup DIR``; pins in ``constraints-peers.txt``), found through
+``$KVSCULPT_PEERS_PYTHON``, else ``./.venv-peers``, else this interpreter if it has kvpress.
 
 kvpress's ``compression_ratio`` is the fraction **removed**: a kept fraction ``r`` runs the press at
 ``compression_ratio = 1 − r``.
@@ -11,6 +14,7 @@ kvpress's ``compression_ratio`` is the fraction **removed**: a kept fraction ``r
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -29,10 +33,35 @@ PRESSES = (
 )
 
 
-def available() -> bool:
+PEERS_VENV = Path(".venv-peers")
+PEER_PACKAGES = ("kvpress", "optimum-quanto>=0.2.7", "hqq>=0.2.8")  # quanto/hqq: transformers' QuantizedCache
+
+
+def peers_python() -> str | None:
+    """The interpreter that runs kvpress (see the module's docstring), or None if there is none."""
     import importlib.util
 
-    return importlib.util.find_spec("kvpress") is not None
+    explicit = os.environ.get("KVSCULPT_PEERS_PYTHON")
+    if explicit:
+        return explicit if Path(explicit).is_file() else None
+    local = PEERS_VENV / "bin" / "python"
+    if local.is_file():
+        return str(local.absolute())
+    return sys.executable if importlib.util.find_spec("kvpress") is not None else None
+
+
+def available() -> bool:
+    return peers_python() is not None
+
+
+def setup(venv: Path, constraints: Path, project: Path) -> None:
+    """Make the peers' environment: a venv at ``venv`` with kvpress and this project, under ``constraints``."""
+    import venv as venv_module
+
+    venv_module.create(venv, with_pip=True, clear=False)
+    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "-c", str(constraints)]
+    subprocess.run(pip + ["torch"], check=True)  # first, alone: the pinned CPU wheel (see constraints.txt)
+    subprocess.run(pip + [*PEER_PACKAGES, "-e", str(project)], check=True)
 
 
 def run_presses(
@@ -73,7 +102,12 @@ def _run_job(job: dict, on_row=None) -> list[dict]:
         torch.save(job, path)
         rows = []
         with err.open("w") as stderr:
-            proc = subprocess.Popen([sys.executable, "-m", "kvsculpt.bench.peers", str(path)],
+            python = peers_python()
+            if python is None:
+                raise RuntimeError(
+                    "kvpress is not installed: `make peers` makes its environment (.venv-peers)"
+                )
+            proc = subprocess.Popen([python, "-m", "kvsculpt.bench.peers", str(path)],
                                     stdout=subprocess.PIPE, stderr=stderr, text=True)  # fmt: skip
             for line in proc.stdout:
                 if line.startswith("{"):
@@ -99,7 +133,7 @@ def run_peers(
     from .runner import load_rows
 
     done = load_rows(Path(jsonl))
-    with open(jsonl, "a") as f:
+    with done:
         for w in tqdm(wins, desc="kvpress peers", unit="window"):
             missing = [(p, r) for p in presses for r in ratios if (w.id, f"kvpress.{p}", r) not in done]
             if not missing:
@@ -115,9 +149,7 @@ def run_peers(
                 row.update(window=w.id, config=row["method"], model=model_name, queries="(kvpress)")
                 if (w.id, row["config"], row["ratio"]) in done:
                     continue
-                f.write(json.dumps(row) + "\n")
-                f.flush()
-                done[(w.id, row["config"], row["ratio"])] = row
+                done.add(row)
     ids, names = {w.id for w in wins}, {f"kvpress.{p}" for p in presses}
     return [r for k, r in done.items() if k[0] in ids and k[1] in names and k[2] in ratios]
 
@@ -255,4 +287,7 @@ def _generate(model, job) -> None:
 
 
 if __name__ == "__main__":
-    _main(sys.argv[1])
+    if sys.argv[1] == "--setup":  # python -m kvsculpt.bench.peers --setup VENV CONSTRAINTS PROJECT
+        setup(Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4]))
+    else:
+        _main(sys.argv[1])

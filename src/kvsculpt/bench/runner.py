@@ -57,16 +57,12 @@ def legacy_config(method: str, queries: str, **opts) -> CompressConfig:
     return CompressConfig.of(method, queries, **{**LEGACY, **opts})
 
 
-def copy_peers(src: Path, jsonl: Path, wins: set, ratios, done: dict) -> None:
-    """Append to ``jsonl`` the kvpress rows of ``src`` (an earlier results file made with the same model and
-    window lengths) for the windows ``wins`` and ``ratios`` that ``done`` lacks, each marked with its source."""
-    new = [r for k, r in load_rows(src).items()
-           if k[0] in wins and k[1].startswith("kvpress.") and k[2] in ratios and k not in done]  # fmt: skip
-    with Path(jsonl).open("a") as f:
-        for r in new:
-            r = {**r, "source": str(src)}
-            f.write(json.dumps(r) + "\n")
-            done[(r["window"], r["config"], r["ratio"])] = r
+def copy_peers(src: Path, rows: RowFile, wins: set, ratios) -> None:
+    """Append to ``rows`` the kvpress rows of ``src`` (an earlier results file made with the same model and
+    window lengths) for the windows ``wins`` and ``ratios`` that ``rows`` lacks, each marked with its source."""
+    for k, r in RowFile(src).items():
+        if k[0] in wins and k[1].startswith("kvpress.") and k[2] in ratios and k not in rows:
+            rows.add({**r, "source": str(src)})
 
 
 def geomean(xs) -> float:
@@ -103,15 +99,50 @@ def windows_by_id(tok, ids, context_tokens: int, continuation_tokens: int):
     return found
 
 
-def load_rows(jsonl: Path) -> dict:
-    """Finished rows of a results file by ``(window, config, ratio)``."""
-    done = {}
-    if Path(jsonl).exists():
-        for line in Path(jsonl).read_text().splitlines():
-            if line.strip():
-                r = json.loads(line)
-                done[(r["window"], r["config"], r["ratio"])] = r
-    return done
+def window_key(row: dict) -> tuple:
+    """The key of a KL results row: ``(window, config, ratio)``."""
+    return row["window"], row["config"], row["ratio"]
+
+
+class RowFile(dict):
+    """A resumable results file: one JSON row a line, appended (and flushed) as each row is made, so a killed
+    run loses at most the row in flight and a rerun skips what is there. As a dict: ``key(row) → row``, the last
+    line of a key winning (a rerun's row replaces an older one). ``with rows:`` keeps the file open for a
+    loop of :meth:`add`; outside it each :meth:`add` opens and closes the file."""
+
+    def __init__(self, path, key=window_key):
+        super().__init__()
+        self.path, self.key, self._file = Path(path), key, None
+        if self.path.exists():
+            for line in self.path.read_text().splitlines():
+                if line.strip():
+                    row = json.loads(line)
+                    self[key(row)] = row
+
+    def add(self, row: dict) -> dict:
+        """Append ``row`` to the file and to the dict; returns it."""
+        line = json.dumps(row) + "\n"
+        if self._file is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self.path.open("a") as f:
+                f.write(line)
+        else:
+            self._file.write(line)
+            self._file.flush()
+        self[self.key(row)] = row
+        return row
+
+    def __enter__(self) -> RowFile:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = self.path.open("a")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._file.close()
+        self._file = None
+
+
+load_rows = RowFile  # the finished rows of a results file, by (window, config, ratio)
 
 
 def split_memorised(rows: list[dict]) -> tuple[list[dict], dict]:
@@ -177,7 +208,7 @@ def run_grid(model, tok, model_name, wins, grid: dict[str, CompressConfig], rati
     passkey_ratios = set(ratios if passkey_ratios is None else passkey_ratios)
     jsonl = Path(jsonl)
     jsonl.parent.mkdir(parents=True, exist_ok=True)
-    done = load_rows(jsonl)
+    done = RowFile(jsonl)
     for key in [k for k in done if k[1] in rerun and k[1] in grid]:
         if done[key].get("method") != repr(grid[key[1]].replace(ratio=key[2]).solver):
             del done[key]  # made by an earlier version of the method
@@ -188,7 +219,7 @@ def run_grid(model, tok, model_name, wins, grid: dict[str, CompressConfig], rati
     bar = tqdm(total=todo, desc=f"bench {model_name}", unit="run")
     if todo:  # the first forward pages in memory-mapped weights: keep it out of the timed prefills
         prefill(model, wins[0].context[:, :8])
-    with open(jsonl, "a") as f:
+    with done:
         for w in wins:
             if all((w.id, c, r) in done for c in grid for r in ratios):
                 continue
@@ -253,9 +284,7 @@ def run_grid(model, tok, model_name, wins, grid: dict[str, CompressConfig], rati
                             **_pilot_spread(cache.info), "optimiser": cache.info.get("optimiser"),
                             **{k: v for k, v in cache.info.items() if k.startswith("refine_") and k != "refine_curve"},
                         }  # fmt: skip
-                        f.write(json.dumps(row) + "\n")
-                        f.flush()
-                        done[(w.id, name, r)] = row
+                        done.add(row)
                         bar.update()
                         bar.set_postfix_str(f"{name} r={r} kl={res['kl']:.4f}")
     bar.close()

@@ -31,6 +31,7 @@ from ..eval.tasks import TASKS, score_reply, task_samples
 from ..hf.capture import capture
 from ..hf.decode import answer_text, decode, eos_ids, prefill, text_ids, text_stop
 from .paper import PAPER_GRID, check_cached_setting
+from .runner import RowFile
 
 METHODS = {
     "default": CompressConfig(),
@@ -81,22 +82,20 @@ def tasks_bench(args) -> dict:
     presses = list(args.presses) if args.peers and peers.available() else []
     if args.peers and not presses and args.presses:
         print("kvpress is not installed (pip install -e .[peers]): the presses are skipped")
-    done = {_key(r) for r in _rows(jsonl)}
+    done = RowFile(jsonl, key=_key)
     model, tok = load_model(args.model)
     groups = defaultdict(list)  # configs sharing a capture
     for name, cfg in methods.items():
         groups[cfg.capture_key()].append(name)
     wanted = [(FULL, 1.0), (NO_CONTEXT, 0.0)] + [(m, r) for m in methods for r in args.ratios]
     wanted += [(f"kvpress.{p}", r) for p in presses for r in args.ratios]
-    with open(jsonl, "a") as f:
+    with done:
 
         def write(bar, task, s, method, r, text, score, **extra):
             row = {"task": task, "sample": s.index, "method": method, "ratio": r, "reply": text, "score": score,
                    "answers": s.answers, "source": s.source, "context_tokens": s.context.shape[1],
                    "model": args.model, **extra}  # fmt: skip
-            f.write(json.dumps(row) + "\n")
-            f.flush()
-            done.add(_key(row))
+            done.add(row)
             bar.update()
 
         for task in args.tasks:
@@ -150,12 +149,7 @@ def _key(row) -> tuple:
 
 
 def _rows(jsonl: Path) -> list[dict]:
-    rows = {}
-    for line in (jsonl.read_text() if jsonl.exists() else "").splitlines():
-        if line.strip():
-            r = json.loads(line)
-            rows[_key(r)] = r
-    return list(rows.values())
+    return list(RowFile(jsonl, key=_key).values())
 
 
 def mean_interval(xs) -> tuple[float, float]:

@@ -220,7 +220,9 @@ def hub_check(repo_id: str) -> dict:
     try:
         hub.model_info(repo_id, timeout=10)
     except RepositoryNotFoundError:
-        raise ModelError(f"cannot load {repo_id!r}: no such model on the Hugging Face hub (or it is private)") from None
+        raise ModelError(
+            f"cannot load {repo_id!r}: no such model on the Hugging Face hub (or it is private)"
+        ) from None
     except Exception as exc:  # noqa: BLE001 — the hub's client raises many kinds for a network failure
         if cached:
             return {"local_files_only": True}
