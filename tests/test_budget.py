@@ -12,9 +12,11 @@ def test_sums_exactly_and_respects_floor_and_cap():
     assert int(b.min()) >= 4 and int(b.max()) <= 100
 
 
-def test_harder_head_gets_more_equal_gets_uniform_zero_gets_floor():
-    b = allocate(torch.tensor([[1.0, 3.0]]), total=40, floor=2, cap=100)
-    assert b[0, 1] > b[0, 0]
+def test_budgets_are_proportional_to_difficulty_to_the_alpha_equal_gets_uniform_zero_gets_floor():
+    assert allocate(torch.tensor([[1.0, 3.0]]), total=40, floor=2, cap=100).tolist() == [[10, 30]]  # m ∝ e
+    assert allocate(torch.tensor([[1.0, 2.0, 5.0]]), total=80, floor=1, cap=100).tolist() == [[10, 20, 50]]
+    # alpha = 0.5: m ∝ √e, 40·1/(1+√3) = 14.6 and 25.4, rounded to keep the total
+    assert allocate(torch.tensor([[1.0, 3.0]]), total=40, floor=2, cap=100, alpha=0.5).tolist() == [[15, 25]]
     assert allocate(torch.full((4, 2), 0.7), total=80, floor=1, cap=50).eq(10).all()
     z = allocate(torch.tensor([[0.0, 1.0, 1.0]]), total=30, floor=3, cap=100)
     assert z[0, 0] == 3 and int(z.sum()) == 30

@@ -80,7 +80,6 @@ def test_query_sources_shapes_and_subsampling(tiny):
     assert mixed.queries[0].shape == (Hkv, 50, 16) and mixed.groups.shape == (50,)
     by_source = [mixed.info["self_seconds"], mixed.info["context_seconds"]]  # the stages of the cost profile
     assert min(by_source) >= 0 and sum(by_source) <= mixed.query_seconds
-    assert mixed.info["self_seconds"] > mixed.info["context_seconds"]  # sampling decodes; context is at hand
     with pytest.raises(ValueError, match="tokenizer"):
         capture(tiny, ids, queries="repeat")
 

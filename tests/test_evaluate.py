@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -7,10 +9,16 @@ from kvsculpt.eval.texts import TextTooShortError, load_text, make_window, text_
 from kvsculpt.hf.decode import prefill
 
 
-def test_kl_basics():
-    p = torch.randn(5, 11)
-    assert kl_per_position(p, p).abs().max() < 1e-6
-    assert (kl_per_position(p, torch.randn(5, 11)) > 0).all()
+def test_kl_is_the_teachers_expectation_in_nats():
+    """KL(P ‖ Q) with P the first argument: P = (1/2, 1/2), Q = (1/4, 3/4) gives ½ln2 + ½ln(2/3) = 0.1438,
+    the reverse direction 0.1308; identical rows give 0."""
+    p, q = torch.tensor([[0.0, 0.0]]), torch.tensor([[0.0, torch.log(torch.tensor(3.0))]])
+    assert kl_per_position(p, q).item() == pytest.approx(0.5 * math.log(2) + 0.5 * math.log(2 / 3), abs=1e-6)
+    assert kl_per_position(q, p).item() == pytest.approx(
+        0.25 * math.log(0.5) + 0.75 * math.log(1.5), abs=1e-6
+    )
+    logits = torch.randn(5, 11)
+    assert kl_per_position(logits, logits).abs().max() < 1e-6
 
 
 def test_full_cache_has_zero_kl_and_a_damaged_cache_does_not(smollm):

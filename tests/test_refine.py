@@ -231,7 +231,7 @@ def test_refine_of_a_quantised_block_goes_through_its_codes():
     """``kv_bits=4``: the forward sees the block as stored (straight through), the result is the quantised cache,
     and its reported validation KL (and its init's) is that of the stored codes (fp32, 4-bit codes of a tiny
     random model; whether going through the codes beats quantising after a 16-bit refine is measured on real
-    models, benchmarks/quant_refine.py)."""
+    models: benchmarks/quant.py's 'b4 refine' and 'b4 refine-after' settings)."""
     model, ids, cfg, init, keys, values, last, data = _setup(dtype=torch.float32)
     cfg4 = cfg.replace(kv_bits=4, kv_group=8, refine_lr=3e-2, refine_steps=20, refine_eval_every=5)
     from kvsculpt.cache import quantize_cache

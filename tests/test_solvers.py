@@ -190,11 +190,16 @@ def test_fitted_values_beat_copied_values_on_heldout_queries():
         assert err_fit < 0.8 * err_copy
 
 
-def test_variable_budgets_and_shapes():
+def test_variable_budgets_keep_each_heads_most_attended_keys():
+    """Select+Fit keeps, per head, the keys with the most summed attention (at its own budget), unmoved."""
     K, V, Q, s = problem(H=3)
     out = SelectFit()(K, V, Q, [5, 20, 5], s)
-    assert [o[0].shape[0] for o in out] == [5, 20, 5]
-    assert all(o[1].shape == (o[0].shape[0], 16) for o in out)
+    for h, m in enumerate([5, 20, 5]):
+        total = torch.softmax(Q[h] @ K[h].T * s, -1).sum(0)
+        assert torch.equal(out[h][0], K[h][total.topk(m).indices.sort().values])
+        assert out[h][1].shape == (m, 16) and not torch.equal(
+            out[h][1], V[h][total.topk(m).indices.sort().values]
+        )
 
 
 @pytest.mark.parametrize("score", SCORERS)
@@ -209,10 +214,31 @@ def test_eviction_baselines_keep_original_entries(score):
         assert k.shape == (10, 16)
     if score == "streaming-llm":
         assert torch.equal(out[0][0], torch.cat([K[0, :4], K[0, -6:]]))
-    if score == "kvzip":  # sinks kept, then the keys with the highest peak attention
-        peak = torch.softmax(Q[0] @ K[0].T * s, -1).amax(0)
-        peak[:4] = float("inf")
-        assert torch.equal(out[0][0], K[0][peak.topk(10).indices.sort().values])
+    attn = torch.softmax(Q[0] @ K[0].T * s, -1)  # [N, n] the reference queries' attention, head 0
+    norm = V[0].norm(dim=-1)
+    last = torch.softmax(ctx[0, :, -1] @ K[0].T * s, -1).sum(0)  # the context's last position, GQA summed
+    expected = {  # each rule's score of head 0's entries, written out here independently of core/scores.py
+        "kvzip": attn.amax(0).index_fill(0, torch.arange(4), float("inf")),
+        "kvzip-v": (attn.amax(0) * (norm / norm.mean()).sqrt()).index_fill(0, torch.arange(4), float("inf")),
+        "h2o": attn.sum(0),
+        "tova": last.index_fill(0, torch.tensor([47]), float("inf")),
+        "knorm": -K[0].norm(dim=-1),
+    }
+    if score in expected:
+        assert torch.equal(out[0][0], K[0][expected[score].topk(10).indices.sort().values]), score
+    if (
+        score == "snapkv"
+    ):  # a window of 8: its causal attention summed, pooled over 5 positions; the window kept
+        causal = torch.arange(48)[None] > torch.arange(40, 48)[:, None]
+        win = torch.softmax((ctx[0, :, -8:] @ K[0].T * s).masked_fill(causal, float("-inf")), -1).sum((0, 1))
+        pooled = torch.stack([win[max(0, i - 2) : i + 3].mean() for i in range(48)])
+        pooled[-8:] = float("inf")
+        kept = make_method(score, window=8)(K, V, Q, [10, 10], s, context_queries=ctx)[0][0]
+        assert torch.equal(kept, K[0][pooled.topk(10).indices.sort().values])
+    if score == "random":  # seeded: the same entries every time, different ones for another seed
+        again = make_method(score)(K, V, Q, [10, 10], s)
+        other = make_method(score, seed=1)(K, V, Q, [10, 10], s)
+        assert torch.equal(again[0][0], out[0][0]) and not torch.equal(other[0][0], out[0][0])
 
 
 def test_beta_options_fix_the_mass():

@@ -1,9 +1,7 @@
 import json
-import signal
 import sqlite3
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -78,24 +76,20 @@ def test_interrupted_corpus_run_resumes_with_nothing_lost_or_duplicated(tmp_path
     store = tmp_path / "store"
     for i in range(4, 10):
         (docs / f"d{i}.txt").write_text(f"document number {i} " * 20)
-    cmd = [sys.executable, "-m", "kvsculpt.cli", "compress-corpus", str(docs), "--out", str(store), "--model",
-           str(model_dir), "--method", "h2o", "--queries", "context", "--max-tokens", "200"]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    done = 0
-    while time.time() < deadline and proc.poll() is None:
-        if (store / "index.sqlite").exists():
-            with sqlite3.connect(store / "index.sqlite") as db:
-                try:
-                    done = db.execute("SELECT COUNT(*) FROM docs WHERE status = 'done'").fetchone()[0]
-                except sqlite3.OperationalError:
-                    done = 0
-            if done >= 2:
-                break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)  # the driver dies mid-run, without cleaning up
-    proc.wait()
-    assert 2 <= done < 10
+    argv = ["compress-corpus", str(docs), "--out", str(store), "--model", str(model_dir), "--method", "h2o",
+            "--queries", "context", "--max-tokens", "200"]  # fmt: skip
+    # the driver dies (as at SIGKILL: no clean-up) right after the 2nd document is recorded, mid-run
+    code = ("import os, sys, kvsculpt.store as s; from kvsculpt.cli import main\n"
+            "record = s.CacheStore.record\n"
+            "def dying(self, *a, **k):\n"
+            "    record(self, *a, **k)\n"
+            "    if sum(r['status'] == 'done' for r in self.rows()) >= 2: os._exit(9)\n"
+            f"s.CacheStore.record = dying\nmain({argv!r})\n")  # fmt: skip
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 9, proc.stderr[-2000:]
+    with sqlite3.connect(store / "index.sqlite") as db:
+        done = db.execute("SELECT COUNT(*) FROM docs WHERE status = 'done'").fetchone()[0]
+    assert done == 2
     before = _rows(store)
     counts = compress_corpus([docs], store, str(model_dir), CompressConfig(method="h2o", queries="context"),
                              max_tokens=200, progress=False)  # fmt: skip
