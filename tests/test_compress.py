@@ -187,7 +187,9 @@ def test_cli_analyze_writes_json_figures_and_summary(smollm, tmp_path):
     for png in ("difficulty.png", "budgets.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     summary = (out / "summary.md").read_text()
-    assert f"**{data['layer_spread']:.1f}×**" in summary and f"layer {data['max_head_ratio_layer']}" in summary
+    assert (
+        f"**{data['layer_spread']:.1f}×**" in summary and f"layer {data['max_head_ratio_layer']}" in summary
+    )
 
 
 def test_on_policy_layer_by_layer_keeps_budgets_and_changes_the_fit():
