@@ -2,7 +2,7 @@
 
 model, tok = kvsculpt.load_model("smollm2-135m")         # or any HF id / local dir / .gguf file
 cache = kvsculpt.compress(model, ids, ratio=0.3, tokenizer=tok)
-kvsculpt.ask(model, tok, cache, "Question: …")
+kvsculpt.ask(model, tok, cache, "Question: …")                    # and from kvsculpt.full_cache(model, ids)
 kvsculpt.save_cache(cache, "doc.kvs"); cache = kvsculpt.load_cache("doc.kvs", model)
 cache = kvsculpt.compress(model, ids, ratio=0.1, tokenizer=tok, refine="kl")   # + end-to-end KL refine
 
@@ -24,6 +24,7 @@ _WHERE = {  # public name -> (module, attribute)
     "capture": ("hf.capture", "capture"),
     "compress": ("compress", "compress"),
     "encode": ("hf.models", "encode"),
+    "full_cache": ("hf.decode", "full_cache"),
     "load_cache": ("cache_io", "load"),
     "load_model": ("hf.models", "load_model"),
     "refine": ("refine", "refine"),

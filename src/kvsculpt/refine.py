@@ -24,7 +24,7 @@ passes the rounding unchanged (the straight-through estimator), and the result i
 that chooses the best iterate is that of the stored codes.
 
 Optimisation: Adam on offsets measured in units of each layer tensor's RMS (so ``refine_lr`` is a relative
-step; by default 3e-3 below r = 0.2, 1e-3 below 0.5, 3e-4 from there; constant, or falling to zero along a
+step, by default set by the ratio: :attr:`~kvsculpt.config.CompressConfig.refine_step`; constant, or falling to zero along a
 half cosine with ``refine_schedule="cosine"``), fp32 master copies, the model's dtype
 in the forward; a validation split of the generated sequences is scored every ``refine_eval_every`` steps, the
 best iterate is returned (never worse than the start on it), and training stops early after
