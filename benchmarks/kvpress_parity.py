@@ -1,4 +1,4 @@
-"""Parity: our copies of kvpress's presses against kvpress itself, on the same windows (needs `.[peers]`).
+"""Parity: our copies of kvpress's presses against kvpress itself, on the same windows (needs kvpress: `make peers`).
 
     python benchmarks/kvpress_parity.py --texts fastmcp_background_tasks openai_agents_tar_utils --ratios 0.1 0.3 0.5 0.7
 

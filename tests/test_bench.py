@@ -105,9 +105,7 @@ def test_windows_by_id_finds_any_offset_and_refuses_an_unknown_one(smollm):
 def test_paper_report_pairs_an_opt_in_method_on_its_windows_and_keeps_the_others(tmp_path):
     """The refine row runs on fewer windows and ratios than the table: it must neither drop those windows from the
     main table nor be averaged over windows it never ran on; it is paired with the default and the best other."""
-    from argparse import Namespace
-
-    from kvsculpt.bench.paper import DEFAULT_ROW, write_paper_report
+    from kvsculpt.bench.paper import DEFAULT_ROW, PaperBench, write_paper_report
 
     kl = {("Select+Fit", "a@0"): 0.2, ("Select+Fit", "b@0"): 0.4, (DEFAULT_ROW, "a@0"): 0.1,
           (DEFAULT_ROW, "b@0"): 0.05, ("SnapKV", "a@0"): 0.3, ("SnapKV", "b@0"): 0.6,
@@ -116,7 +114,7 @@ def test_paper_report_pairs_an_opt_in_method_on_its_windows_and_keeps_the_others
             for (c, w), v in kl.items() for r in (0.3, 0.5)]  # fmt: skip
     rows.append({"config": "default + KL refine", "window": "a@0", "ratio": 0.3, "kl": 0.04, "teacher_nll": 2.0,
                  "compress_over_prefill": 90.0})  # fmt: skip
-    args = Namespace(model="m", context_tokens=96, continuation_tokens=16, ratios=[0.3, 0.5])
+    args = PaperBench(model="m", context_tokens=96, continuation_tokens=16, ratios=[0.3, 0.5])
     data = write_paper_report(rows, args, tmp_path, "m")
     assert data["kl_geomean"]["Select+Fit"][0.3] == pytest.approx((0.2 * 0.4) ** 0.5)  # both windows kept
     assert "default + KL refine" not in data["kl_geomean"]

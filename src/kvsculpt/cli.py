@@ -225,8 +225,15 @@ def cmd_analyze(args):
     print(summary["markdown"])
 
 
+def _typed(cls, args):
+    """The benchmark's typed config (a dataclass) from the parsed options of the same names."""
+    import dataclasses
+
+    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)})
+
+
 def cmd_bench(args):
-    from .bench.paper import paper
+    from .bench.paper import PaperBench, paper
 
     if args.quick:  # ~15 min here: two ratios, and kvpress's presses stand in for our copies of them
         args.model, args.context_tokens, args.continuation_tokens, args.docs = (
@@ -237,15 +244,15 @@ def cmd_bench(args):
         )
         args.ratios = args.ratios or [0.3, 0.5]
     args.ratios = args.ratios or [0.3, 0.5, 0.7]
-    paper(args)
+    paper(_typed(PaperBench, args))
 
 
 def cmd_bench_tasks(args):
-    from .bench.tasks import tasks_bench
+    from .bench.tasks import TasksBench, tasks_bench
 
     if any(not 0 < r <= 1 for r in args.ratios):
         raise ValueError(f"--ratios are kept fractions in (0, 1]; got {args.ratios}")
-    tasks_bench(args)
+    tasks_bench(_typed(TasksBench, args))
 
 
 def cmd_demo(args):
@@ -432,19 +439,35 @@ def build_parser(benchmarks: bool = True) -> argparse.ArgumentParser:
 
     p = command("bench", "benchmarks: `bench paper` (the KVSculpt table), `bench tasks` (RULER-style tasks)",
                 "Resumable benchmarks that write results files (JSONL rows, JSON, Markdown, PNG) with kvpress as a "
-                "peer in the same run (pip install -e .[peers]).")  # fmt: skip
+                "peer in the same run (`make peers` installs it in its own environment).")  # fmt: skip
     which = p.add_subparsers(dest="which", required=True, metavar="BENCHMARK")
+    if not benchmarks:
+        return ap
+    from .bench import peers
+    from .bench.paper import PaperBench
+    from .bench.tasks import METHODS, OPT_IN, TasksBench
+    from .eval.tasks import TASKS
+
+    paper, tasks = PaperBench(), TasksBench()  # the benchmarks' typed configs hold the defaults
     p = which.add_parser("paper", formatter_class=_Help, help="the KVSculpt paper's table with kvpress peers",
                          description="The KVSculpt paper's comparison (Select+Fit, Sculpt, adaptive budgets), our "
                          "default, eviction baselines and NVIDIA kvpress presses on the same windows, in one "
                          "resumable run; writes paper_<model>.{jsonl,json,md,png} in --out.")  # fmt: skip
-    p.add_argument("--model", default="qwen2.5-coder-1.5b", help="a packaged name, HF id or path")
-    p.add_argument("--context-tokens", type=int, default=2048, help="tokens compressed per window")
-    p.add_argument("--continuation-tokens", type=int, default=256, help="real tokens the KL is measured on")
+    p.add_argument("--model", default=paper.model, help="a packaged name, HF id or path")
+    p.add_argument(
+        "--context-tokens",
+        type=positive_int,
+        default=paper.context_tokens,
+        help="tokens compressed per window",
+    )
+    p.add_argument("--continuation-tokens", type=positive_int, default=paper.continuation_tokens,
+                   help="real tokens the KL is measured on")  # fmt: skip
     p.add_argument(
         "--ratios", type=float, nargs="+", help="kept fractions (default 0.3 0.5 0.7; --quick: 0.3 0.5)"
     )
-    p.add_argument("--docs", type=int, default=4, help="number of documents (one window each)")
+    p.add_argument(
+        "--docs", type=positive_int, default=paper.docs, help="number of documents (one window each)"
+    )
     p.add_argument(
         "--texts", nargs="*", help="shipped text names or paths (default: the non-memorised texts)"
     )
@@ -460,31 +483,30 @@ def build_parser(benchmarks: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--no-passkey", dest="passkey", action="store_false", help="skip pass-key retrieval")
     p.add_argument("--passkey-ratios", type=float, nargs="+",
                    help="ratios at which pass-key retrieval is tried (default: the ratio nearest 0.3)")  # fmt: skip
-    p.add_argument("--out", default="benchmarks/results", help="output directory (rows are cached there)")
+    p.add_argument("--out", default=PaperBench.out, help="output directory (rows are cached there)")
     p.add_argument("--report-only", action="store_true",
                    help="rewrite paper_<model>.{json,md,png} from the cached rows; runs nothing")  # fmt: skip
     p.set_defaults(func=cmd_bench)
-    if not benchmarks:
-        return ap
-    from .bench.tasks import METHODS, OPT_IN, PRESSES
-    from .eval.tasks import TASKS
 
     p = which.add_parser("tasks", formatter_class=_Help, help="RULER-style tasks and document QA: accuracy against "
                          "the kept fraction", description="Needle, variable-tracking, common-words and document-QA "
                          "questions generated from a seed with the shipped 2025-2026 texts, each context compressed "
                          "before its question is seen; our methods, the full cache, the question alone and kvpress "
                          "presses in one resumable run; writes tasks_<model>_n<N>.{jsonl,json,md,png} in --out.")  # fmt: skip
-    p.add_argument("--model", default="qwen2.5-coder-0.5b", help="a packaged name, HF id or path")
-    p.add_argument("--context-tokens", type=int, default=2048, help="tokens per context (cwe: at most)")
-    p.add_argument("--ratios", type=float, nargs="+", default=[0.1, 0.25, 0.5], help="kept fractions")
-    p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS, help="tasks")
-    p.add_argument("--samples", type=positive_int, default=20, help="questions per task")
-    p.add_argument("--seed", type=int, default=0, help="the questions' seed")
+    p.add_argument("--model", default=tasks.model, help="a packaged name, HF id or path")
+    p.add_argument("--context-tokens", type=positive_int, default=tasks.context_tokens,
+                   help="tokens per context (cwe: at most)")  # fmt: skip
+    p.add_argument("--ratios", type=float, nargs="+", default=tasks.ratios, help="kept fractions")
+    p.add_argument("--tasks", nargs="+", default=tasks.tasks, choices=TASKS, help="tasks")
+    p.add_argument("--samples", type=positive_int, default=tasks.samples, help="questions per task")
+    p.add_argument("--seed", type=int, default=tasks.seed, help="the questions' seed")
     p.add_argument("--methods", nargs="*", help=f"our methods, from {list(METHODS)} (default: all but "
                    f"{list(OPT_IN)}, which run only when named)")  # fmt: skip
-    p.add_argument("--presses", nargs="*", default=list(PRESSES), help="kvpress presses")
+    p.add_argument(
+        "--presses", nargs="*", default=tasks.presses, choices=peers.PRESSES, help="kvpress presses"
+    )
     p.add_argument("--no-peers", dest="peers", action="store_false", help="skip the kvpress presses")
-    p.add_argument("--out", default="benchmarks/results", help="output directory (rows are cached there)")
+    p.add_argument("--out", default=PaperBench.out, help="output directory (rows are cached there)")
     p.add_argument("--report-only", action="store_true", help="rewrite the report from the cached rows")
     p.set_defaults(func=cmd_bench_tasks)
     return ap

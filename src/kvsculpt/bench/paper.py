@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -73,7 +74,28 @@ def check_cached_setting(jsonl: Path, setting: dict) -> None:
         meta.write_text(json.dumps(setting) + "\n")
 
 
-def paper(args) -> dict:
+@dataclass
+class PaperBench:
+    """What ``kvsculpt bench paper`` runs (the CLI builds it from its options; defaults are the CLI's)."""
+
+    model: str = "qwen2.5-coder-1.5b"
+    context_tokens: int = 2048
+    continuation_tokens: int = 256
+    ratios: list[float] = field(default_factory=lambda: [0.3, 0.5, 0.7])
+    docs: int = 4  # documents, one window each
+    texts: list[str] | None = None  # shipped names or paths (None: the non-memorised texts)
+    methods: list[str] | None = None  # a subset of PAPER_GRID (None: all but the opt-in rows)
+    rerun: list[str] = field(default_factory=list)  # methods whose rows by an earlier version run again
+    quick: bool = False
+    peers: bool = True
+    passkey: bool = True
+    passkey_ratios: list[float] | None = None
+    out: str = "benchmarks/results"
+    report_only: bool = False
+    command_line: str = "kvsculpt bench paper"
+
+
+def paper(args: PaperBench) -> dict:
     """``kvsculpt bench paper``: our methods and kvpress peers on the same windows and budgets; writes
     ``paper_<model>.{json,md,png}`` in ``args.out``."""
     from ..hf.models import load_model
@@ -89,16 +111,14 @@ def paper(args) -> dict:
             f"--methods: unknown {', '.join(map(repr, unknown))}; choose from {', '.join(PAPER_GRID)}"
         )
     grid = {k: v for k, v in PAPER_GRID.items() if (k in args.methods if args.methods else k not in OPT_IN)}
-    if (
-        getattr(args, "quick", False) and use_peers
-    ):  # kvpress runs the same presses (equal KL: kvpress_parity.jsonl)
+    if args.quick and use_peers:  # kvpress runs the same presses (equal KL: kvpress_parity.jsonl)
         grid = {k: v for k, v in grid.items() if k not in KVPRESS_DUPLICATES}
-    rerun = getattr(args, "rerun", None) or ()
+    rerun = args.rerun or ()
     unknown = set(rerun) - set(grid)
     if unknown:
         raise ValueError(f"--rerun names no method of this run: {', '.join(sorted(unknown))}; "
                          f"choose from {', '.join(grid)}")  # fmt: skip
-    report_only = getattr(args, "report_only", False)  # rewrite the report from the cached rows; runs nothing
+    report_only = args.report_only  # rewrite the report from the cached rows; runs nothing
     if report_only and not jsonl.exists():
         raise FileNotFoundError(f"{jsonl}: no cached results to report (run without --report-only first)")
     check_cached_setting(jsonl, {"context_tokens": args.context_tokens,
@@ -163,12 +183,12 @@ def opt_in_comparisons(extra: list[dict], rows: list[dict]) -> list[dict]:
 def _peer_note(args) -> str:
     return (
         "kvpress peers not run ("
-        + ("--no-peers" if not args.peers else "kvpress not installed: pip install .[peers]")
+        + ("--no-peers" if not args.peers else "kvpress not installed: `make peers`")
         + ")"
     )
 
 
-def write_paper_report(rows, args, out: Path, tag: str, peers_note=None) -> dict:
+def write_paper_report(rows, args: PaperBench, out: Path, tag: str, peers_note=None) -> dict:
     from .plots import kl_vs_ratio
 
     out.mkdir(parents=True, exist_ok=True)
@@ -225,7 +245,7 @@ def write_paper_report(rows, args, out: Path, tag: str, peers_note=None) -> dict
     lines = [
         f"# KVSculpt paper table on {args.model}: n={args.context_tokens}, T={args.continuation_tokens}",
         "",
-        f"Command: `{getattr(args, 'command_line', 'kvsculpt bench paper')}`",
+        f"Command: `{args.command_line}`",
         "",
         f"Windows ({len(wins)}): {', '.join(wins)}. Teacher NLL (nats/token): "
         + ", ".join(f"{w} {v:.2f}" for w, v in nll.items()),

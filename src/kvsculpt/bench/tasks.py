@@ -19,6 +19,7 @@ import json
 import math
 import time
 from collections import defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -60,7 +61,25 @@ def stem(args) -> str:
     return f"tasks_{Path(args.model).name}_n{args.context_tokens}"
 
 
-def tasks_bench(args) -> dict:
+@dataclass
+class TasksBench:
+    """What ``kvsculpt bench tasks`` runs (the CLI builds it from its options; defaults are the CLI's)."""
+
+    model: str = "qwen2.5-coder-0.5b"
+    context_tokens: int = 2048
+    ratios: list[float] = field(default_factory=lambda: [0.1, 0.25, 0.5])
+    tasks: list[str] = field(default_factory=lambda: list(TASKS))
+    samples: int = 20
+    seed: int = 0
+    methods: list[str] | None = None  # from METHODS (None: all but OPT_IN)
+    presses: list[str] = field(default_factory=lambda: list(PRESSES))
+    peers: bool = True
+    out: str = "benchmarks/results"
+    report_only: bool = False
+    command_line: str = "kvsculpt bench tasks"
+
+
+def tasks_bench(args: TasksBench) -> dict:
     """Run what is missing of (tasks × samples) × (references, methods × ratios, presses × ratios), then write
     the report; ``args`` as ``kvsculpt bench tasks`` parses them."""
     from ..hf.models import load_model
@@ -81,7 +100,7 @@ def tasks_bench(args) -> dict:
         raise ValueError(f"unknown method(s) {sorted(unknown)}; choose from {list(METHODS)}")
     presses = list(args.presses) if args.peers and peers.available() else []
     if args.peers and not presses and args.presses:
-        print("kvpress is not installed (pip install -e .[peers]): the presses are skipped")
+        print("kvpress is not installed (`make peers` makes its environment): the presses are skipped")
     done = RowFile(jsonl, key=_key)
     model, tok = load_model(args.model)
     groups = defaultdict(list)  # configs sharing a capture
@@ -188,7 +207,7 @@ def summarise(rows) -> dict:
     return out
 
 
-def report(rows, args, out: Path) -> dict:
+def report(rows, args: TasksBench, out: Path) -> dict:
     """Tables (one per ratio: methods × tasks, with the average over tasks), the target check at r = 0.25, a
     figure (a panel per task: accuracy against the kept fraction, a line per method); returns the summary."""
     summ = summarise(rows)
@@ -198,7 +217,7 @@ def report(rows, args, out: Path) -> dict:
                                  if k[1] not in (FULL, NO_CONTEXT)))  # fmt: skip
     ks = sorted({v["k"] for v in summ.values()})
     lines = [f"# Downstream tasks: {args.model}, contexts of {args.context_tokens} tokens", "",
-             f"Command: `{getattr(args, 'command_line', 'kvsculpt bench tasks')}`", "",
+             f"Command: `{args.command_line}`", "",
              f"Samples per (task, method, ratio): {', '.join(map(str, ks))}. Accuracy in % (the mean per-sample score: "
              "the fraction of the answer's items in the reply) and its 95 % Wilson interval. Each context is "
              "compressed before its question is seen. `no context`: the question alone, the model's guess.", ""]  # fmt: skip
