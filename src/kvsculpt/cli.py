@@ -316,10 +316,18 @@ def _compress_options(p):
             group.add_argument(flag, dest=f.name, default=f.default, action=argparse.BooleanOptionalAction,
                                help=meta["help"])  # fmt: skip
         else:
-            choices = meta["choices"]
-            group.add_argument(flag, dest=f.name, default=f.default, type=_parse_as(kind, flag[2:], optional),
-                               choices=choices, metavar=None if choices is None else f.name.upper(),
-                               help=meta["help"] + ("" if choices is None else f" (one of: {', '.join(map(str, choices))})"))  # fmt: skip
+            choices, text = meta["choices"], meta["help"]
+            if choices is not None and not all(f"{c}:" in text for c in choices):  # not already described
+                text += f" (one of: {', '.join(map(str, choices))})"
+            group.add_argument(
+                flag,
+                dest=f.name,
+                default=f.default,
+                type=_parse_as(kind, flag[2:], optional),
+                choices=choices,
+                metavar=None if choices is None else f.name.upper(),
+                help=text,
+            )
 
 
 def build_parser(benchmarks: bool = True) -> argparse.ArgumentParser:
@@ -518,6 +526,9 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser(benchmarks="bench" in argv).parse_args(argv)
     args.command_line = "kvsculpt " + " ".join(shlex.quote(a) for a in argv if a != "--report-only")
+    if args.func in (cmd_eval, cmd_compress, cmd_generate, cmd_compress_corpus, cmd_analyze, cmd_demo, cmd_bench,
+                     cmd_bench_tasks):  # fmt: skip
+        _say(f"{args.command}: starting (torch and transformers take a few seconds to import)")
     try:
         args.func(args)
     except (ModelError, ValueError, FileNotFoundError, NotImplementedError) as exc:
