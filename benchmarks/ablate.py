@@ -9,7 +9,6 @@ ratio to Select+Fit (same query source) and to the best eviction baseline.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from collections import defaultdict
@@ -21,6 +20,7 @@ from kvsculpt.bench.runner import (
     EVICTION,
     copy_peers,
     geomean,
+    grid_parser,
     legacy_config,
     load_rows,
     memorised_note,
@@ -389,24 +389,15 @@ def write_report(rows, args, out: Path):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="smollm2-135m")
+    ap = grid_parser(__doc__, ratios=[0.3, 0.5], out="benchmarks/results/ablation")  # --windows: not --texts
     ap.add_argument("--grid", default="core", choices=GRIDS)
     ap.add_argument("--rows", nargs="+", help="run only these rows of the grid (default: all)")
     ap.add_argument("--texts", nargs="*")
     ap.add_argument("--per-text", type=int, default=1)
-    ap.add_argument("--windows", nargs="+", help="window ids (text@offset) instead of --texts/--per-text")
-    ap.add_argument("--context-tokens", type=int, default=1024)
-    ap.add_argument("--continuation-tokens", type=int, default=128)
-    ap.add_argument("--ratios", type=float, nargs="+", default=[0.3, 0.5])
     ap.add_argument("--passkey", action="store_true", help="also try pass-key retrieval at every ratio")
     ap.add_argument("--peers", action="store_true", help="also run kvpress's presses on the same windows")
     ap.add_argument(
         "--peers-from", help="a results JSONL (same model and window lengths) whose kvpress rows are copied"
-    )
-    ap.add_argument("--out", default="benchmarks/results/ablation")
-    ap.add_argument(
-        "--report-only", action="store_true", help="rewrite JSON/Markdown from the JSONL and stop"
     )
     run(ap.parse_args(argv))
 

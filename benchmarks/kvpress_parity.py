@@ -9,7 +9,6 @@ the same full-cache teacher. Writes results/kvpress_parity.{jsonl,md} (resumable
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -19,7 +18,7 @@ from transformers import DynamicCache
 
 from kvsculpt import CompressConfig, CompressedCache, compress, load_model
 from kvsculpt.bench.peers import run_presses
-from kvsculpt.bench.runner import load_rows
+from kvsculpt.bench.runner import grid_parser, load_rows
 from kvsculpt.core.attention import future_mask, logits
 from kvsculpt.eval.metrics import score, teacher
 from kvsculpt.eval.texts import windows
@@ -102,15 +101,14 @@ def kvzip_as_kvpress(model, tok, context, ratio: float, sinks: int = 4) -> Compr
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--texts", nargs="+", default=["fastmcp_background_tasks"])
-    ap.add_argument("--ratios", type=float, nargs="+", default=[0.3])
+    ap = grid_parser(__doc__, ratios=[0.3], out=str(RESULTS / "kvpress_parity"), report=False)
+    ap.add_argument(
+        "--texts", nargs="+", default=["fastmcp_background_tasks"], help="the first window of each"
+    )
     ap.add_argument("--presses", nargs="+", default=list(PAIRS), choices=list(PAIRS))
-    ap.add_argument("--context-tokens", type=int, default=1024)
-    ap.add_argument("--continuation-tokens", type=int, default=128)
-    ap.add_argument("--out", default=str(RESULTS / "kvpress_parity"))
     args = ap.parse_args()
+    if args.windows:
+        raise SystemExit("kvpress_parity.py takes --texts (the first window of each), not --windows")
     jsonl = Path(args.out + ".jsonl")
     done = load_rows(jsonl)
     model, tok = load_model(args.model)

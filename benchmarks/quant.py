@@ -16,7 +16,6 @@ Writes ``OUT.jsonl`` (resumable), ``OUT.json``, ``OUT.md`` and ``OUT.png`` (log-
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import shlex
@@ -28,7 +27,7 @@ from tqdm.auto import tqdm
 
 from kvsculpt import CompressConfig, load_model
 from kvsculpt.bench import peers
-from kvsculpt.bench.runner import geomean, load_rows, results_jsonl, windows_by_id
+from kvsculpt.bench.runner import geomean, grid_parser, load_rows, results_jsonl, windows_by_id
 from kvsculpt.cache import quantize_cache
 from kvsculpt.compress import compress_captured
 from kvsculpt.eval.metrics import score, teacher
@@ -250,21 +249,15 @@ def report(rows, args, out: Path):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--windows", nargs="+", default=WINDOWS, help="window ids (text@offset)")
-    ap.add_argument("--context-tokens", type=int, default=1024)
-    ap.add_argument("--continuation-tokens", type=int, default=128)
-    ap.add_argument("--ratios", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.5])
+    ap = grid_parser(__doc__.split("\n")[0], ratios=[0.1, 0.2, 0.3, 0.5], out="benchmarks/results/quant_smollm2",
+                     windows=WINDOWS)  # fmt: skip
     ap.add_argument("--settings", nargs="+", default=FAST, choices=list(SETTINGS),
                     help="our settings (b16: not quantised; k8v4: 8-bit keys, 4-bit values; '... refine': refined "
                          f"end to end, {REFINE['refine_steps']} steps, through the codes or quantised after; "
                          "default: %(default)s)")  # fmt: skip
     ap.add_argument("--no-peers", action="store_true", help="only our settings (the peers' rows are not run)")
-    ap.add_argument("--out", default="benchmarks/results/quant_smollm2")
     ap.add_argument("--rows", help="the results JSONL to read and extend (default: OUT.jsonl); e.g. a report on "
                     "fewer windows, written apart")  # fmt: skip
-    ap.add_argument("--report-only", action="store_true", help="rewrite the report from the JSONL")
     run(ap.parse_args())
 
 

@@ -19,7 +19,6 @@ others. Writes ``OUT.jsonl`` (resumable), ``OUT.json``, ``OUT.md``, ``OUT.png``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -32,7 +31,7 @@ import torch
 from kvsculpt import CompressConfig, load_model
 from kvsculpt.bench import peers
 from kvsculpt.bench.paper import PAPER_GRID
-from kvsculpt.bench.runner import copy_peers, geomean, load_rows, results_jsonl, windows_by_id
+from kvsculpt.bench.runner import copy_peers, geomean, grid_parser, load_rows, results_jsonl, windows_by_id
 from kvsculpt.cli import key_value
 from kvsculpt.compress import compress_captured, refine_captured
 from kvsculpt.config import REFINE_SCHEDULES, REFINE_SOURCES
@@ -291,12 +290,9 @@ def report(rows, args, out: Path):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--windows", nargs="+", default=WINDOWS, help="window ids (text@offset)")
-    ap.add_argument("--context-tokens", type=int, default=1024)
-    ap.add_argument("--continuation-tokens", type=int, default=128)
-    ap.add_argument("--ratios", type=float, nargs="+", default=[0.05, 0.1, 0.3, 0.5])
+    ap = grid_parser(
+        __doc__, ratios=[0.05, 0.1, 0.3, 0.5], out="benchmarks/results/refine_smollm2", windows=WINDOWS
+    )
     ap.add_argument("--steps", type=int, default=60, help="refine_steps")
     ap.add_argument("--params", default="kv", help="refine_params")
     ap.add_argument("--lr", type=float, default=DEFAULT.refine_lr, help="refine_lr (default: by ratio)")
@@ -330,8 +326,6 @@ def main(argv=None):
                     help="also score init and refined on fresh sequences of these sources (another seed)")  # fmt: skip
     ap.add_argument("--peers", action="store_true", help="run the kvpress presses missing from the rows")
     ap.add_argument("--peers-from", help="a results JSONL whose kvpress rows (same windows) are copied")
-    ap.add_argument("--out", default="benchmarks/results/refine_smollm2")
-    ap.add_argument("--report-only", action="store_true", help="rewrite the report from the JSONL")
     run(ap.parse_args(argv))
 
 

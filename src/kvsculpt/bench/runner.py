@@ -83,6 +83,30 @@ def results_jsonl(out) -> Path:
     return out.parent / f"{out.name}.jsonl"
 
 
+def grid_parser(description: str, *, ratios, out: str, windows=None, report: bool = True):
+    """An argparse parser with the options every KL benchmark script shares: ``--model``, ``--windows``
+    (``text@offset`` ids; default ``windows``), ``--context-tokens`` 1024, ``--continuation-tokens`` 128,
+    ``--ratios``, ``--out`` and (with ``report``) ``--report-only``. Each script adds its own options."""
+    import argparse
+
+    ap = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--model", default="smollm2-135m", help="a packaged name, HF id or path (default: %(default)s)"
+    )
+    ap.add_argument("--windows", nargs="+", default=windows, help="window ids (text@offset)")
+    ap.add_argument("--context-tokens", type=int, default=1024, help="tokens compressed per window")
+    ap.add_argument("--continuation-tokens", type=int, default=128, help="real tokens the KL is measured on")
+    ap.add_argument("--ratios", type=float, nargs="+", default=list(ratios), help="kept fractions")
+    ap.add_argument("--out", default=out, help="results name: OUT.jsonl (resumable rows), OUT.json, OUT.md")
+    if report:
+        ap.add_argument(
+            "--report-only", action="store_true", help="rewrite the report from the rows; run nothing"
+        )
+    return ap
+
+
 def windows_by_id(tok, ids, context_tokens: int, continuation_tokens: int):
     """The windows named ``text@offset`` in ``ids``, in text order; an id that names no window (the offset is
     not a multiple of ``context_tokens + continuation_tokens``, or the text is too short) is refused."""
