@@ -137,3 +137,26 @@ def test_a_second_corpus_run_on_a_busy_store_is_refused_at_once(tmp_path, capsys
             compress_corpus([tmp_path / "docs"], tmp_path / "store", "no-model-needed")
         line = _refused(capsys, ["compress-corpus", str(tmp_path / "docs"), "--out", str(tmp_path / "store")])
         assert "being written by another" in line and "pid" in line
+
+
+def test_an_unreachable_hub_fails_in_one_request_and_a_cached_model_loads_offline(monkeypatch):
+    import huggingface_hub as hub
+
+    from kvsculpt.hf.models import ModelError, hub_check
+
+    calls = []
+
+    def unreachable(repo_id, timeout=None):
+        calls.append(repo_id)
+        raise OSError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hub, "model_info", unreachable)
+    monkeypatch.setattr(hub, "try_to_load_from_cache", lambda repo_id, name: None)
+    with pytest.raises(ModelError, match="hub cannot be reached .* not in the local cache"):
+        hub_check("someone/some-model")
+    assert calls == ["someone/some-model"]  # one request, no retries
+    monkeypatch.setattr(hub, "try_to_load_from_cache", lambda repo_id, name: "/cache/config.json")
+    assert hub_check("someone/some-model") == {"local_files_only": True}
+    monkeypatch.setattr(hub.constants, "HF_HUB_OFFLINE", True)
+    assert hub_check("someone/some-model") == {} and len(calls) == 2  # offline: no request at all
