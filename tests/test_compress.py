@@ -256,3 +256,16 @@ def test_global_budgets_score_each_layer_once(monkeypatch):
     cfg = CompressConfig(ratio=0.25, method="kvzip", queries="context", allocation="global")
     compress(model, torch.randint(0, 97, (1, 48)), cfg, progress=False)
     assert len(calls) == 2  # one per layer (it was 2 per layer)
+
+
+def test_compress_reports_its_peak_extra_memory_and_the_full_caches_bytes():
+    from kvsculpt.compress import PeakMemory
+
+    with PeakMemory("cpu") as peak:
+        block = torch.ones(50_000_000)  # 200 MB, touched
+        del block
+    assert 190e6 <= peak.extra <= 260e6
+    model = tiny_model("llama")
+    cache = compress(model, torch.randint(0, 97, (1, 40)), ratio=0.25, queries="context", progress=False)
+    assert cache.info["full_cache_bytes"] == 2 * 40 * 2 * 2 * 16 * 4  # K and V, n, layers, KV heads, d, fp32
+    assert 0 <= cache.info["peak_extra_bytes"] < 200e6

@@ -21,6 +21,43 @@ from .hf.dims import model_dims
 PILOT = Select(scorer=H2O(), fit=True)  # the pilot of the curves/adaptive rules: Select+Fit
 
 
+class PeakMemory:
+    """Peak memory above the start of a ``with`` block, in bytes (``.extra``): CUDA's max allocated on a CUDA
+    device, else the process's peak resident set (Linux: ``VmHWM`` after resetting it through
+    ``/proc/self/clear_refs``); None where neither can be read."""
+
+    def __init__(self, device):
+        self.device, self.extra, self._base = torch.device(device), None, None
+
+    @staticmethod
+    def _status(key: str) -> int:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+        else:
+            try:
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")  # reset the peak resident set to the current one
+                self._base = self._status("VmRSS")
+            except (OSError, StopIteration):
+                self._base = None
+        return self
+
+    def __exit__(self, *exc):
+        if self._base is None:
+            return
+        peak = (
+            torch.cuda.max_memory_allocated(self.device)
+            if self.device.type == "cuda"
+            else self._status("VmHWM")
+        )
+        self.extra = max(0, peak - self._base)
+
+
 def compress(model, context_ids: torch.Tensor, config: CompressConfig | None = None, *, tokenizer=None,
              progress: bool = True, **changes) -> CompressedCache:  # fmt: skip
     """Compress the cache of ``context_ids [1, n]`` as ``config`` says (:class:`~kvsculpt.config.CompressConfig`,
@@ -29,11 +66,18 @@ def compress(model, context_ids: torch.Tensor, config: CompressConfig | None = N
     t_start = time.perf_counter()
     cfg = (config or CompressConfig()).replace(**changes)
     use_kvsculpt_attention(model)
-    if isinstance(cfg.solver, Identity) and cfg.refine == "none" and cfg.kv_bits == 16:
-        return keep_everything(model, context_ids, cfg, t_start)  # no reference queries needed
-    cap = capture(model, context_ids, cfg, tokenizer=tokenizer, progress=progress)
-    cache = compress_captured(model, cap, cfg, progress, tokenizer)
-    cache.info["compress_seconds"] = time.perf_counter() - t_start
+    with PeakMemory(model.device) as peak:
+        if isinstance(cfg.solver, Identity) and cfg.refine == "none" and cfg.kv_bits == 16:
+            cache = keep_everything(model, context_ids, cfg, t_start)  # no reference queries needed
+        else:
+            cap = capture(model, context_ids, cfg, tokenizer=tokenizer, progress=progress)
+            cache = compress_captured(model, cap, cfg, progress, tokenizer)
+    dims = model_dims(model)
+    cache.info.update(
+        compress_seconds=time.perf_counter() - t_start,
+        peak_extra_bytes=peak.extra,  # above what was resident before compress (the model, the caller's data)
+        full_cache_bytes=2 * cache.n * dims.layers * dims.kv_heads * dims.head_dim * model.dtype.itemsize,
+    )
     return cache
 
 

@@ -120,6 +120,7 @@ def compress_and_score(model, tok, model_name: str, window: Window, ref: Teacher
         **score(model, cache, window, ref), "config": repr(cfg), "method": cache.method, "queries": cfg.queries,
         "ratio": cfg.ratio, "allocation": cfg.allocation, **cache_stats(cache),
         "compress_seconds": cache.info["compress_seconds"], "prefill_seconds": ref.prefill_seconds,
+        "peak_extra_bytes": cache.info.get("peak_extra_bytes"), "full_cache_bytes": cache.info.get("full_cache_bytes"),
         "query_seconds": cache.info["query_seconds"], "teacher_nll": ref.nll, "model": model_name,
         "context_tokens": window.context.shape[1], "continuation_tokens": window.continuation.shape[1],
         **{k: cache.info.get(k) for k in REFINE_INFO},
