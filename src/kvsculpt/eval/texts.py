@@ -15,14 +15,17 @@ class TextTooShortError(ValueError):
     """A text has fewer tokens than a window needs."""
 
 
-def text_index() -> dict:
-    """Provenance and licence of each shipped text, by name."""
-    return json.loads(resources.files("kvsculpt").joinpath("texts/index.json").read_text())
+def text_index(long: bool = False) -> dict:
+    """Provenance and licence of each shipped text, by name. The long texts (≥ 18k tokens, ``"long": true``, for
+    long-context work) are left out unless ``long``, so that every default selection of texts (benchmarks,
+    task haystacks) stays as the committed results were made."""
+    index = json.loads(resources.files("kvsculpt").joinpath("texts/index.json").read_text())
+    return {k: v for k, v in index.items() if long or not v.get("long")}
 
 
 def load_text(name_or_path: str) -> str:
-    """A shipped text by name (see :func:`text_index`) or any text file by path."""
-    index = text_index()
+    """A shipped text by name (see :func:`text_index`, long texts included) or any text file by path."""
+    index = text_index(long=True)
     if name_or_path in index:
         return resources.files("kvsculpt").joinpath(f"texts/{name_or_path}.txt").read_text(encoding="utf-8")
     try:
