@@ -199,16 +199,22 @@ def _main(job_path: str) -> None:
         return QuantizedCache(backend=quant[0], config=model.config, nbits=quant[1], q_group_size=QUANT_GROUP,
                               residual_length=0)  # fmt: skip
 
+    from ..compress import PeakMemory
+
+    peaks = {}  # press repr -> peak memory above the start of its prefill
+
     @torch.inference_mode()
     def run(press, quant=None):
         cache = new_cache(quant)
         t0 = time.perf_counter()
-        if press is None:
-            model(input_ids=ctx, past_key_values=cache, use_cache=True)
-        else:
-            with press(model):
+        with PeakMemory(model.device) as peak:
+            if press is None:
                 model(input_ids=ctx, past_key_values=cache, use_cache=True)
+            else:
+                with press(model):
+                    model(input_ids=ctx, past_key_values=cache, use_cache=True)
         seconds = time.perf_counter() - t0
+        peaks[repr(press)] = peak.extra
         kept = None if quant else sum(layer.keys.shape[-2] * layer.keys.shape[-3] for layer in cache.layers)
         logits = model(cont, past_key_values=cache, position_ids=pos, use_cache=True).logits[0].float()
         return logits, seconds, kept, cache
@@ -257,6 +263,7 @@ def _main(job_path: str) -> None:
                 "kl": float(kl.mean()), "ppl": float(torch.exp(nll.mean())),
                 "top1_agree": float((logits.argmax(-1) == teacher.argmax(-1)).float().mean()),
                 "compress_seconds": seconds, "prefill_seconds": prefill_s, "compress_over_prefill": seconds / prefill_s,
+                "peak_extra_bytes": peaks[repr(press)],
                 "cache_over_full": kept / full_entries if not masked else 1.0,
                 "entries_masked_not_freed": masked, "passkey": passkey_ok(press) if r in job["passkey_ratios"] else None,
                 "passkey_full": passkey_full if r in job["passkey_ratios"] else None,

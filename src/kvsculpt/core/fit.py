@@ -29,10 +29,10 @@ def ridge_values(
     ``cg_iters`` iterations; ``auto``: ``cg`` from :data:`CG_FROM` kept entries (None: Cholesky always).
 
     Measured on one core of this CPU (random heads, d = 64, ``lam=1e-2``; ``benchmarks/results/fit_solver.md``):
-    Cholesky takes 1.8 s at N = 8000, m = 2048 and 35 s at N = 24000, m = 7000; CG to ``cg_tol=1e-5`` is 4–8×
-    slower (forming ``AᵀA`` is one fast matrix product here), while CG stopped at 20 iterations is 2.3–2.6×
-    faster at m ≥ 4096 for a 0.5–1.5 % larger output residual. Which to use at long n is for real heads to
-    settle, so the default stays Cholesky.
+    Cholesky takes 0.8 s at N = 8000, m = 2048 and 27 s at N = 24000, m = 7000; CG to ``cg_tol=1e-5`` is 4–13×
+    slower (forming ``AᵀA`` is one fast matrix product here); CG stopped at 20 iterations is slower below
+    m = 4096, level at m = 4096 and 1.9× faster at m = 7000, for a 0.2–1.5 % larger output residual. Which to
+    use at long n is for real heads to settle, so the default stays Cholesky.
     """
     dtype = torch.promote_types(A.dtype, torch.float32)  # fp32 at least (fp64 stays fp64)
     A, O = A.to(dtype), O.to(dtype)

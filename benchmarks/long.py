@@ -1,0 +1,141 @@
+"""Long contexts: time, peak memory and KL of the default against kvpress's presses as n grows.
+
+    python benchmarks/long.py --model smollm2-135m --lengths 2048 4096 8192 --ratios 0.1 0.3 \
+        --out benchmarks/results/long_smollm2            # resumable; hours at 8k on one core
+
+For each long shipped text (``text_index(long=True)``; ``--texts``) and each n, the window is the text's first n
+tokens and the 128 that follow (the KL's continuation, never seen by the fit). Rows: the full cache's prefill
+seconds; for the default at each r, its compress seconds (the user's path, ``kvsculpt.compress``), compress ÷
+prefill, its stages, peak memory above its start (``peak_extra_bytes``) beside the full cache's bytes, and KL;
+for each kvpress press (in its own environment, ``make peers``) the same figures. A fitted exponent of time
+against n per method closes the report. Writes OUT.jsonl (rows), OUT.json and OUT.md.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+from kvsculpt.bench import peers
+from kvsculpt.bench.runner import RowFile, grid_parser
+from kvsculpt.compress import compress
+from kvsculpt.config import CompressConfig
+from kvsculpt.eval.metrics import score, teacher
+from kvsculpt.eval.texts import load_text, make_window, text_index
+from kvsculpt.hf.models import load_model
+
+PRESSES = ("KVzipPress", "SnapKVPress", "ExpectedAttentionPress")
+DEFAULT = "kvsculpt default"
+
+
+def run(args) -> dict:
+    rows = RowFile(Path(args.out).with_suffix(".jsonl"))
+    if args.report_only:
+        return report(list(rows.values()), args)
+    texts = args.texts or sorted(text_index(long=True).keys() - text_index().keys())
+    model, tok = load_model(args.model, dtype=args.dtype)
+    presses = list(args.presses) if args.presses and peers.available() else []
+    if args.presses and not presses:
+        print(
+            "kvpress is not installed (`make peers` makes its environment): the presses are skipped",
+            flush=True,
+        )
+    with rows:
+        for text in texts:
+            for n in args.lengths:
+                w = make_window(tok, load_text(text), n, args.continuation_tokens, name=text)
+                wid = f"{text}@0:n={n}"
+                todo = [r for r in args.ratios if (wid, DEFAULT, r) not in rows]
+                todo_presses = [
+                    p for p in presses if any((wid, f"kvpress.{p}", r) not in rows for r in args.ratios)
+                ]
+                if not todo and not todo_presses:
+                    continue
+                print(f"{wid}: full-cache teacher", flush=True)
+                ref = teacher(model, w)
+                for r in todo:
+                    print(f"{wid}: default r={r}", flush=True)
+                    cache = compress(model, w.context, CompressConfig(ratio=r), tokenizer=tok, progress=True)
+                    info = cache.info
+                    rows.add({"window": wid, "text": text, "n": n, "config": DEFAULT, "ratio": r, "model": args.model,
+                              "dtype": str(model.dtype), **score(model, cache, w, ref),
+                              "prefill_seconds": ref.prefill_seconds, "compress_seconds": info["compress_seconds"],
+                              "compress_over_prefill": info["compress_seconds"] / ref.prefill_seconds,
+                              "query_seconds": info["query_seconds"], "solve_seconds": info["solve_seconds"],
+                              "query_seconds_by_source": info["query_seconds_by_source"],
+                              "peak_extra_bytes": info["peak_extra_bytes"], "full_cache_bytes": info["full_cache_bytes"],
+                              "max_head_budget": max(map(max, info["budgets"]))})  # fmt: skip
+                    print(json.dumps({k: v for k, v in rows[(wid, DEFAULT, args.ratios[0])].items()
+                                      if k in ("kl", "compress_over_prefill", "peak_extra_bytes")}), flush=True)  # fmt: skip
+                if todo_presses:
+                    print(f"{wid}: kvpress {', '.join(todo_presses)}", flush=True)
+                    for row in peers.run_presses(
+                        args.model, w.context, w.continuation, args.ratios, todo_presses
+                    ):
+                        rows.add({**row, "window": wid, "text": text, "n": n, "config": row["method"],
+                                  "model": args.model, "full_cache_bytes": rows.get((wid, DEFAULT, row["ratio"]), {}).get(
+                                      "full_cache_bytes")})  # fmt: skip
+    return report(list(rows.values()), args)
+
+
+def slope(points) -> float | None:
+    """Least-squares slope of log(seconds) against log(n)."""
+    pts = [(math.log(n), math.log(s)) for n, s in points if s and s > 0]
+    if len(pts) < 2:
+        return None
+    mx, my = sum(x for x, _ in pts) / len(pts), sum(y for _, y in pts) / len(pts)
+    den = sum((x - mx) ** 2 for x, _ in pts)
+    return sum((x - mx) * (y - my) for x, y in pts) / den if den else None
+
+
+def report(rows: list[dict], args) -> dict:
+    out = Path(args.out)
+    rows = sorted(rows, key=lambda r: (r["text"], r["n"], r["ratio"], r["config"]))
+    mb = lambda b: "–" if b is None else f"{b / 1e6:.0f}"  # noqa: E731
+    lines = [f"# Long contexts: {args.model}", "", f"Command: `python {' '.join(sys.argv)}`", "",
+             "First n tokens of each long text, KL over the next 128 (nats/token); seconds on the project's CPU (one "
+             "core unless said); peak MB = peak memory above the start of the compression (CPU: resident set); "
+             "full MB = the full cache's keys and values at the model's dtype.", "",
+             "| text | n | r | method | KL | prefill s | compress s | ÷ prefill | peak MB | full MB |",
+             "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in rows:
+        lines.append(f"| {r['text']} | {r['n']} | {r['ratio']} | {r['config']} | {r['kl']:.4g} | "
+                     f"{r['prefill_seconds']:.1f} | {r['compress_seconds']:.1f} | {r['compress_over_prefill']:.1f} | "
+                     f"{mb(r.get('peak_extra_bytes'))} | {mb(r.get('full_cache_bytes'))} |")  # fmt: skip
+    slopes = {}
+    for method in sorted({r["config"] for r in rows}):
+        for key in ("prefill_seconds", "compress_seconds"):
+            pts = {}
+            for r in rows:
+                if r["config"] == method:
+                    pts.setdefault(r["n"], []).append(r[key])
+            slopes[(method, key)] = slope([(n, sum(v) / len(v)) for n, v in pts.items()])
+    lines += ["", "Time against n, least-squares exponent (seconds ∝ n^k, means over texts and ratios):", ""]
+    lines += [f"- {m}, {k.replace('_', ' ')}: k = {v:.2f}" for (m, k), v in slopes.items() if v is not None]
+    data = {"command": "python " + " ".join(sys.argv), "rows": rows,
+            "exponents": {f"{m} {k}": v for (m, k), v in slopes.items()}}  # fmt: skip
+    out.with_suffix(".json").write_text(json.dumps(data, indent=1))
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return data
+
+
+def main(argv=None):
+    ap = grid_parser(__doc__, ratios=[0.1, 0.3], out="benchmarks/results/long_smollm2")
+    ap.add_argument("--texts", nargs="+", help="shipped texts or paths (default: the long shipped texts)")
+    ap.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192], help="context lengths n")
+    ap.add_argument("--presses", nargs="*", default=list(PRESSES), help="kvpress presses (none: skip them)")
+    ap.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: fp32 on CPU, bf16 on CUDA)")
+    args = ap.parse_args(argv)
+    if args.windows:
+        raise SystemExit("long.py takes --texts and --lengths (the first n tokens of each), not --windows")
+    t0 = time.perf_counter()
+    run(args)
+    print(f"{time.perf_counter() - t0:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
