@@ -242,3 +242,18 @@ def test_kvzip_repeat_prompt_ends_as_the_assistants_reply(smollm):
     assert text.startswith("\n\nRepeat the previous context exactly.")
     assert text.endswith("<|im_end|>\n<|im_start|>assistant\n")
     assert tok.decode(repeat_prompt_ids(tok, "plain")[0]) == "\n\nRepeat the text above.\n\n"
+
+
+@pytest.mark.parametrize("style", ["plain", "kvzip"])
+def test_the_repeat_pass_in_chunks_gives_the_same_queries_and_masses(tiny, style, monkeypatch):
+    """The repeat pass run 5 tokens per forward (so chunks straddle the prompt and the copy) gives the queries
+    and local log-masses of one full-width forward, to 1e-6."""
+    from kvsculpt.hf import capture as capture_module
+
+    ids = torch.randint(0, 97, (1, 24))
+    whole = capture(tiny, ids, queries="repeat", repeat_prompt=style, tokenizer=_StubTokenizer())
+    monkeypatch.setattr(capture_module, "REPEAT_CHUNK", 5)
+    chunked = capture(tiny, ids, queries="repeat", repeat_prompt=style, tokenizer=_StubTokenizer())
+    for a, b, la, lb in zip(whole.queries, chunked.queries, whole.local_lse, chunked.local_lse, strict=True):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-6)
+        torch.testing.assert_close(lb, la, rtol=0, atol=1e-6)

@@ -126,13 +126,18 @@ def repeat_prompt_ids(tokenizer, style: str) -> torch.Tensor:
     )
 
 
+REPEAT_CHUNK = 2048  # tokens of the repeat pass per forward (KVzip reconstructs in chunks of 2048 too)
+
+
 @torch.inference_mode()
-def _repeat_queries(model, context_ids, tokenizer, style: str, cache=None):
+def _repeat_queries(model, context_ids, tokenizer, style: str, cache=None, chunk: int | None = None):
     """Queries ``[Hkv, G·t, d]`` per layer while the model reads ``context + prompt + context`` (the copy's
     ``t = n`` queries; with ``style="kvzip"`` the prompt's too, ``t = p + n``, as KVzip scores them), their
     groups, and each query's log-mass on the keys outside the first copy (the prompt and the copy so far).
     ``cache``: the context's own prefill cache, extended in place by ``prompt + context`` (the context is not
-    run twice); by default the whole sequence runs from scratch."""
+    run twice); by default the whole sequence runs from scratch. The pass runs ``chunk`` tokens per forward, each
+    over the cache so far (default :data:`REPEAT_CHUNK`), so no forward holds more than ``chunk`` queries' attention over the ``2n + p`` keys
+    (one full-width forward would hold ``(n + p) × (2n + p)``); the queries are the same."""
     if tokenizer is None:
         raise ValueError("query source 'repeat' needs the tokenizer (pass tokenizer=...)")
     dims = model_dims(model)
@@ -144,8 +149,10 @@ def _repeat_queries(model, context_ids, tokenizer, style: str, cache=None):
         cache = DynamicCache()
     else:
         ids, start = ids[:, n:], n
+    chunk = chunk or REPEAT_CHUNK
     with capture_queries(model) as sinks:
-        forward(model, ids, cache, start, last_only=True)
+        for a in range(0, ids.shape[1], chunk):
+            forward(model, ids[:, a : a + chunk], cache, start + a, last_only=True)
     qs, lses = [], []
     for s, layer in zip(sinks, cache.layers, strict=True):
         q = torch.cat(s, dim=2)[:, :, -t:].float()  # [1, H, t, d]
