@@ -93,9 +93,12 @@ def slope(points) -> float | None:
 
 def report(rows: list[dict], args) -> dict:
     out = Path(args.out)
+    command = "python " + " ".join(sys.argv)
+    if args.report_only and out.with_suffix(".json").exists():  # the run's command, not the report's
+        command = json.loads(out.with_suffix(".json").read_text())["command"]
     rows = sorted(rows, key=lambda r: (r["text"], r["n"], r["ratio"], r["config"]))
     mb = lambda b: "–" if b is None else f"{b / 1e6:.0f}"  # noqa: E731
-    lines = [f"# Long contexts: {args.model}", "", f"Command: `python {' '.join(sys.argv)}`", "",
+    lines = [f"# Long contexts: {args.model}", "", f"Command: `{command}`", "",
              "First n tokens of each long text, KL over the next 128 (nats/token); seconds on the project's CPU (one "
              "core unless said); peak MB = peak memory above the start of the compression (CPU: resident set); "
              "full MB = the full cache's keys and values at the model's dtype.", "",
@@ -115,7 +118,7 @@ def report(rows: list[dict], args) -> dict:
             slopes[(method, key)] = slope([(n, sum(v) / len(v)) for n, v in pts.items()])
     lines += ["", "Time against n, least-squares exponent (seconds ∝ n^k, means over texts and ratios):", ""]
     lines += [f"- {m}, {k.replace('_', ' ')}: k = {v:.2f}" for (m, k), v in slopes.items() if v is not None]
-    data = {"command": "python " + " ".join(sys.argv), "rows": rows,
+    data = {"command": command, "rows": rows,
             "exponents": {f"{m} {k}": v for (m, k), v in slopes.items()}}  # fmt: skip
     out.with_suffix(".json").write_text(json.dumps(data, indent=1))
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")

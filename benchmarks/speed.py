@@ -6,8 +6,11 @@
     python benchmarks/speed.py compress --model qwen2.5-coder-0.5b --lengths 1024 2048 4096 --threads 1 \
         --out speed_compress_qwen0.5b
     python benchmarks/speed.py compress-one qwen2.5-coder-0.5b 2048 0.3 default --profile
+    python benchmarks/speed.py prefill --model smollm2-135m --lengths 1024 2048 4096 --threads 1 \
+        --out speed_prefill_dtype_smollm2
 
-`compress` times, at each context length, the plain prefill, the default compression (by stage) and kvpress's
+`prefill` times the prefill of the first n tokens of a long shipped text in fp32 and bf16 (best of two, after a
+warm-up), in one process. `compress` times, at each context length, the plain prefill, the default compression (by stage) and kvpress's
 KVzipPress, each in its own fresh process after a warm-up forward, with the peak memory each adds above the
 loaded model (Linux: the high-water mark is reset before the operation).
 
@@ -230,6 +233,42 @@ def compress_scaling(args):
     print("\n".join(lines))
 
 
+def prefill_by_dtype(args) -> list[dict]:
+    """Prefill seconds of the first n tokens of ``args.text`` per dtype and n (best of two after a warm-up)."""
+    from kvsculpt import encode, load_model
+    from kvsculpt.eval.texts import load_text
+    from kvsculpt.hf.decode import prefill
+
+    rows = []
+    for dtype in args.dtypes:
+        model, tok = load_model(args.model, dtype=dtype)
+        ids = encode(tok, load_text(args.text))
+        prefill(model, ids[:, :64])  # pages the weights in
+        for n in args.lengths:
+            best = min(prefill(model, ids[:, :n])[2] for _ in range(2))
+            rows.append(
+                {
+                    "model": args.model,
+                    "dtype": dtype,
+                    "n": n,
+                    "prefill_seconds": best,
+                    "threads": args.threads,
+                }
+            )
+            print(json.dumps(rows[-1]), flush=True)
+    lines = [f"# Prefill by dtype: {args.model}, {args.threads} thread(s)", "",
+             f"Command: `python {' '.join(sys.argv)}`", "", "| n | " + " | ".join(f"{d} s" for d in args.dtypes)
+             + " | fp32 ÷ bf16 |", "|---|" + "---|" * (len(args.dtypes) + 1)]  # fmt: skip
+    for n in args.lengths:
+        by = {r["dtype"]: r["prefill_seconds"] for r in rows if r["n"] == n}
+        ratio = f"{by['fp32'] / by['bf16']:.2f}" if {"fp32", "bf16"} <= set(by) else "–"
+        lines.append(f"| {n} | " + " | ".join(f"{by[d]:.2f}" for d in args.dtypes) + f" | {ratio} |")
+    (RESULTS / f"{args.out}.json").write_text(json.dumps(rows, indent=1))
+    (RESULTS / f"{args.out}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="what", required=True)
@@ -251,6 +290,13 @@ def main():
     p.add_argument("what_", metavar="what", choices=["prefill", "default", "kvzip"])
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--profile", action="store_true", help="the default under cProfile (slower)")
+    p = sub.add_parser("prefill", help="prefill seconds in fp32 and bf16, by context length")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096])
+    p.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"])
+    p.add_argument("--text", default="openai_agents_run_loop")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", default="speed_prefill_dtype", help="results name under benchmarks/results/")
     p = sub.add_parser("decode")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--context-tokens", type=int, default=2048)
@@ -270,6 +316,8 @@ def main():
         return
     if args.what == "compress":
         return compress_scaling(args)
+    if args.what == "prefill":
+        return prefill_by_dtype(args)
     if args.what == "decode":
         row = decode(args)
         (RESULTS / f"{args.out}.json").write_text(json.dumps(row, indent=1))
