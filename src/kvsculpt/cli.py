@@ -124,15 +124,15 @@ def cmd_compress(args):
 
 
 def cmd_generate(args):
-    from .cache_io import load, read_metadata
-    from .hf.decode import ask, full_cache
-    from .store import CacheStore
-
     if (args.cache is None) == (args.store is None) or (args.store is None) != (args.doc is None):
         raise ValueError("give --cache FILE, or --store STORE with --doc ID")
     for i, prompt in enumerate(args.prompt, 1):
         if not prompt.strip():
             raise ValueError(f"--prompt {i} is empty")
+    from .cache_io import load, read_metadata
+    from .hf.decode import ask, full_cache
+    from .store import CacheStore
+
     if args.store is not None:
         store = CacheStore(_existing_store(args.store))
         row = store.row(args.doc)
