@@ -112,9 +112,12 @@ def compress_captured(model, cap: Capture, cfg: CompressConfig, progress: bool =
     dims = model_dims(model)
     L, Hkv, n, solver = dims.layers, dims.kv_heads, cap.n, cfg.solver
     held = split_heldout(cap.groups, cfg.heldout, cfg.seed).to(cap.queries[0].device)
-    fit_q = [q[:, ~held] for q in cap.queries]
-    check_q = [q[:, held] for q in cap.queries] if held.any() else None
-    local = None if cap.local_lse is None else [x[:, ~held] for x in cap.local_lse]
+    if held.any():
+        fit_q = [q[:, ~held] for q in cap.queries]
+        check_q = [q[:, held] for q in cap.queries]
+        local = None if cap.local_lse is None else [x[:, ~held] for x in cap.local_lse]
+    else:  # nothing held out (the default): the captured queries themselves, not a copy of every layer's
+        fit_q, check_q, local = list(cap.queries), None, cap.local_lse
     pilot_q = check_q if check_q is not None else fit_q
     cq = cap.context_queries or [None] * L
 
