@@ -7,9 +7,7 @@ import torch
 from .attention import attend, logits
 from .quant import quantize_keys
 
-CG_FROM = (
-    2048  # kept entries per head from which ridge_values solves by conjugate gradients (see ridge_values)
-)
+CG_FROM = None  # kept entries per head from which `auto` solves by CG; None: never (see ridge_values)
 
 
 def ridge_values(
