@@ -376,7 +376,7 @@ def test_conjugate_gradient_fit_matches_the_direct_solve():
     and `auto` switches to it from CG_FROM kept entries (never when None, the default)."""
     from kvsculpt.core import fit
 
-    assert fit.CG_FROM is None  # the default solves by Cholesky (measured faster: benchmarks/results/fit_solver.md)
+    assert fit.CG_FROM is None  # Cholesky by default (faster here: results/fit_solver.md)
     g = torch.Generator().manual_seed(3)
     A = torch.softmax(torch.randn(2, 400, 90, generator=g) * 3, -1)
     O, prior = torch.randn(2, 400, 8, generator=g), torch.randn(2, 90, 8, generator=g) * 0.1
