@@ -18,11 +18,11 @@ from kvsculpt import CompressConfig, load_model
 from kvsculpt.bench.peers import run_peers
 from kvsculpt.bench.runner import (
     EVICTION,
+    RowFile,
     copy_peers,
     geomean,
     grid_parser,
     legacy_config,
-    load_rows,
     memorised_note,
     paired_ratio,
     run_grid,  # fmt: skip
@@ -256,7 +256,7 @@ def run(args):
     out = Path(args.out)
     jsonl = out.parent / f"{out.name}.jsonl"
     if args.report_only:
-        write_report(list(load_rows(jsonl).values()), args, out)
+        write_report(list(RowFile(jsonl).values()), args, out)
         return
     grid = GRIDS[args.grid]
     if args.rows:
@@ -271,12 +271,12 @@ def run(args):
     else:
         wins = windows(tok, texts, args.context_tokens, args.continuation_tokens, per_text=args.per_text)
     if args.peers_from:
-        copy_peers(Path(args.peers_from), load_rows(jsonl), {w.id for w in wins}, args.ratios)
+        copy_peers(Path(args.peers_from), RowFile(jsonl), {w.id for w in wins}, args.ratios)
     for w in wins:  # window by window (with the peers), so that an interrupted run has whole windows
         run_grid(model, tok, args.model, [w], grid, args.ratios, jsonl, passkey=args.passkey)
         if args.peers:
             run_peers(args.model, [w], args.ratios, jsonl, tok)
-    write_report(list(load_rows(jsonl).values()), args, out)  # everything measured so far, all grids
+    write_report(list(RowFile(jsonl).values()), args, out)  # everything measured so far, all grids
 
 
 def summarise(rows, ratios) -> list[dict]:

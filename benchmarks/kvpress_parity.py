@@ -18,7 +18,7 @@ from transformers import DynamicCache
 
 from kvsculpt import CompressConfig, CompressedCache, compress, load_model
 from kvsculpt.bench.peers import run_presses
-from kvsculpt.bench.runner import grid_parser, load_rows
+from kvsculpt.bench.runner import RowFile, grid_parser
 from kvsculpt.core.attention import future_mask, logits
 from kvsculpt.eval.metrics import score, teacher
 from kvsculpt.eval.texts import windows
@@ -101,16 +101,16 @@ def kvzip_as_kvpress(model, tok, context, ratio: float, sinks: int = 4) -> Compr
 
 
 def main():
-    ap = grid_parser(__doc__, ratios=[0.3], out=str(RESULTS / "kvpress_parity"), report=False)
+    ap = grid_parser(
+        __doc__, ratios=[0.3], out=str(RESULTS / "kvpress_parity"), by_window=False, report=False
+    )
     ap.add_argument(
         "--texts", nargs="+", default=["fastmcp_background_tasks"], help="the first window of each"
     )
     ap.add_argument("--presses", nargs="+", default=list(PAIRS), choices=list(PAIRS))
     args = ap.parse_args()
-    if args.windows:
-        raise SystemExit("kvpress_parity.py takes --texts (the first window of each), not --windows")
     jsonl = Path(args.out + ".jsonl")
-    done = load_rows(jsonl)
+    done = RowFile(jsonl)
     model, tok = load_model(args.model)
     wins = windows(tok, args.texts, args.context_tokens, args.continuation_tokens)
     with done:
@@ -131,7 +131,7 @@ def main():
                     out["replica_kl"] = score(model, replica, w, ref)["kl"]
                 done.add(out)
                 print(json.dumps(out), flush=True)
-    rows = [r for r in load_rows(jsonl).values() if r.get("model", "smollm2-135m") == args.model]
+    rows = [r for r in RowFile(jsonl).values() if r.get("model", "smollm2-135m") == args.model]
     lines = [f"# Parity with kvpress: {args.model}, n={args.context_tokens}, T={args.continuation_tokens}", "",
              f"Command: `python {' '.join(sys.argv)}`", "",
              "KL (nats/token) on the real continuation; `ratio` = fraction kept (kvpress ran at 1 − ratio).", "",

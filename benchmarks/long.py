@@ -127,14 +127,12 @@ def report(rows: list[dict], args) -> dict:
 
 
 def main(argv=None):
-    ap = grid_parser(__doc__, ratios=[0.1, 0.3], out="benchmarks/results/long_smollm2")
+    ap = grid_parser(__doc__, ratios=[0.1, 0.3], out="benchmarks/results/long_smollm2", by_window=False)
     ap.add_argument("--texts", nargs="+", help="shipped texts or paths (default: the long shipped texts)")
     ap.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192], help="context lengths n")
     ap.add_argument("--presses", nargs="*", default=list(PRESSES), help="kvpress presses (none: skip them)")
     ap.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: fp32 on CPU, bf16 on CUDA)")
     args = ap.parse_args(argv)
-    if args.windows:
-        raise SystemExit("long.py takes --texts and --lengths (the first n tokens of each), not --windows")
     t0 = time.perf_counter()
     run(args)
     print(f"{time.perf_counter() - t0:.0f} s", flush=True)

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from kvsculpt import CompressConfig, load_model
 from kvsculpt.bench import peers
-from kvsculpt.bench.runner import geomean, grid_parser, load_rows, results_jsonl, windows_by_id
+from kvsculpt.bench.runner import RowFile, geomean, grid_parser, results_jsonl, windows_by_id
 from kvsculpt.cache import quantize_cache
 from kvsculpt.compress import compress_captured
 from kvsculpt.eval.metrics import score, teacher
@@ -73,7 +73,7 @@ def run(args):
     out, jsonl = Path(args.out), Path(args.rows) if args.rows else results_jsonl(args.out)
     if args.report_only:
         return report(rows_of(jsonl, args.windows), args, out)
-    done = load_rows(jsonl)
+    done = RowFile(jsonl)
     model, tok = load_model(args.model)
     wins = windows_by_id(tok, args.windows, args.context_tokens, args.continuation_tokens)
     base = CompressConfig()
@@ -128,7 +128,7 @@ def run(args):
 
 def rows_of(jsonl, windows) -> list[dict]:
     """The rows of ``jsonl`` on ``windows`` (the report covers the windows asked for)."""
-    return [r for r in load_rows(jsonl).values() if r["window"] in set(windows)]
+    return [r for r in RowFile(jsonl).values() if r["window"] in set(windows)]
 
 
 def command() -> str:

@@ -31,7 +31,7 @@ import torch
 from kvsculpt import CompressConfig, load_model
 from kvsculpt.bench import peers
 from kvsculpt.bench.paper import PAPER_GRID
-from kvsculpt.bench.runner import copy_peers, geomean, grid_parser, load_rows, results_jsonl, windows_by_id
+from kvsculpt.bench.runner import RowFile, copy_peers, geomean, grid_parser, results_jsonl, windows_by_id
 from kvsculpt.cli import key_value
 from kvsculpt.compress import compress_captured, refine_captured
 from kvsculpt.config import REFINE_SCHEDULES, REFINE_SOURCES
@@ -58,7 +58,7 @@ INITS = {"default": DEFAULT, "kvzip-repeat": PAPER_GRID["KVzip-fit (KVzip prompt
 def run(args):
     out, jsonl = Path(args.out), results_jsonl(args.out)
     if args.report_only:
-        return report(list(load_rows(jsonl).values()), args, out)
+        return report(list(RowFile(jsonl).values()), args, out)
     try:  # every option is checked here, before the model loads: one line on a bad one
         base = INITS[args.init]
         base = base.replace(options={**base.options, **dict(args.init_option or [])})
@@ -79,7 +79,7 @@ def run(args):
             setting += f" {name}={value}"
     for key, value in args.init_option or []:
         setting += f" init.{key}={value}"
-    done = load_rows(jsonl)
+    done = RowFile(jsonl)
     stale = sorted(
         {k[0] for k, r in done.items() if k[1] == setting and is_stale(r, refined.replace(ratio=k[2]))}
     )
@@ -108,7 +108,7 @@ def run(args):
                           f"({row['refine_steps_run']} steps)", flush=True)  # fmt: skip
             if args.peers and peers.available():
                 peers.run_peers(args.model, [w], args.ratios, jsonl, tok)
-    return report(list(load_rows(jsonl).values()), args, out)
+    return report(list(RowFile(jsonl).values()), args, out)
 
 
 def is_stale(row: dict, cfg: CompressConfig) -> bool:

@@ -372,11 +372,8 @@ def test_fit_on_a_row_subset_keeps_the_self_queries_and_the_alignment():
 
 
 def test_conjugate_gradient_fit_matches_the_direct_solve():
-    """The iterative value fit (no m×m system) gives the Cholesky solution to 1e-4, with row weights and a prior,
-    and `auto` switches to it from CG_FROM kept entries (never when None, the default)."""
-    from kvsculpt.core import fit
-
-    assert fit.CG_FROM is None  # Cholesky by default (faster here: results/fit_solver.md)
+    """The iterative value fit (no m×m system) gives the Cholesky solution to 1e-4, with row weights and a prior;
+    the default solver is Cholesky (faster here: results/fit_solver.md); an unknown solver is refused."""
     g = torch.Generator().manual_seed(3)
     A = torch.softmax(torch.randn(2, 400, 90, generator=g) * 3, -1)
     O, prior = torch.randn(2, 400, 8, generator=g), torch.randn(2, 90, 8, generator=g) * 0.1
@@ -387,14 +384,6 @@ def test_conjugate_gradient_fit_matches_the_direct_solve():
         assert float((iterative - direct).norm() / direct.norm()) < 1e-4
     few = ridge_values(A, O, 1e-3, prior, w, solver="cg", cg_iters=2)  # stopped early: not the solution
     assert float((few - direct).norm() / direct.norm()) > 1e-3
-    old = fit.CG_FROM
-    try:
-        fit.CG_FROM = 90
-        assert torch.equal(
-            ridge_values(A, O, 1e-3, prior, w), ridge_values(A, O, 1e-3, prior, w, solver="cg")
-        )
-        for never in (91, None):
-            fit.CG_FROM = never
-            assert torch.equal(ridge_values(A, O, 1e-3, prior, w), direct)
-    finally:
-        fit.CG_FROM = old
+    assert torch.equal(ridge_values(A, O, 1e-3, prior, w), direct)  # the default is the direct solve
+    with pytest.raises(ValueError, match="unknown solver"):
+        ridge_values(A, O, 1e-3, prior, w, solver="auto")

@@ -11,7 +11,7 @@ import torch
 
 from ..config import CompressConfig
 from ..eval.texts import text_index, windows
-from .runner import geomean, legacy_config, load_rows, memorised_note, paired_ratio, run_grid, split_memorised
+from .runner import RowFile, geomean, legacy_config, memorised_note, paired_ratio, run_grid, split_memorised
 
 PAPER = {"sculpt_vs_select_fit": "3.5–4.1×", "adaptive_vs_uniform": "1.3×", "layer_spread": "100×",
          "head_ratio": "467×"}  # fmt: skip
@@ -128,7 +128,7 @@ def paper(args: PaperBench) -> dict:
     shown = set(PAPER_GRID)
 
     def cached(ids=None):
-        return [r for (window, config, ratio), r in load_rows(jsonl).items()
+        return [r for (window, config, ratio), r in RowFile(jsonl).items()
                 if (config in shown or config.startswith("kvpress.")) and ratio in args.ratios
                 and (ids is None or window in ids)]  # fmt: skip
 

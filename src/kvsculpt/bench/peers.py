@@ -130,9 +130,9 @@ def run_peers(
     from ..eval.tasks import PASSKEY_QUESTION, passkey_context
     from ..eval.texts import load_text
     from ..hf.models import encode
-    from .runner import load_rows
+    from .runner import RowFile
 
-    done = load_rows(Path(jsonl))
+    done = RowFile(Path(jsonl))
     with done:
         for w in tqdm(wins, desc="kvpress peers", unit="window"):
             missing = [(p, r) for p in presses for r in ratios if (w.id, f"kvpress.{p}", r) not in done]

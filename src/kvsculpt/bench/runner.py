@@ -83,10 +83,13 @@ def results_jsonl(out) -> Path:
     return out.parent / f"{out.name}.jsonl"
 
 
-def grid_parser(description: str, *, ratios, out: str, windows=None, report: bool = True):
+def grid_parser(
+    description: str, *, ratios, out: str, windows=None, by_window: bool = True, report: bool = True
+):
     """An argparse parser with the options every KL benchmark script shares: ``--model``, ``--windows``
-    (``text@offset`` ids; default ``windows``), ``--context-tokens`` 1024, ``--continuation-tokens`` 128,
-    ``--ratios``, ``--out`` and (with ``report``) ``--report-only``. Each script adds its own options."""
+    (``text@offset`` ids; default ``windows``; not offered when ``by_window`` is False, for scripts that take
+    texts), ``--context-tokens`` 1024, ``--continuation-tokens`` 128, ``--ratios``, ``--out`` and (with
+    ``report``) ``--report-only``. Each script adds its own options."""
     import argparse
 
     ap = argparse.ArgumentParser(
@@ -95,7 +98,8 @@ def grid_parser(description: str, *, ratios, out: str, windows=None, report: boo
     ap.add_argument(
         "--model", default="smollm2-135m", help="a packaged name, HF id or path (default: %(default)s)"
     )
-    ap.add_argument("--windows", nargs="+", default=windows, help="window ids (text@offset)")
+    if by_window:
+        ap.add_argument("--windows", nargs="+", default=windows, help="window ids (text@offset)")
     ap.add_argument("--context-tokens", type=int, default=1024, help="tokens compressed per window")
     ap.add_argument("--continuation-tokens", type=int, default=128, help="real tokens the KL is measured on")
     ap.add_argument("--ratios", type=float, nargs="+", default=list(ratios), help="kept fractions")
@@ -166,9 +170,6 @@ class RowFile(dict):
         self._file = None
 
 
-load_rows = RowFile  # the finished rows of a results file, by (window, config, ratio)
-
-
 def split_memorised(rows: list[dict]) -> tuple[list[dict], dict]:
     """Rows of windows that do not look memorised, and ``{window: (teacher NLL, max self 4-gram overlap)}``
     of those that do (:func:`~kvsculpt.eval.metrics.looks_memorised`), to be reported apart."""
@@ -222,7 +223,7 @@ def run_grid(model, tok, model_name, wins, grid: dict[str, CompressConfig], rati
 
     ``rerun``: config names whose rows count as done only if made by the method as it is now (the row's
     ``method`` equals the solver's ``repr``); the others are run again and the new rows replace them (the
-    file keeps the old lines; :func:`load_rows` takes the last row of a key).
+    file keeps the old lines; :class:`RowFile` takes the last row of a key).
 
     ``passkey``: also compress a pass-key version of each window's text with the same config, at the ratios in
     ``passkey_ratios`` (default: all), and record whether the key is retrieved afterwards (question asked

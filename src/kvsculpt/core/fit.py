@@ -7,12 +7,10 @@ import torch
 from .attention import attend, logits
 from .quant import quantize_keys
 
-CG_FROM = None  # kept entries per head from which `auto` solves by CG; None: never (see ridge_values)
-
 
 def ridge_values(
     A: torch.Tensor, O: torch.Tensor, lam: float, prior: torch.Tensor | None = None, row_weights=None,
-    solver: str = "auto", cg_iters: int = 200, cg_tol: float = 1e-5,
+    solver: str = "cholesky", cg_iters: int = 200, cg_tol: float = 1e-5,
 ) -> torch.Tensor:  # fmt: skip
     """``argmin_V Σ_i w_i²‖A_i V − O_i‖² + λ'‖V − prior‖²`` in fp32 (or fp64 if given), batched: A ``[H, N, m]``,
     O ``[H, N, d]`` → ``[H, m, d]``.
@@ -24,7 +22,7 @@ def ridge_values(
     least-squares fallback for heads where it fails; ``cg`` runs Jacobi-preconditioned conjugate gradients on
     them without forming ``AᵀA``, warm-started at the prior (the copied values), O(N·m·d) per iteration and
     O(m·d) memory beyond A, until every column's residual is below ``cg_tol`` of its right-hand side or after
-    ``cg_iters`` iterations; ``auto``: ``cg`` from :data:`CG_FROM` kept entries (None: Cholesky always).
+    ``cg_iters`` iterations.
 
     Measured on one core of this CPU (random heads, d = 64, ``lam=1e-2``; ``benchmarks/results/fit_solver.md``):
     Cholesky takes 0.8 s at N = 8000, m = 2048 and 27 s at N = 24000, m = 7000; CG to ``cg_tol=1e-5`` is 4–13×
@@ -37,9 +35,9 @@ def ridge_values(
     if row_weights is not None:
         A, O = A * row_weights[..., None], O * row_weights[..., None]
     R = O if prior is None else O - A @ prior.to(dtype)
-    if solver not in ("auto", "cholesky", "cg"):
-        raise ValueError(f"unknown solver {solver!r}; choose auto, cholesky or cg")
-    if solver == "cg" or (solver == "auto" and CG_FROM is not None and A.shape[-1] >= CG_FROM):
+    if solver not in ("cholesky", "cg"):
+        raise ValueError(f"unknown solver {solver!r}; choose cholesky or cg")
+    if solver == "cg":
         sol = _ridge_cg(A, R, lam, cg_iters, cg_tol)
         return sol if prior is None else sol + prior.to(dtype)
     AtA = A.transpose(-1, -2) @ A
