@@ -1,7 +1,7 @@
 """Long contexts: time, peak memory and KL of the default against kvpress's presses as n grows.
 
-    python benchmarks/long.py --model smollm2-135m --lengths 2048 4096 8192 --ratios 0.1 0.3 \
-        --out benchmarks/results/long_smollm2            # resumable; hours at 8k on one core
+    python benchmarks/long.py --model smollm2-135m --lengths 8192 4096 2048 --ratios 0.1 0.3 \
+        --out benchmarks/results/long_smollm2_chunked    # resumable; ~50 minutes on one core
 
 For each long shipped text (``text_index(long=True)``; ``--texts``) and each n, the window is the text's first n
 tokens and the 128 that follow (the KL's continuation, never seen by the fit). Rows: the full cache's prefill
@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from kvsculpt.bench import peers
-from kvsculpt.bench.runner import RowFile, grid_parser
+from kvsculpt.bench.runner import RowFile, grid_parser, results_file
 from kvsculpt.compress import compress
 from kvsculpt.config import CompressConfig
 from kvsculpt.eval.metrics import score, teacher
@@ -32,7 +32,7 @@ DEFAULT = "kvsculpt default"
 
 
 def run(args) -> dict:
-    rows = RowFile(Path(args.out).with_suffix(".jsonl"))
+    rows = RowFile(results_file(args.out, ".jsonl"))
     if args.report_only:
         return report(list(rows.values()), args)
     texts = args.texts or sorted(text_index(long=True).keys() - text_index().keys())
@@ -67,7 +67,8 @@ def run(args) -> dict:
                               "query_seconds": info["query_seconds"], "solve_seconds": info["solve_seconds"],
                               "query_seconds_by_source": info["query_seconds_by_source"],
                               "peak_extra_bytes": info["peak_extra_bytes"], "full_cache_bytes": info["full_cache_bytes"],
-                              "max_head_budget": max(map(max, info["budgets"]))})  # fmt: skip
+                              "max_head_budget": max(map(max, info["budgets"])),
+                              "solved_in_chunks": info.get("solved_in_chunks", 1)})  # fmt: skip
                     print(json.dumps({k: v for k, v in rows[(wid, DEFAULT, args.ratios[0])].items()
                                       if k in ("kl", "compress_over_prefill", "peak_extra_bytes")}), flush=True)  # fmt: skip
                 if todo_presses:
@@ -94,8 +95,8 @@ def slope(points) -> float | None:
 def report(rows: list[dict], args) -> dict:
     out = Path(args.out)
     command = "python " + " ".join(sys.argv)
-    if args.report_only and out.with_suffix(".json").exists():  # the run's command, not the report's
-        command = json.loads(out.with_suffix(".json").read_text())["command"]
+    if args.report_only and results_file(out, ".json").exists():  # the run's command, not the report's
+        command = json.loads(results_file(out, ".json").read_text())["command"]
     rows = sorted(rows, key=lambda r: (r["text"], r["n"], r["ratio"], r["config"]))
     mb = lambda b: "–" if b is None else f"{b / 1e6:.0f}"  # noqa: E731
     lines = [f"# Long contexts: {args.model}", "", f"Command: `{command}`", "",
@@ -120,14 +121,14 @@ def report(rows: list[dict], args) -> dict:
     lines += [f"- {m}, {k.replace('_', ' ')}: k = {v:.2f}" for (m, k), v in slopes.items() if v is not None]
     data = {"command": command, "rows": rows,
             "exponents": {f"{m} {k}": v for (m, k), v in slopes.items()}}  # fmt: skip
-    out.with_suffix(".json").write_text(json.dumps(data, indent=1))
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    results_file(out, ".json").write_text(json.dumps(data, indent=1))
+    results_file(out, ".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return data
 
 
 def main(argv=None):
-    ap = grid_parser(__doc__, ratios=[0.1, 0.3], out="benchmarks/results/long_smollm2", by_window=False)
+    ap = grid_parser(__doc__, ratios=[0.1, 0.3], out="benchmarks/results/long_smollm2_chunked", by_window=False)
     ap.add_argument("--texts", nargs="+", help="shipped texts or paths (default: the long shipped texts)")
     ap.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192], help="context lengths n")
     ap.add_argument("--presses", nargs="*", default=list(PRESSES), help="kvpress presses (none: skip them)")

@@ -13,6 +13,7 @@ docs["README.md"] = Path("README.md").read_text()
 removed = {
     "compress_cost_qwen1.5b": "the cost study `speed_compress_qwen0.5b` (docs/cost.md); its rows name a method that no longer exists (`SelectFit`)",
     "default_smollm2_n512": "`default_v2_smollm2` (the default's study at n = 1024, docs/default-vs-kvpress.md)",
+    "long_smollm2": "`long_smollm2_chunked` (the default with the repeat pass and the solve in chunks; the kvpress rows were copied there; the old default's 8k figures are quoted in docs/long-context.md)",
     "refine_lr_smollm2": "`refine_lr_report_smollm2` (the same step study on the 8 report windows)",
     "sculpt_descent_smollm2": "`sculpt_iters_*` (made before Sculpt's optimiser was fixed; docs/sculpt.md)",
 }

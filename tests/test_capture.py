@@ -257,3 +257,48 @@ def test_the_repeat_pass_in_chunks_gives_the_same_queries_and_masses(tiny, style
     for a, b, la, lb in zip(whole.queries, chunked.queries, whole.local_lse, chunked.local_lse, strict=True):
         torch.testing.assert_close(b, a, rtol=0, atol=1e-6)
         torch.testing.assert_close(lb, la, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("style", ["plain", "kvzip"])
+def test_the_repeat_pass_reads_each_chunk_on_its_own_over_the_context(tiny, style):
+    """With ``repeat_chunk=8`` a 24-token context is repeated in three requests, each read over the context's
+    cache alone (not the requests before it): every request's queries and local log-masses equal a fresh
+    forward of ``context + request`` to 1e-5, and a later request quotes the 8 tokens before its chunk."""
+    from kvsculpt.core.attention import local_lse
+    from kvsculpt.hf.capture import repeat_requests
+
+    n, Hkv = 24, tiny.config.num_key_value_heads
+    ids = torch.randint(0, 97, (1, n))
+    tok = _StubTokenizer()
+    requests = repeat_requests(tok, ids, style, 8)
+    assert [(a, b) for a, b, _ in requests] == [(0, 8), (8, 16), (16, 24)]
+    assert (
+        requests[1][2][0, 3:11].tolist() == ids[0, :8].tolist()
+    )  # the quote: the first chunk's last 8 tokens
+    assert requests[2][2][0, -8:].tolist() == ids[0, 16:].tolist()  # then the chunk itself
+    cap = capture(tiny, ids, queries="repeat", repeat_prompt=style, repeat_chunk=8, tokenizer=tok)
+    want_q = [[] for _ in tiny.model.layers]
+    want_lse = [[] for _ in tiny.model.layers]
+    for a, b, req in requests:
+        t = b - a if style == "plain" else req.shape[1]
+        cache = DynamicCache()
+        with torch.no_grad(), capture_queries(tiny) as sinks:
+            tiny(torch.cat([ids, req], 1), past_key_values=cache, use_cache=True)
+        for li, (s, layer) in enumerate(zip(sinks, cache.layers, strict=True)):
+            q = torch.cat(s, dim=2)[:, :, -t:].float()
+            want_q[li].append(q)
+            want_lse[li].append(local_lse(q, layer.keys[0, :, n:].float(), q.shape[-1] ** -0.5))
+    for li in range(len(want_q)):
+        torch.testing.assert_close(
+            cap.queries[li], pool_gqa(torch.cat(want_q[li], 2), Hkv), rtol=0, atol=1e-5
+        )
+        lse = pool_gqa(torch.cat(want_lse[li], 2)[..., None], Hkv)[..., 0]
+        torch.testing.assert_close(cap.local_lse[li], lse, rtol=0, atol=1e-5)
+    assert cap.info["repeat_chunks"] == 3
+    whole = capture(tiny, ids, queries="repeat", repeat_prompt=style, repeat_chunk=0, tokenizer=tok)
+    G = tiny.config.num_attention_heads // Hkv
+    last = [c.queries[-1].reshape(Hkv, G, -1, c.queries[-1].shape[-1])[:, :, -8:] for c in (whole, cap)]
+    assert (
+        whole.info["repeat_chunks"] == 1
+    )  # one request: the last chunk's copy also saw the 16 tokens before
+    assert (last[0] - last[1]).abs().max() > 1e-3

@@ -269,3 +269,100 @@ def test_compress_reports_its_peak_extra_memory_and_the_full_caches_bytes():
     cache = compress(model, torch.randint(0, 97, (1, 40)), ratio=0.25, queries="context", progress=False)
     assert cache.info["full_cache_bytes"] == 2 * 40 * 2 * 2 * 16 * 4  # K and V, n, layers, KV heads, d, fp32
     assert 0 <= cache.info["peak_extra_bytes"] < 200e6
+
+
+def _head(cache, li, h):
+    """Head ``h`` of layer ``li``'s block: ``(keys [m, d], values [m, d])`` in fp32."""
+    layer = cache.layers[li]
+    keys, values = layer.dense()
+    start = sum(layer.lengths[:h])
+    end = start + layer.lengths[h]
+    return keys[start:end].float(), values[start:end].float()
+
+
+class _Tok:  # three ids for any text: enough for the repeat requests of a tiny model
+    def __call__(self, text, add_special_tokens=False, return_tensors="pt"):
+        return {"input_ids": torch.tensor([[5, 6, 7]])}
+
+
+def _chunked_capture(kind="llama", n=48, chunk=16):
+    model = tiny_model(kind)
+    ids = torch.randint(0, 97, (1, n))
+    cfg = CompressConfig(queries="self+repeat", repeat_chunk=chunk, self_samples=3, self_length=4)
+    return model, ids, cfg, capture(model, ids, cfg, tokenizer=_Tok())
+
+
+def test_a_whole_context_query_splits_exactly_into_its_part_and_the_rest():
+    """For a query that reads the whole context (a self sample), its log-mass on a part ⊕ its log-mass outside
+    the part (:func:`chunk_rows`) is its log-mass over all n keys, for every part; a repeat query of a part is a
+    row of that part only, with its request's and copy's log-mass as captured."""
+    from kvsculpt.compress import chunk_rows, solved_in_chunks
+    from kvsculpt.hf.capture import repeat_requests
+
+    _, ids, cfg, cap = _chunked_capture()
+    chunks = solved_in_chunks(cap, cfg)
+    request_tokens = [req.shape[1] for _, _, req in repeat_requests(_Tok(), ids, "kvzip", 16)]  # 22, 30, 30
+    assert chunks == [(0, 16), (16, 32), (32, 48)]
+    K, Q = cap.keys[1], cap.queries[1]
+    whole = (cap.spans[:, 1] - cap.spans[:, 0]) == 48
+    everything = torch.logsumexp(Q[:, whole] @ K.transpose(1, 2) * cap.scale, -1)
+    parts = chunk_rows(K, Q, cap.spans, cap.local_lse[1], chunks, cap.scale)
+    for (a, b, rows, loc), t in zip(parts, request_tokens, strict=True):
+        assert int(rows.sum()) == int(whole.sum()) + 2 * t  # self rows + the part's request queries (G = 2)
+        part = torch.logsumexp(Q[:, rows] @ K[:, a:b].transpose(1, 2) * cap.scale, -1)
+        w = whole[rows]
+        torch.testing.assert_close(torch.logaddexp(part[:, w], loc[:, w]), everything, rtol=0, atol=1e-5)
+        mine = rows & ~whole
+        assert (cap.spans[mine] == torch.tensor([a, b])).all()
+        torch.testing.assert_close(loc[:, ~w], cap.local_lse[1][:, mine])
+
+
+def test_solving_in_chunks_keeps_each_heads_best_entries_and_is_exact_when_everything_is_kept():
+    """Solved part by part, every head keeps exactly its budget, and the kept keys are the original keys at
+    the head's best positions by the scores that set the budgets (so the parts share a head's budget as the
+    scores say). Keeping every entry gives the original cache back (fitted values to 1e-4)."""
+    from kvsculpt.compress import compress_captured
+
+    model, ids, cfg, cap = _chunked_capture()
+    cache = compress_captured(model, cap, cfg.replace(ratio=0.25), progress=False)
+    assert cache.info["solved_in_chunks"] == 3
+    from kvsculpt.compress import chunked_entry_scores, solved_in_chunks
+
+    scores = chunked_entry_scores(cap, cfg.solver, cap.queries, cap.local_lse, solved_in_chunks(cap, cfg))
+    assert sum(map(sum, cache.budgets)) == 2 * 2 * 12  # round(0.25 · 48) per head on average
+    for li, layer in enumerate(cache.budgets):
+        for h, m in enumerate(layer):
+            best = scores[li, h].topk(m).indices.sort().values
+            torch.testing.assert_close(_head(cache, li, h)[0], cap.keys[li][h, best])
+    eight = compress_captured(
+        model, cap, cfg.replace(ratio=0.25, kv_bits=8), progress=False
+    )  # refit by parts
+    assert eight.budgets == cache.budgets and eight.layers[0].quantized
+    _, v16 = _head(cache, 1, 1)
+    assert 0 < (_head(eight, 1, 1)[1] - v16).abs().max() < 0.05 * v16.abs().max()
+    held = compress_captured(
+        model, cap, cfg.replace(ratio=0.25, heldout=0.3), progress=False
+    )  # fewer fit rows
+    assert (
+        held.info["heldout_queries"] > 0 and held.info["solved_in_chunks"] == 3
+    )  # the parts' rows were split too
+    assert all(0 <= e < 0.5 for layer in held.info["stats"]["heldout_rel_mse"] for e in layer)
+    full = compress_captured(model, cap, cfg.replace(ratio=1.0), progress=False)
+    for li in range(2):
+        for h in range(2):
+            keys, values = _head(full, li, h)
+            torch.testing.assert_close(keys, cap.keys[li][h])
+            torch.testing.assert_close(values, cap.values[li][h], rtol=0, atol=1e-4)
+
+
+def test_a_context_shorter_than_a_chunk_is_solved_as_before():
+    """One repeat request (n ≤ repeat_chunk): no parts, and the same cache as with one request asked for."""
+    from kvsculpt.compress import compress_captured
+
+    model, ids, cfg, cap = _chunked_capture(n=24, chunk=32)
+    assert cap.spans is None
+    a = compress_captured(model, cap, cfg, progress=False)
+    cap0 = capture(model, ids, cfg.replace(repeat_chunk=0), tokenizer=_Tok())
+    b = compress_captured(model, cap0, cfg.replace(repeat_chunk=0), progress=False)
+    assert a.info["solved_in_chunks"] == 1 and a.budgets == b.budgets
+    torch.testing.assert_close(_head(a, 1, 0), _head(b, 1, 0))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import torch
@@ -9,10 +10,11 @@ from tqdm.auto import tqdm
 
 from .cache import CompressedCache, quantize_cache
 from .config import CompressConfig
-from .core.attention import fidelity, reference
-from .core.fit import refit_for_quantized_keys, split_heldout
+from .core.attention import fidelity, logits, reference
+from .core.fit import fit_values, refit_for_quantized_keys, split_heldout
 from .core.methods import Identity, Select
-from .core.scores import H2O
+from .core.quant import quantize_keys
+from .core.scores import H2O, top_indices
 from .hf.attention import use_kvsculpt_attention
 from .hf.capture import Capture, capture, replay_self_queries, stage
 from .hf.decode import full_cache
@@ -136,8 +138,15 @@ def compress_captured(model, cap: Capture, cfg: CompressConfig, progress: bool =
 
     scored = {}  # the entry scores of global budgets, reused by the selection (same queries) unless on-policy
 
+    stages = min(cfg.on_policy, L)
+    chunks = solved_in_chunks(cap, cfg, stages)
+    fit_spans = None if cap.spans is None else cap.spans[~held.cpu()]  # the part each fit query reads
+
     def scores_once():
-        scored["all"] = entry_scores(cap, solver, fit_q, local, [ref_of(li) for li in range(L)])
+        if chunks:
+            scored["all"] = chunked_entry_scores(cap, solver, fit_q, local, chunks, fit_spans)
+        else:
+            scored["all"] = entry_scores(cap, solver, fit_q, local, [ref_of(li) for li in range(L)])
         return scored["all"]
 
     if isinstance(solver, Identity):
@@ -152,7 +161,6 @@ def compress_captured(model, cap: Capture, cfg: CompressConfig, progress: bool =
     pilot_seconds = time.perf_counter() - t_start
     if cfg.on_policy and cap.samples is None:
         raise ValueError("on_policy needs self queries (queries='self' or a mix with it)")
-    stages = min(cfg.on_policy, L)
     stage_starts = {round(i * L / stages) for i in range(1, stages)} if stages else set()
     keys, values, biases, rel_mse, mass_err, replay_s = [], [], [], [], [], 0.0
     has_bias = False
@@ -174,19 +182,18 @@ def compress_captured(model, cap: Capture, cfg: CompressConfig, progress: bool =
                 check_q[li:] = [q[:, held] for q in fresh[li:]]
             replay_s += time.perf_counter() - t_replay
         K, V = cap.keys[li], cap.values[li]
-        sc = scored["all"][li] if "all" in scored and not stages else None
-        heads = solver(
-            K,
-            V,
-            fit_q[li],
-            budgets[li],
-            cap.scale,
-            cq[li],
-            None if local is None else local[li],
-            sc,
-            ref_of(li),
-        )
-        if cfg.kv_bits != 16 and cfg.kv_refit and getattr(solver, "fit", False):
+        if chunks:
+            if (
+                "all" not in scored
+            ):  # budgets that did not rank entries: the selection's scores, chunk by chunk
+                scores_once()
+            heads = solve_chunks(cap, cfg, li, fit_q[li], None if local is None else local[li], budgets[li],
+                                 scored["all"][li], chunks, model.dtype, fit_spans)  # fmt: skip
+        else:
+            sc = scored["all"][li] if "all" in scored and not stages else None
+            heads = solver(K, V, fit_q[li], budgets[li], cap.scale, cq[li], None if local is None else local[li],
+                           sc, ref_of(li))  # fmt: skip
+        if cfg.kv_bits != 16 and cfg.kv_refit and getattr(solver, "fit", False) and not chunks:
             r, loc = ref_of(li), None if local is None else local[li].float()
             heads = refit_for_quantized_keys(heads, fit_q[li].float(), r.O, r.z, cap.scale, solver.lam,
                                              cfg.key_bits or cfg.kv_bits, cfg.kv_group, model.dtype, loc,
@@ -220,6 +227,7 @@ def compress_captured(model, cap: Capture, cfg: CompressConfig, progress: bool =
             if f"{src}_seconds" in cap.info
         },  # fmt: skip
         "solve_seconds": time.perf_counter() - t_start,
+        "solved_in_chunks": len(chunks or [None]),
         "on_policy": cfg.on_policy,
         "replay_seconds": replay_s,
         "compress_seconds": cap.prefill_seconds + cap.query_seconds + time.perf_counter() - t_start,
@@ -258,6 +266,135 @@ def refine_captured(model, cache: CompressedCache, cap: Capture, cfg: CompressCo
                               progress)  # fmt: skip
     return refine_from(model, cache, cap.keys, cap.values, cap.last_logits, cap.context_ids, cfg, tokenizer,
                        progress, data=memo[key], on_eval=on_eval)  # fmt: skip
+
+
+def solved_in_chunks(cap: Capture, cfg: CompressConfig, stages: int = 0) -> list[tuple[int, int]] | None:
+    """The parts ``[a, b)`` of the context that are scored and solved one at a time, in order, or None for one
+    solve over the whole context.
+
+    Where the repeat pass ran in several requests (``cfg.repeat_chunk`` below n), each part is the chunk one
+    request reconstructed, and a method that reads the reference queries' attention (KVzip's scores, fitted
+    values, Sculpt) is solved part by part (:func:`solve_chunks`): linear cost in n. Not for methods that
+    score from the context's own queries (SnapKV, TOVA), keep recent positions, or solve on-policy."""
+    if cap.spans is None or stages or not cfg.solver.uses_reference or cfg.solver.needs_context_queries:
+        return None
+    if getattr(cfg.solver, "recent", 0):
+        return None
+    whole = (cap.spans[:, 0] == 0) & (cap.spans[:, 1] == cap.n)
+    return sorted({(int(a), int(b)) for a, b in cap.spans[~whole].tolist()})
+
+
+def chunk_rows(K, Q, spans, local_lse, chunks, scale):
+    """Per part ``(a, b)`` of ``chunks``: ``(a, b, rows [N] bool, local_lse [H, rows])``, the queries that read
+    that part (its repeat request's and every query that reads the whole context: the self samples) and each
+    one's log-mass outside the part: a whole-context query's on the other parts (and its own keys), a repeat
+    query's on its request and copy only (its attention on the other parts is left out, as KVzip scores it).
+    K ``[H, n, d]``, Q ``[H, N, d]``, spans ``[N, 2]``, local_lse ``[H, N]`` or None. O(N_whole · n · d)."""
+    n = K.shape[1]
+    spans = spans.to(Q.device)
+    whole = (spans[:, 0] == 0) & (spans[:, 1] == n)
+    own = Q.new_full(Q.shape[:2], float("-inf")) if local_lse is None else local_lse.float()
+    Qw = Q[:, whole].float()
+    per_part = torch.stack(
+        [torch.logsumexp(logits(Qw, K[:, a:b].float(), scale), -1) for a, b in chunks], -1
+    )  # [H, N_whole, parts]
+    for c, (a, b) in enumerate(chunks):
+        rows = whole | ((spans[:, 0] == a) & (spans[:, 1] == b))
+        loc = own[:, rows].clone()
+        others = per_part.clone()
+        others[..., c] = float("-inf")
+        w = whole[rows]
+        loc[:, w] = torch.logaddexp(loc[:, w], torch.logsumexp(others, -1))
+        yield a, b, rows, loc
+
+
+def _part_scorer(solver, a: int):
+    """The solver's scorer for the part starting at ``a``: sinks are the context's first tokens, so only the
+    first part keeps them."""
+    scorer = solver.scorer
+    if a > 0 and getattr(scorer, "sinks", 0):
+        return dataclasses.replace(scorer, sinks=0)
+    return scorer
+
+
+def chunked_entry_scores(cap: Capture, solver, queries, local_lse, chunks, spans=None) -> torch.Tensor:
+    """Every entry's score ``[L, Hkv, n]``, part by part (:func:`chunk_rows`; ``spans [N, 2]`` of ``queries``,
+    default ``cap.spans``): each entry is scored by the
+    queries that read its part, their attention normalised over the part and their keys outside the context.
+    O(N · chunk · d) per layer and head instead of O(N · n · d)."""
+    L, (Hkv, n, _) = len(cap.keys), cap.keys[0].shape
+    spans = cap.spans if spans is None else spans
+    out = torch.empty(L, Hkv, n)
+    for li in range(L):
+        K, V = cap.keys[li].float(), cap.values[li].float()
+        loc_all = None if local_lse is None else local_lse[li]
+        for a, b, rows, loc in chunk_rows(K, queries[li], spans, loc_all, chunks, cap.scale):
+            scorer = _part_scorer(solver, a)
+            out[li, :, a:b] = scorer(
+                K[:, a:b], V[:, a:b], queries[li][:, rows].float(), cap.scale, None, loc
+            ).cpu()
+    return out
+
+
+def solve_chunks(cap: Capture, cfg: CompressConfig, li: int, Q, local_lse, budgets, scores, chunks,
+                 dtype=torch.float32, spans=None) -> list:  # fmt: skip
+    """Layer ``li`` solved part by part: each head keeps its ``budgets[h]`` best entries by ``scores [Hkv, n]``
+    (so the parts share a head's budget as the scores say); each part's kept entries are solved by the
+    method on the queries that read it (:func:`chunk_rows`), and a head's parts are joined in order. With
+    quantised storage the fitted values are then re-solved against the stored keys, part by part.
+
+    Cost: O(N_c · chunk · d) for each part's reference and O(N_c · m_c²) for its value fit (N_c queries and m_c
+    kept entries of the part), so linear in n for a fixed chunk, where one solve costs O(N · n · d + N · m²).
+    What it leaves out: a repeat query's attention on parts other than its own, and the mixing weights between
+    parts (each part's values are fitted to its own normalised output)."""
+    solver, K, V = cfg.solver, cap.keys[li].float(), cap.values[li].float()
+    H = K.shape[0]
+    starts = torch.tensor([a for a, _ in chunks])
+    counts = torch.zeros(len(chunks), H, dtype=torch.long)  # kept entries per part and head
+    for h in range(H):
+        kept = top_indices(scores[h : h + 1].to(K.device), int(budgets[h]))[0].cpu()
+        counts[:, h] = torch.bincount(torch.bucketize(kept, starts, right=True) - 1, minlength=len(chunks))
+    parts: list[list] = [[] for _ in range(H)]
+    problems = list(chunk_rows(K, Q, cap.spans if spans is None else spans, local_lse, chunks, cap.scale))
+    for c, (a, b, rows, loc) in enumerate(problems):
+        heads = [h for h in range(H) if counts[c, h] > 0]
+        if not heads:
+            continue
+        idx = torch.tensor(heads, device=K.device)
+        solved = solver(K[idx, a:b], V[idx, a:b], Q[idx][:, rows].float(), counts[c, heads].tolist(), cap.scale,
+                        None, loc[idx], scores[heads, a:b].to(K.device), None)  # fmt: skip
+        for h, (k, v, bias) in zip(heads, solved, strict=True):
+            parts[h].append((c, k, v, bias))
+    out = []
+    for h in range(H):
+        ks, vs, bs = zip(*[(k, v, bias) for _, k, v, bias in parts[h]], strict=True)
+        out.append((torch.cat(ks), torch.cat(vs), None if bs[0] is None else torch.cat(bs)))
+    if cfg.kv_bits != 16 and cfg.kv_refit and getattr(solver, "fit", False):
+        out = _refit_chunks(out, parts, problems, K, V, Q, cfg, cap.scale, dtype)
+    return out
+
+
+def _refit_chunks(heads, parts, problems, K, V, Q, cfg: CompressConfig, scale, dtype) -> list:
+    """:func:`~kvsculpt.core.fit.refit_for_quantized_keys` part by part: the layer's keys quantised as storage
+    will hold them, then each part's values re-solved against its stored keys on that part's queries."""
+    flat = torch.cat([k.to(dtype) for k, _, _ in heads])  # the keys as the cache will hold them
+    lengths = [k.shape[0] for k, _, _ in heads]
+    stored = quantize_keys(flat, lengths, cfg.key_bits or cfg.kv_bits, cfg.kv_group).dequantize(torch.float32)
+    out = []
+    start = 0
+    for h, (k, _, bias) in enumerate(heads):
+        kq, vs, at = stored[start : start + k.shape[0]], [], 0
+        start += k.shape[0]
+        for c, kc, vc, bc in parts[h]:
+            a, b, rows, loc = problems[c]
+            one = slice(h, h + 1)
+            ref = reference(Q[one][:, rows].float(), K[one, a:b], V[one, a:b], scale, loc[one])
+            kqc = kq[at : at + kc.shape[0]]
+            at += kc.shape[0]
+            vs.append(fit_values(Q[one][:, rows].float(), kqc[None], ref.O, ref.z, scale, cfg.solver.lam, vc[None].float(),
+                                 None if bc is None else bc[None].float(), loc[one], cfg.solver.fit_rows)[0])  # fmt: skip
+        out.append((k, torch.cat(vs), bias))
+    return out
 
 
 def entry_scores(cap: Capture, solver, queries, local_lse=None, refs=None) -> torch.Tensor:

@@ -139,7 +139,9 @@ class CompressConfig:
     shared between heads (:data:`ALLOCATIONS`), with ``alpha`` (adaptive), ``scope`` (``all``, ``heads``
     of each layer, or ``layers``) and ``floor`` (the smallest budget a head gets; None: n/64). ``queries``: the
     reference-query sources (:data:`QUERY_SOURCES`), joined by ``+``; ``repeat_prompt``: what stands between
-    the context and its copy for ``repeat`` (:data:`REPEAT_PROMPTS`); at most ``max_queries`` per KV head are
+    the context and its copy for ``repeat`` (:data:`REPEAT_PROMPTS`), which repeats the context ``repeat_chunk``
+    tokens per request, each request's entries then scored and solved on their own (linear cost in n; 0: one
+    request and one solve over the whole context, quadratic); at most ``max_queries`` per KV head are
     kept (a random subset; None, the default, keeps all: KVzip's peak is a maximum, which a subset lowers);
     ``self_samples`` × ``self_length`` tokens are sampled at ``temperature`` / ``top_p`` for ``self``.
     ``heldout``: fraction of query groups kept out of the fit, for the fidelity stats. ``on_policy``: solve
@@ -195,6 +197,11 @@ class CompressConfig:
     )
     repeat_prompt: str = opt(
         "kvzip", "for 'repeat' queries: " + _choices(REPEAT_PROMPTS), choices=REPEAT_PROMPTS
+    )
+    repeat_chunk: int = opt(
+        2048,
+        "for 'repeat' queries: context tokens per repeat request, each read over the whole context's cache "
+        "(KVzip's chunks; linear cost in n); 0: one request for the whole context",
     )
     max_queries: int | None = opt(
         None, "reference queries kept per KV head (a random subset; 0 or none keeps all)"
@@ -291,6 +298,10 @@ class CompressConfig:
             )
         if self.alpha < 0:
             raise ValueError(f"alpha must be >= 0; got {self.alpha}")
+        if not isinstance(self.repeat_chunk, int) or self.repeat_chunk < 0:
+            raise ValueError(
+                f"repeat_chunk must be a whole number of tokens >= 0 (0: one request); got {self.repeat_chunk!r}"
+            )
         if self.max_queries is not None and self.max_queries <= 0:
             raise ValueError(f"max_queries must be positive (or None for all); got {self.max_queries}")
         for name in ("self_samples", "self_length"):
@@ -348,9 +359,12 @@ class CompressConfig:
 
     def __repr__(self) -> str:
         """The dataclass repr, without the quantisation fields when not quantised (``kv_bits=16``: they change
-        nothing) and without ``refine_schedule`` when constant, so results recorded before these fields existed
-        keep matching."""
+        nothing), without ``refine_schedule`` when constant and ``repeat_chunk`` at its default, so results
+        recorded before these fields existed keep matching. (Rows recorded before ``repeat_chunk`` existed at
+        n > 2048 repeated the context in one request: the same repr, another computation; at n ≤ 2048 both
+        are one request.)"""
         skip = {"kv_bits", "key_bits", "kv_group", "kv_refit"} if self.kv_bits == 16 else set()
+        skip |= {"repeat_chunk"} if self.repeat_chunk == 2048 else set()
         skip |= {"refine_schedule"} if self.refine_schedule == "constant" else set()
         body = ", ".join(
             f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self) if f.name not in skip
@@ -381,7 +395,7 @@ class CompressConfig:
 
     def capture_key(self) -> tuple:
         """What a capture depends on: configs with equal keys can share one capture of a context."""
-        return (self.queries, self.repeat_prompt, self.max_queries, self.self_samples, self.self_length,
+        return (self.queries, self.repeat_prompt, self.repeat_chunk, self.max_queries, self.self_samples, self.self_length,
                 self.temperature, self.top_p, self.seed)  # fmt: skip
 
     def refine_data_key(self) -> tuple:

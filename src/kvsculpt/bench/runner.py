@@ -78,9 +78,15 @@ def paired_ratio(kl: dict, a: str, b: str, ratio: float):
 
 def results_jsonl(out) -> Path:
     """The resumable rows file of a results name ``out`` (``…/name`` → ``…/name.jsonl``), its folder made."""
+    return results_file(out, ".jsonl")
+
+
+def results_file(out, ext: str) -> Path:
+    """``out`` with ``ext`` appended (``…/long_qwen0.5b`` → ``…/long_qwen0.5b.md``, where ``with_suffix`` would
+    cut at the name's dot), its folder made."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    return out.parent / f"{out.name}.jsonl"
+    return out.parent / f"{out.name}{ext}"
 
 
 def grid_parser(

@@ -5,7 +5,8 @@ and the reference queries the compressed block is fitted to, with the GQA query 
 pooled: ``[Hkv, N, d]``. Query sources (SPEC §2), see :data:`kvsculpt.config.QUERY_SOURCES`:
 
 * ``context``: the context's own prefill queries;
-* ``repeat``: prefill ``context + prompt + context`` and take the second copy's queries;
+* ``repeat``: after the context's prefill, the model is asked to repeat it, ``repeat_chunk`` tokens per request,
+  each request read over the context's cache alone (KVzip's reconstruction); the copies' queries;
 * ``self``: the model samples S continuations of L tokens from the full cache; their queries.
 
 Each query carries a group id (a self sample, or a block of 32 positions) so that whole groups can be held
@@ -56,6 +57,9 @@ class Capture:
     # [Hkv, N] per layer: log-sum-exp of each query's logits over the keys it sees besides the context (the
     # repeat prompt and copy so far); -inf where there are none (context and self queries)
     local_lse: list[torch.Tensor] | None = None
+    # [N, 2]: the part [a, b) of the context each query reconstructs, where the repeat pass ran in several
+    # requests (its queries carry their chunk; the others [0, n)); None when every query reads the whole context
+    spans: torch.Tensor | None = None
 
     @property
     def n(self) -> int:
@@ -126,40 +130,82 @@ def repeat_prompt_ids(tokenizer, style: str) -> torch.Tensor:
     )
 
 
-REPEAT_CHUNK = 2048  # tokens of the repeat pass per forward (KVzip reconstructs in chunks of 2048 too)
+REPEAT_CHUNK = 2048  # context tokens per repeat request (KVzip and kvpress reconstruct in chunks of 2048 too)
+CHUNK_OVERLAP = 8  # tokens of the previous chunk quoted in a later chunk's request, as KVzip does
+KVZIP_PART_PROMPT = "\n\nRepeat the part of the previous context exactly, starting with"
+
+
+def repeat_requests(tokenizer, context_ids: torch.Tensor, style: str, chunk: int | None):
+    """The repeat pass's requests: ``[(a, b, ids [1, p_c + b − a])]``, one per chunk ``[a, b)`` of the context.
+
+    With ``chunk`` None or not below n: one request, the prompt (:func:`repeat_prompt_ids`) and the whole
+    context. Else one per ``chunk`` tokens, each read on its own over the context's cache (KVzip's
+    reconstruction): the first chunk after the plain prompt, every later one after a request to repeat the part
+    that starts after the last :data:`CHUNK_OVERLAP` tokens of the chunk before (quoted), so that the model
+    finds its place in the context instead of copying its own copy."""
+    n = context_ids.shape[1]
+    if not chunk or n <= chunk:
+        return [
+            (0, n, torch.cat([repeat_prompt_ids(tokenizer, style).to(context_ids.device), context_ids], 1))
+        ]
+    out = []
+    for a in range(0, n, chunk):
+        b = min(n, a + chunk)
+        if a == 0:
+            prompt = repeat_prompt_ids(tokenizer, style)
+        else:
+            words = (
+                KVZIP_PART_PROMPT
+                if style == "kvzip"
+                else "\n\nRepeat the part of the text above that starts with"
+            )
+            quoted = context_ids[:, a - CHUNK_OVERLAP : a].cpu()
+            tail = chat_template_parts(tokenizer)[1] if style == "kvzip" else "\n\n"
+            prompt = torch.cat([text_ids(tokenizer, words), quoted, text_ids(tokenizer, tail)], dim=1)
+        out.append((a, b, torch.cat([prompt.to(context_ids.device), context_ids[:, a:b]], dim=1)))
+    return out
 
 
 @torch.inference_mode()
 def _repeat_queries(model, context_ids, tokenizer, style: str, cache=None, chunk: int | None = None):
-    """Queries ``[Hkv, G·t, d]`` per layer while the model reads ``context + prompt + context`` (the copy's
-    ``t = n`` queries; with ``style="kvzip"`` the prompt's too, ``t = p + n``, as KVzip scores them), their
-    groups, and each query's log-mass on the keys outside the first copy (the prompt and the copy so far).
-    ``cache``: the context's own prefill cache, extended in place by ``prompt + context`` (the context is not
-    run twice); by default the whole sequence runs from scratch. The pass runs ``chunk`` tokens per forward, each
-    over the cache so far (default :data:`REPEAT_CHUNK`), so no forward holds more than ``chunk`` queries' attention over the ``2n + p`` keys
-    (one full-width forward would hold ``(n + p) × (2n + p)``); the queries are the same."""
+    """Queries ``[Hkv, G·t, d]`` per layer while the model repeats the context after a request (the copy's
+    ``t = n`` queries; with ``style="kvzip"`` the requests' too, as KVzip scores them), their groups, each
+    query's log-mass on the keys outside the context (its request and its copy so far), and the chunk
+    ``[a, b)`` of the context each query reconstructs ``[t, 2]`` (before pooling).
+
+    The context is repeated in requests of ``chunk`` tokens (:func:`repeat_requests`; default
+    :data:`REPEAT_CHUNK`, 0: one request for the whole context), each one forward over the context's own cache
+    (``cache``: its prefill, cropped back to n after each request; None: the context is prefilled here). Each
+    forward holds ``p + chunk`` queries over ``n + p + chunk`` keys, so the pass costs O(n·chunk) attention
+    beyond the prefill instead of the O(n²) of one whole copy, and no query sees more than a chunk of its own
+    copy."""
     if tokenizer is None:
         raise ValueError("query source 'repeat' needs the tokenizer (pass tokenizer=...)")
     dims = model_dims(model)
-    prompt = repeat_prompt_ids(tokenizer, style).to(context_ids.device)
     n = context_ids.shape[1]
-    t = n + (prompt.shape[1] if style == "kvzip" else 0)
-    ids, start = torch.cat([context_ids, prompt, context_ids], dim=1), 0
     if cache is None:
         cache = DynamicCache()
-    else:
-        ids, start = ids[:, n:], n
-    chunk = chunk or REPEAT_CHUNK
-    with capture_queries(model) as sinks:
-        for a in range(0, ids.shape[1], chunk):
-            forward(model, ids[:, a : a + chunk], cache, start + a, last_only=True)
-    qs, lses = [], []
-    for s, layer in zip(sinks, cache.layers, strict=True):
-        q = torch.cat(s, dim=2)[:, :, -t:].float()  # [1, H, t, d]
-        local_k = layer.keys[0, :, n:].float()  # [Hkv, p + n, d]: prompt and copy, seen causally
-        qs.append(pool_gqa(q, dims.kv_heads))
-        lses.append(pool_gqa(local_lse(q, local_k, dims.scale)[..., None], dims.kv_heads)[..., 0])
-    return qs, _position_groups(t, dims.groups), lses
+        forward(model, context_ids, cache, 0, last_only=True)
+    requests = repeat_requests(tokenizer, context_ids, style, REPEAT_CHUNK if chunk is None else chunk)
+    qs = [[] for _ in range(dims.layers)]
+    lses = [[] for _ in range(dims.layers)]
+    spans = []
+    for a, b, ids in requests:
+        t = (b - a) + (ids.shape[1] - (b - a) if style == "kvzip" else 0)
+        with capture_queries(model) as sinks:  # a long request in forwards of REPEAT_CHUNK tokens (memory)
+            for c in range(0, ids.shape[1], REPEAT_CHUNK):
+                forward(model, ids[:, c : c + REPEAT_CHUNK], cache, n + c, last_only=True)
+        for li, (s, layer) in enumerate(zip(sinks, cache.layers, strict=True)):
+            q = torch.cat(s, dim=2)[:, :, -t:].float()  # [1, H, t, d]
+            local_k = layer.keys[0, :, n:].float()  # [Hkv, p_c + chunk, d]: request and copy, seen causally
+            qs[li].append(q)
+            lses[li].append(local_lse(q, local_k, dims.scale))
+        cache.crop(n - cache.get_seq_length())  # back to the context (a negative crop drops tokens)
+        spans.append(torch.tensor([[a, b]]).expand(t, 2))
+    t_all = sum(x.shape[2] for x in qs[0])
+    q_out = [pool_gqa(torch.cat(q, dim=2), dims.kv_heads) for q in qs]
+    lse_out = [pool_gqa(torch.cat(x, dim=2)[..., None], dims.kv_heads)[..., 0] for x in lses]
+    return q_out, _position_groups(t_all, dims.groups), lse_out, torch.cat(spans)
 
 
 @torch.inference_mode()
@@ -186,7 +232,7 @@ def capture(model, context_ids: torch.Tensor, cfg: CompressConfig | None = None,
     values = [layer.values[0].float() for layer in cache.layers]
     if "repeat" not in cfg.sources:
         del cache  # else the repeat pass continues it
-    parts, part_groups, local_parts, info = [], [], [], {"sources": list(cfg.sources)}
+    parts, part_groups, local_parts, span_parts, info = [], [], [], [], {"sources": list(cfg.sources)}
     samples = None
     t0 = time.perf_counter()
     next_group = 0
@@ -196,10 +242,15 @@ def capture(model, context_ids: torch.Tensor, cfg: CompressConfig | None = None,
             q, g = [pool_gqa(x.float(), Hkv) for x in ctx_q], _position_groups(n, G)
         elif src == "repeat":
             stage(progress, f"repeat pass (prompt + {n} tokens, after the context's prefill)")
-            q, g, lse = _repeat_queries(model, context_ids, tokenizer, cfg.repeat_prompt, cache)
+            q, g, lse, spans = _repeat_queries(model, context_ids, tokenizer, cfg.repeat_prompt, cache,
+                                               cfg.repeat_chunk)  # fmt: skip
+            info["repeat_chunks"] = len(torch.unique(spans[:, 0]))
+            span_parts.append(spans.repeat(dims.groups, 1))  # pooled order: the GQA heads, then the tokens
             del cache
         else:
             q, g, samples = sample_self_queries(model, keys, values, last, cfg, progress)
+        if len(span_parts) < len(parts) + 1:  # a source read over the whole context
+            span_parts.append(torch.tensor([[0, n]]).expand(g.shape[0], 2))
         local_parts.append(
             lse if lse is not None else [torch.full(x.shape[:2], float("-inf"), device=x.device) for x in q]
         )
@@ -224,10 +275,13 @@ def capture(model, context_ids: torch.Tensor, cfg: CompressConfig | None = None,
     if keep is not None:
         qs, groups = [q[:, keep.to(q.device)] for q in qs], groups[keep]
         local = None if local is None else [x[:, keep.to(x.device)] for x in local]
+    spans = torch.cat(span_parts) if info.get("repeat_chunks", 1) > 1 else None
+    if keep is not None:
+        spans = None if spans is None else spans[keep]
     info["subsample_index"] = keep
     per_head = [x[0].float().reshape(Hkv, G, n, -1) for x in ctx_q] if keep_context else None
     return Capture(keys, values, qs, groups, dims.scale, last, prefill_s, query_s, samples, per_head,
-                   context_ids.cpu(), info, local)  # fmt: skip
+                   context_ids.cpu(), info, local, spans)  # fmt: skip
 
 
 @torch.inference_mode()
