@@ -128,7 +128,9 @@ def report(rows: list[dict], args) -> dict:
 
 
 def main(argv=None):
-    ap = grid_parser(__doc__, ratios=[0.1, 0.3], out="benchmarks/results/long_smollm2_chunked", by_window=False)
+    ap = grid_parser(
+        __doc__, ratios=[0.1, 0.3], out="benchmarks/results/long_smollm2_chunked", by_window=False
+    )
     ap.add_argument("--texts", nargs="+", help="shipped texts or paths (default: the long shipped texts)")
     ap.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192], help="context lengths n")
     ap.add_argument("--presses", nargs="*", default=list(PRESSES), help="kvpress presses (none: skip them)")
