@@ -328,7 +328,8 @@ def test_solving_in_chunks_keeps_each_heads_best_entries_and_is_exact_when_every
     assert cache.info["solved_in_chunks"] == 3
     from kvsculpt.compress import chunked_entry_scores, solved_in_chunks
 
-    scores = chunked_entry_scores(cap, cfg.solver, cap.queries, cap.local_lse, solved_in_chunks(cap, cfg))
+    chunks = solved_in_chunks(cap, cfg)
+    scores = chunked_entry_scores(cap, cfg.solver, cap.queries, cap.local_lse, chunks, cap.spans)
     assert sum(map(sum, cache.budgets)) == 2 * 2 * 12  # round(0.25 · 48) per head on average
     for li, layer in enumerate(cache.budgets):
         for h, m in enumerate(layer):

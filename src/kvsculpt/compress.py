@@ -11,9 +11,8 @@ from tqdm.auto import tqdm
 from .cache import CompressedCache, quantize_cache
 from .config import CompressConfig
 from .core.attention import fidelity, logits, reference
-from .core.fit import fit_values, refit_for_quantized_keys, split_heldout
+from .core.fit import fit_values, refit_for_quantized_keys, split_heldout, stored_keys
 from .core.methods import Identity, Select
-from .core.quant import quantize_keys
 from .core.scores import H2O, top_indices
 from .hf.attention import use_kvsculpt_attention
 from .hf.capture import Capture, capture, replay_self_queries, stage
@@ -183,9 +182,8 @@ def compress_captured(model, cap: Capture, cfg: CompressConfig, progress: bool =
             replay_s += time.perf_counter() - t_replay
         K, V = cap.keys[li], cap.values[li]
         if chunks:
-            if (
-                "all" not in scored
-            ):  # budgets that did not rank entries: the selection's scores, chunk by chunk
+            # budgets that did not rank entries (uniform, adaptive): the selection's scores, chunk by chunk
+            if "all" not in scored:
                 scores_once()
             heads = solve_chunks(cap, cfg, li, fit_q[li], None if local is None else local[li], budgets[li],
                                  scored["all"][li], chunks, model.dtype, fit_spans)  # fmt: skip
@@ -317,13 +315,12 @@ def _part_scorer(solver, a: int):
     return scorer
 
 
-def chunked_entry_scores(cap: Capture, solver, queries, local_lse, chunks, spans=None) -> torch.Tensor:
-    """Every entry's score ``[L, Hkv, n]``, part by part (:func:`chunk_rows`; ``spans [N, 2]`` of ``queries``,
-    default ``cap.spans``): each entry is scored by the
+def chunked_entry_scores(cap: Capture, solver, queries, local_lse, chunks, spans) -> torch.Tensor:
+    """Every entry's score ``[L, Hkv, n]``, part by part (:func:`chunk_rows`; ``spans [N, 2]``: the part each of
+    ``queries`` reads): each entry is scored by the
     queries that read its part, their attention normalised over the part and their keys outside the context.
     O(N · chunk · d) per layer and head instead of O(N · n · d)."""
     L, (Hkv, n, _) = len(cap.keys), cap.keys[0].shape
-    spans = cap.spans if spans is None else spans
     out = torch.empty(L, Hkv, n)
     for li in range(L):
         K, V = cap.keys[li].float(), cap.values[li].float()
@@ -337,7 +334,7 @@ def chunked_entry_scores(cap: Capture, solver, queries, local_lse, chunks, spans
 
 
 def solve_chunks(cap: Capture, cfg: CompressConfig, li: int, Q, local_lse, budgets, scores, chunks,
-                 dtype=torch.float32, spans=None) -> list:  # fmt: skip
+                 dtype, spans) -> list:  # fmt: skip
     """Layer ``li`` solved part by part: each head keeps its ``budgets[h]`` best entries by ``scores [Hkv, n]``
     (so the parts share a head's budget as the scores say); each part's kept entries are solved by the
     method on the queries that read it (:func:`chunk_rows`), and a head's parts are joined in order. With
@@ -355,7 +352,7 @@ def solve_chunks(cap: Capture, cfg: CompressConfig, li: int, Q, local_lse, budge
         kept = top_indices(scores[h : h + 1].to(K.device), int(budgets[h]))[0].cpu()
         counts[:, h] = torch.bincount(torch.bucketize(kept, starts, right=True) - 1, minlength=len(chunks))
     parts: list[list] = [[] for _ in range(H)]
-    problems = list(chunk_rows(K, Q, cap.spans if spans is None else spans, local_lse, chunks, cap.scale))
+    problems = list(chunk_rows(K, Q, spans, local_lse, chunks, cap.scale))
     for c, (a, b, rows, loc) in enumerate(problems):
         heads = [h for h in range(H) if counts[c, h] > 0]
         if not heads:
@@ -377,9 +374,7 @@ def solve_chunks(cap: Capture, cfg: CompressConfig, li: int, Q, local_lse, budge
 def _refit_chunks(heads, parts, problems, K, V, Q, cfg: CompressConfig, scale, dtype) -> list:
     """:func:`~kvsculpt.core.fit.refit_for_quantized_keys` part by part: the layer's keys quantised as storage
     will hold them, then each part's values re-solved against its stored keys on that part's queries."""
-    flat = torch.cat([k.to(dtype) for k, _, _ in heads])  # the keys as the cache will hold them
-    lengths = [k.shape[0] for k, _, _ in heads]
-    stored = quantize_keys(flat, lengths, cfg.key_bits or cfg.kv_bits, cfg.kv_group).dequantize(torch.float32)
+    stored = stored_keys(heads, cfg.key_bits or cfg.kv_bits, cfg.kv_group, dtype)
     out = []
     start = 0
     for h, (k, _, bias) in enumerate(heads):

@@ -132,14 +132,21 @@ def fit_values(Q, Kc, O, z, scale, lam, prior=None, bias=None, local_lse=None, m
     return ridge_values(A, O, lam, prior, w)
 
 
+def stored_keys(heads, bits: int, group: int, dtype) -> torch.Tensor:
+    """A layer's keys ``[Σ m_h, d]`` (fp32) as ``bits``-bit storage gives them back: the solved ``heads``' keys
+    (per head ``(K' [m_h, d], V', β)``) flattened in ``dtype`` and quantised per channel in groups of ``group``
+    entries of one head (:func:`~kvsculpt.core.quant.quantize_keys`: the same codes storage makes)."""
+    flat = torch.cat([k.to(dtype) for k, _, _ in heads])
+    return quantize_keys(flat, [k.shape[0] for k, _, _ in heads], bits, group).dequantize(torch.float32)
+
+
 def refit_for_quantized_keys(heads, Q, O, z, scale, lam, bits, group, dtype, local_lse=None, max_rows=None):
     """Quantisation-aware values: one layer's solved ``heads`` (per head ``(K' [m_h, d], V' [m_h, d], β)``)
     with each head's values re-solved (:func:`fit_values`, shrunk toward the values it had) against its keys as
     ``bits``-bit storage will give them back: the flat keys in ``dtype``, quantised per channel in groups of
     ``group`` entries of one head (:func:`~kvsculpt.core.quant.quantize_keys`, as storage does: the same codes). Q, O ``[H, N, d]``, z and
     ``local_lse`` ``[H, N]``: the fit's queries and the full block's answers. Keys and β are returned as given."""
-    flat = torch.cat([k.to(dtype) for k, _, _ in heads])
-    stored = quantize_keys(flat, [k.shape[0] for k, _, _ in heads], bits, group).dequantize(torch.float32)
+    stored = stored_keys(heads, bits, group, dtype)
     out, start = [], 0
     for h, (k, v, b) in enumerate(heads):
         kq = stored[start : start + k.shape[0]]
