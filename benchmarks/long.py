@@ -6,7 +6,8 @@
 For each long shipped text (``text_index(long=True)``; ``--texts``) and each n, the window is the text's first n
 tokens and the 128 that follow (the KL's continuation, never seen by the fit). Rows: the full cache's prefill
 seconds; for the default at each r, its compress seconds (the user's path, ``kvsculpt.compress``), compress ÷
-prefill, its stages, peak memory above its start (``peak_extra_bytes``) beside the full cache's bytes, and KL;
+prefill, its stages, peak memory above its start (``peak_extra_bytes``) beside the full cache's bytes, and KL
+(also compressed while reading, ``--reading 2048``: ``chunk_tokens``);
 for each kvpress press (in its own environment, ``make peers``) the same figures. A fitted exponent of time
 against n per method closes the report. Writes OUT.jsonl (rows), OUT.json and OUT.md.
 """
@@ -48,7 +49,11 @@ def run(args) -> dict:
             for n in args.lengths:
                 w = make_window(tok, load_text(text), n, args.continuation_tokens, name=text)
                 wid = f"{text}@0:n={n}"
-                todo = [r for r in args.ratios if (wid, DEFAULT, r) not in rows]
+                configs = {
+                    DEFAULT: {},
+                    **{f"kvsculpt reading {c}": {"chunk_tokens": c} for c in args.reading},
+                }
+                todo = [(name, r) for name in configs for r in args.ratios if (wid, name, r) not in rows]
                 todo_presses = [
                     p for p in presses if any((wid, f"kvpress.{p}", r) not in rows for r in args.ratios)
                 ]
@@ -56,11 +61,12 @@ def run(args) -> dict:
                     continue
                 print(f"{wid}: full-cache teacher", flush=True)
                 ref = teacher(model, w)
-                for r in todo:
-                    print(f"{wid}: default r={r}", flush=True)
-                    cache = compress(model, w.context, CompressConfig(ratio=r), tokenizer=tok, progress=True)
+                for name, r in todo:
+                    print(f"{wid}: {name} r={r}", flush=True)
+                    cfg = CompressConfig(ratio=r, **configs[name])
+                    cache = compress(model, w.context, cfg, tokenizer=tok, progress=True)
                     info = cache.info
-                    rows.add({"window": wid, "text": text, "n": n, "config": DEFAULT, "ratio": r, "model": args.model,
+                    rows.add({"window": wid, "text": text, "n": n, "config": name, "ratio": r, "model": args.model,
                               "dtype": str(model.dtype), **score(model, cache, w, ref),
                               "prefill_seconds": ref.prefill_seconds, "compress_seconds": info["compress_seconds"],
                               "compress_over_prefill": info["compress_seconds"] / ref.prefill_seconds,
@@ -68,8 +74,9 @@ def run(args) -> dict:
                               "query_seconds_by_source": info["query_seconds_by_source"],
                               "peak_extra_bytes": info["peak_extra_bytes"], "full_cache_bytes": info["full_cache_bytes"],
                               "max_head_budget": max(map(max, info["budgets"])),
-                              "solved_in_chunks": info.get("solved_in_chunks", 1)})  # fmt: skip
-                    print(json.dumps({k: v for k, v in rows[(wid, DEFAULT, args.ratios[0])].items()
+                              "solved_in_chunks": info.get("solved_in_chunks", 1),
+                              "read_in_parts": info.get("read_in_parts", 1)})  # fmt: skip
+                    print(json.dumps({k: v for k, v in rows[(wid, name, r)].items()
                                       if k in ("kl", "compress_over_prefill", "peak_extra_bytes")}), flush=True)  # fmt: skip
                 if todo_presses:
                     print(f"{wid}: kvpress {', '.join(todo_presses)}", flush=True)
@@ -134,6 +141,13 @@ def main(argv=None):
     ap.add_argument("--texts", nargs="+", help="shipped texts or paths (default: the long shipped texts)")
     ap.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192], help="context lengths n")
     ap.add_argument("--presses", nargs="*", default=list(PRESSES), help="kvpress presses (none: skip them)")
+    ap.add_argument(
+        "--reading",
+        type=int,
+        nargs="*",
+        default=[],
+        help="also compress while reading, in parts of these many tokens (CompressConfig.chunk_tokens)",
+    )
     ap.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: fp32 on CPU, bf16 on CUDA)")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()

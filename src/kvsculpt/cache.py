@@ -266,6 +266,28 @@ def shared_cache(model, keys, values) -> CompressedCache:
     return CompressedCache(model, layers)
 
 
+def join_blocks(model, first: CompressedCache | None, second: CompressedCache, n: int) -> CompressedCache:
+    """One cache of logical length ``n`` whose block is ``first``'s entries then ``second``'s, head by head (a
+    block of ``first``'s context followed by one of the next part's; keys keep their rotary positions). A bias
+    is kept if either has one (zeros for the other's entries); ``first`` None: ``second`` with length ``n``.
+    Neither may be quantised."""
+    if any(c is not None and c.layers[0].quantized for c in (first, second)):
+        raise ValueError("join_blocks takes unquantised blocks")
+    caches = [c for c in (first, second) if c is not None]
+    keys, values, biases, has_bias = [], [], [], any(c.layers[0].block_bias is not None for c in caches)
+    for li in range(len(second.layers)):
+        parts = [c.layers[li] for c in caches]
+        split = [(layer.block_keys.split(layer.lengths), layer.block_values.split(layer.lengths),
+                  (layer.block_bias if layer.block_bias is not None
+                   else layer.block_keys.new_zeros(layer.block_keys.shape[0], dtype=torch.float32)
+                   ).split(layer.lengths)) for layer in parts]  # fmt: skip
+        heads = range(len(parts[0].lengths))
+        keys.append([torch.cat([p[0][h] for p in split]) for h in heads])
+        values.append([torch.cat([p[1][h] for p in split]) for h in heads])
+        biases.append([torch.cat([p[2][h].float() for p in split]) for h in heads])
+    return CompressedCache.from_heads(model, keys, values, n, biases if has_bias else None)
+
+
 def quantize_cache(
     cache: CompressedCache, bits: int, group: int = 64, key_bits: int | None = None
 ) -> CompressedCache:

@@ -8,15 +8,15 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from .cache import CompressedCache, quantize_cache
+from .cache import CompressedCache, join_blocks, quantize_cache
 from .config import CompressConfig
 from .core.attention import fidelity, logits, reference
 from .core.fit import fit_values, refit_for_quantized_keys, split_heldout, stored_keys
 from .core.methods import Identity, Select
 from .core.scores import H2O, top_indices
 from .hf.attention import use_kvsculpt_attention
-from .hf.capture import Capture, capture, replay_self_queries, stage
-from .hf.decode import full_cache
+from .hf.capture import Capture, capture, capture_part, replay_self_queries, stage
+from .hf.decode import check_ids, full_cache
 from .hf.dims import model_dims
 
 PILOT = Select(scorer=H2O(), fit=True)  # the pilot of the curves/adaptive rules: Select+Fit
@@ -70,6 +70,8 @@ def compress(model, context_ids: torch.Tensor, config: CompressConfig | None = N
     with PeakMemory(model.device) as peak:
         if isinstance(cfg.solver, Identity) and cfg.refine == "none" and cfg.kv_bits == 16:
             cache = keep_everything(model, context_ids, cfg, t_start)  # no reference queries needed
+        elif cfg.chunk_tokens:
+            cache = compress_while_reading(model, context_ids, cfg, tokenizer, progress)
         else:
             cap = capture(model, context_ids, cfg, tokenizer=tokenizer, progress=progress)
             cache = compress_captured(model, cap, cfg, progress, tokenizer)
@@ -80,6 +82,42 @@ def compress(model, context_ids: torch.Tensor, config: CompressConfig | None = N
         full_cache_bytes=2 * cache.n * dims.layers * dims.kv_heads * dims.head_dim * model.dtype.itemsize,
     )
     return cache
+
+
+def compress_while_reading(model, context_ids: torch.Tensor, cfg: CompressConfig, tokenizer=None,
+                           progress: bool = True) -> CompressedCache:  # fmt: skip
+    """Compress ``context_ids [1, n]`` while reading it, ``cfg.chunk_tokens`` tokens at a time (how the seeds'
+    KV-Distill reads documents longer than its window): each part is read over the compressed cache of the parts
+    before it (:func:`~kvsculpt.hf.capture.capture_part`), solved alone to ``cfg.ratio`` of its own entries
+    (split between heads and layers by ``cfg.allocation`` over that part's scores) and appended to the block;
+    earlier parts are not revisited. Memory: the block so far (≈ ratio · n entries) plus one part, its keys,
+    values and queries, whatever n; time: linear in n (each part's forward reads ≈ ratio · a entries).
+    ``chunk_tokens ≥ n``: one part, the same cache as the one-shot path."""
+    ids = check_ids(context_ids, model.device)
+    n, step = ids.shape[1], cfg.chunk_tokens
+    part_cfg = cfg.replace(chunk_tokens=0)
+    block, parts = None, []
+    for a in tqdm(range(0, n, step), desc=f"read in parts of {step}", unit="part", disable=not progress):
+        b = min(n, a + step)
+        cap = capture_part(model, block, ids, a, b, part_cfg, tokenizer, progress)
+        part = compress_captured(model, cap, part_cfg, progress=False)
+        block = join_blocks(model, block, part, b)
+        parts.append(part.info)
+        del cap, part
+    total = lambda key: sum(p[key] for p in parts)  # noqa: E731
+    by_source = {}
+    for p in parts:
+        for src, sec in p["query_seconds_by_source"].items():
+            by_source[src] = by_source.get(src, 0.0) + sec
+    block.method, block.context_ids = repr(cfg.solver), ids.cpu()
+    block.info = {**parts[0], "config": repr(cfg), "budgets": block.budgets, "n": n, "read_in_parts": len(parts),
+                  "part_budgets": [p["budgets"] for p in parts],
+                  "fit_queries": total("fit_queries"), "heldout_queries": total("heldout_queries"),
+                  "prefill_seconds": total("prefill_seconds"), "query_seconds": total("query_seconds"),
+                  "solve_seconds": total("solve_seconds"), "query_seconds_by_source": by_source,
+                  "stats": {key: [row for p in parts for row in p["stats"][key]] for key in parts[0]["stats"]}}  # fmt: skip
+    block.info.pop("pilot", None)
+    return block
 
 
 def keep_everything(model, context_ids: torch.Tensor, cfg: CompressConfig, t_start: float) -> CompressedCache:

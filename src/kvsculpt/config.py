@@ -203,6 +203,12 @@ class CompressConfig:
         "for 'repeat' queries: context tokens per repeat request, each read over the whole context's cache "
         "(KVzip's chunks; linear cost in n); 0: one request for the whole context",
     )
+    chunk_tokens: int = opt(
+        0,
+        "compress while reading: read the context this many tokens at a time, each part over the compressed "
+        "cache of the parts before it, and compress it to the ratio before reading on (peak memory: the "
+        "budget plus one part, whatever the length); 0: read the whole context first",
+    )
     max_queries: int | None = opt(
         None, "reference queries kept per KV head (a random subset; 0 or none keeps all)"
     )
@@ -302,6 +308,15 @@ class CompressConfig:
             raise ValueError(
                 f"repeat_chunk must be a whole number of tokens >= 0 (0: one request); got {self.repeat_chunk!r}"
             )
+        if not isinstance(self.chunk_tokens, int) or self.chunk_tokens < 0:
+            raise ValueError(
+                f"chunk_tokens must be a whole number of tokens >= 0 (0: off); got {self.chunk_tokens!r}"
+            )
+        if self.chunk_tokens:
+            for name, off in (("refine", "none"), ("on_policy", 0), ("kv_bits", 16)):
+                if getattr(self, name) != off:
+                    raise ValueError(f"chunk_tokens (compress while reading) does not combine with {name} yet; "
+                                     f"leave {name} at {off!r}")  # fmt: skip
         if self.max_queries is not None and self.max_queries <= 0:
             raise ValueError(f"max_queries must be positive (or None for all); got {self.max_queries}")
         for name in ("self_samples", "self_length"):
@@ -359,12 +374,13 @@ class CompressConfig:
 
     def __repr__(self) -> str:
         """The dataclass repr, without the quantisation fields when not quantised (``kv_bits=16``: they change
-        nothing), without ``refine_schedule`` when constant and ``repeat_chunk`` at its default, so results
+        nothing), without ``refine_schedule`` when constant and ``repeat_chunk`` and ``chunk_tokens`` at their defaults, so results
         recorded before these fields existed keep matching. (Rows recorded before ``repeat_chunk`` existed at
         n > 2048 repeated the context in one request: the same repr, another computation; at n ≤ 2048 both
         are one request.)"""
         skip = {"kv_bits", "key_bits", "kv_group", "kv_refit"} if self.kv_bits == 16 else set()
         skip |= {"repeat_chunk"} if self.repeat_chunk == 2048 else set()
+        skip |= {"chunk_tokens"} if self.chunk_tokens == 0 else set()
         skip |= {"refine_schedule"} if self.refine_schedule == "constant" else set()
         body = ", ".join(
             f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self) if f.name not in skip
@@ -395,7 +411,7 @@ class CompressConfig:
 
     def capture_key(self) -> tuple:
         """What a capture depends on: configs with equal keys can share one capture of a context."""
-        return (self.queries, self.repeat_prompt, self.repeat_chunk, self.max_queries, self.self_samples, self.self_length,
+        return (self.queries, self.repeat_prompt, self.repeat_chunk, self.chunk_tokens, self.max_queries, self.self_samples, self.self_length,
                 self.temperature, self.top_p, self.seed)  # fmt: skip
 
     def refine_data_key(self) -> tuple:
