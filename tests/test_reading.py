@@ -86,3 +86,26 @@ def test_a_parts_queries_carry_their_mass_on_the_compressed_prefix():
 def test_compress_while_reading_refuses_what_it_cannot_do(changes, match):
     with pytest.raises(ValueError, match=match):
         CompressConfig(**changes)
+
+
+def test_block_attention_in_slices_of_queries_is_exact():
+    """block_attention a few queries at a time (bounded logits) equals one softmax over the block (with its bias)
+    and each row's causally seen appended keys, computed directly."""
+    from kvsculpt.hf.attention import block_attention
+
+    torch.manual_seed(0)
+    B, H, Hkv, q, a, P, d = 2, 4, 2, 7, 10, 5, 8
+    query, key, value = torch.randn(B, H, q, d), torch.randn(B, Hkv, a, d), torch.randn(B, Hkv, a, d)
+    block = (torch.randn(Hkv, P, d), torch.randn(Hkv, P, d), torch.randn(Hkv, P))
+    want = torch.empty(B, H, q, d)
+    for b in range(B):
+        for h in range(H):
+            g = h // (H // Hkv)
+            for i in range(q):
+                seen = a - q + i + 1
+                keys = torch.cat([block[0][g], key[b, g, :seen]])
+                lg = keys @ query[b, h, i] * 0.5 + torch.cat([block[2][g], torch.zeros(seen)])
+                want[b, h, i] = torch.softmax(lg, -1) @ torch.cat([block[1][g], value[b, g, :seen]])
+    for rows in (3, 512):
+        got = block_attention(query, key, value, block, 0.5, rows_at_once=rows)
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)

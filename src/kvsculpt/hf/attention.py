@@ -28,29 +28,40 @@ BLOCK_ATTR = "kvsculpt_block"  # on a key tensor: (keys [Hkv, P, d], values [Hkv
 QUERY_SINK_ATTR = "_kvsculpt_query_sink"  # on an attention module: list receiving queries
 
 
-def block_attention(query, key, value, block, scale: float) -> torch.Tensor:
+def block_attention(query, key, value, block, scale: float, rows_at_once: int = 512) -> torch.Tensor:
     """Attention over a shared block and each row's own appended tokens: query ``[B, H, q, d]``, key/value
     ``[B, Hkv, a, d]`` (the query's tokens are the last ``q`` of the ``a``), block ``(K [Hkv, P, d],
     V [Hkv, P, d], bias [Hkv, P] or None)`` → ``[B, H, q, d]`` in the query's dtype. One softmax over ``P + a``
     logits; the block's part is one matmul over all rows' queries. Computed in fp32 at least, as SDPA
-    accumulates (a bf16 block is upcast one layer at a time, transiently; nothing is kept in fp32). ``block``
-    may also be a callable returning that triple (a quantised block, dequantised here, one layer at a time)."""
+    accumulates (a bf16 block is upcast one layer at a time, transiently; nothing is kept in fp32), and
+    ``rows_at_once`` queries at a time, so a long forward over a block (a part read after a compressed prefix)
+    holds ``[B, H, rows_at_once, P + a]`` logits, not ``[B, H, q, P + a]``. ``block`` may also be a callable
+    returning that triple (a quantised block, dequantised here, one layer at a time)."""
     bk, bv, bias = block() if callable(block) else block
     B, H, q, d = query.shape
     Hkv, P, a = bk.shape[0], bk.shape[1], key.shape[-2]
     G, c = H // Hkv, torch.promote_types(query.dtype, torch.float32)
-    qc = query.to(c).reshape(B, Hkv, G * q, d) * scale
-    rows = qc.transpose(0, 1).reshape(Hkv, B * G * q, d)  # every row's queries, against the block at once
-    s_block = torch.matmul(rows, bk.to(c).transpose(-1, -2)).view(Hkv, B, G * q, P).transpose(0, 1)
-    s = torch.cat([s_block, torch.matmul(qc, key.to(c).transpose(-1, -2))], -1).view(B, Hkv, G, q, P + a)
-    if bias is not None:
-        s[..., :P] += bias.to(c)[None, :, None, None]
-    s[..., P:].masked_fill_(future_mask(q, a, query.device), float("-inf"))
-    p = torch.softmax(s, -1).view(B, Hkv, G * q, P + a)
-    p_block = p[..., :P].transpose(0, 1).reshape(Hkv, B * G * q, P)
-    out = torch.matmul(p_block, bv.to(c)).view(Hkv, B, G * q, d).transpose(0, 1)
-    out = out + torch.matmul(p[..., P:], value.to(c))
-    return out.reshape(B, H, q, d).to(query.dtype)
+    bk, bv, k, v = bk.to(c), bv.to(c), key.to(c), value.to(c)
+    out = query.new_empty(B, H, q, d)
+    for i in range(0, q, rows_at_once):
+        j = min(q, i + rows_at_once)
+        seen = a - q + j  # the appended keys the last of these queries sees
+        qc = query[:, :, i:j].to(c).reshape(B, Hkv, G * (j - i), d) * scale
+        rows = qc.transpose(0, 1).reshape(
+            Hkv, B * G * (j - i), d
+        )  # all rows' queries against the block at once
+        s_block = torch.matmul(rows, bk.transpose(-1, -2)).view(Hkv, B, G * (j - i), P).transpose(0, 1)
+        s = torch.cat([s_block, torch.matmul(qc, k[..., :seen, :].transpose(-1, -2))], -1)
+        s = s.view(B, Hkv, G, j - i, P + seen)
+        if bias is not None:
+            s[..., :P] += bias.to(c)[None, :, None, None]
+        s[..., P:].masked_fill_(future_mask(j - i, seen, query.device), float("-inf"))
+        p = torch.softmax(s, -1).view(B, Hkv, G * (j - i), P + seen)
+        p_block = p[..., :P].transpose(0, 1).reshape(Hkv, B * G * (j - i), P)
+        o = torch.matmul(p_block, bv).view(Hkv, B, G * (j - i), d).transpose(0, 1)
+        o = o + torch.matmul(p[..., P:], v[..., :seen, :])
+        out[:, :, i:j] = o.reshape(B, H, j - i, d).to(query.dtype)
+    return out
 
 
 def kvsculpt_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
