@@ -7,7 +7,8 @@ For each long shipped text (``text_index(long=True)``; ``--texts``) and each n, 
 tokens and the 128 that follow (the KL's continuation, never seen by the fit). Rows: the full cache's prefill
 seconds; for the default at each r, its compress seconds (the user's path, ``kvsculpt.compress``), compress ÷
 prefill, its stages, peak memory above its start (``peak_extra_bytes``) beside the full cache's bytes, and KL
-(also compressed while reading, ``--reading 2048``: ``chunk_tokens``);
+(also compressed while reading, ``--reading 2048``: ``chunk_tokens``; and ``method="learned"`` with each scorer of
+``--learned``);
 for each kvpress press (in its own environment, ``make peers``) the same figures. A fitted exponent of time
 against n per method closes the report. Writes OUT.jsonl (rows), OUT.json and OUT.md.
 """
@@ -52,6 +53,7 @@ def run(args) -> dict:
                 configs = {
                     DEFAULT: {},
                     **{f"kvsculpt reading {c}": {"chunk_tokens": c} for c in args.reading},
+                    **{learned_name(p): learned_config(p) for p in args.learned},
                 }
                 todo = [(name, r) for name in configs for r in args.ratios if (wid, name, r) not in rows]
                 todo_presses = [
@@ -87,6 +89,29 @@ def run(args) -> dict:
                                   "model": args.model, "full_cache_bytes": rows.get((wid, DEFAULT, row["ratio"]), {}).get(
                                       "full_cache_bytes")})  # fmt: skip
     return report(list(rows.values()), args)
+
+
+def learned_name(spec: str) -> str:
+    """The row name of ``--learned PATH[#K][:nofit]``: the weights file's stem and what follows it."""
+    path, _, rest = spec.partition("#")
+    return f"kvsculpt learned {Path(path).stem}" + (f"#{rest}" if rest else "")
+
+
+def learned_config(spec: str) -> dict:
+    """``--learned PATH``: method="learned" with that scorer; ``PATH#K``: its weights after K training windows;
+    ``PATH#nofit``: values copied instead of fitted; ``PATH#wN``: fitted on the prefill's last N queries (else on self samples); ``PATH#sN``: N self samples; flags
+    joined by commas (``PATH#8,nofit``)."""
+    path, _, rest = spec.partition("#")
+    flags = [f for f in rest.split(",") if f]
+    options, config = {"weights": path}, {}
+    for f in flags:
+        if f.isdigit():
+            options["snapshot"] = int(f)
+        elif f.startswith("w"):
+            options["fit_window"], options["fit_queries"] = int(f[1:]), "tail"
+        elif f.startswith("s"):
+            config["self_samples"] = int(f[1:])
+    return {**config, "method": "learned", "options": options, "fit": "nofit" not in flags}
 
 
 def slope(points) -> float | None:
@@ -148,6 +173,9 @@ def main(argv=None):
         default=[],
         help="also compress while reading, in parts of these many tokens (CompressConfig.chunk_tokens)",
     )
+    ap.add_argument("--learned", nargs="*", default=[], metavar="WEIGHTS",
+                    help="also method='learned' with each of these scorer files (`kvsculpt train-scorer`); PATH#K: its "
+                         "weights after K training windows; PATH#nofit: values copied; PATH#wN: fitted on the last N queries; PATH#sN: N self samples")  # fmt: skip
     ap.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: fp32 on CPU, bf16 on CUDA)")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()

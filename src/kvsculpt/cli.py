@@ -255,6 +255,26 @@ def cmd_bench_tasks(args):
     tasks_bench(_typed(TasksBench, args))
 
 
+def cmd_train_scorer(args):
+    from .eval.texts import windows
+    from .learned import train_scorer
+
+    cfg = config_from_args(args)
+    if cfg.method == "learned":
+        raise ValueError("train-scorer learns from a method that reads reference queries; not from 'learned'")
+    if args.out is not None:
+        from .cache_io import check_writable
+
+        check_writable(args.out)
+    model, tok = _load(args)
+    wins = windows(tok, args.texts, args.context_tokens, 1, per_text=args.windows_per_text)
+    _say(f"train-scorer: {len(wins)} windows of {args.context_tokens} tokens from {', '.join(args.texts)}")
+    path = train_scorer(model, tok, [(w.id, w.context) for w in wins], args.out, cfg, args.lam,
+                        model_name=args.model)  # fmt: skip
+    print(f"saved {path} ({path.stat().st_size / 1e3:.0f} kB): use it with --method learned"
+          + ("" if args.out is None else f" --option weights={path}"))  # fmt: skip
+
+
 def cmd_demo(args):
     from .bench.demo import demo
 
@@ -419,6 +439,24 @@ def build_parser(benchmarks: bool = True) -> argparse.ArgumentParser:
     _compress_options(p)
     p.set_defaults(func=cmd_compress_corpus)
 
+    p = command("train-scorer", "train the learned one-prefill scorer (--method learned) for a model",
+                "Fit the scorer --method learned uses: on windows of the training texts (never evaluation windows), "
+                "the compression options' method (the default's) scores every entry, and a linear model per layer "
+                "and KV head learns to predict those scores from a plain prefill's attention inputs. Resumable (the "
+                "statistics are saved after every window); writes a small safetensors file tied to the model.")  # fmt: skip
+    _model_options(p, text=False)
+    p.add_argument("--texts", nargs="+", required=True, metavar="TEXT",
+                   help="shipped text names or UTF-8 files to train on")  # fmt: skip
+    p.add_argument("--context-tokens", type=positive_int, default=1024, help="tokens per training window")
+    p.add_argument(
+        "--windows-per-text", type=positive_int, default=64, help="at most this many windows per text"
+    )
+    p.add_argument("--lam", type=float, default=1e-2, help="ridge penalty, relative to the features' scale")
+    p.add_argument("--out", default=None,
+                   help="the weights file (default: $KVSCULPT_CACHE/scorers/, where --method learned finds it)")  # fmt: skip
+    _compress_options(p)
+    p.set_defaults(func=cmd_train_scorer)
+
     p = command("store", "list a cache store's documents",
                 "List the documents of a store made by `kvsculpt compress-corpus`: status, tokens, size, seconds, "
                 "errors. --json prints one JSON list as the last line.")  # fmt: skip
@@ -527,7 +565,7 @@ def main(argv=None):
     args = build_parser(benchmarks="bench" in argv).parse_args(argv)
     args.command_line = "kvsculpt " + " ".join(shlex.quote(a) for a in argv if a != "--report-only")
     if args.func in (cmd_eval, cmd_compress, cmd_generate, cmd_compress_corpus, cmd_analyze, cmd_demo, cmd_bench,
-                     cmd_bench_tasks):  # fmt: skip
+                     cmd_bench_tasks, cmd_train_scorer):  # fmt: skip
         _say(f"{args.command}: starting (torch and transformers take a few seconds to import)")
     try:
         args.func(args)

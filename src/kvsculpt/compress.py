@@ -8,14 +8,14 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from .cache import CompressedCache, join_blocks, quantize_cache
+from .cache import CompressedCache, join_blocks, quantize_cache, shared_cache
 from .config import CompressConfig
 from .core.attention import fidelity, logits, reference
 from .core.fit import fit_values, refit_for_quantized_keys, split_heldout, stored_keys
-from .core.methods import Identity, Select
+from .core.methods import Identity, Learned, Select
 from .core.scores import H2O, top_indices
 from .hf.attention import use_kvsculpt_attention
-from .hf.capture import Capture, capture, capture_part, replay_self_queries, stage
+from .hf.capture import Capture, capture, capture_part, replay_self_queries, sample_self_queries, stage
 from .hf.decode import check_ids, full_cache
 from .hf.dims import model_dims
 
@@ -68,7 +68,9 @@ def compress(model, context_ids: torch.Tensor, config: CompressConfig | None = N
     cfg = (config or CompressConfig()).replace(**changes)
     use_kvsculpt_attention(model)
     with PeakMemory(model.device) as peak:
-        if isinstance(cfg.solver, Identity) and cfg.refine == "none" and cfg.kv_bits == 16:
+        if isinstance(cfg.solver, Learned):
+            cache = compress_learned(model, context_ids, cfg, progress)
+        elif isinstance(cfg.solver, Identity) and cfg.refine == "none" and cfg.kv_bits == 16:
             cache = keep_everything(model, context_ids, cfg, t_start)  # no reference queries needed
         elif cfg.chunk_tokens:
             cache = compress_while_reading(model, context_ids, cfg, tokenizer, progress)
@@ -118,6 +120,51 @@ def compress_while_reading(model, context_ids: torch.Tensor, cfg: CompressConfig
                   "stats": {key: [row for p in parts for row in p["stats"][key]] for key in parts[0]["stats"]}}  # fmt: skip
     block.info.pop("pilot", None)
     return block
+
+
+def compress_learned(
+    model, context_ids: torch.Tensor, cfg: CompressConfig, progress: bool = True
+) -> CompressedCache:
+    """``method="learned"``: one prefill scores every entry as it is produced (:func:`kvsculpt.learned.prefill_scores`,
+    the weights ``train-scorer`` fitted for this model), the budget rule splits ``cfg.ratio`` between heads and
+    layers over those scores, and each head keeps its best entries with their values copied. Time: the
+    prefill plus O(n · D · Hkv) per layer and a top-k, and with ``fit`` a ridge fit per head on the prefill's last
+    ``fit_window`` queries, O(W·G · (n·d + m²) + m³); memory: the prefill's cache, ``[L, Hkv, n]`` scores and
+    the last queries."""
+    from .learned import load_weights, prefill_scores
+
+    weights, _ = load_weights(model, cfg.solver.weights, cfg.solver.snapshot)
+    ids = check_ids(context_ids, model.device)
+    dims, n = model_dims(model), ids.shape[1]
+    L, Hkv = dims.layers, dims.kv_heads
+    stage(progress, f"learned scores in one prefill of {n} tokens")
+    solver = cfg.solver
+    last = solver.fit_window if solver.fit and solver.fit_queries == "tail" else None
+    full, scores, tail, last_logits, prefill_s = prefill_scores(model, ids, weights, solver.sinks, last)
+    t0 = time.perf_counter()
+    if solver.fit and solver.fit_queries == "self":  # the default's self samples, from the full cache
+        keys_values = [[layer.keys[0] for layer in full.layers], [layer.values[0] for layer in full.layers]]
+        tail, _, _ = sample_self_queries(
+            model, shared_cache(model, *keys_values), n, last_logits, cfg, progress
+        )
+    query_s = time.perf_counter() - t0
+    budgets, _ = cfg.rule.plan(n, cfg.ratio, L, Hkv, entry_scores=lambda: scores)
+    keys, values = [], []
+    for li in range(L):
+        K, V = full.layers[li].keys[0], full.layers[li].values[0]
+        Q = K.new_zeros(Hkv, 0, K.shape[-1]) if not solver.fit else tail[li]
+        heads = cfg.solver(K, V, Q, budgets[li], dims.scale, scores=scores[li].to(K.device))
+        keys.append([k.to(model.dtype) for k, _, _ in heads])
+        values.append([v.to(model.dtype) for _, v, _ in heads])
+    del full
+    info = {"config": repr(cfg), "method": repr(cfg.solver), "ratio": cfg.ratio, "allocation": cfg.allocation,
+            "queries": solver.fit_queries if solver.fit else "none", "budgets": budgets, "n": n,
+            "fit_queries": int(tail[0].shape[1]) if solver.fit else 0, "heldout_queries": 0,
+            "prefill_seconds": prefill_s, "query_seconds": query_s, "query_seconds_by_source": {},
+            "solve_seconds": time.perf_counter() - t0, "on_policy": 0, "replay_seconds": 0.0,
+            "stats": {"heldout_rel_mse": [], "heldout_mass_err": []}}  # fmt: skip
+    cache = CompressedCache.from_heads(model, keys, values, n, None, repr(cfg.solver), info, ids.cpu())
+    return quantize_cache(cache, cfg.kv_bits, cfg.kv_group, cfg.key_bits)
 
 
 def keep_everything(model, context_ids: torch.Tensor, cfg: CompressConfig, t_start: float) -> CompressedCache:
@@ -180,10 +227,8 @@ def compress_captured(model, cap: Capture, cfg: CompressConfig, progress: bool =
     fit_spans = None if cap.spans is None else cap.spans[~held.cpu()]  # the part each fit query reads
 
     def scores_once():
-        if chunks:
-            scored["all"] = chunked_entry_scores(cap, solver, fit_q, local, chunks, fit_spans)
-        else:
-            scored["all"] = entry_scores(cap, solver, fit_q, local, [ref_of(li) for li in range(L)])
+        refs_all = None if chunks else [ref_of(li) for li in range(L)]
+        scored["all"] = captured_entry_scores(cap, cfg, fit_q, local, chunks, fit_spans, refs_all)
         return scored["all"]
 
     if isinstance(solver, Identity):
@@ -428,6 +473,19 @@ def _refit_chunks(heads, parts, problems, K, V, Q, cfg: CompressConfig, scale, d
                                  None if bc is None else bc[None].float(), loc[one], cfg.solver.fit_rows)[0])  # fmt: skip
         out.append((k, torch.cat(vs), bias))
     return out
+
+
+def captured_entry_scores(cap: Capture, cfg: CompressConfig, queries=None, local_lse=None, chunks=None, spans=None,
+                          refs=None) -> torch.Tensor:  # fmt: skip
+    """Every entry's score ``[L, Hkv, n]`` as ``cfg``'s method ranks it for global budgets: part by part where
+    the repeat pass ran in parts (:func:`chunked_entry_scores`), else at once (:func:`entry_scores`). Without
+    ``queries``: every captured query, and the parts :func:`solved_in_chunks` gives (what ``train-scorer``
+    learns from)."""
+    if queries is None:
+        queries, local_lse, chunks, spans = cap.queries, cap.local_lse, solved_in_chunks(cap, cfg), cap.spans
+    if chunks:
+        return chunked_entry_scores(cap, cfg.solver, queries, local_lse, chunks, spans)
+    return entry_scores(cap, cfg.solver, queries, local_lse, refs)
 
 
 def entry_scores(cap: Capture, solver, queries, local_lse=None, refs=None) -> torch.Tensor:

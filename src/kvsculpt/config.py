@@ -38,6 +38,9 @@ METHODS = {
     "random": "random entries",
     "sculpt": "kvzip-v selection with fitted values, then each head's keys moved by L-BFGS (KVSculpt; "
     "20 iterations, the block's log-mass held: mass_weight=1; score=h2o, mass_weight=0 is the paper's form)",
+    "learned": "scores predicted during the prefill by a linear model per layer trained on kvzip-v's scores "
+    "(`kvsculpt train-scorer`); values fitted on 32x8 self samples (about 2x the prefill at 1k), or copied with "
+    "--no-fit (one prefill)",
     "identity": "keep every entry (ratio 1.0; exactness checks)",
 }
 ALLOCATIONS = {
@@ -97,7 +100,7 @@ def _parse_sources(text, known: dict, name: str) -> str:
 def build_method(name: str, fit: bool = True, options: dict | None = None) -> Method:
     """The method object for a name (:data:`METHODS`) and its options (the fields of its dataclass and of
     its scorer's)."""
-    from .core.methods import Identity, Sculpt, Select
+    from .core.methods import Identity, Learned, Sculpt, Select
     from .core.scores import SCORERS
 
     options = dict(options or {})
@@ -107,6 +110,14 @@ def build_method(name: str, fit: bool = True, options: dict | None = None) -> Me
         if options:
             raise ValueError(f"identity takes no options; got {sorted(options)}")
         return Identity()
+    if name == "learned":
+        known = {"weights", "sinks", "fit_queries", "fit_window", "lam", "fit_rows", "snapshot"}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ValueError(
+                f"unknown option {', '.join(unknown)} for method 'learned'; known: {', '.join(sorted(known))}"
+            )
+        return Learned(fit=fit, **options)
     cls = Sculpt if name == "sculpt" else Select
     score = (
         options.pop("score", DEFAULT_METHOD) if name == "sculpt" else name
@@ -317,6 +328,14 @@ class CompressConfig:
                 if getattr(self, name) != off:
                     raise ValueError(f"chunk_tokens (compress while reading) does not combine with {name} yet; "
                                      f"leave {name} at {off!r}")  # fmt: skip
+        if self.method == "learned":
+            for name, off in (("refine", "none"), ("on_policy", 0), ("chunk_tokens", 0)):
+                if getattr(self, name) != off:
+                    raise ValueError(
+                        f"method 'learned' does not combine with {name} yet; leave {name} at {off!r}"
+                    )
+            if self.allocation not in ("global", "uniform"):
+                raise ValueError("method 'learned' has no pilot: use allocation 'global' or 'uniform'")
         if self.max_queries is not None and self.max_queries <= 0:
             raise ValueError(f"max_queries must be positive (or None for all); got {self.max_queries}")
         for name in ("self_samples", "self_length"):

@@ -159,6 +159,48 @@ class Select(Method):
 
 
 @dataclass
+class Learned(Select):
+    """Keep each head's ``m`` best entries by scores a learned model predicted during the prefill
+    (:mod:`kvsculpt.core.learned`; ``kvsculpt.compress`` computes them and passes ``scores``). With ``fit``, their
+    values are re-solved toward the copied ones (Select's ridge fit) on the reference queries ``fit_queries``
+    names: ``self``, the default's self samples (32 × 8 tokens decoded from the full cache), or ``tail``, the
+    prefill's last ``fit_window`` queries (free, but worse: they are causal); without ``fit``, values copied and
+    nothing runs but the prefill. ``weights``: the scorer's file
+    (None: the one ``train-scorer`` wrote for the model, or the package's); ``sinks``: the first positions always
+    kept; ``snapshot``: the file's weights after that many training windows instead of all (learning curves)."""
+
+    scorer: Scorer = field(default_factory=lambda: Predicted())
+    weights: str | None = None
+    sinks: int = 4
+    fit_queries: str = "self"
+    fit_window: int = 128
+    snapshot: int | None = None  # the weights after this many training windows (learning curves)
+
+    FIT_QUERIES = ("self", "tail")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.fit_queries not in self.FIT_QUERIES:
+            raise ValueError(
+                f"fit_queries must be one of {', '.join(self.FIT_QUERIES)}, not {self.fit_queries!r}"
+            )
+        if self.fit_window < 1:
+            raise ValueError(
+                f"fit_window must be >= 1 (the prefill's last queries the values are fitted on); got {self.fit_window}"
+            )
+
+
+@dataclass
+class Predicted(Scorer):
+    """The learned method's scores, which only the prefill gives (a placeholder that refuses to score)."""
+
+    def __call__(self, K, V, Q, scale, context_queries=None, local_lse=None, ref=None):
+        raise ValueError(
+            "learned scores come from the prefill: compress with kvsculpt.compress(method='learned')"
+        )
+
+
+@dataclass
 class Sculpt(Select):
     """KVSculpt: Select+Fit, then each head's keys moved by its own L-BFGS run (:func:`sculpt_head`).
 

@@ -68,7 +68,8 @@ def kvsculpt_attention(module, query, key, value, attention_mask, scaling=None, 
     """query ``[B, H, q, d]``, key/value ``[B, Hkv, kv, d]`` → ``([B, q, H, d], None)``."""
     sink = getattr(module, QUERY_SINK_ATTR, None)
     if sink is not None:
-        sink.append(query.detach())
+        found, last = sink
+        found.append(query.detach() if last is None else query.detach()[:, :, -last:])
     block = getattr(key, BLOCK_ATTR, None)
     q_len, kv_len = query.shape[-2], key.shape[-2]
     if block is not None:
@@ -119,8 +120,9 @@ def use_kvsculpt_attention(model) -> None:
 
 
 @contextlib.contextmanager
-def capture_queries(model):
-    """Within the block, every forward appends each layer's post-RoPE queries ``[B, H, q, d]``.
+def capture_queries(model, last: int | None = None):
+    """Within the block, every forward appends each layer's post-RoPE queries ``[B, H, q, d]`` (only the last
+    ``last`` positions of each forward if given, ``[B, H, min(q, last), d]``).
 
     Yields a list (one list per layer) that fills up as the model runs.
     """
@@ -128,9 +130,30 @@ def capture_queries(model):
     mods = attention_modules(model)
     sinks = [[] for _ in mods]
     for mod, sink in zip(mods, sinks, strict=True):
-        setattr(mod, QUERY_SINK_ATTR, sink)
+        setattr(mod, QUERY_SINK_ATTR, (sink, last))
     try:
         yield sinks
     finally:
         for mod in mods:
             delattr(mod, QUERY_SINK_ATTR)
+
+
+@contextlib.contextmanager
+def attention_inputs(model, on_input):
+    """Within the block, every forward calls ``on_input(layer, hidden [B, q, D])`` with each layer's attention
+    input (the hidden states after the layer's norm, as its key and value projections read them), through a
+    forward pre-hook on each attention module."""
+
+    def hook(li):
+        def read(module, args, kwargs):
+            on_input(li, kwargs["hidden_states"] if "hidden_states" in kwargs else args[0])
+
+        return read
+
+    handles = [mod.register_forward_pre_hook(hook(li), with_kwargs=True)
+               for li, mod in enumerate(attention_modules(model))]  # fmt: skip
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -1,0 +1,167 @@
+"""The learned one-prefill scorer: training on the default's scores, the weights file, ``method="learned"``."""
+
+import pytest
+import torch
+
+from kvsculpt import CompressConfig, compress
+from kvsculpt import learned as L
+from kvsculpt.compress import captured_entry_scores
+from kvsculpt.core import learned as lin
+from kvsculpt.core.budget import Global
+from kvsculpt.hf.capture import capture
+from kvsculpt.hf.decode import prefill
+
+from .conftest import tiny_model
+from .test_compress import _Tok
+
+CFG = CompressConfig(self_samples=3, self_length=4)
+
+
+def _windows(count, n=40):
+    return [
+        (f"w{i}", torch.randint(0, 97, (1, n), generator=torch.Generator().manual_seed(i)))
+        for i in range(count)
+    ]
+
+
+def test_the_scorer_reproduces_the_scores_it_was_trained_on(tmp_path):
+    """One window of 40 tokens gives 36 examples per head for 70 features: ridge with a tiny penalty must fit
+    them (R² ≥ 0.99 on the default's log scores, where a hook on the wrong layer or a misaligned feature
+    does not), and the prediction the prefill hook computes (the hidden part as each layer runs, the value
+    part after) is the training features' function to 1e-5. The learned cache keeps what its scores' global
+    ranking says."""
+    model = tiny_model("llama")
+    wins = _windows(1)
+    path = L.train_scorer(model, _Tok(), wins, tmp_path / "s.safetensors", CFG, lam=1e-9, progress=False)
+    weights, meta = L.load_weights(model, path)
+    assert weights.shape == (2, 2, 70) and meta["windows"] == ["w0"] and meta["entries"] == 2 * 2 * 36
+    ids = wins[0][1]
+    want = captured_entry_scores(capture(model, ids, CFG, tokenizer=_Tok(), progress=False), CFG)
+    y, use = lin.target(want)
+    full, got, _, _, _ = L.prefill_scores(model, ids, weights)
+    assert (
+        bool(use[..., :4].any()) is False and torch.isinf(got[..., :4]).all()
+    )  # the sinks: kept, not fitted
+    for li in range(2):
+        yl, gl = y[li][use[li]], got[li][use[li]]
+        assert float(((gl - yl) ** 2).sum() / ((yl - yl.mean()) ** 2).sum()) < 0.01
+    for li, X in enumerate(L.layer_features(model, ids)):
+        torch.testing.assert_close(got[li, :, 4:], (X @ weights[li][..., None])[:, 4:, 0], rtol=0, atol=1e-5)
+    cache = compress(model, ids, CFG.replace(method="learned", ratio=0.25, options={"weights": str(path)}),
+                     progress=False)  # fmt: skip
+    assert cache.budgets == Global().plan(40, 0.25, 2, 2, entry_scores=lambda: got)[0]
+
+
+def test_learned_is_one_prefill_and_copies_the_prefill_entries(tmp_path):
+    """``method="learned"`` runs the model once (a forward hook counts the calls) with copied values or values
+    fitted on the prefill's last queries, and once plus the self samples' decode steps with the fit on self
+    samples (the default). With ``fit=False`` every kept key and value is the full prefill's at some position
+    (values copied, keys untouched); with either fit the same keys are kept and the values move."""
+    model = tiny_model("qwen2")
+    path = L.train_scorer(model, _Tok(), _windows(2), tmp_path / "s.safetensors", CFG, progress=False)
+    ids = torch.randint(0, 97, (1, 48))
+    calls = []
+    handle = model.register_forward_hook(lambda *a: calls.append(1))
+    runs = {}
+    for name, fit, options in (
+        ("copied", False, {}),
+        ("tail", True, {"fit_queries": "tail"}),
+        ("self", True, {}),
+    ):
+        calls.clear()
+        cfg = CFG.replace(method="learned", ratio=0.25, fit=fit, options={"weights": str(path), **options})
+        runs[name] = compress(model, ids, cfg, progress=False)
+        assert len(calls) == (
+            1 if name != "self" else 1 + CFG.self_length
+        )  # the prefill (+ the self samples)
+    handle.remove()
+    cache = runs["copied"]
+    assert (
+        cache.kept_entries() == 48 // 4 * 2 * 2
+        and runs["self"].budgets == runs["tail"].budgets == cache.budgets
+    )
+    full, _, _ = prefill(model, ids)
+    for li in range(2):
+        K, V = full.layers[li].keys[0], full.layers[li].values[0]
+        k, v = cache.layers[li].dense()
+        match = (k[None, :, :] - K.reshape(-1, K.shape[-1])[:, None, :]).abs().amax(-1).min(0).values
+        assert float(match.max()) == 0.0
+        assert (
+            float((v[None] - V.reshape(-1, V.shape[-1])[:, None]).abs().amax(-1).min(0).values.max()) == 0.0
+        )
+        for fitted in (runs["self"], runs["tail"]):
+            kf, vf = fitted.layers[li].dense()
+            assert torch.equal(kf, k) and float((vf - v).abs().max()) > 1e-3
+
+
+def test_weights_for_another_model_are_refused_and_none_names_train_scorer(tmp_path, monkeypatch):
+    monkeypatch.setenv("KVSCULPT_CACHE", str(tmp_path / "cache"))
+    one, other = tiny_model("llama", seed=0), tiny_model("llama", seed=1)
+    path = L.train_scorer(one, _Tok(), _windows(1), tmp_path / "s.safetensors", CFG, progress=False)
+    with pytest.raises(ValueError, match="trained for another model"):
+        compress(other, torch.randint(0, 97, (1, 20)), method="learned", options={"weights": str(path)},
+                 progress=False)  # fmt: skip
+    with pytest.raises(ValueError, match="kvsculpt train-scorer"):
+        compress(one, torch.randint(0, 97, (1, 20)), method="learned", progress=False)
+    default = L.train_scorer(one, _Tok(), _windows(1), None, CFG, progress=False)  # where learned looks
+    assert default == L.default_path(one)
+    cache = compress(one, torch.randint(0, 97, (1, 20)), method="learned", ratio=0.5, progress=False)
+    assert cache.kept_entries() == 10 * 2 * 2
+
+
+def test_training_resumes_where_it_stopped(tmp_path, monkeypatch):
+    """A run that dies on its third window leaves the first two in the partial file; the rerun scores only the
+    third and ends with the same weights as one uninterrupted run (and a snapshot after each of 1 and 2)."""
+    model, wins = tiny_model("llama"), _windows(3)
+    whole = L.train_scorer(model, _Tok(), wins, tmp_path / "whole.safetensors", CFG, progress=False)
+    import kvsculpt.hf.capture as hc
+
+    real, seen = hc.capture, []
+
+    def dying(model, ids, *a, **k):
+        seen.append(1)
+        if len(seen) == 3:
+            raise KeyboardInterrupt
+        return real(model, ids, *a, **k)
+
+    monkeypatch.setattr(hc, "capture", dying)
+    out = tmp_path / "resumed.safetensors"
+    with pytest.raises(KeyboardInterrupt):
+        L.train_scorer(model, _Tok(), wins, out, CFG, progress=False)
+    assert not out.exists() and (tmp_path / "resumed.safetensors.partial").exists()
+    seen.clear()
+    monkeypatch.setattr(hc, "capture", lambda *a, **k: (seen.append(1), real(*a, **k))[1])
+    L.train_scorer(model, _Tok(), wins, out, CFG, progress=False)
+    assert len(seen) == 1
+    torch.testing.assert_close(
+        L.load_weights(model, out)[0], L.load_weights(model, whole)[0], rtol=1e-5, atol=1e-6
+    )
+    assert L.load_weights(model, out, snapshot=2)[0].shape == (2, 2, 70)
+    with pytest.raises(ValueError, match="no snapshot after 3"):
+        L.load_weights(model, out, snapshot=3)
+
+
+def test_learned_config_errors():
+    for bad, match in (({"refine": "kl"}, "refine"), ({"chunk_tokens": 16}, "chunk_tokens"),
+                       ({"allocation": "curves"}, "no pilot"), ({"options": {"window": 1}}, "unknown option window"),
+                       ({"options": {"fit_window": 0}}, "fit_window must be")):  # fmt: skip
+        with pytest.raises(ValueError, match=match):
+            CompressConfig(method="learned", **bad)
+
+
+def test_window_attention_is_the_last_queries_causal_attention_summed():
+    """``window_attention`` against a loop over the last queries, each a softmax over the keys up to its own
+    position, summed over the GQA group and the window (n = 80 > WINDOW = 64, so the mask matters)."""
+    torch.manual_seed(0)
+    H, G, t, n, d = 2, 3, 70, 80, 8
+    keys, q = torch.randn(H, n, d), torch.randn(1, H * G, t, d)
+    from kvsculpt.hf.capture import pool_gqa
+
+    got = lin.window_attention(pool_gqa(q, H), keys, 0.3, G)
+    want = torch.zeros(H, n)
+    for h in range(H):
+        for g in range(G):
+            for i in range(t - lin.WINDOW, t):
+                pos = n - t + i  # query i of the last t sits at this position
+                want[h, : pos + 1] += torch.softmax(0.3 * keys[h, : pos + 1] @ q[0, h * G + g, i], -1)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
