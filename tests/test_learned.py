@@ -165,3 +165,21 @@ def test_window_attention_is_the_last_queries_causal_attention_summed():
                 pos = n - t + i  # query i of the last t sits at this position
                 want[h, : pos + 1] += torch.softmax(0.3 * keys[h, : pos + 1] @ q[0, h * G + g, i], -1)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_learned_composes_with_quantised_storage(tmp_path):
+    """``kv_bits=4`` stores the learned block as 4-bit codes: the same entries per head, fewer bytes, keys within
+    the 4-bit rounding of the unquantised block's."""
+    model = tiny_model("llama")
+    path = L.train_scorer(model, _Tok(), _windows(1), tmp_path / "s.safetensors", CFG, progress=False)
+    ids = torch.randint(0, 97, (1, 48))
+    cfg = CFG.replace(method="learned", ratio=0.5, fit=False, options={"weights": str(path)})
+    plain, packed = (
+        compress(model, ids, cfg, progress=False),
+        compress(model, ids, cfg.replace(kv_bits=4), progress=False),
+    )
+    assert packed.budgets == plain.budgets and packed.nbytes() < 0.45 * plain.nbytes()
+    k4, _ = packed.layers[0].dense()
+    k16, _ = plain.layers[0].dense()
+    err = (k4 - k16).abs().max() / k16.abs().max()
+    assert 0 < float(err) < 0.15

@@ -119,9 +119,8 @@ def prefill_scores(
     """One prefill of ``context_ids [1, n]`` that scores every entry as it is produced: ``(cache, log scores
     [L, Hkv, n] fp32, queries, last logits [vocab], seconds)``, the first ``sinks`` positions +inf (always
     kept); ``queries``: per layer the last ``max(last, WINDOW)`` positions' queries, GQA heads pooled
-    ``[Hkv, G·t, d]``. The hook
-    reads each layer's attention input and keeps only ``[Hkv, n]`` per layer; beyond the prefill,
-    O(n · D · Hkv + G · WINDOW · n · d) per layer (:mod:`kvsculpt.core.learned`)."""
+    ``[Hkv, G·t, d]``. The hook reads each layer's attention input and keeps only ``[Hkv, n]`` per layer; beyond
+    the prefill, O(n · D · Hkv + G · WINDOW · n · d) per layer (:mod:`kvsculpt.core.learned`)."""
     use_kvsculpt_attention(model)
     dims = model_dims(model)
     if tuple(weights.shape[:2]) != (dims.layers, dims.kv_heads):
@@ -134,11 +133,11 @@ def prefill_scores(
 
     t0 = time.perf_counter()
     cache, tail, last_logits = _prefill(model, context_ids, on_input, last)
-    scores = torch.stack([
-        lin.predict(weights[li], parts[li], *_kv(cache, li), lin.window_attention(tail[li], _kv(cache, li)[0],
-                                                                                   dims.scale, dims.groups))
-        for li in range(dims.layers)
-    ]).cpu()  # fmt: skip
+    scores = torch.empty(dims.layers, dims.kv_heads, context_ids.shape[-1])
+    for li in range(dims.layers):
+        K, V = _kv(cache, li)
+        window = lin.window_attention(tail[li], K, dims.scale, dims.groups)
+        scores[li] = lin.predict(weights[li], parts.pop(li), K, V, window).cpu()
     scores[..., :sinks] = float("inf")
     return cache, scores, tail, last_logits, time.perf_counter() - t0
 
