@@ -30,6 +30,8 @@ from kvsculpt.eval.texts import load_text, make_window, text_index
 from kvsculpt.hf.models import load_model
 
 PRESSES = ("KVzipPress", "SnapKVPress", "ExpectedAttentionPress")
+PRESS_NAMES = {f"kvpress.{p}" for p in ("KVzipPress", "SnapKVPress", "ExpectedAttentionPress", "TOVAPress")}
+ONE_PREFILL = PRESS_NAMES - {"kvpress.KVzipPress"}  # presses that score from the prefill alone
 DEFAULT = "kvsculpt default"
 
 
@@ -124,6 +126,37 @@ def slope(points) -> float | None:
     return sum((x - mx) * (y - my) for x, y in pts) / den if den else None
 
 
+def pivot(rows: list[dict]) -> list[str]:
+    """The KL of every method side by side, one line per window and ratio, and each method's mean compress ÷
+    prefill and its worst KL ÷ the best press's on the same line (where there are presses)."""
+    methods = sorted({r["config"] for r in rows}, key=lambda m: (m.startswith("kvpress"), m))
+    cells = {(r["text"], r["n"], r["ratio"], r["config"]): r for r in rows}
+    lines = ["", "KL side by side (— where not run):", "",
+             "| text | n | r | " + " | ".join(m.replace("kvsculpt ", "").replace("kvpress.", "") for m in methods) + " |",
+             "|---|---|---|" + "---|" * len(methods)]  # fmt: skip
+    keys = sorted({(r["text"], r["n"], r["ratio"]) for r in rows})
+    worst: dict = {}  # (method, which presses) -> the largest KL ÷ the best of those presses on a line
+    for key in keys:
+        row = [cells.get((*key, m)) for m in methods]
+        lines.append(f"| {key[0]} | {key[1]} | {key[2]} | "
+                     + " | ".join("—" if c is None else f"{c['kl']:.4g}" for c in row) + " |")  # fmt: skip
+        for which, names in (("all", PRESS_NAMES), ("one-prefill", ONE_PREFILL)):
+            best = [c["kl"] for m, c in zip(methods, row, strict=True) if c is not None and m in names]
+            for m, c in zip(methods, row, strict=True):
+                if c is not None and best:
+                    worst[m, which] = max(worst.get((m, which), 0.0), c["kl"] / min(best))
+    lines += ["", "Per method: its mean compress ÷ prefill, and the largest ratio of its KL to the best press's on the "
+              "same line (below 1: it beats every press on every line; one-prefill presses: SnapKV, "
+              "ExpectedAttention, TOVA).", "",
+              "| method | mean compress ÷ prefill | worst KL ÷ best press | worst KL ÷ best one-prefill press |",
+              "|---|---|---|---|"]  # fmt: skip
+    for m in methods:
+        ratios = [r["compress_over_prefill"] for r in rows if r["config"] == m]
+        cols = [f"{worst[m, w]:.2f}" if (m, w) in worst else "—" for w in ("all", "one-prefill")]
+        lines.append(f"| {m} | {sum(ratios) / len(ratios):.2f} | {cols[0]} | {cols[1]} |")
+    return lines
+
+
 def report(rows: list[dict], args) -> dict:
     out = Path(args.out)
     command = "python " + " ".join(sys.argv)
@@ -141,6 +174,7 @@ def report(rows: list[dict], args) -> dict:
         lines.append(f"| {r['text']} | {r['n']} | {r['ratio']} | {r['config']} | {r['kl']:.4g} | "
                      f"{r['prefill_seconds']:.1f} | {r['compress_seconds']:.1f} | {r['compress_over_prefill']:.1f} | "
                      f"{mb(r.get('peak_extra_bytes'))} | {mb(r.get('full_cache_bytes'))} |")  # fmt: skip
+    lines += pivot(rows)
     slopes = {}
     for method in sorted({r["config"] for r in rows}):
         for key in ("prefill_seconds", "compress_seconds"):
