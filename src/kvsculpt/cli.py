@@ -371,7 +371,7 @@ def build_parser(benchmarks: bool = True) -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_models)
 
     p = command("demo", "compress a real text and print the quality table",
-                "Compress the cache of a 2026 text with the default method and five others, print each one's KL "
+                "Compress the cache of a 2026 text with the default method and seven others, print each one's KL "
                 "on the real continuation, its size and its time, then answer a question from the compressed "
                 "cache.")  # fmt: skip
     _model_options(p)

@@ -1,4 +1,4 @@
-"""``kvsculpt demo`` (``make demo``): one real 2026 text compressed by the default and five other methods,
+"""``kvsculpt demo`` (``make demo``): one real 2026 text compressed by the default and seven other methods,
 each scored by KL on the real continuation, then a question answered from the compressed and the full cache."""
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ RUNS = (
     (CompressConfig(method="h2o", queries="self+context", allocation="curves", **SELF_10X64),
      "Select+Fit, curves budget"),
     (CompressConfig(method="sculpt"), "Sculpt from the default"),  # + 20 L-BFGS iterations on the keys
+    (CompressConfig(method="learned"), "learned scorer + fit"),  # the shipped scorer, values fitted on self samples
+    (CompressConfig(method="learned", fit=False), "learned, one prefill"),
     (CompressConfig(method="snapkv", fit=False, queries="context", allocation="uniform"), "SnapKV eviction"),
     (CompressConfig(method="h2o", fit=False, queries="context", allocation="uniform"), "H2O eviction"),
     (CompressConfig(method="streaming-llm", fit=False, queries="context", allocation="uniform"), "StreamingLLM"),

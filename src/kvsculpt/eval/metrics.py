@@ -117,7 +117,8 @@ def compress_and_score(model, tok, model_name: str, window: Window, ref: Teacher
 
     cache = compress(model, window.context, cfg, tokenizer=tok, progress=progress)
     return cache, {
-        **score(model, cache, window, ref), "config": repr(cfg), "method": cache.method, "queries": cfg.queries,
+        **score(model, cache, window, ref), "config": repr(cfg), "method": cache.method,
+        "queries": cache.info.get("queries", cfg.queries),  # what the method read ("self"/"none" for learned)
         "ratio": cfg.ratio, "allocation": cfg.allocation, **cache_stats(cache),
         "compress_seconds": cache.info["compress_seconds"], "prefill_seconds": ref.prefill_seconds,
         "peak_extra_bytes": cache.info.get("peak_extra_bytes"), "full_cache_bytes": cache.info.get("full_cache_bytes"),
