@@ -39,6 +39,8 @@ def command(stem: str, files: list[str]) -> str:
                 continue
             if isinstance(data, dict) and isinstance(data.get("command"), str):
                 return data["command"]
+    if stem == "scorers":  # a folder of weights: its commands are in docs/learned.md
+        return "kvsculpt train-scorer … --out benchmarks/results/scorers/NAME.safetensors (one per file, docs/learned.md)"
     if (root / stem / "summary.md").exists():
         m = re.search(r"Command:\s*`([^`]+)`", (root / stem / "summary.md").read_text())
         if m:
