@@ -127,10 +127,11 @@ def compress_learned(
 ) -> CompressedCache:
     """``method="learned"``: one prefill scores every entry as it is produced (:func:`kvsculpt.learned.prefill_scores`,
     the weights ``train-scorer`` fitted for this model), the budget rule splits ``cfg.ratio`` between heads and
-    layers over those scores, and each head keeps its best entries with their values copied. Time: the
-    prefill plus O(n · D · Hkv) per layer and a top-k, and with ``fit`` a ridge fit per head on the prefill's last
-    ``fit_window`` queries, O(W·G · (n·d + m²) + m³); memory: the prefill's cache, ``[L, Hkv, n]`` scores and
-    the last queries."""
+    layers over those scores, and each head keeps its best entries. Values: copied (``fit=False``: nothing runs
+    but the prefill), or fitted by ridge on the default's self samples (``fit_queries="self"``, ``S·L`` decoded
+    tokens) or on the prefill's last ``fit_window`` queries (``"tail"``). Time: the prefill, O(n · D · Hkv) per
+    layer and a top-k, and with the fit O(N · (n·d + m²) + m³) per head for N fit queries; memory: the
+    prefill's cache, ``[L, Hkv, n]`` scores and the fit queries."""
     from .learned import load_weights, prefill_scores
 
     weights, _ = load_weights(model, cfg.solver.weights, cfg.solver.snapshot)
