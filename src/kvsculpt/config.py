@@ -100,7 +100,7 @@ def _parse_sources(text, known: dict, name: str) -> str:
 def build_method(name: str, fit: bool = True, options: dict | None = None) -> Method:
     """The method object for a name (:data:`METHODS`) and its options (the fields of its dataclass and of
     its scorer's)."""
-    from .core.methods import Identity, Learned, Sculpt, Select
+    from .core.methods import Identity, Learned, Predicted, Sculpt, Select
     from .core.scores import SCORERS
 
     options = dict(options or {})
@@ -110,21 +110,16 @@ def build_method(name: str, fit: bool = True, options: dict | None = None) -> Me
         if options:
             raise ValueError(f"identity takes no options; got {sorted(options)}")
         return Identity()
-    if name == "learned":
-        known = {"weights", "sinks", "fit_queries", "fit_window", "lam", "fit_rows", "snapshot"}
-        unknown = sorted(set(options) - known)
-        if unknown:
-            raise ValueError(
-                f"unknown option {', '.join(unknown)} for method 'learned'; known: {', '.join(sorted(known))}"
-            )
-        return Learned(fit=fit, **options)
-    cls = Sculpt if name == "sculpt" else Select
-    score = (
-        options.pop("score", DEFAULT_METHOD) if name == "sculpt" else name
-    )  # sculpt starts from the default
-    if score not in SCORERS:
-        raise ValueError(f"unknown score {score!r}; choose from {', '.join(SCORERS)}")
-    scorer_cls = SCORERS[score]
+    cls = {"sculpt": Sculpt, "learned": Learned}.get(name, Select)
+    if name == "learned":  # its scores come from the prefill (kvsculpt.compress), not from a scorer
+        scorer_cls = Predicted
+    else:
+        score = (
+            options.pop("score", DEFAULT_METHOD) if name == "sculpt" else name
+        )  # sculpt starts from the default
+        if score not in SCORERS:
+            raise ValueError(f"unknown score {score!r}; choose from {', '.join(SCORERS)}")
+        scorer_cls = SCORERS[score]
     scorer_fields = {f.name for f in dataclasses.fields(scorer_cls)}
     method_fields = {f.name for f in dataclasses.fields(cls)} - {"scorer", "fit"}
     unknown = sorted(set(options) - scorer_fields - method_fields)
