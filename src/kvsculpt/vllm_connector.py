@@ -13,7 +13,8 @@ and never runs its prefill. Start it::
         "kv_connector_extra_config": {"cache_dir": "/path/to/store"}}'
 
 A finished request's ``kv_transfer_params`` report the engine's own block accounting (``kvsculpt_blocks``,
-``kvsculpt_block_size``). Only this module imports vLLM; nothing else in kvsculpt needs it.
+``kvsculpt_block_size``) and how many of the ``m`` slots the connector filled (``kvsculpt_loaded``; vLLM's prefix
+cache supplied the rest). Only this module imports vLLM; nothing else in kvsculpt needs it.
 """
 
 from __future__ import annotations
@@ -72,6 +73,7 @@ class KVSculptConnector(KVConnectorBase_V1):
         self.block_size = vllm_config.cache_config.block_size
         self.fingerprint = _fingerprint(vllm_config.model_config.hf_config)
         self.pending: dict[str, Load] = {}  # scheduler side: request id -> load to send with the next step
+        self.loaded: dict[str, int] = {}  # request id -> slots the connector filled (the rest: prefix cache)
 
     # -- scheduler side -------------------------------------------------------------------------------------
 
@@ -104,6 +106,7 @@ class KVSculptConnector(KVConnectorBase_V1):
         return max(0, doc[1]["m"] - num_computed_tokens), False
 
     def update_state_after_alloc(self, request, blocks, num_external_tokens: int) -> None:
+        self.loaded[request.request_id] = self.loaded.get(request.request_id, 0) + num_external_tokens
         if num_external_tokens > 0:
             path, meta = self._document(request)
             self.pending[request.request_id] = Load(path, meta["m"] - num_external_tokens, torch.empty(0))
@@ -125,7 +128,8 @@ class KVSculptConnector(KVConnectorBase_V1):
     def request_finished(self, request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         if not (request.kv_transfer_params or {}).get(PARAM):
             return False, None
-        return False, {"kvsculpt_blocks": len(block_ids), "kvsculpt_block_size": self.block_size}
+        return False, {"kvsculpt_blocks": len(block_ids), "kvsculpt_block_size": self.block_size,
+                       "kvsculpt_loaded": self.loaded.pop(request.request_id, 0)}  # fmt: skip
 
     # -- worker side ----------------------------------------------------------------------------------------
 
