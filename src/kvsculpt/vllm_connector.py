@@ -69,6 +69,11 @@ class KVSculptConnector(KVConnectorBase_V1):
         extra = self._kv_transfer_config.kv_connector_extra_config or {}
         if "cache_dir" not in extra:
             raise ValueError('KVSculptConnector needs kv_connector_extra_config {"cache_dir": DIR}')
+        # Under tensor parallelism each worker holds a shard of the heads; the block holds them all.
+        if vllm_config.parallel_config.tensor_parallel_size > 1:
+            raise ValueError(
+                "KVSculptConnector writes every KV head itself: run vLLM with tensor_parallel_size=1"
+            )
         self.cache_dir = Path(extra["cache_dir"])
         self.block_size = vllm_config.cache_config.block_size
         self.fingerprint = _fingerprint(vllm_config.model_config.hf_config)

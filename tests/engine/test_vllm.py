@@ -16,12 +16,9 @@ pytest.importorskip("vllm")
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process: one model load
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; the default takes most of the machine
 
-N, RATIO, STEPS = (
-    1024,
-    0.293,
-    32,
-)  # m = 300: not a multiple of the block (128), so the second question finds 256
-# of the document's slots in vLLM's prefix cache and the connector loads only the other 44
+# m = 300: not a multiple of the block (128), so the second question finds 256 of the document's slots in
+# vLLM's prefix cache and the connector loads only the other 44.
+N, RATIO, STEPS = 1024, 0.293, 32
 QUESTIONS = [
     "\n\nQuestion: What is this document about? Answer:",
     "\n\nIn one sentence, the main point of the text above is that",
@@ -115,3 +112,24 @@ def test_a_prompt_without_the_placeholders_runs_in_full(served):
     tokens, lp, _ = _engine_answer(engine, wrong, q_ids)
     right, right_lp, _ = _engine_answer(engine, meta, q_ids)
     assert (lp - right_lp).abs().max() > 0.1
+
+
+def test_tensor_parallelism_is_refused_at_start(tmp_path):
+    from types import SimpleNamespace
+
+    from transformers import LlamaConfig
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
+
+    from kvsculpt.vllm_connector import KVSculptConnector
+
+    def config(tp):
+        return SimpleNamespace(
+            kv_transfer_config=SimpleNamespace(kv_connector_extra_config={"cache_dir": str(tmp_path)}),
+            parallel_config=SimpleNamespace(tensor_parallel_size=tp),
+            cache_config=SimpleNamespace(block_size=128),
+            model_config=SimpleNamespace(hf_config=LlamaConfig()),
+        )
+
+    with pytest.raises(ValueError, match="tensor_parallel_size=1"):
+        KVSculptConnector(config(2), KVConnectorRole.SCHEDULER)
+    assert KVSculptConnector(config(1), KVConnectorRole.SCHEDULER).cache_dir == tmp_path
