@@ -11,7 +11,9 @@ slots (placeholders + question) and from the full text (``n`` tokens + question,
 seconds to the first token and to 32 greedy tokens, the engine's KV blocks for the request (its own accounting for
 the connector's requests; ``ceil(tokens / block)`` for the full prompt), whether the greedy tokens equal the
 library's (``kvsculpt.ask`` on the same CompressedCache) and the largest |Δ log-probability| on them. The first
-request of each kind warms the engine and is not timed. Writes OUT.json and OUT.md.
+request of each kind warms the engine and is not timed. Then ``--batch`` questions at once (one ``generate``
+call, 32 greedy tokens each), from the block and from the full text: generated tokens per second and the KV
+blocks the batch holds. Writes OUT.json and OUT.md.
 """
 
 from __future__ import annotations
@@ -33,6 +35,13 @@ QUESTIONS = [
     "\n\nQuestion: What is this document about? Answer:",
     "\n\nIn one sentence, the main point of the text above is that",
     "\n\nQuestion: Which functions or classes does the text name? Answer:",
+]
+MORE_QUESTIONS = [
+    "\n\nQuestion: What should a reader do first? Answer:",
+    "\n\nQuestion: What can go wrong here? Answer:",
+    "\n\nSummary of the text above:",
+    "\n\nQuestion: Who is this text written for? Answer:",
+    "\n\nThe most important detail above is",
 ]
 TEXTS = {"smollm2-135m": "openai_agents_human_in_the_loop", "qwen2.5-coder-0.5b": "openai_agents_tar_utils"}
 STEPS = 32
@@ -109,8 +118,34 @@ def run_model(name: str, args, store: Path) -> list[dict]:
                      "compress_s": cache.info["compress_seconds"], "answer": tok.decode(tokens)})  # fmt: skip
         print(json.dumps({k: rows[-1][k] for k in ("model", "same_tokens", "max_abs_logprob_diff", "first_token_s",
                                                     "full_first_token_s", "engine_blocks")}), flush=True)  # fmt: skip
+    rows.append(batch_row(engine, tok, ids, meta, name, args.batch))
+    print(json.dumps(rows[-1]), flush=True)
     del engine
     return rows
+
+
+def batch_row(engine, tok, ids, meta: dict, name: str, batch: int) -> dict:
+    """Tokens/s of ``batch`` questions in one ``generate`` call, from the block and from the full text."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from kvsculpt.engine import prompt_ids
+
+    texts = [(QUESTIONS + MORE_QUESTIONS)[i % 8] for i in range(batch)]
+    qs = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    row = {"model": name, "batch": batch, "n": ids.shape[1], "m": meta["m"], "steps": STEPS}
+    for kind in ("block", "full"):
+        doc = {"extra_args": {"kv_transfer_params": {"kvsculpt_doc": name}}} if kind == "block" else {}
+        params = SamplingParams(max_tokens=STEPS, temperature=0.0, ignore_eos=True, **doc)
+        prompts = [prompt_ids(meta, q) if kind == "block" else ids[0].tolist() + q for q in qs]
+        t0 = time.perf_counter()
+        outs = engine.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+        seconds = time.perf_counter() - t0
+        block = engine.llm_engine.vllm_config.cache_config.block_size
+        row[f"{kind}_s"] = seconds
+        row[f"{kind}_tokens_per_s"] = sum(len(o.outputs[0].token_ids) for o in outs) / seconds
+        row[f"{kind}_blocks"] = sum(math.ceil((len(p) + STEPS - 1) / block) for p in prompts)
+    return row
 
 
 def report(rows: list[dict], args) -> str:
@@ -123,12 +158,23 @@ def report(rows: list[dict], args) -> str:
              "cache, and the largest |Δ log-prob| of those tokens.", "",
              "| model | question | m / n | blocks (block / full) | first token s (block / full) | 32 tokens s "
              "(block / full / library) | same tokens | max abs Δ logprob |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
-    for r in rows:
+    for r in (r for r in rows if "batch" not in r):
         lines.append(f"| {r['model']} | {r['question'][:40]} | {r['m']} / {r['n']} | {r['engine_blocks']} / "
                      f"{r['engine_blocks_full']} (×{r['block_size']}) | {r['first_token_s']:.2f} / "
                      f"{r['full_first_token_s']:.2f} | {r['answer_s']:.2f} / {r['full_answer_s']:.2f} / "
                      f"{r['library_answer_s']:.2f} | {'yes' if r['same_tokens'] else '**no**'} | "
                      f"{r['max_abs_logprob_diff']:.1e} |")  # fmt: skip
+    batches = [r for r in rows if "batch" in r]
+    if batches:
+        lines += ["", f"**{batches[0]['batch']} questions in one batch** ({STEPS} greedy tokens each; blocks: "
+                  "the slots the batch's requests need, `ceil(tokens / block)` each, without prefix sharing):", "",
+                  "| model | m / n | seconds (block / full) | tokens/s (block / full) | speed-up | blocks (block / full) |",
+                  "|---|---|---|---|---|---|"]  # fmt: skip
+        for r in batches:
+            lines.append(f"| {r['model']} | {r['m']} / {r['n']} | {r['block_s']:.1f} / {r['full_s']:.1f} | "
+                         f"{r['block_tokens_per_s']:.1f} / {r['full_tokens_per_s']:.1f} | "
+                         f"{r['block_tokens_per_s'] / r['full_tokens_per_s']:.1f}× | {r['block_blocks']} / "
+                         f"{r['full_blocks']} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
@@ -137,6 +183,7 @@ def main(argv=None):
     ap.add_argument("--models", nargs="+", default=list(TEXTS), choices=list(TEXTS), help="packaged models")
     ap.add_argument("--context-tokens", type=int, default=1024, help="n (default: %(default)s)")
     ap.add_argument("--ratio", type=float, default=0.25, help="fraction kept (default: %(default)s)")
+    ap.add_argument("--batch", type=int, default=16, help="questions in the batch row (default: %(default)s)")
     ap.add_argument("--out", default="benchmarks/results/serve_cpu", help="OUT.json and OUT.md")
     args = ap.parse_args(argv)
     args.argv = argv if argv is not None else __import__("sys").argv[1:]

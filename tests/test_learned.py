@@ -183,3 +183,30 @@ def test_learned_composes_with_quantised_storage(tmp_path):
     k16, _ = plain.layers[0].dense()
     err = (k4 - k16).abs().max() / k16.abs().max()
     assert 0 < float(err) < 0.15
+
+
+def test_learned_scores_made_once_serve_every_ratio_exactly(tmp_path):
+    """The tasks benchmark scores a context once (:func:`learned_scores`) and solves it at each ratio: the same
+    caches as separate ``compress`` calls (bit for bit), and the model runs for the prefill and self samples once,
+    not once per ratio."""
+    from kvsculpt.compress import compress_learned, learned_scores
+
+    model = tiny_model("llama")
+    path = L.train_scorer(model, _Tok(), _windows(1), tmp_path / "s.safetensors", CFG, progress=False)
+    ids = torch.randint(0, 97, (1, 48))
+    cfg = CFG.replace(method="learned", options={"weights": str(path)})
+    calls = []
+    handle = model.register_forward_hook(lambda *a: calls.append(1))
+    scored = learned_scores(model, ids, cfg, progress=False)
+    shared = [
+        compress_learned(model, ids, cfg.replace(ratio=r), progress=False, scored=scored) for r in (0.25, 0.5)
+    ]
+    assert len(calls) == 1 + CFG.self_length
+    handle.remove()
+    for r, got in zip((0.25, 0.5), shared, strict=True):
+        alone = compress(model, ids, cfg.replace(ratio=r), progress=False)
+        assert got.budgets == alone.budgets
+        for a, b in zip(got.layers, alone.layers, strict=True):
+            (ka, va), (kb, vb) = a.dense(), b.dense()
+            assert torch.equal(ka, kb) and torch.equal(va, vb)
+    assert shared[0].kept_entries() < shared[1].kept_entries()

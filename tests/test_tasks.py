@@ -80,3 +80,24 @@ def test_wilson_interval_matches_known_values():
     assert lo == pytest.approx(0.5655, abs=1e-3) and hi == 1.0
     lo, hi = wilson(0.5, 100)
     assert lo == pytest.approx(0.4038, abs=1e-3) and hi == pytest.approx(0.5962, abs=1e-3)
+
+
+def test_bench_tasks_records_stages_and_refuses_learned_without_a_scorer(tmp_path, smollm, capsys):
+    """Two ratios share one capture: their rows carry the same capture seconds and their own solve seconds;
+    the report has the stage table; ``--part ours`` runs no press; ``learned`` named for a model without a
+    trained scorer is refused in one line before any sample runs."""
+    model_dir = tiny_model_dir(tmp_path, smollm[1])
+    out = tmp_path / "res"
+    args = ["bench", "tasks", "--model", str(model_dir), "--context-tokens", "160", "--ratios", "0.25", "0.5",
+            "--tasks", "niah_single", "--samples", "1", "--part", "ours", "--out", str(out)]  # fmt: skip
+    main([*args, "--methods", "default"])
+    rows = [json.loads(x) for x in (out / f"tasks_{model_dir.name}_n160.jsonl").read_text().splitlines()]
+    ours = {r["ratio"]: r for r in rows if r["method"] == "default"}
+    assert set(ours) == {0.25, 0.5} and ours[0.25]["capture_seconds"] == ours[0.5]["capture_seconds"]
+    assert ours[0.25]["solve_seconds"] != ours[0.5]["solve_seconds"]
+    assert not any(r["method"].startswith("kvpress.") for r in rows)
+    assert "## Seconds per sample by stage" in (out / f"tasks_{model_dir.name}_n160.md").read_text()
+    with pytest.raises(SystemExit):
+        main([*args, "--methods", "learned", "--samples", "2"])
+    assert "train-scorer" in capsys.readouterr().err
+    assert len((out / f"tasks_{model_dir.name}_n160.jsonl").read_text().splitlines()) == len(rows)

@@ -122,24 +122,32 @@ def compress_while_reading(model, context_ids: torch.Tensor, cfg: CompressConfig
     return block
 
 
-def compress_learned(
+@dataclasses.dataclass
+class LearnedScores:
+    """What :func:`learned_scores` gives :func:`compress_learned`: the prefill's cache, the scorer's log scores
+    ``[L, Hkv, n]``, per layer the fit queries ``[Hkv, N, d]`` (self samples or the prefill's tail), seconds."""
+
+    full: object
+    scores: torch.Tensor
+    queries: list[torch.Tensor]
+    n: int
+    prefill_seconds: float
+    query_seconds: float
+
+
+def learned_scores(
     model, context_ids: torch.Tensor, cfg: CompressConfig, progress: bool = True
-) -> CompressedCache:
-    """``method="learned"``: one prefill scores every entry as it is produced (:func:`kvsculpt.learned.prefill_scores`,
-    the weights ``train-scorer`` fitted for this model), the budget rule splits ``cfg.ratio`` between heads and
-    layers over those scores, and each head keeps its best entries. Values: copied (``fit=False``: nothing runs
-    but the prefill), or fitted by ridge on the default's self samples (``fit_queries="self"``, ``S·L`` decoded
-    tokens) or on the prefill's last ``fit_window`` queries (``"tail"``). Time: the prefill, O(n · D · Hkv) per
-    layer and a top-k, and with the fit O(N · (n·d + m²) + m³) per head for N fit queries; memory: the
-    prefill's cache, ``[L, Hkv, n]`` scores and the fit queries."""
+) -> LearnedScores:
+    """The ratio-independent part of ``method="learned"``: one prefill that scores every entry as it is produced
+    (:func:`kvsculpt.learned.prefill_scores`, the weights ``train-scorer`` fitted for this model) and, with
+    ``fit_queries="self"``, the default's self samples decoded from the full cache. Reused by
+    :func:`compress_learned` for any number of ratios (the tasks benchmark does)."""
     from .learned import load_weights, prefill_scores
 
     weights, _ = load_weights(model, cfg.solver.weights, cfg.solver.snapshot)
     ids = check_ids(context_ids, model.device)
-    dims, n = model_dims(model), ids.shape[1]
-    L, Hkv = dims.layers, dims.kv_heads
+    n, solver = ids.shape[1], cfg.solver
     stage(progress, f"learned scores in one prefill of {n} tokens")
-    solver = cfg.solver
     last = solver.fit_window if solver.fit and solver.fit_queries == "tail" else None
     full, scores, tail, last_logits, prefill_s = prefill_scores(model, ids, weights, solver.sinks, last)
     t0 = time.perf_counter()
@@ -148,22 +156,37 @@ def compress_learned(
         tail, _, _ = sample_self_queries(
             model, shared_cache(model, *keys_values), n, last_logits, cfg, progress
         )
-    query_s = time.perf_counter() - t0
-    budgets, _ = cfg.rule.plan(n, cfg.ratio, L, Hkv, entry_scores=lambda: scores)
+    return LearnedScores(full, scores, tail, n, prefill_s, time.perf_counter() - t0)
+
+
+def compress_learned(model, context_ids: torch.Tensor, cfg: CompressConfig, progress: bool = True,
+                     scored: LearnedScores | None = None) -> CompressedCache:  # fmt: skip
+    """``method="learned"``: the scores of one prefill (:func:`learned_scores`, or ``scored`` made by it for the
+    same context and method), the budget rule splits ``cfg.ratio`` between heads and layers over them, and each
+    head keeps its best entries. Values: copied (``fit=False``: nothing runs but the prefill), or fitted by
+    ridge on the default's self samples (``fit_queries="self"``, ``S·L`` decoded tokens) or on the prefill's last
+    ``fit_window`` queries (``"tail"``). Time: the prefill, O(n · D · Hkv) per layer and a top-k, and with the fit
+    O(N · (n·d + m²) + m³) per head for N fit queries; memory: the prefill's cache, ``[L, Hkv, n]`` scores and
+    the fit queries."""
+    scored = scored or learned_scores(model, context_ids, cfg, progress)
+    ids = check_ids(context_ids, model.device)
+    dims, n, solver = model_dims(model), scored.n, cfg.solver
+    L, Hkv = dims.layers, dims.kv_heads
+    t0 = time.perf_counter()
+    budgets, _ = cfg.rule.plan(n, cfg.ratio, L, Hkv, entry_scores=lambda: scored.scores)
     keys, values = [], []
     for li in range(L):
-        K, V = full.layers[li].keys[0], full.layers[li].values[0]
-        Q = K.new_zeros(Hkv, 0, K.shape[-1]) if not solver.fit else tail[li]
-        heads = cfg.solver(K, V, Q, budgets[li], dims.scale, scores=scores[li].to(K.device))
+        K, V = scored.full.layers[li].keys[0], scored.full.layers[li].values[0]
+        Q = K.new_zeros(Hkv, 0, K.shape[-1]) if not solver.fit else scored.queries[li]
+        heads = cfg.solver(K, V, Q, budgets[li], dims.scale, scores=scored.scores[li].to(K.device))
         keys.append([k.to(model.dtype) for k, _, _ in heads])
         values.append([v.to(model.dtype) for _, v, _ in heads])
-    del full
     info = {"config": repr(cfg), "method": repr(cfg.solver), "ratio": cfg.ratio, "allocation": cfg.allocation,
             "queries": solver.fit_queries if solver.fit else "none", "budgets": budgets, "n": n,
-            "fit_queries": int(tail[0].shape[1]) if solver.fit else 0, "heldout_queries": 0,
-            "prefill_seconds": prefill_s, "query_seconds": query_s, "query_seconds_by_source": {},
-            "solve_seconds": time.perf_counter() - t0, "on_policy": 0, "replay_seconds": 0.0,
-            "stats": {"heldout_rel_mse": [], "heldout_mass_err": []}}  # fmt: skip
+            "fit_queries": int(scored.queries[0].shape[1]) if solver.fit else 0, "heldout_queries": 0,
+            "prefill_seconds": scored.prefill_seconds, "query_seconds": scored.query_seconds,
+            "query_seconds_by_source": {}, "solve_seconds": time.perf_counter() - t0, "on_policy": 0,
+            "replay_seconds": 0.0, "stats": {"heldout_rel_mse": [], "heldout_mass_err": []}}  # fmt: skip
     cache = CompressedCache.from_heads(model, keys, values, n, None, repr(cfg.solver), info, ids.cpu())
     return quantize_cache(cache, cfg.kv_bits, cfg.kv_group, cfg.key_bits)
 

@@ -84,14 +84,17 @@ def run_presses(
                      "quant": [list(q) for q in quant]})  # fmt: skip
 
 
-def generate_with_presses(model_name: str, prompts, ratios, presses, on_row=None) -> list[dict]:
+def generate_with_presses(model_name: str, prompts, ratios, presses, on_row=None, dtype: str | None = None,
+                          stop: str | None = None) -> list[dict]:  # fmt: skip
     """Greedy replies after each press at each kept ratio: ``prompts`` is a list of
     ``(context ids [1, n], question ids [1, q], max new tokens)``; the context is compressed before the
-    question is read (question-agnostic). Rows: ``method`` (``"kvpress.<Press>"``), ``ratio``,
-    ``prompt`` (index into ``prompts``), ``tokens`` (the reply's ids), ``compress_seconds``. ``on_row(row)`` is
-    called as each row arrives (progress)."""
+    question is read (question-agnostic). Prompt by prompt (every press and ratio of one before the next), in
+    one subprocess. Rows: ``method`` (``"kvpress.<Press>"``), ``ratio``, ``prompt`` (index into ``prompts``),
+    ``tokens`` (the reply's ids, ending at EOS or once ``stop`` is in the text), ``compress_seconds``,
+    ``answer_seconds``. ``dtype``: the model's (None: fp32). ``on_row(row)`` is called as each row arrives."""
     prompts = [(c.cpu(), q.cpu(), int(m)) for c, q, m in prompts]
-    job = {"model": model_name, "generate": prompts, "ratios": list(ratios), "presses": list(presses)}
+    job = {"model": model_name, "generate": prompts, "ratios": list(ratios), "presses": list(presses),
+           "dtype": dtype, "stop": stop}  # fmt: skip
     return _run_job(job, on_row)
 
 
@@ -157,17 +160,17 @@ def run_peers(
 QUANT_GROUP = 64  # elements per scale and zero-point in QuantizedCache, as kvsculpt's kv_group default
 
 
-def load_plain_model(name: str):
+def load_plain_model(name: str, dtype: str | None = None):
     """``(model, tokenizer)`` as kvpress needs them: transformers' own SDPA attention (kvpress patches it, so
-    never in a process that uses kvsculpt's attention), fp32, eval mode."""
+    never in a process that uses kvsculpt's attention), ``dtype`` (None: fp32), eval mode."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ..hf.models import resolve
+    from ..hf.models import parse_dtype, resolve
 
     where, gguf = resolve(name)
     extra = {"gguf_file": gguf} if gguf else {}
     model = AutoModelForCausalLM.from_pretrained(
-        where, dtype=torch.float32, attn_implementation="sdpa", **extra
+        where, dtype=parse_dtype(dtype or "fp32", "cpu"), attn_implementation="sdpa", **extra
     )
     return model.eval(), AutoTokenizer.from_pretrained(where, **extra)
 
@@ -182,9 +185,9 @@ def _main(job_path: str) -> None:
     from ..hf.decode import decode
 
     job = torch.load(job_path)
-    model, tok = load_plain_model(job["model"])
+    model, tok = load_plain_model(job["model"], job.get("dtype"))
     if "generate" in job:
-        return _generate(model, job)
+        return _generate(model, tok, job)
     ctx, cont = job["context"], job["continuation"]
     n, T = ctx.shape[1], cont.shape[1]
     pos = torch.arange(n, n + T)[None]
@@ -273,24 +276,26 @@ def _main(job_path: str) -> None:
 
 
 @torch.inference_mode()
-def _generate(model, job) -> None:
+def _generate(model, tok, job) -> None:
     """The ``generate`` job of :func:`generate_with_presses`: one JSON row a line on stdout."""
     import kvpress
     from transformers import DynamicCache
 
-    from ..hf.decode import decode
+    from ..hf.decode import decode, eos_ids, text_stop
 
-    for name in job["presses"]:
-        for r in job["ratios"]:
-            for i, (ctx, question, max_new) in enumerate(job["generate"]):
+    stop = text_stop(eos_ids(model, tok), tok, job.get("stop"))
+    for i, (ctx, question, max_new) in enumerate(job["generate"]):
+        for name in job["presses"]:
+            for r in job["ratios"]:
                 press = getattr(kvpress, name)(compression_ratio=1.0 - r)
                 cache, t0 = DynamicCache(), time.perf_counter()
                 with press(model):
                     model(input_ids=ctx, past_key_values=cache, use_cache=True)
-                seconds = time.perf_counter() - t0
-                tokens = decode(model, cache, question, ctx.shape[1], max_new)[0].tolist()
-                print(json.dumps({"method": f"kvpress.{name}", "ratio": r, "prompt": i,
-                                  "tokens": tokens, "compress_seconds": seconds}), flush=True)  # fmt: skip
+                seconds, t0 = time.perf_counter() - t0, time.perf_counter()
+                tokens = decode(model, cache, question, ctx.shape[1], max_new, stop=stop)[0].tolist()
+                print(json.dumps({"method": f"kvpress.{name}", "ratio": r, "prompt": i, "tokens": tokens,
+                                  "compress_seconds": seconds, "answer_seconds": time.perf_counter() - t0}),
+                      flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":
