@@ -43,6 +43,16 @@ def tiny_model_dir(tmp_path, tokenizer):
     return path
 
 
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+
+
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=CUDA)])
+def device(request):
+    """The device-sensitive tests run once per device: here on the CPU (the CUDA cases skip); on a GPU
+    machine ``benchmarks/gpu_check.py`` runs their CUDA cases (``pytest -k cuda``)."""
+    return torch.device(request.param)
+
+
 @pytest.fixture(params=["llama", "qwen2"])
 def tiny(request):
     return tiny_model(request.param)

@@ -43,9 +43,9 @@ def check_identity_exact(model, ids, cont):
     assert torch.equal(a, b)
 
 
-def test_identity_cache_is_exact_tiny(tiny):
+def test_identity_cache_is_exact_tiny(tiny, device):
     ids = torch.randint(0, 97, (1, 48))
-    check_identity_exact(tiny, ids, torch.randint(0, 97, (1, 16)))
+    check_identity_exact(tiny.to(device), ids.to(device), torch.randint(0, 97, (1, 16)).to(device))
 
 
 def test_identity_cache_is_exact_smollm(smollm):
@@ -153,19 +153,20 @@ def test_skewed_budget_storage_is_not_padded():
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
-def test_subset_cache_equals_full_cache_with_dropped_entries_masked(kind):
+def test_subset_cache_equals_full_cache_with_dropped_entries_masked(kind, device):
     """Per-head subsets of the entries (β = 0) at implicit positions (no position_ids) = the full block with the
     dropped entries masked by β = −inf: in a forward (fp32, 1e-5) and in generate (the same greedy tokens)."""
-    model = tiny_model(kind)
+    model = tiny_model(kind).to(device)
     n = 48
-    ids, cont = torch.randint(0, 97, (1, n)), torch.randint(0, 97, (1, 6))
+    ids, cont = torch.randint(0, 97, (1, n)).to(device), torch.randint(0, 97, (1, 6)).to(device)
     cap = capture(model, ids, queries="context")
     g = torch.Generator().manual_seed(0)
-    keep = [[torch.randperm(n, generator=g)[:m].sort().values for m in (30, 11)] for _ in cap.keys]
+    keep = [[torch.randperm(n, generator=g)[:m].sort().values.to(device) for m in (30, 11)] for _ in cap.keys]
     sub_k = [[K[h][keep[li][h]] for h in range(2)] for li, K in enumerate(cap.keys)]
     sub_v = [[V[h][keep[li][h]] for h in range(2)] for li, V in enumerate(cap.values)]
     bias = [
-        [torch.full((n,), float("-inf")).index_fill(0, keep[li][h], 0.0) for h in range(2)] for li in range(2)
+        [torch.full((n,), float("-inf"), device=device).index_fill(0, keep[li][h], 0.0) for h in range(2)]
+        for li in range(2)
     ]
 
     def subset():
@@ -269,13 +270,13 @@ def test_ask_many_has_no_leak(smollm):
     assert together[0] == tok.decode(ref[0, full_ids.shape[1] :], skip_special_tokens=True)
 
 
-def test_bf16_identity_cache_matches_full_cache():
+def test_bf16_identity_cache_matches_full_cache(device):
     """bf16, through the biased shared-block path: against the same model in fp32, the identity cache is as close
     as the bf16 model's own full cache is (its rounding error, ×1.5; measured 0.81–1.27× on three seeds). Exact
     positions are checked in fp32/fp64 above; in bf16 a 5-position shift of this tiny model hides in rounding."""
-    model32 = tiny_model("qwen2")
-    model = tiny_model("qwen2").to(torch.bfloat16)
-    ids, cont = torch.randint(0, 97, (1, 40)), torch.randint(0, 97, (1, 8))
+    model32 = tiny_model("qwen2").to(device)
+    model = tiny_model("qwen2").to(device, torch.bfloat16)
+    ids, cont = torch.randint(0, 97, (1, 40)).to(device), torch.randint(0, 97, (1, 8)).to(device)
     ref32 = full_logits(model32, ids, cont).float()
     ref = full_logits(model, ids, cont).float()
     cap = capture(model, ids, queries="context")
@@ -284,7 +285,9 @@ def test_bf16_identity_cache_matches_full_cache():
         [[k.to(torch.bfloat16) for k in layer] for layer in cap.keys],
         [[v.to(torch.bfloat16) for v in layer] for layer in cap.values],
         40,
-        bias=[[torch.zeros(40) for _ in range(2)] for _ in range(2)],  # exercises the biased path in bf16
+        bias=[
+            [torch.zeros(40, device=device) for _ in range(2)] for _ in range(2)
+        ],  # the biased path in bf16
     )
     assert cache.layers[0].block_keys.dtype == torch.bfloat16
     got = continuation_logits(model, cache, cont, 40).float()

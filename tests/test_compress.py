@@ -11,11 +11,11 @@ from kvsculpt.hf.decode import prefill
 from .conftest import tiny_model
 
 
-def test_compress_uniform_on_tiny_model():
+def test_compress_uniform_on_tiny_model(device):
     """Select+Fit at a quarter of the entries: budgets exact, held-out fit far better than a cache that
     outputs zeros (relative MSE 1), and the continuation closer to the full cache's than plain eviction."""
-    model = tiny_model("llama")
-    ids, cont = torch.randint(0, 97, (1, 40)), torch.randint(0, 97, (1, 8))
+    model = tiny_model("llama").to(device)
+    ids, cont = torch.randint(0, 97, (1, 40)).to(device), torch.randint(0, 97, (1, 8)).to(device)
     cfg = CompressConfig(ratio=0.25, method="h2o", queries="context", allocation="uniform", heldout=0.2)
     cache = compress(model, ids, cfg, progress=False)
     assert cache.budgets == [[10, 10], [10, 10]]

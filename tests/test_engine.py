@@ -36,10 +36,11 @@ def _as_prefix(keys, values):
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
-def test_shifted_block_reads_at_m_as_the_compressed_cache_reads_at_n(kind):
-    model = tiny_model(kind)
+def test_shifted_block_reads_at_m_as_the_compressed_cache_reads_at_n(kind, device):
+    model = tiny_model(kind).to(device)
     gen = torch.Generator().manual_seed(1)
     ids, q = torch.randint(0, 97, (1, 128), generator=gen), torch.randint(0, 97, (1, 12), generator=gen)
+    ids, q = ids.to(device), q.to(device)
     cache = compress(model, ids, CFG, progress=False)
     want = forward(model, q, cache.fork(), cache.n)
     keys, values = engine_block(cache, model)
