@@ -26,6 +26,8 @@ def _refused(capsys, argv) -> str:
         (["generate", "--cache", "x.kvs", "--prompt", "Q", "--prompt", " "], "--prompt 2 is empty"),
         (["generate", "--cache", "x.kvs", "--prompt", "Q", "--max-new-tokens", "0"], "must be at least 1; got 0"),
         (["generate", "--cache", "x.kvs", "--prompt", "Q", "--max-new-tokens", "-1"], "must be at least 1; got -1"),
+        (["generate", "--cache", "x.kvs", "--prompt", "Q", "--decode-budget", "64", "--every", "64"],
+         "decode_budget must be a whole number of tokens above every (64)"),
         (["eval", "--refine", "kl", "--refine-steps", "0"], "needs refine_steps >= 1"),
         (["bench", "paper", "--methods", "bogus", "--no-peers"], "unknown 'bogus'"),
     ],

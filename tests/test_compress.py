@@ -136,6 +136,11 @@ def test_cli_compress_then_generate(smollm, tmp_path, capsys):
     stop = printed.strip().split()[1]  # a word in the middle of the answer
     main(["generate", "--cache", str(out), "--prompt", prompt, "--max-new-tokens", "12", "--stop", stop])
     assert capsys.readouterr().out.rstrip("\n") == printed.split(stop)[0]
+    budget = ["--decode-budget", "8", "--every", "2"]  # the prompt and answer: 16 tokens, 8 kept
+    main(["generate", "--cache", str(out), "--prompt", prompt, "--max-new-tokens", "12", *budget])
+    assert capsys.readouterr().out.rstrip("\n") == ask(
+        model, tok, cache, prompt, 12, decode_budget=8, every=2
+    )
 
 
 @pytest.mark.parametrize(

@@ -12,6 +12,13 @@ state only: the model's attention is switched by whoever hands it a cache (:func
 :func:`kvsculpt.load_cache`, :func:`~kvsculpt.hf.decode.full_cache`; ``kvsculpt.load_model`` loads models with
 it), and saving and loading are :mod:`kvsculpt.cache_io`'s.
 
+A decode budget (:meth:`CompressedCache.fork` with ``decode_budget``) bounds the appended tokens too: while
+generating, each head keeps at most ``decode_budget`` of them. When the next tokens would pass it, the appended
+tokens are cut to ``decode_budget − every`` (room for ``every`` more before the next cut): the most recent
+``min(every, half)`` stay, and the rest are those with the most attention from the queries that have read them
+so far (the generation's own queries; the attention adds each forward's probabilities to the layer's scores).
+Cut tokens keep counting in the logical length, so new tokens keep their true positions.
+
 A block may be stored quantised (:func:`quantize_cache`, ``compress(..., kv_bits=4)``): keys and values are
 then :class:`~kvsculpt.core.quant.Quantized` (packed codes, fp16 scales and minima), and the attention
 dequantises one layer's block at a time, inside each forward; tokens appended after the block stay in the
@@ -24,8 +31,24 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .core.quant import Quantized, quantize_keys, quantize_values
-from .hf.attention import ATTENTION_NAME, BLOCK_ATTR
+from .hf.attention import ATTENTION_NAME, BLOCK_ATTR, SCORES_ATTR
 from .hf.dims import model_dims
+
+KEEP_RULES = ("attention", "recent")
+
+
+def check_decode_budget(decode_budget: int | None, every: int, keep: str = "attention") -> None:
+    """One-line errors for a decode budget that cannot work: ``every`` tokens must fit under it."""
+    if keep not in KEEP_RULES:
+        raise ValueError(f"unknown keep rule {keep!r}; choose from {', '.join(KEEP_RULES)}")
+    if decode_budget is None:
+        return
+    if not isinstance(every, int) or every < 1:
+        raise ValueError(f"every must be a whole number of tokens >= 1; got {every!r}")
+    if not isinstance(decode_budget, int) or decode_budget <= every:
+        raise ValueError(
+            f"decode_budget must be a whole number of tokens above every ({every}); got {decode_budget!r}"
+        )
 
 
 class CompressedLayer(CacheLayerMixin):
@@ -33,8 +56,10 @@ class CompressedLayer(CacheLayerMixin):
 
     is_sliding = False
 
-    def __init__(self, keys, values, lengths: list[int], bias=None, n: int = 0):
-        """``keys``, ``values``: ``[Σ m_h, d]`` tensors, or :class:`~kvsculpt.core.quant.Quantized` ones."""
+    def __init__(self, keys, values, lengths: list[int], bias=None, n: int = 0, decode_budget: int | None = None,
+                 every: int = 64, keep: str = "attention"):  # fmt: skip
+        """``keys``, ``values``: ``[Σ m_h, d]`` tensors, or :class:`~kvsculpt.core.quant.Quantized` ones;
+        ``decode_budget``, ``every``, ``keep``: see the module's docstring (None: every appended token is kept)."""
         super().__init__()
         if tuple(keys.shape) != tuple(values.shape) or len(keys.shape) != 2:
             raise ValueError(f"flat keys/values must both be [sum m, d]; got {keys.shape} and {values.shape}")
@@ -48,6 +73,10 @@ class CompressedLayer(CacheLayerMixin):
         self.dtype, self.device = keys.dtype, keys.device
         self.is_initialized = True
         self.keys = self.values = None  # appended tokens [B, Hkv, a, d], once used
+        check_decode_budget(decode_budget, every, keep)
+        self.decode_budget, self.every, self.keep = decode_budget, int(every), keep
+        self.scores = None  # [B, Hkv, a] fp32: attention each appended token has had (with a decode budget)
+        self.evicted = 0  # appended tokens cut by the decode budget (they still count in the logical length)
         self._block = (
             None  # (keys, values [Hkv, P, d], bias [Hkv, P] or None) in the model's dtype, once used
         )
@@ -88,6 +117,9 @@ class CompressedLayer(CacheLayerMixin):
             else:
                 bk, bv, bias = self.padded_block()
                 self._block = (bk.to(key_states.dtype), bv.to(value_states.dtype), bias)
+        incoming = key_states.shape[-2]
+        if self.decode_budget is not None and self.appended() + incoming > self.decode_budget:
+            self._cut(max(0, self.decode_budget - max(self.every, incoming)))
         if self.keys is None:
             self.keys, self.values = key_states, value_states
         else:
@@ -95,13 +127,37 @@ class CompressedLayer(CacheLayerMixin):
             self.values = torch.cat([self.values, value_states], dim=-2)
         keys = self.keys.view_as(self.keys)  # a fresh tensor object to carry the block
         setattr(keys, BLOCK_ATTR, self._block)
+        if self.decode_budget is not None:
+            fresh = key_states.new_zeros(key_states.shape[:-1], dtype=torch.float32)
+            self.scores = fresh if self.scores is None else torch.cat([self.scores, fresh], -1)
+            setattr(keys, SCORES_ATTR, self.scores)  # the attention adds this forward's probabilities
         return keys, self.values
+
+    def _cut(self, keep: int) -> None:
+        """Keep ``keep`` appended tokens per (row, head): the ``min(every, keep // 2)`` most recent and, of the
+        others, those with the highest scores, in their original order. O(B · Hkv · a · d)."""
+        a = self.appended()
+        if keep >= a:
+            return
+        recent = keep if self.keep == "recent" else min(self.every, keep // 2)
+        older = self.scores[..., : a - recent]
+        top = (
+            older.topk(keep - recent, dim=-1).indices.sort(-1).values
+            if keep > recent
+            else older[..., :0].long()
+        )
+        tail = torch.arange(a - recent, a, device=top.device).expand(*top.shape[:-1], recent)
+        index = torch.cat([top, tail], -1)  # [B, Hkv, keep]
+        rows = index[..., None].expand(*index.shape, self.keys.shape[-1])
+        self.keys, self.values = self.keys.gather(-2, rows), self.values.gather(-2, rows)
+        self.scores = self.scores.gather(-1, index)
+        self.evicted += a - keep
 
     def appended(self) -> int:
         return 0 if self.keys is None else self.keys.shape[-2]
 
     def get_seq_length(self) -> int:
-        return self.n + self.appended()
+        return self.n + self.evicted + self.appended()
 
     def get_mask_sizes(self, query) -> tuple[int, int]:
         """``(kv_length, kv_offset)`` for ``query``: its length (transformers ≥ 5.16) or its cache positions."""
@@ -116,6 +172,8 @@ class CompressedLayer(CacheLayerMixin):
     def crop(self, length: int) -> None:
         """Drop appended tokens: ``length < 0`` removes that many (transformers ≥ 5.16), ``length ≥ 0`` keeps the
         logical length ``length`` (the older convention). The compressed block itself cannot be cropped."""
+        if self.evicted:
+            raise ValueError("cannot crop a cache whose decode budget has cut tokens")
         keep = self.appended() + length if length < 0 else length - self.n
         if keep < 0:
             raise ValueError(f"cannot crop into the compressed block (n={self.n}, asked {length})")
@@ -123,19 +181,27 @@ class CompressedLayer(CacheLayerMixin):
             self.keys, self.values = self.keys[..., :keep, :], self.values[..., :keep, :]
 
     def reset(self) -> None:
-        self.keys = self.values = self._block = None
+        self.keys = self.values = self._block = self.scores = None
+        self.evicted = 0
 
-    def fork(self) -> CompressedLayer:
-        return CompressedLayer(self.block_keys, self.block_values, self.lengths, self.block_bias, self.n)
+    def fork(
+        self, decode_budget: int | None = None, every: int = 64, keep: str = "attention"
+    ) -> CompressedLayer:
+        return CompressedLayer(self.block_keys, self.block_values, self.lengths, self.block_bias, self.n,
+                               decode_budget, every, keep)  # fmt: skip
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         if self.keys is not None:
             self.keys = self.keys.repeat_interleave(repeats, 0)
             self.values = self.values.repeat_interleave(repeats, 0)
+            if self.scores is not None:
+                self.scores = self.scores.repeat_interleave(repeats, 0)
 
     def batch_select_indices(self, indices) -> None:
         if self.keys is not None:
             self.keys, self.values = self.keys[indices], self.values[indices]
+            if self.scores is not None:
+                self.scores = self.scores[indices]
 
     def reorder_cache(self, beam_idx) -> None:
         self.batch_select_indices(beam_idx)
@@ -201,10 +267,16 @@ class CompressedCache(Cache):
             )
         return super().update(key_states, value_states, layer_idx, cache_kwargs)
 
-    def fork(self) -> CompressedCache:
-        """A cache sharing this one's compressed block (no copy) with no appended tokens."""
+    def fork(
+        self, decode_budget: int | None = None, every: int = 64, keep: str = "attention"
+    ) -> CompressedCache:
+        """A cache sharing this one's compressed block (no copy) with no appended tokens. ``decode_budget``:
+        at most this many appended tokens per head while generating, cut every ``every`` tokens (the module's
+        docstring); each cut costs a top-k over the appended tokens' scores and a gather, per layer. ``keep``:
+        ``"attention"`` (the default rule) or ``"recent"`` (the last tokens only: StreamingLLM's rule, the
+        block standing for its sink tokens)."""
         new = CompressedCache.__new__(CompressedCache)
-        Cache.__init__(new, layers=[layer.fork() for layer in self.layers])
+        Cache.__init__(new, layers=[layer.fork(decode_budget, every, keep) for layer in self.layers])
         new._config, new.n, new.method, new.info = self._config, self.n, self.method, dict(self.info)
         new.context_ids = self.context_ids
         return new

@@ -124,8 +124,11 @@ def cmd_compress(args):
 
 
 def cmd_generate(args):
+    from .cache import check_decode_budget
+
     if (args.cache is None) == (args.store is None) or (args.store is None) != (args.doc is None):
         raise ValueError("give --cache FILE, or --store STORE with --doc ID")
+    check_decode_budget(args.decode_budget, args.every)
     for i, prompt in enumerate(args.prompt, 1):
         if not prompt.strip():
             raise ValueError(f"--prompt {i} is empty")
@@ -147,13 +150,14 @@ def cmd_generate(args):
         args.model = args.model or read_metadata(args.cache).get("model") or DEFAULT_MODEL  # the cache's own
         model, tok = _load(args)
         cache = load(args.cache, model)
-    answers = {"compressed": ask(model, tok, cache, args.prompt, args.max_new_tokens, args.stop)}
+    budget = {"decode_budget": args.decode_budget, "every": args.every}
+    answers = {"compressed": ask(model, tok, cache, args.prompt, args.max_new_tokens, args.stop, **budget)}
     if args.full:
         if cache.context_ids is None:
             raise ValueError("--full needs the context's tokens, and this cache was saved without them")
         _say(f"prefill of the full context ({cache.n} tokens) for --full")
         answers["full context"] = ask(model, tok, full_cache(model, cache.context_ids), args.prompt,
-                                      args.max_new_tokens, args.stop)  # fmt: skip
+                                      args.max_new_tokens, args.stop, **budget)  # fmt: skip
     if len(args.prompt) == 1 and not args.full:
         print(answers["compressed"][0])  # one prompt, one answer: printed as it is
         return
@@ -460,6 +464,11 @@ def build_parser(benchmarks: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--stop", default=None, help="stop when this text appears (it is not printed)")
     p.add_argument("--full", action="store_true",
                    help="also answer from the full, uncompressed context (one prefill), each answer labelled")  # fmt: skip
+    p.add_argument("--decode-budget", type=positive_int, default=None, metavar="N",
+                   help="keep at most N of each answer's tokens (prompt included) per head while generating, "
+                   "cutting to N - K every K tokens by the attention they received (default: keep all)")  # fmt: skip
+    p.add_argument("--every", type=positive_int, default=64, metavar="K",
+                   help="tokens between cuts under --decode-budget (default: %(default)s)")  # fmt: skip
     p.set_defaults(func=cmd_generate)
 
     p = command("compress-corpus", "compress many documents into a cache store, resumably, here or on Ray",

@@ -25,10 +25,13 @@ from .dims import attention_modules
 
 ATTENTION_NAME = "kvsculpt"
 BLOCK_ATTR = "kvsculpt_block"  # on a key tensor: (keys [Hkv, P, d], values [Hkv, P, d], bias [Hkv, P] | None)
+SCORES_ATTR = "kvsculpt_scores"  # on a key tensor: [B, Hkv, a] fp32, to which each forward adds its attention
 QUERY_SINK_ATTR = "_kvsculpt_query_sink"  # on an attention module: list receiving queries
 
 
-def block_attention(query, key, value, block, scale: float, rows_at_once: int = 512) -> torch.Tensor:
+def block_attention(
+    query, key, value, block, scale: float, rows_at_once: int = 512, scores=None
+) -> torch.Tensor:
     """Attention over a shared block and each row's own appended tokens: query ``[B, H, q, d]``, key/value
     ``[B, Hkv, a, d]`` (the query's tokens are the last ``q`` of the ``a``), block ``(K [Hkv, P, d],
     V [Hkv, P, d], bias [Hkv, P] or None)`` → ``[B, H, q, d]`` in the query's dtype. One softmax over ``P + a``
@@ -36,7 +39,9 @@ def block_attention(query, key, value, block, scale: float, rows_at_once: int = 
     accumulates (a bf16 block is upcast one layer at a time, transiently; nothing is kept in fp32), and
     ``rows_at_once`` queries at a time, so a long forward over a block (a part read after a compressed prefix)
     holds ``[B, H, rows_at_once, P + a]`` logits, not ``[B, H, q, P + a]``. ``block`` may also be a callable
-    returning that triple (a quantised block, dequantised here, one layer at a time)."""
+    returning that triple (a quantised block, dequantised here, one layer at a time). ``scores [B, Hkv, a]``: if
+    given, each appended key's attention probability, summed over the queries and the query heads sharing it, is
+    added to it (a decode budget's record of what the generation reads)."""
     bk, bv, bias = block() if callable(block) else block
     B, H, q, d = query.shape
     Hkv, P, a = bk.shape[0], bk.shape[1], key.shape[-2]
@@ -60,6 +65,8 @@ def block_attention(query, key, value, block, scale: float, rows_at_once: int = 
         p_block = p[..., :P].transpose(0, 1).reshape(Hkv, B * G * (j - i), P)
         o = torch.matmul(p_block, bv).view(Hkv, B, G * (j - i), d).transpose(0, 1)
         o = o + torch.matmul(p[..., P:], v[..., :seen, :])
+        if scores is not None:
+            scores[..., :seen] += p[..., P:].sum(2).float()
         out[:, :, i:j] = o.reshape(B, H, j - i, d).to(query.dtype)
     return out
 
@@ -73,9 +80,8 @@ def kvsculpt_attention(module, query, key, value, attention_mask, scaling=None, 
     block = getattr(key, BLOCK_ATTR, None)
     q_len, kv_len = query.shape[-2], key.shape[-2]
     if block is not None:
-        out = block_attention(
-            query, key, value, block, query.shape[-1] ** -0.5 if scaling is None else scaling
-        )
+        out = block_attention(query, key, value, block, query.shape[-1] ** -0.5 if scaling is None else scaling,
+                              scores=getattr(key, SCORES_ATTR, None))  # fmt: skip
     elif q_len == kv_len:
         out = F.scaled_dot_product_attention(
             query, key, value, is_causal=True, scale=scaling, enable_gqa=True

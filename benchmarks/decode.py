@@ -1,0 +1,168 @@
+"""Compress while generating: a decode budget against the full cache over the model's own long generation.
+
+    python benchmarks/decode.py --models smollm2-135m --generate 1024 --out benchmarks/results/decode_smollm2
+    python benchmarks/decode.py --smoke --out /tmp/decode      # a tiny random model: the script's own check
+
+For each model: the first ``--context-tokens`` tokens of a shipped text, then a prompt that makes the model
+write at length (a step-by-step explanation). The context is kept whole (its full cache), so only the generated
+part is compressed. The model first generates ``--generate`` greedy tokens from the full cache (the teacher).
+Each budgeted run then reads those same tokens one at a time (teacher-forced), on a fork with
+``decode_budget = budget · generated`` and ``every = K``. It records the KL of its next-token distributions
+against the teacher's at every position, greedy agreement (its argmax equals the teacher's token), tokens per
+second and peak memory. The peer is StreamingLLM's rule on the same budget (``keep="recent"``: the last tokens,
+the context standing for its sinks). Rows go to OUT.jsonl, one per run, so a rerun skips what is there; OUT.md
+has the table and OUT.png the KL curves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+PROMPT = ("\n\nQuestion: Explain, step by step and in detail, what the text above does, part by part, and why."
+          "\nAnswer: Let us go through it step by step.\n\nStep 1:")  # fmt: skip
+TEXTS = {"smollm2-135m": "openai_agents_sandbox_guide", "qwen2.5-coder-0.5b": "openai_agents_run_loop"}
+
+
+@torch.inference_mode()
+def read(model, cache, start: int, prompt: torch.Tensor, tokens: list[int]):
+    """Feed ``prompt [1, q]`` then ``tokens`` one at a time on ``cache`` (logical length ``start``): the
+    log-probabilities ``[T, vocab]`` before each token, the seconds of the token-by-token part, the peak memory."""
+    from kvsculpt.compress import PeakMemory
+    from kvsculpt.hf.decode import forward
+
+    out = [forward(model, prompt, cache, start, last_only=True)[0, -1].float().log_softmax(-1)]
+    pos = start + prompt.shape[1]
+    with PeakMemory(model.device) as peak:
+        t0 = time.perf_counter()
+        for t in tokens[:-1]:
+            out.append(forward(model, torch.tensor([[t]], device=model.device), cache, pos, last_only=True)[0, -1]
+                       .float().log_softmax(-1))  # fmt: skip
+            pos += 1
+        seconds = time.perf_counter() - t0
+    return torch.stack(out), seconds, peak.extra
+
+
+@torch.inference_mode()
+def teacher(model, cache, start: int, prompt: torch.Tensor, steps: int) -> list[int]:
+    """The full cache's greedy continuation of ``prompt``: ``steps`` token ids."""
+    from kvsculpt.hf.decode import decode
+
+    return decode(model, cache, prompt, start, steps)[0].tolist()
+
+
+def run_model(name: str, args, done: dict, jsonl: Path) -> None:
+    from kvsculpt.eval.texts import load_text
+    from kvsculpt.hf.decode import full_cache, text_ids
+    from kvsculpt.hf.models import encode, load_model
+
+    if args.smoke:
+        sys.path.insert(0, str(ROOT))
+        from tests.conftest import tiny_model
+
+        model, ids, prompt = (
+            tiny_model("llama"),
+            torch.randint(0, 97, (1, args.context_tokens)),
+            torch.tensor([[5, 6]]),
+        )
+    else:
+        model, tok = load_model(name, dtype=args.dtype)
+        ids = encode(tok, load_text(TEXTS[name]))[:, : args.context_tokens]
+        prompt = text_ids(tok, PROMPT)
+    n, T = ids.shape[1], args.generate
+    context = full_cache(model, ids)
+    tokens = teacher(model, context.fork(), n, prompt, T)
+    ref, ref_s, ref_peak = read(model, context.fork(), n, prompt, tokens)
+    base = {"model": name, "n": n, "generated": T, "prompt_tokens": prompt.shape[1], "dtype": args.dtype}
+
+    def add(row):
+        done[(row["model"], row["rule"], row["budget"], row["every"])] = row
+        with jsonl.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(json.dumps({k: row[k] for k in ("model", "rule", "budget", "every", "kl", "agree", "tokens_per_s")}),
+              flush=True)  # fmt: skip
+
+    if (name, "full", 1.0, 0) not in done:
+        add({**base, "rule": "full", "budget": 1.0, "every": 0, "kl": 0.0, "kl_worst_block": 0.0, "agree": 1.0,
+             "tokens_per_s": (T - 1) / ref_s, "peak_extra_bytes": ref_peak, "kept_end": prompt.shape[1] + T})  # fmt: skip
+    for rule in ("attention", "recent"):
+        for frac in args.budgets:
+            for every in args.every:
+                budget = max(2, round(frac * T))
+                if every >= budget or (name, rule, frac, every) in done:
+                    continue
+                cache = context.fork(decode_budget=budget, every=every, keep=rule)
+                got, seconds, peak = read(model, cache, n, prompt, tokens)
+                kl = (ref.exp() * (ref - got)).sum(-1)  # [T]
+                blocks = (
+                    kl[: len(kl) // 128 * 128].view(-1, 128).mean(-1) if len(kl) >= 128 else kl[None].mean(-1)
+                )
+                add({**base, "rule": rule, "budget": frac, "every": every, "budget_tokens": budget,
+                     "kl": float(kl.mean()), "kl_worst_block": float(blocks.max()),
+                     "kl_last_quarter": float(kl[-len(kl) // 4 :].mean()),
+                     "agree": float((got.argmax(-1) == torch.tensor(tokens)).float().mean()),
+                     "tokens_per_s": (T - 1) / seconds, "peak_extra_bytes": peak,
+                     "kept_end": max(layer.appended() for layer in cache.layers)})  # fmt: skip
+
+
+def report(rows: list[dict], args, out: Path) -> None:
+    lines = [f"# Compress while generating ({', '.join(sorted({r['model'] for r in rows}))})", "",
+             f"Command: `python benchmarks/decode.py {' '.join(args.argv)}`", "",
+             "The context is kept whole; the generated tokens are compressed. KL: mean over the generated positions "
+             "of KL(full-cache run ‖ budgeted run), teacher-forced on the full cache's greedy tokens; worst 128: the "
+             "worst block of 128 positions; agree: greedy agreement with the full cache's tokens. Budget: the "
+             "fraction of the generated length kept per head (the prompt's tokens count in it). `attention`: "
+             "kvsculpt's rule (the most-read tokens and the `min(K, half)` most recent); `recent`: StreamingLLM's "
+             "(the last tokens). One core, this machine.", "",
+             "| model | rule | budget | every K | KL | worst 128 | last quarter | agree | tokens/s | kept at the end |",
+             "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in sorted(
+        rows, key=lambda r: (r["model"], r["rule"] != "full", r["budget"], r["every"], r["rule"])
+    ):
+        lines.append(f"| {r['model']} | {r['rule']} | {r['budget']:.0%} | {r['every'] or '–'} | {r['kl']:.4f} | "
+                     f"{r['kl_worst_block']:.4f} | {r.get('kl_last_quarter', 0.0):.4f} | {r['agree']:.3f} | "
+                     f"{r['tokens_per_s']:.1f} | {r['kept_end']} |")  # fmt: skip
+    (out.parent / (out.name + ".md")).write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=list(TEXTS), choices=list(TEXTS), help="packaged models")
+    ap.add_argument("--context-tokens", type=int, default=1024, help="context length (default: %(default)s)")
+    ap.add_argument("--generate", type=int, default=1024, help="generated tokens (default: %(default)s)")
+    ap.add_argument("--budgets", type=float, nargs="+", default=[0.1, 0.2, 0.3],
+                    help="kept fractions of the generated length (default: %(default)s)")  # fmt: skip
+    ap.add_argument("--every", type=int, nargs="+", default=[64, 256], help="K (default: %(default)s)")
+    ap.add_argument("--dtype", default=None, help="model dtype (default: fp32 on a CPU)")
+    ap.add_argument(
+        "--smoke", action="store_true", help="a tiny random model, 40 context and 96 generated tokens"
+    )
+    ap.add_argument("--out", default="benchmarks/results/decode_cpu", help="OUT.jsonl and OUT.md")
+    args = ap.parse_args(argv)
+    args.argv = argv if argv is not None else sys.argv[1:]
+    if args.smoke:
+        args.models, args.context_tokens, args.generate, args.every = ["smoke"], 40, 96, [8, 32]
+    out = Path(args.out)
+    jsonl = out.parent / (out.name + ".jsonl")
+    jsonl.parent.mkdir(parents=True, exist_ok=True)
+    done = {}
+    if jsonl.exists():
+        for line in jsonl.read_text().splitlines():
+            r = json.loads(line)
+            done[(r["model"], r["rule"], r["budget"], r["every"])] = r
+    for name in args.models:
+        run_model(name, args, done, jsonl)
+    report(list(done.values()), args, out)
+
+
+if __name__ == "__main__":
+    main()
