@@ -81,7 +81,9 @@ def run_model(name: str, args, done: dict, jsonl: Path) -> None:
     context = full_cache(model, ids)
     tokens = teacher(model, context.fork(), n, prompt, T)
     ref, ref_s, ref_peak = read(model, context.fork(), n, prompt, tokens)
-    base = {"model": name, "n": n, "generated": T, "prompt_tokens": prompt.shape[1], "dtype": args.dtype}
+    grams = {tuple(tokens[i : i + 4]) for i in range(len(tokens) - 3)}
+    base = {"model": name, "n": n, "generated": T, "prompt_tokens": prompt.shape[1], "dtype": args.dtype,
+            "distinct_4grams": len(grams) / max(1, len(tokens) - 3)}  # low: the generation repeats itself  # fmt: skip
 
     def add(row):
         done[(row["model"], row["rule"], row["budget"], row["every"])] = row
@@ -91,7 +93,8 @@ def run_model(name: str, args, done: dict, jsonl: Path) -> None:
               flush=True)  # fmt: skip
 
     if (name, "full", 1.0, 0) not in done:
-        add({**base, "rule": "full", "budget": 1.0, "every": 0, "kl": 0.0, "kl_worst_block": 0.0, "agree": 1.0,
+        text = "" if args.smoke else tok.decode(tokens[:200])
+        add({**base, "teacher_head": text, "rule": "full", "budget": 1.0, "every": 0, "kl": 0.0, "kl_worst_block": 0.0, "agree": 1.0,
              "tokens_per_s": (T - 1) / ref_s, "peak_extra_bytes": ref_peak, "kept_end": prompt.shape[1] + T})  # fmt: skip
     for rule in ("attention", "recent"):
         for frac in args.budgets:
