@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -32,23 +31,14 @@ PROMPT = ("\n\nQuestion: Explain, step by step and in detail, what the text abov
 TEXTS = {"smollm2-135m": "openai_agents_sandbox_guide", "qwen2.5-coder-0.5b": "openai_agents_run_loop"}
 
 
-@torch.inference_mode()
 def read(model, cache, start: int, prompt: torch.Tensor, tokens: list[int]):
-    """Feed ``prompt [1, q]`` then ``tokens`` one at a time on ``cache`` (logical length ``start``): the
-    log-probabilities ``[T, vocab]`` before each token, the seconds of the token-by-token part, the peak memory."""
+    """:func:`kvsculpt.hf.decode.read_tokens` with the peak memory of its token-by-token part."""
     from kvsculpt.compress import PeakMemory
-    from kvsculpt.hf.decode import forward
+    from kvsculpt.hf.decode import read_tokens
 
-    out = [forward(model, prompt, cache, start, last_only=True)[0, -1].float().log_softmax(-1)]
-    pos = start + prompt.shape[1]
     with PeakMemory(model.device) as peak:
-        t0 = time.perf_counter()
-        for t in tokens[:-1]:
-            out.append(forward(model, torch.tensor([[t]], device=model.device), cache, pos, last_only=True)[0, -1]
-                       .float().log_softmax(-1))  # fmt: skip
-            pos += 1
-        seconds = time.perf_counter() - t0
-    return torch.stack(out), seconds, peak.extra
+        logprobs, seconds = read_tokens(model, cache, start, prompt, tokens)
+    return logprobs, seconds, peak.extra
 
 
 @torch.inference_mode()
@@ -60,6 +50,7 @@ def teacher(model, cache, start: int, prompt: torch.Tensor, steps: int) -> list[
 
 
 def run_model(name: str, args, done: dict, jsonl: Path) -> None:
+    from kvsculpt.eval.metrics import read_agreement
     from kvsculpt.eval.texts import load_text
     from kvsculpt.hf.decode import full_cache, text_ids
     from kvsculpt.hf.models import encode, load_model
@@ -75,12 +66,15 @@ def run_model(name: str, args, done: dict, jsonl: Path) -> None:
         )
     else:
         model, tok = load_model(name, dtype=args.dtype)
-        ids = encode(tok, load_text(TEXTS[name]))[:, : args.context_tokens]
+        ids = encode(tok, load_text(args.text or TEXTS[name]))[:, : args.context_tokens]
         prompt = text_ids(tok, PROMPT)
     n, T = ids.shape[1], args.generate
     context = full_cache(model, ids)
     tokens = teacher(model, context.fork(), n, prompt, T)
-    ref, ref_s, ref_peak = read(model, context.fork(), n, prompt, tokens)
+    cells = [(rule, frac, every) for rule in args.rules for frac in args.budgets for every in args.every
+             if every < max(2, round(frac * T)) and (name, rule, frac, every) not in done]  # fmt: skip
+    if cells or (name, "full", 1.0, 0) not in done:  # the full cache's own read: the reference
+        ref, ref_s, ref_peak = read(model, context.fork(), n, prompt, tokens)
     grams = {tuple(tokens[i : i + 4]) for i in range(len(tokens) - 3)}
     base = {"model": name, "n": n, "generated": T, "prompt_tokens": prompt.shape[1], "dtype": args.dtype,
             "distinct_4grams": len(grams) / max(1, len(tokens) - 3)}  # low: the generation repeats itself  # fmt: skip
@@ -96,24 +90,43 @@ def run_model(name: str, args, done: dict, jsonl: Path) -> None:
         text = "" if args.smoke else tok.decode(tokens[:200])
         add({**base, "teacher_head": text, "rule": "full", "budget": 1.0, "every": 0, "kl": 0.0, "kl_worst_block": 0.0, "agree": 1.0,
              "tokens_per_s": (T - 1) / ref_s, "peak_extra_bytes": ref_peak, "kept_end": prompt.shape[1] + T})  # fmt: skip
-    for rule in ("attention", "recent"):
-        for frac in args.budgets:
-            for every in args.every:
-                budget = max(2, round(frac * T))
-                if every >= budget or (name, rule, frac, every) in done:
-                    continue
-                cache = context.fork(decode_budget=budget, every=every, keep=rule)
-                got, seconds, peak = read(model, cache, n, prompt, tokens)
-                kl = (ref.exp() * (ref - got)).sum(-1)  # [T]
-                blocks = (
-                    kl[: len(kl) // 128 * 128].view(-1, 128).mean(-1) if len(kl) >= 128 else kl[None].mean(-1)
-                )
-                add({**base, "rule": rule, "budget": frac, "every": every, "budget_tokens": budget,
-                     "kl": float(kl.mean()), "kl_worst_block": float(blocks.max()),
-                     "kl_last_quarter": float(kl[-len(kl) // 4 :].mean()),
-                     "agree": float((got.argmax(-1) == torch.tensor(tokens)).float().mean()),
-                     "tokens_per_s": (T - 1) / seconds, "peak_extra_bytes": peak,
-                     "kept_end": max(layer.appended() for layer in cache.layers)})  # fmt: skip
+    for rule, frac, every in cells:
+        budget = max(2, round(frac * T))
+        keep, _, refit = rule.partition("+")
+        cache = context.fork(decode_budget=budget, every=every, keep=keep, refit=refit == "refit")
+        got, seconds, peak = read(model, cache, n, prompt, tokens)
+        add({**base, "rule": rule, "budget": frac, "every": every, "budget_tokens": budget,
+             **read_agreement(ref, got, tokens), "tokens_per_s": (T - 1) / seconds, "peak_extra_bytes": peak,
+             "kept_end": max(layer.appended() for layer in cache.layers)})  # fmt: skip
+    if not args.smoke:
+        run_peers(name, args, done, add, ids, prompt, tokens, base)
+
+
+def run_peers(name: str, args, done: dict, add, context_ids, prompt, tokens, base: dict) -> None:
+    """kvpress's DecodingPress on each (budget, K) cell, at the same largest cache: the whole cache (context
+    included) is compressed to ``n + budget − K`` every K steps, so it holds at most ``n + budget`` tokens, as a
+    fork with ``decode_budget = budget`` does."""
+    from kvsculpt.bench import peers
+
+    n, T = context_ids.shape[1], len(tokens)
+    configs = []
+    for frac in args.budgets:
+        for every in args.every:
+            budget = max(2, round(frac * T))
+            for press in args.peers:
+                if every < budget and (name, f"kvpress.DecodingPress({press})", frac, every) not in done:
+                    configs.append({"base": press, "every": every, "budget": frac, "budget_tokens": budget,
+                                    "target_size": n + budget - every})  # fmt: skip
+    if not configs:
+        return
+    if not peers.available():
+        print("kvpress is not installed (`make peers`): the DecodingPress peers are skipped", flush=True)
+        return
+
+    def row(r):
+        add({**base, **r, "rule": r["method"], "kept_end": r["kept_end"] - n, "peak_extra_bytes": None})
+
+    peers.read_with_decoding_presses(name, context_ids, prompt, tokens, configs, on_row=row, dtype=args.dtype)
 
 
 def report(rows: list[dict], args, out: Path) -> None:
@@ -123,15 +136,18 @@ def report(rows: list[dict], args, out: Path) -> None:
              "of KL(full-cache run ‖ budgeted run), teacher-forced on the full cache's greedy tokens; worst 128: the "
              "worst block of 128 positions; agree: greedy agreement with the full cache's tokens. Budget: the "
              "fraction of the generated length kept per head (the prompt's tokens count in it). `attention`: "
-             "kvsculpt's rule (the most-read tokens and the `min(K, half)` most recent); `recent`: StreamingLLM's "
-             "(the last tokens). One core, this machine.", "",
+             "kvsculpt's rule (the most-read tokens and the `min(K, half)` most recent); `+refit`: the kept values "
+             "refitted at each cut (the library's default); `recent`: StreamingLLM's (the last tokens); "
+             "`kvpress.DecodingPress(X)`: kvpress's decoding press with scorer X, compressing the whole cache "
+             "(context included) to n + budget − K every K steps (the same largest cache; kept: its tokens beyond n "
+             "at the end). One core, this machine.", "",
              "| model | rule | budget | every K | KL | worst 128 | last quarter | agree | tokens/s | kept at the end |",
              "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in sorted(
         rows, key=lambda r: (r["model"], r["rule"] != "full", r["budget"], r["every"], r["rule"])
     ):
-        lines.append(f"| {r['model']} | {r['rule']} | {r['budget']:.0%} | {r['every'] or '–'} | {r['kl']:.4f} | "
-                     f"{r['kl_worst_block']:.4f} | {r.get('kl_last_quarter', 0.0):.4f} | {r['agree']:.3f} | "
+        lines.append(f"| {r['model']} | {r['rule']} | {r['budget']:.0%} | {r['every'] or '–'} | {r['kl']:.3g} | "
+                     f"{r['kl_worst_block']:.3g} | {r.get('kl_last_quarter', 0.0):.3g} | {r['agree']:.3f} | "
                      f"{r['tokens_per_s']:.1f} | {r['kept_end']} |")  # fmt: skip
     (out.parent / (out.name + ".md")).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
@@ -145,13 +161,23 @@ def main(argv=None) -> None:
     ap.add_argument("--budgets", type=float, nargs="+", default=[0.1, 0.2, 0.3],
                     help="kept fractions of the generated length (default: %(default)s)")  # fmt: skip
     ap.add_argument("--every", type=int, nargs="+", default=[64, 256], help="K (default: %(default)s)")
+    ap.add_argument("--rules", nargs="+", default=["attention+refit", "attention", "recent"],
+                    help="keep rules (attention, recent), each with +refit to refit the kept values at each cut "
+                    "(default: %(default)s)")  # fmt: skip
+    ap.add_argument("--peers", nargs="*", default=["TOVAPress", "KnormPress"], metavar="PRESS",
+                    help="kvpress scorer presses run inside kvpress's DecodingPress as peers, in kvpress's own "
+                    "environment (default: %(default)s; none with a bare --peers)")  # fmt: skip
+    ap.add_argument("--text", default=None, help="the shipped text (default: one per model)")
     ap.add_argument("--dtype", default=None, help="model dtype (default: fp32 on a CPU)")
     ap.add_argument(
         "--smoke", action="store_true", help="a tiny random model, 40 context and 96 generated tokens"
     )
     ap.add_argument("--out", default="benchmarks/results/decode_cpu", help="OUT.jsonl and OUT.md")
+    ap.add_argument(
+        "--report-only", action="store_true", help="rewrite OUT.md from OUT.jsonl, running nothing"
+    )
     args = ap.parse_args(argv)
-    args.argv = argv if argv is not None else sys.argv[1:]
+    args.argv = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--report-only"]
     if args.smoke:
         args.models, args.context_tokens, args.generate, args.every = ["smoke"], 40, 96, [8, 32]
     out = Path(args.out)
@@ -162,7 +188,7 @@ def main(argv=None) -> None:
         for line in jsonl.read_text().splitlines():
             r = json.loads(line)
             done[(r["model"], r["rule"], r["budget"], r["every"])] = r
-    for name in args.models:
+    for name in [] if args.report_only else args.models:
         run_model(name, args, done, jsonl)
     report(list(done.values()), args, out)
 

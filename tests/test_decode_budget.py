@@ -130,7 +130,91 @@ def test_the_decode_benchmark_runs_and_resumes(tmp_path):
     full = [r for r in rows if r["rule"] == "full"]
     assert len(full) == 1 and full[0]["kl"] == 0.0
     budgeted = [r for r in rows if r["rule"] != "full"]
-    assert len(budgeted) == 2 * 3  # two rules × three budgets at K = 8; K = 32 is above every budget
+    assert len(budgeted) == 3 * 3  # three rules × three budgets at K = 8; K = 32 is above every budget
     assert all(r["kept_end"] <= r["budget_tokens"] and r["kl"] > 0 for r in budgeted)
     bench.main(["--smoke", "--out", str(tmp_path / "d")])
     assert len((tmp_path / "d.jsonl").read_text().splitlines()) == len(rows)
+
+
+def test_refit_reproduces_the_window_queries_outputs_better_than_copied_values(compressed):
+    """At the first cut, refitted values must bring the latest queries' attention outputs (over the block and
+    the kept tokens) closer to their outputs over the block and every appended token than the copied values do,
+    in every layer; refit changes values, not the selection. Outputs are recomputed here by the layer's own
+    block attention (causal over the appended tokens)."""
+    from kvsculpt.hf.attention import block_attention
+
+    model, cache = compressed
+    c = cache.fork(decode_budget=12, every=4)  # refit is the default
+    seen = {}
+    for li, layer in enumerate(c.layers):
+        fit = layer._refit
+
+        def spy(index, kept, li=li, layer=layer, fit=fit):
+            queries = torch.cat([q for q, _ in layer.read_by], -2)[:, :, -layer.every :]
+            before = (layer.keys.clone(), layer.values.clone(), layer.read_by[-1][1])
+            out = fit(index, kept)
+            seen.setdefault(li, (queries, before, index, kept, out))
+            return out
+
+        layer._refit = spy
+    tokens = torch.randint(0, 97, (1, 14), generator=torch.Generator().manual_seed(4))
+    plain = cache.fork(decode_budget=12, every=4, refit=False)
+    with torch.inference_mode():
+        for step in range(14):  # the 13th token passes the budget: one cut
+            forward(model, tokens[:, step : step + 1], c, N + step)
+            forward(model, tokens[:, step : step + 1], plain, N + step)
+    assert sorted(seen) == list(range(len(c.layers)))
+    for li, (queries, (keys, values, scale), index, copied, fitted) in seen.items():
+        block = c.layers[li].padded_block()
+        want = block_attention(queries, keys, values, block, scale)
+        rows = index[..., None].expand(*index.shape, keys.shape[-1])
+        kept_keys = keys.gather(-2, rows)
+        err_copied = (block_attention(queries, kept_keys, copied, block, scale) - want).norm()
+        err_fitted = (block_attention(queries, kept_keys, fitted, block, scale) - want).norm()
+        assert err_fitted < 0.8 * err_copied, (li, float(err_fitted), float(err_copied))
+    # layer 0's queries do not depend on any value, so it keeps the same tokens with or without refit
+    assert torch.equal(plain.layers[0].keys, c.layers[0].keys)
+    assert not torch.equal(plain.layers[0].values, c.layers[0].values)
+
+
+@pytest.mark.skipif(
+    not __import__("kvsculpt.bench.peers", fromlist=["available"]).available(),
+    reason="kvpress's environment is not built (make peers)",
+)
+def test_kvpress_decoding_press_peer_reads_as_the_full_cache_when_its_target_holds_everything():
+    """The peer job reads the same tokens twice in kvpress's process: with a target above the sequence the
+    press never cuts, so its log-probabilities equal the full cache's exactly (KL 0, every block); with a small
+    target the cache ends within target + K and the KL is no longer 0."""
+    from kvsculpt.bench import peers
+
+    g = torch.Generator().manual_seed(0)
+    ctx, prompt = (
+        torch.randint(100, 5000, (1, 64), generator=g),
+        torch.randint(100, 5000, (1, 4), generator=g),
+    )
+    tokens = torch.randint(100, 5000, (24,), generator=g).tolist()
+    rows = peers.read_with_decoding_presses("smollm2-135m", ctx, prompt, tokens, [
+        {"base": "KnormPress", "every": 8, "target_size": 64 + 100}, {"base": "KnormPress", "every": 8, "target_size": 48},
+    ])  # fmt: skip
+    whole, small = rows
+    assert whole["kl"] == 0.0 and whole["kl_worst_block"] == 0.0 and whole["kept_end"] == 64 + 4 + 24 - 1
+    assert small["kept_end"] <= 48 + 8 and small["kl"] > 1e-4
+
+
+def test_a_refitting_budget_treats_each_row_of_a_batch_as_alone(compressed):
+    """Two equal rows generated together under a refitting budget give the same tokens as one row alone (the
+    batch path of the cuts and fits computes what the single-row path does), and beam search, which reorders
+    the rows and their stored queries, runs."""
+    model, cache = compressed
+    prompt = torch.randint(0, 97, (1, 5), generator=torch.Generator().manual_seed(1))
+    ids = torch.cat([torch.zeros(1, N, dtype=torch.long), prompt], 1)
+    kw = dict(max_new_tokens=30, min_new_tokens=30, do_sample=False, pad_token_id=0)
+    pair = model.generate(ids.repeat(2, 1), attention_mask=torch.ones(2, ids.shape[1], dtype=torch.long),
+                          past_key_values=cache.fork(decode_budget=12, every=4), **kw)  # fmt: skip
+    one = model.generate(
+        ids, attention_mask=torch.ones_like(ids), past_key_values=cache.fork(decode_budget=12, every=4), **kw
+    )
+    assert torch.equal(pair[0], one[0]) and torch.equal(pair[1], one[0])
+    beams = model.generate(ids, attention_mask=torch.ones_like(ids), num_beams=2,
+                           past_key_values=cache.fork(decode_budget=12, every=4), **kw)  # fmt: skip
+    assert beams.shape == (1, ids.shape[1] + 30)

@@ -17,6 +17,9 @@ generating, each head keeps at most ``decode_budget`` of them. When the next tok
 tokens are cut to ``decode_budget − every`` (room for ``every`` more before the next cut): the most recent
 ``min(every, half)`` stay, and the rest are those with the most attention from the queries that have read them
 so far (the generation's own queries; the attention adds each forward's probabilities to the layer's scores).
+Then, unless ``refit=False``, the kept tokens' values are refitted by ridge least squares (toward their copies)
+so that the latest ``every`` queries read from the block and the kept tokens what they read from the block and
+every appended token: the cut tokens' contribution moves into the kept ones (distillation, not eviction).
 Cut tokens keep counting in the logical length, so new tokens keep their true positions.
 
 A block may be stored quantised (:func:`quantize_cache`, ``compress(..., kv_bits=4)``): keys and values are
@@ -30,11 +33,13 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from .core.fit import ridge_values
 from .core.quant import Quantized, quantize_keys, quantize_values
-from .hf.attention import ATTENTION_NAME, BLOCK_ATTR, SCORES_ATTR
+from .hf.attention import ATTENTION_NAME, BLOCK_ATTR, QUERIES_ATTR, SCORES_ATTR
 from .hf.dims import model_dims
 
 KEEP_RULES = ("attention", "recent")
+REFIT_LAM = 1.0  # ridge strength of the refit at a cut (relative to mean diag AᵀA; chosen on tuning texts, docs/decode.md)
 
 
 def check_decode_budget(decode_budget: int | None, every: int, keep: str = "attention") -> None:
@@ -57,7 +62,7 @@ class CompressedLayer(CacheLayerMixin):
     is_sliding = False
 
     def __init__(self, keys, values, lengths: list[int], bias=None, n: int = 0, decode_budget: int | None = None,
-                 every: int = 64, keep: str = "attention"):  # fmt: skip
+                 every: int = 64, keep: str = "attention", refit: bool = True):  # fmt: skip
         """``keys``, ``values``: ``[Σ m_h, d]`` tensors, or :class:`~kvsculpt.core.quant.Quantized` ones;
         ``decode_budget``, ``every``, ``keep``: see the module's docstring (None: every appended token is kept)."""
         super().__init__()
@@ -74,7 +79,9 @@ class CompressedLayer(CacheLayerMixin):
         self.is_initialized = True
         self.keys = self.values = None  # appended tokens [B, Hkv, a, d], once used
         check_decode_budget(decode_budget, every, keep)
-        self.decode_budget, self.every, self.keep = decode_budget, int(every), keep
+        self.decode_budget, self.every, self.keep, self.refit = decode_budget, int(every), keep, bool(refit)
+        self.born = None  # [B, Hkv, a] logical positions of the appended tokens (with a decode budget)
+        self.read_by = []  # (queries [B, H, q, d], scale): the generation's latest queries (with refit)
         self.scores = None  # [B, Hkv, a] fp32: attention each appended token has had (with a decode budget)
         self.evicted = 0  # appended tokens cut by the decode budget (they still count in the logical length)
         self._block = (
@@ -131,11 +138,19 @@ class CompressedLayer(CacheLayerMixin):
             fresh = key_states.new_zeros(key_states.shape[:-1], dtype=torch.float32)
             self.scores = fresh if self.scores is None else torch.cat([self.scores, fresh], -1)
             setattr(keys, SCORES_ATTR, self.scores)  # the attention adds this forward's probabilities
+            end = self.get_seq_length()
+            born = torch.arange(end - incoming, end, device=key_states.device).expand(
+                *key_states.shape[:2], -1
+            )
+            self.born = born if self.born is None else torch.cat([self.born, born], -1)
+            if self.refit:
+                setattr(keys, QUERIES_ATTR, self.read_by)  # the attention appends (queries, scale)
         return keys, self.values
 
     def _cut(self, keep: int) -> None:
         """Keep ``keep`` appended tokens per (row, head): the ``min(every, keep // 2)`` most recent and, of the
-        others, those with the highest scores, in their original order. O(B · Hkv · a · d)."""
+        others, those with the highest scores, in their original order; with ``refit``, the kept values are
+        refitted (:meth:`_refit`). O(B · Hkv · a · d) for the cut itself."""
         a = self.appended()
         if keep >= a:
             return
@@ -149,9 +164,50 @@ class CompressedLayer(CacheLayerMixin):
         tail = torch.arange(a - recent, a, device=top.device).expand(*top.shape[:-1], recent)
         index = torch.cat([top, tail], -1)  # [B, Hkv, keep]
         rows = index[..., None].expand(*index.shape, self.keys.shape[-1])
-        self.keys, self.values = self.keys.gather(-2, rows), self.values.gather(-2, rows)
+        kept_values = self.values.gather(-2, rows)
+        if self.refit and self.read_by:
+            kept_values = self._refit(index, kept_values)
+        self.keys, self.values = self.keys.gather(-2, rows), kept_values
         self.scores = self.scores.gather(-1, index)
+        self.born = self.born.gather(-1, index)
         self.evicted += a - keep
+
+    def _refit(self, index, kept_values, lam: float = REFIT_LAM):
+        """Refit the kept values so that, for the generation's latest queries (up to ``every`` of them, each
+        query head), the layer's attention output over the block and the kept tokens equals its output over the
+        block and every appended token, in least squares (:func:`~kvsculpt.core.fit.ridge_values`, shrunk toward
+        the copied values). Each query sees the appended tokens up to its own position. O(B · H · every ·
+        (P + a) · d) for the outputs plus a ridge solve of size ``keep`` per head. Returns ``[B, Hkv, keep, d]``."""
+        queries = torch.cat([q for q, _ in self.read_by], -2)[:, :, -self.every :]  # [B, H, W, d]
+        scale = self.read_by[-1][1]
+        self.read_by.clear()
+        B, H, W, d = queries.shape
+        Hkv = self.keys.shape[1]
+        G, f32 = H // Hkv, torch.float32
+        end = self.get_seq_length()
+        q_pos = torch.arange(end - W, end, device=queries.device)  # the queries' own positions
+        bk, bv, bias = self._block() if callable(self._block) else self._block
+        out = []
+        for b in range(B):
+            q = queries[b].to(f32).reshape(Hkv, G * W, d) * scale  # [Hkv, N, d]
+            seen = self.born[b][:, None, :] <= q_pos.repeat(G)[None, :, None]  # [Hkv, N, a]
+            s_blk = q @ bk.to(f32).transpose(-1, -2)
+            if bias is not None:
+                s_blk = s_blk + bias.to(f32)[:, None]
+            s_app = (q @ self.keys[b].to(f32).transpose(-1, -2)).masked_fill(~seen, float("-inf"))
+            lse_blk, lse_app = s_blk.logsumexp(-1), s_app.logsumexp(-1)  # [Hkv, N]
+            o_blk = torch.softmax(s_blk, -1) @ bv.to(f32)
+            o_app = torch.softmax(s_app, -1).nan_to_num() @ self.values[b].to(f32)
+            w_app = torch.sigmoid(lse_app - lse_blk)[..., None]
+            o_full = w_app * o_app + (1 - w_app) * o_blk
+            s_kept = s_app.gather(-1, index[b][:, None, :].expand(-1, G * W, -1))  # [Hkv, N, keep]
+            lse_kept = s_kept.logsumexp(-1)
+            w_kept = torch.sigmoid(lse_kept - lse_blk)[..., None]  # 0 where no kept token is seen
+            A = torch.softmax(s_kept, -1).nan_to_num() * w_kept
+            target = o_full - (1 - w_kept) * o_blk
+            fitted = ridge_values(A, target, lam, prior=kept_values[b].to(f32))
+            out.append(fitted.to(kept_values.dtype))
+        return torch.stack(out)
 
     def appended(self) -> int:
         return 0 if self.keys is None else self.keys.shape[-2]
@@ -181,14 +237,15 @@ class CompressedLayer(CacheLayerMixin):
             self.keys, self.values = self.keys[..., :keep, :], self.values[..., :keep, :]
 
     def reset(self) -> None:
-        self.keys = self.values = self._block = self.scores = None
+        self.keys = self.values = self._block = self.scores = self.born = None
+        self.read_by = []
         self.evicted = 0
 
     def fork(
-        self, decode_budget: int | None = None, every: int = 64, keep: str = "attention"
+        self, decode_budget: int | None = None, every: int = 64, keep: str = "attention", refit: bool = True
     ) -> CompressedLayer:
         return CompressedLayer(self.block_keys, self.block_values, self.lengths, self.block_bias, self.n,
-                               decode_budget, every, keep)  # fmt: skip
+                               decode_budget, every, keep, refit)  # fmt: skip
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         if self.keys is not None:
@@ -196,12 +253,15 @@ class CompressedLayer(CacheLayerMixin):
             self.values = self.values.repeat_interleave(repeats, 0)
             if self.scores is not None:
                 self.scores = self.scores.repeat_interleave(repeats, 0)
+                self.born = self.born.repeat_interleave(repeats, 0)
+                self.read_by[:] = [(q.repeat_interleave(repeats, 0), s) for q, s in self.read_by]
 
     def batch_select_indices(self, indices) -> None:
         if self.keys is not None:
             self.keys, self.values = self.keys[indices], self.values[indices]
             if self.scores is not None:
-                self.scores = self.scores[indices]
+                self.scores, self.born = self.scores[indices], self.born[indices]
+                self.read_by[:] = [(q[indices], s) for q, s in self.read_by]
 
     def reorder_cache(self, beam_idx) -> None:
         self.batch_select_indices(beam_idx)
@@ -268,15 +328,17 @@ class CompressedCache(Cache):
         return super().update(key_states, value_states, layer_idx, cache_kwargs)
 
     def fork(
-        self, decode_budget: int | None = None, every: int = 64, keep: str = "attention"
+        self, decode_budget: int | None = None, every: int = 64, keep: str = "attention", refit: bool = True
     ) -> CompressedCache:
         """A cache sharing this one's compressed block (no copy) with no appended tokens. ``decode_budget``:
         at most this many appended tokens per head while generating, cut every ``every`` tokens (the module's
-        docstring); each cut costs a top-k over the appended tokens' scores and a gather, per layer. ``keep``:
-        ``"attention"`` (the default rule) or ``"recent"`` (the last tokens only: StreamingLLM's rule, the
-        block standing for its sink tokens)."""
+        docstring); each cut costs a top-k over the appended tokens' scores and a gather, per layer, and with
+        ``refit`` (the default) the outputs of the latest ``every`` queries over the block and the appended tokens
+        and a ridge solve of size ``decode_budget − every`` per head. ``keep``: ``"attention"`` (the default rule)
+        or ``"recent"`` (the last tokens only: StreamingLLM's rule, the block standing for its sink tokens).
+        Without ``decode_budget``, ``every``, ``keep`` and ``refit`` change nothing."""
         new = CompressedCache.__new__(CompressedCache)
-        Cache.__init__(new, layers=[layer.fork(decode_budget, every, keep) for layer in self.layers])
+        Cache.__init__(new, layers=[layer.fork(decode_budget, every, keep, refit) for layer in self.layers])
         new._config, new.n, new.method, new.info = self._config, self.n, self.method, dict(self.info)
         new.context_ids = self.context_ids
         return new

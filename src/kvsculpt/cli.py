@@ -150,7 +150,7 @@ def cmd_generate(args):
         args.model = args.model or read_metadata(args.cache).get("model") or DEFAULT_MODEL  # the cache's own
         model, tok = _load(args)
         cache = load(args.cache, model)
-    budget = {"decode_budget": args.decode_budget, "every": args.every}
+    budget = {"decode_budget": args.decode_budget, "every": args.every, "refit": not args.no_refit}
     answers = {"compressed": ask(model, tok, cache, args.prompt, args.max_new_tokens, args.stop, **budget)}
     if args.full:
         if cache.context_ids is None:
@@ -469,6 +469,9 @@ def build_parser(benchmarks: bool = True) -> argparse.ArgumentParser:
                    "cutting to N - K every K tokens by the attention they received (default: keep all)")  # fmt: skip
     p.add_argument("--every", type=positive_int, default=64, metavar="K",
                    help="tokens between cuts under --decode-budget (default: %(default)s)")  # fmt: skip
+    p.add_argument("--no-refit", action="store_true",
+                   help="under --decode-budget, drop the cut tokens without refitting the kept tokens' values (by "
+                   "default they are refitted so the latest K queries read what they read before the cut)")  # fmt: skip
     p.set_defaults(func=cmd_generate)
 
     p = command("compress-corpus", "compress many documents into a cache store, resumably, here or on Ray",

@@ -13,6 +13,7 @@ kvpress's ``compression_ratio`` is the fraction **removed**: a kept fraction ``r
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -95,6 +96,20 @@ def generate_with_presses(model_name: str, prompts, ratios, presses, on_row=None
     prompts = [(c.cpu(), q.cpu(), int(m)) for c, q, m in prompts]
     job = {"model": model_name, "generate": prompts, "ratios": list(ratios), "presses": list(presses),
            "dtype": dtype, "stop": stop}  # fmt: skip
+    return _run_job(job, on_row)
+
+
+def read_with_decoding_presses(model_name: str, context, prompt, tokens, configs, on_row=None,
+                               dtype: str | None = None) -> list[dict]:  # fmt: skip
+    """kvpress's ``DecodingPress`` as a decode-budget peer: the full cache of ``context [1, n]``, then
+    ``prompt [1, q]`` and ``tokens`` read one at a time (teacher-forced) with the press compressing the whole
+    cache (context included) to ``target_size`` every ``every`` steps. ``configs``: dicts with ``base`` (a
+    kvpress scorer press's name), ``target_size``, ``every`` and any fields to echo. The full cache reads the
+    same tokens first, in the same process, as the reference. Rows: the config's fields, ``method``
+    (``"kvpress.DecodingPress(<base>)"``), :func:`~kvsculpt.eval.metrics.read_agreement`'s fields,
+    ``tokens_per_s``, ``full_tokens_per_s`` and ``kept_end`` (the largest layer's cache length at the end)."""
+    job = {"model": model_name, "dtype": dtype, "configs": [dict(c) for c in configs],
+           "read": {"context": context.cpu(), "prompt": prompt.cpu(), "tokens": [int(t) for t in tokens]}}  # fmt: skip
     return _run_job(job, on_row)
 
 
@@ -188,6 +203,8 @@ def _main(job_path: str) -> None:
     model, tok = load_plain_model(job["model"], job.get("dtype"))
     if "generate" in job:
         return _generate(model, tok, job)
+    if "read" in job:
+        return _read_decoding(model, job)
     ctx, cont = job["context"], job["continuation"]
     n, T = ctx.shape[1], cont.shape[1]
     pos = torch.arange(n, n + T)[None]
@@ -296,6 +313,36 @@ def _generate(model, tok, job) -> None:
                 print(json.dumps({"method": f"kvpress.{name}", "ratio": r, "prompt": i, "tokens": tokens,
                                   "compress_seconds": seconds, "answer_seconds": time.perf_counter() - t0}),
                       flush=True)  # fmt: skip
+
+
+@torch.inference_mode()
+def _read_decoding(model, job) -> None:
+    """The job of :func:`read_with_decoding_presses`: one JSON row a line on stdout."""
+    import kvpress
+    from transformers import DynamicCache
+
+    from ..eval.metrics import read_agreement
+    from ..hf.decode import read_tokens
+
+    ctx, prompt, tokens = job["read"]["context"], job["read"]["prompt"], job["read"]["tokens"]
+
+    def run(press):
+        cache = DynamicCache()
+        with press(model) if press is not None else contextlib.nullcontext():
+            model(input_ids=ctx, past_key_values=cache, use_cache=True)
+            logprobs, seconds = read_tokens(model, cache, ctx.shape[1], prompt, tokens)
+        return logprobs, seconds, max(layer.keys.shape[-2] for layer in cache.layers)
+
+    ref, ref_s, _ = run(None)
+    for c in job["configs"]:
+        base = getattr(kvpress, c["base"])()
+        press = kvpress.DecodingPress(
+            base_press=base, compression_interval=c["every"], target_size=c["target_size"]
+        )
+        got, seconds, kept = run(press)
+        print(json.dumps({**c, "method": f"kvpress.DecodingPress({c['base']})", **read_agreement(ref, got, tokens),
+                          "tokens_per_s": (len(tokens) - 1) / seconds, "full_tokens_per_s": (len(tokens) - 1) / ref_s,
+                          "kept_end": kept}), flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -24,6 +24,22 @@ def kl_per_position(teacher_logits: torch.Tensor, student_logits: torch.Tensor) 
     return (lp.exp() * (lp - lq)).sum(-1)
 
 
+def read_agreement(
+    teacher_logprobs: torch.Tensor, student_logprobs: torch.Tensor, tokens, block: int = 128
+) -> dict:
+    """How closely a run read the same tokens as a teacher: log-probabilities ``[T, V]`` before each of
+    ``tokens`` (``[T]`` ids) → ``kl`` (mean over positions), ``kl_worst_block`` (the worst mean over blocks of
+    ``block`` positions), ``kl_last_quarter`` and ``agree`` (the run's argmax is the teacher's token)."""
+    kl = kl_per_position(teacher_logprobs, student_logprobs)
+    blocks = (
+        kl[: len(kl) // block * block].view(-1, block).mean(-1) if len(kl) >= block else kl[None].mean(-1)
+    )
+    got = student_logprobs.argmax(-1).cpu()
+    return {"kl": float(kl.mean()), "kl_worst_block": float(blocks.max()),
+            "kl_last_quarter": float(kl[-max(1, len(kl) // 4) :].mean()),
+            "agree": float((got == torch.as_tensor(tokens)).float().mean())}  # fmt: skip
+
+
 def nll_per_position(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Negative log-likelihood ``[T]`` of ``targets [T]`` under next-token logits ``[T, V]`` (``logits[t]``
     predicts ``targets[t]``)."""

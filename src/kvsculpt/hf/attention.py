@@ -26,6 +26,9 @@ from .dims import attention_modules
 ATTENTION_NAME = "kvsculpt"
 BLOCK_ATTR = "kvsculpt_block"  # on a key tensor: (keys [Hkv, P, d], values [Hkv, P, d], bias [Hkv, P] | None)
 SCORES_ATTR = "kvsculpt_scores"  # on a key tensor: [B, Hkv, a] fp32, to which each forward adds its attention
+QUERIES_ATTR = (
+    "kvsculpt_queries"  # on a key tensor: a list receiving (query [B, H, q, d], scale) of each forward
+)
 QUERY_SINK_ATTR = "_kvsculpt_query_sink"  # on an attention module: list receiving queries
 
 
@@ -80,6 +83,9 @@ def kvsculpt_attention(module, query, key, value, attention_mask, scaling=None, 
     block = getattr(key, BLOCK_ATTR, None)
     q_len, kv_len = query.shape[-2], key.shape[-2]
     if block is not None:
+        read_by = getattr(key, QUERIES_ATTR, None)
+        if read_by is not None:  # a decode budget that refits keeps the generation's queries
+            read_by.append((query.detach(), query.shape[-1] ** -0.5 if scaling is None else scaling))
         out = block_attention(query, key, value, block, query.shape[-1] ** -0.5 if scaling is None else scaling,
                               scores=getattr(key, SCORES_ATTR, None))  # fmt: skip
     elif q_len == kv_len:

@@ -41,6 +41,22 @@ def forward(model, ids: torch.Tensor, cache, start: int, last_only: bool = False
     return model(ids, past_key_values=cache, position_ids=pos, use_cache=True, **kw).logits
 
 
+@torch.inference_mode()
+def read_tokens(model, cache, start: int, prompt: torch.Tensor, tokens: list[int]):
+    """Read ``prompt [1, q]`` then ``tokens`` one at a time on ``cache`` (logical length ``start``), as a
+    generation would (teacher-forced). Returns the log-probabilities ``[T, V]`` (fp32, on the CPU) before each
+    of the ``T`` tokens and the seconds of the token-by-token part. O(T) forwards of one token."""
+    import time
+
+    out = [forward(model, prompt, cache, start, last_only=True)[0, -1].float().log_softmax(-1).cpu()]
+    pos, t0 = start + prompt.shape[1], time.perf_counter()
+    for t in tokens[:-1]:
+        ids = torch.tensor([[t]], device=model.device)
+        out.append(forward(model, ids, cache, pos, last_only=True)[0, -1].float().log_softmax(-1).cpu())
+        pos += 1
+    return torch.stack(out), time.perf_counter() - t0
+
+
 def full_cache(model, context_ids: torch.Tensor):
     """The full, uncompressed cache of ``context_ids [1, n]`` (one prefill) as a cache :func:`ask` and
     ``generate`` take like a compressed one: what the full context would have said. O(n) memory."""
@@ -146,13 +162,14 @@ def answer_text(tokenizer, tokens: list[int], stop: str | None = None) -> str:
 
 
 def ask(model, tokenizer, cache, questions, max_new_tokens: int = 64, stop: str | None = None,
-        decode_budget: int | None = None, every: int = 64):  # fmt: skip
+        decode_budget: int | None = None, every: int = 64, refit: bool = True):  # fmt: skip
     """Answer each question (a string, or a list of them) from the same compressed context, greedily; stops
     at EOS or where ``stop`` appears (after the answer's leading white space). Returns the answers' texts.
 
     Each question runs on a fork of ``cache`` (the compressed block is shared, nothing is recomputed), so no
     question's tokens leak into the next. ``decode_budget``: at most that many of the question's and answer's
-    tokens are kept per head, cut every ``every`` tokens (:meth:`~kvsculpt.cache.CompressedCache.fork`).
+    tokens are kept per head, cut every ``every`` tokens, the kept values refitted at each cut unless ``refit=False``
+    (:meth:`~kvsculpt.cache.CompressedCache.fork`).
     """
     from ..cache import check_decode_budget
 
@@ -165,7 +182,7 @@ def ask(model, tokenizer, cache, questions, max_new_tokens: int = 64, stop: str 
     eos, answers = eos_ids(model, tokenizer), []
     for question in [questions] if single else questions:
         q = text_ids(tokenizer, question)
-        tokens = decode(model, cache.fork(decode_budget, every), q, cache.n, max_new_tokens,
+        tokens = decode(model, cache.fork(decode_budget, every, refit=refit), q, cache.n, max_new_tokens,
                         stop=text_stop(eos, tokenizer, stop))  # fmt: skip
         answers.append(answer_text(tokenizer, tokens[0].tolist(), stop))
     return answers[0] if single else answers
