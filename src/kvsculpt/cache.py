@@ -80,7 +80,7 @@ class CompressedLayer(CacheLayerMixin):
         self.keys = self.values = None  # appended tokens [B, Hkv, a, d], once used
         check_decode_budget(decode_budget, every, keep)
         self.decode_budget, self.every, self.keep, self.refit = decode_budget, int(every), keep, bool(refit)
-        self.born = None  # [B, Hkv, a] logical positions of the appended tokens (with a decode budget)
+        self.born = None  # [B, Hkv, a] logical positions of the appended tokens (with a refitting budget)
         self.read_by = []  # (queries [B, H, q, d], scale): the generation's latest queries (with refit)
         self.scores = None  # [B, Hkv, a] fp32: attention each appended token has had (with a decode budget)
         self.evicted = 0  # appended tokens cut by the decode budget (they still count in the logical length)
@@ -138,12 +138,12 @@ class CompressedLayer(CacheLayerMixin):
             fresh = key_states.new_zeros(key_states.shape[:-1], dtype=torch.float32)
             self.scores = fresh if self.scores is None else torch.cat([self.scores, fresh], -1)
             setattr(keys, SCORES_ATTR, self.scores)  # the attention adds this forward's probabilities
-            end = self.get_seq_length()
-            born = torch.arange(end - incoming, end, device=key_states.device).expand(
-                *key_states.shape[:2], -1
-            )
-            self.born = born if self.born is None else torch.cat([self.born, born], -1)
-            if self.refit:
+            if self.refit:  # the fit needs each token's position (causality) and the latest queries
+                end = self.get_seq_length()
+                born = torch.arange(end - incoming, end, device=key_states.device).expand(
+                    *key_states.shape[:2], -1
+                )
+                self.born = born if self.born is None else torch.cat([self.born, born], -1)
                 setattr(keys, QUERIES_ATTR, self.read_by)  # the attention appends (queries, scale)
         return keys, self.values
 
@@ -169,7 +169,8 @@ class CompressedLayer(CacheLayerMixin):
             kept_values = self._refit(index, kept_values)
         self.keys, self.values = self.keys.gather(-2, rows), kept_values
         self.scores = self.scores.gather(-1, index)
-        self.born = self.born.gather(-1, index)
+        if self.born is not None:
+            self.born = self.born.gather(-1, index)
         self.evicted += a - keep
 
     def _refit(self, index, kept_values, lam: float = REFIT_LAM):
@@ -253,14 +254,16 @@ class CompressedLayer(CacheLayerMixin):
             self.values = self.values.repeat_interleave(repeats, 0)
             if self.scores is not None:
                 self.scores = self.scores.repeat_interleave(repeats, 0)
-                self.born = self.born.repeat_interleave(repeats, 0)
+                if self.born is not None:
+                    self.born = self.born.repeat_interleave(repeats, 0)
                 self.read_by[:] = [(q.repeat_interleave(repeats, 0), s) for q, s in self.read_by]
 
     def batch_select_indices(self, indices) -> None:
         if self.keys is not None:
             self.keys, self.values = self.keys[indices], self.values[indices]
             if self.scores is not None:
-                self.scores, self.born = self.scores[indices], self.born[indices]
+                self.scores = self.scores[indices]
+                self.born = None if self.born is None else self.born[indices]
                 self.read_by[:] = [(q[indices], s) for q, s in self.read_by]
 
     def reorder_cache(self, beam_idx) -> None:

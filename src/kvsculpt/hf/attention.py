@@ -83,11 +83,11 @@ def kvsculpt_attention(module, query, key, value, attention_mask, scaling=None, 
     block = getattr(key, BLOCK_ATTR, None)
     q_len, kv_len = query.shape[-2], key.shape[-2]
     if block is not None:
+        scale = query.shape[-1] ** -0.5 if scaling is None else scaling
         read_by = getattr(key, QUERIES_ATTR, None)
         if read_by is not None:  # a decode budget that refits keeps the generation's queries
-            read_by.append((query.detach(), query.shape[-1] ** -0.5 if scaling is None else scaling))
-        out = block_attention(query, key, value, block, query.shape[-1] ** -0.5 if scaling is None else scaling,
-                              scores=getattr(key, SCORES_ATTR, None))  # fmt: skip
+            read_by.append((query.detach(), scale))
+        out = block_attention(query, key, value, block, scale, scores=getattr(key, SCORES_ATTR, None))
     elif q_len == kv_len:
         out = F.scaled_dot_product_attention(
             query, key, value, is_causal=True, scale=scaling, enable_gqa=True
