@@ -4,13 +4,14 @@
     python benchmarks/decode.py --smoke --out /tmp/decode      # a tiny random model: the script's own check
 
 For each model: the first ``--context-tokens`` tokens of a shipped text, then a prompt that makes the model
-write at length (a step-by-step explanation). The context is kept whole (its full cache), so only the generated
-part is compressed. The model first generates ``--generate`` greedy tokens from the full cache (the teacher).
+write at length (a step-by-step explanation). The context's full cache is the block: a rule with ``@all`` may cut
+its entries too (the library's default scope), the others compress only the generated part. The model first generates ``--generate`` greedy tokens from the full cache (the teacher).
 Each budgeted run then reads those same tokens one at a time (teacher-forced), on a fork with
 ``decode_budget = budget · generated`` and ``every = K``. It records the KL of its next-token distributions
 against the teacher's at every position, greedy agreement (its argmax equals the teacher's token), tokens per
-second and peak memory. The peer is StreamingLLM's rule on the same budget (``keep="recent"``: the last tokens,
-the context standing for its sinks). Rows go to OUT.jsonl, one per run, so a rerun skips what is there; OUT.md
+second (beside the full cache's, read in the same process) and peak memory. The peers are StreamingLLM's rule
+on the same budget (``keep="recent"``: the last tokens, the context standing for its sinks) and kvpress's
+DecodingPress (``--peers``) at the same largest cache. Rows go to OUT.jsonl, one per run, so a rerun skips what is there; OUT.md
 has the table and OUT.png the KL curves.
 """
 
@@ -78,6 +79,8 @@ def run_model(name: str, args, done: dict, jsonl: Path) -> None:
     grams = {tuple(tokens[i : i + 4]) for i in range(len(tokens) - 3)}
     base = {"model": name, "n": n, "generated": T, "prompt_tokens": prompt.shape[1], "dtype": args.dtype,
             "distinct_4grams": len(grams) / max(1, len(tokens) - 3)}  # low: the generation repeats itself  # fmt: skip
+    if cells:  # the full cache's speed in this process, beside each row measured here
+        base["full_tokens_per_s"] = (T - 1) / ref_s
 
     def add(row):
         done[(row["model"], row["rule"], row["budget"], row["every"])] = row
@@ -92,12 +95,14 @@ def run_model(name: str, args, done: dict, jsonl: Path) -> None:
              "tokens_per_s": (T - 1) / ref_s, "peak_extra_bytes": ref_peak, "kept_end": prompt.shape[1] + T})  # fmt: skip
     for rule, frac, every in cells:
         budget = max(2, round(frac * T))
-        keep, _, refit = rule.partition("+")
-        cache = context.fork(decode_budget=budget, every=every, keep=keep, refit=refit == "refit")
+        base_rule, _, scope = rule.partition("@")
+        keep, _, refit = base_rule.partition("+")
+        cache = context.fork(decode_budget=budget, every=every, keep=keep, refit=refit == "refit",
+                             scope=scope or "appended")  # fmt: skip
         got, seconds, peak = read(model, cache, n, prompt, tokens)
         add({**base, "rule": rule, "budget": frac, "every": every, "budget_tokens": budget,
              **read_agreement(ref, got, tokens), "tokens_per_s": (T - 1) / seconds, "peak_extra_bytes": peak,
-             "kept_end": max(layer.appended() for layer in cache.layers)})  # fmt: skip
+             "kept_end": max(layer.appended() - layer.adopted for layer in cache.layers)})  # fmt: skip
     if not args.smoke:
         run_peers(name, args, done, add, ids, prompt, tokens, base)
 
@@ -132,12 +137,14 @@ def run_peers(name: str, args, done: dict, add, context_ids, prompt, tokens, bas
 def report(rows: list[dict], args, out: Path) -> None:
     lines = [f"# Compress while generating ({', '.join(sorted({r['model'] for r in rows}))})", "",
              f"Command: `python benchmarks/decode.py {' '.join(args.argv)}`", "",
-             "The context is kept whole; the generated tokens are compressed. KL: mean over the generated positions "
+             "The context's full cache is the block; rules without `@all` keep it whole and compress the generated "
+             "tokens only. KL: mean over the generated positions "
              "of KL(full-cache run ‖ budgeted run), teacher-forced on the full cache's greedy tokens; worst 128: the "
              "worst block of 128 positions; agree: greedy agreement with the full cache's tokens. Budget: the "
              "fraction of the generated length kept per head (the prompt's tokens count in it). `attention`: "
              "kvsculpt's rule (the most-read tokens and the `min(K, half)` most recent); `+refit`: the kept values "
-             "refitted at each cut (the library's default); `recent`: StreamingLLM's (the last tokens); "
+             "refitted at each cut (the library's default); `@all`: the budget bounds the whole cache (n + budget "
+             "entries per head), so a cut may drop the context's entries too; `recent`: StreamingLLM's (the last tokens); "
              "`kvpress.DecodingPress(X)`: kvpress's decoding press with scorer X, compressing the whole cache "
              "(context included) to n + budget − K every K steps (the same largest cache; kept: its tokens beyond n "
              "at the end). One core, this machine.", "",
@@ -161,9 +168,10 @@ def main(argv=None) -> None:
     ap.add_argument("--budgets", type=float, nargs="+", default=[0.1, 0.2, 0.3],
                     help="kept fractions of the generated length (default: %(default)s)")  # fmt: skip
     ap.add_argument("--every", type=int, nargs="+", default=[64, 256], help="K (default: %(default)s)")
-    ap.add_argument("--rules", nargs="+", default=["attention+refit", "attention", "recent"],
+    ap.add_argument("--rules", nargs="+", default=["attention+refit@all", "attention+refit", "recent"],
                     help="keep rules (attention, recent), each with +refit to refit the kept values at each cut "
-                    "(default: %(default)s)")  # fmt: skip
+                    "and @all to let the cuts drop the context's entries too (a whole-cache budget, as kvpress's "
+                    "DecodingPress has; kept at the end then counts entries beyond n) (default: %(default)s)")  # fmt: skip
     ap.add_argument("--peers", nargs="*", default=["TOVAPress", "KnormPress"], metavar="PRESS",
                     help="kvpress scorer presses run inside kvpress's DecodingPress as peers, in kvpress's own "
                     "environment (default: %(default)s; none with a bare --peers)")  # fmt: skip

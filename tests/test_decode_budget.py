@@ -24,17 +24,18 @@ def compressed():
     )
 
 
-def test_a_budget_larger_than_the_generation_changes_nothing(compressed):
+@pytest.mark.parametrize("scope", ["all", "appended"])
+def test_a_budget_larger_than_the_generation_changes_nothing(compressed, scope):
     model, cache = compressed
     prompt = torch.randint(0, 97, (1, 5), generator=torch.Generator().manual_seed(1))
     plain = decode(model, cache.fork(), prompt, N, 40)
-    budgeted = decode(model, cache.fork(decode_budget=200, every=16), prompt, N, 40)
+    budgeted = decode(model, cache.fork(decode_budget=200, every=16, scope=scope), prompt, N, 40)
     assert torch.equal(plain, budgeted)
     full_ids = torch.cat([torch.zeros(1, N, dtype=torch.long), prompt], 1)  # generate skips the n cached ids
     kw = dict(max_new_tokens=30, min_new_tokens=30, do_sample=False, pad_token_id=0)
     a = model.generate(full_ids, attention_mask=torch.ones_like(full_ids), past_key_values=cache.fork(), **kw)
     b = model.generate(full_ids, attention_mask=torch.ones_like(full_ids),
-                       past_key_values=cache.fork(decode_budget=200, every=16), **kw)  # fmt: skip
+                       past_key_values=cache.fork(decode_budget=200, every=16, scope=scope), **kw)  # fmt: skip
     assert torch.equal(a, b)
 
 
@@ -43,7 +44,7 @@ def test_the_appended_tokens_never_exceed_the_budget_and_positions_stay_true(com
     logical length counts every token, and the run differs from the unbudgeted one once tokens are cut."""
     model, cache = compressed
     budget, every = 12, 4
-    small, free = cache.fork(decode_budget=budget, every=every), cache.fork()
+    small, free = cache.fork(decode_budget=budget, every=every, scope="appended"), cache.fork()
     x = torch.randint(0, 97, (1, 1), generator=torch.Generator().manual_seed(2))
     differ = 0.0
     for step in range(60):
@@ -62,7 +63,7 @@ def test_the_scores_are_the_attention_the_appended_tokens_received(compressed):
     with its bias, and the appended tokens, causally) summed over the 6 queries and the query heads sharing its
     KV head, recomputed here from the captured queries."""
     model, cache = compressed
-    c = cache.fork(decode_budget=50, every=8)
+    c = cache.fork(decode_budget=50, every=8, scope="appended")
     q = torch.randint(0, 97, (1, 6), generator=torch.Generator().manual_seed(3))
     with capture_queries(model) as found:
         forward(model, q, c, N)
@@ -83,7 +84,9 @@ def test_the_scores_are_the_attention_the_appended_tokens_received(compressed):
 
 
 def test_a_cut_keeps_the_recent_tokens_and_the_best_scored_in_order():
-    layer = CompressedLayer(torch.randn(4, 2), torch.randn(4, 2), [2, 2], n=8, decode_budget=10, every=4)
+    layer = CompressedLayer(
+        torch.randn(4, 2), torch.randn(4, 2), [2, 2], n=8, decode_budget=10, every=4, scope="appended"
+    )
     keys = torch.arange(10.0)[None, None, :, None].expand(1, 2, 10, 2).clone()  # token i's key is (i, i)
     layer.update(keys, keys.clone())
     layer.scores = torch.tensor([[[5.0, 0, 0, 9, 0, 7, 0, 1, 1, 1], [2, 8, 0, 0, 0, 0, 6, 1, 1, 1]]])
@@ -104,7 +107,14 @@ def test_a_budget_that_cannot_work_is_refused_in_one_line(compressed, budget, ev
 
 def test_the_recent_rule_keeps_the_last_tokens_only():
     layer = CompressedLayer(
-        torch.randn(4, 2), torch.randn(4, 2), [2, 2], n=8, decode_budget=10, every=4, keep="recent"
+        torch.randn(4, 2),
+        torch.randn(4, 2),
+        [2, 2],
+        n=8,
+        decode_budget=10,
+        every=4,
+        keep="recent",
+        scope="appended",
     )
     keys = torch.arange(10.0)[None, None, :, None].expand(1, 2, 10, 2).clone()
     layer.update(keys, keys.clone())
@@ -136,41 +146,48 @@ def test_the_decode_benchmark_runs_and_resumes(tmp_path):
     assert len((tmp_path / "d.jsonl").read_text().splitlines()) == len(rows)
 
 
-def test_refit_reproduces_the_window_queries_outputs_better_than_copied_values(compressed):
+@pytest.mark.parametrize("scope", ["all", "appended"])
+def test_refit_reproduces_the_window_queries_outputs_better_than_copied_values(compressed, scope):
     """At the first cut, refitted values must bring the latest queries' attention outputs (over the block and
     the kept tokens) closer to their outputs over the block and every appended token than the copied values do,
     in every layer; refit changes values, not the selection. Outputs are recomputed here by the layer's own
-    block attention (causal over the appended tokens)."""
+    block attention (causal over the appended tokens). With ``scope="all"`` the cut entries include the block's,
+    which the fork holds as its own leading entries (their bias carried)."""
     from kvsculpt.hf.attention import block_attention
 
     model, cache = compressed
-    c = cache.fork(decode_budget=12, every=4)  # refit is the default
+    c = cache.fork(decode_budget=12, every=4, scope=scope)  # refit is the default
     seen = {}
     for li, layer in enumerate(c.layers):
         fit = layer._refit
 
         def spy(index, kept, li=li, layer=layer, fit=fit):
             queries = torch.cat([q for q, _ in layer.read_by], -2)[:, :, -layer.every :]
-            before = (layer.keys.clone(), layer.values.clone(), layer.read_by[-1][1])
+            bias = None if layer.key_bias is None else layer.key_bias.clone()
+            before = (layer.keys.clone(), layer.values.clone(), layer.read_by[-1][1], layer._block, bias)
             out = fit(index, kept)
             seen.setdefault(li, (queries, before, index, kept, out))
             return out
 
         layer._refit = spy
     tokens = torch.randint(0, 97, (1, 14), generator=torch.Generator().manual_seed(4))
-    plain = cache.fork(decode_budget=12, every=4, refit=False)
+    plain = cache.fork(decode_budget=12, every=4, refit=False, scope=scope)
     with torch.inference_mode():
         for step in range(14):  # the 13th token passes the budget: one cut
             forward(model, tokens[:, step : step + 1], c, N + step)
             forward(model, tokens[:, step : step + 1], plain, N + step)
     assert sorted(seen) == list(range(len(c.layers)))
-    for li, (queries, (keys, values, scale), index, copied, fitted) in seen.items():
-        block = c.layers[li].padded_block()
-        want = block_attention(queries, keys, values, block, scale)
+    for li, (queries, (keys, values, scale, block, bias), index, copied, fitted) in seen.items():
+        assert (block[0].shape[1] == 0) == (scope == "all")  # the fork took the block over
+        want = block_attention(queries, keys, values, block, scale, key_bias=bias)
         rows = index[..., None].expand(*index.shape, keys.shape[-1])
-        kept_keys = keys.gather(-2, rows)
-        err_copied = (block_attention(queries, kept_keys, copied, block, scale) - want).norm()
-        err_fitted = (block_attention(queries, kept_keys, fitted, block, scale) - want).norm()
+        kept_keys, kept_bias = keys.gather(-2, rows), None if bias is None else bias.gather(-1, index)
+        err_copied = (
+            block_attention(queries, kept_keys, copied, block, scale, key_bias=kept_bias) - want
+        ).norm()
+        err_fitted = (
+            block_attention(queries, kept_keys, fitted, block, scale, key_bias=kept_bias) - want
+        ).norm()
         assert err_fitted < 0.8 * err_copied, (li, float(err_fitted), float(err_copied))
     # layer 0's queries do not depend on any value, so it keeps the same tokens with or without refit
     assert torch.equal(plain.layers[0].keys, c.layers[0].keys)
@@ -218,3 +235,75 @@ def test_a_refitting_budget_treats_each_row_of_a_batch_as_alone(compressed):
     beams = model.generate(ids, attention_mask=torch.ones_like(ids), num_beams=2,
                            past_key_values=cache.fork(decode_budget=12, every=4), **kw)  # fmt: skip
     assert beams.shape == (1, ids.shape[1] + 30)
+
+
+def test_a_whole_cache_budget_larger_than_the_generation_changes_nothing(compressed):
+    """scope="all" with room for everything: the fork takes the block over as its own entries (with their bias
+    and a short head's padding) and reads exactly as the plain fork: same greedy tokens, logits within 1e-5."""
+    model, cache = compressed
+    prompt = torch.randint(0, 97, (1, 5), generator=torch.Generator().manual_seed(1))
+    plain, whole = cache.fork(), cache.fork(decode_budget=200, every=16, scope="all")
+    assert (
+        len(set(cache.layers[0].lengths)) > 1 or cache.layers[0].block_bias is not None
+    )  # bias/padding path
+    with torch.inference_mode():
+        a, b = forward(model, prompt, plain, N), forward(model, prompt, whole, N)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert whole.layers[0].adopted == max(cache.layers[0].lengths) and whole.get_seq_length() == N + 5
+    assert torch.equal(decode(model, cache.fork(), prompt, N, 30),
+                       decode(model, cache.fork(decode_budget=200, every=16, scope="all"), prompt, N, 30))  # fmt: skip
+
+
+def test_a_whole_cache_budget_cuts_block_entries_and_never_exceeds_block_plus_budget(compressed):
+    """scope="all": after every single-token forward each layer holds at most max m_h + budget entries; the
+    cuts drop entries of the block too (the default scope never does), the shared block is untouched (a plain
+    fork still reads every entry), and the logical length counts every token."""
+    model, cache = compressed
+    budget, every = 6, 3
+    small = cache.fork(decode_budget=budget, every=every, scope="all")
+    x = torch.randint(0, 97, (1, 1), generator=torch.Generator().manual_seed(2))
+    for step in range(30):
+        with torch.inference_mode():
+            forward(model, x, small, N + step)
+        for layer, block in zip(small.layers, cache.layers, strict=True):
+            assert layer.appended() <= max(block.lengths) + budget
+        assert small.get_seq_length() == N + step + 1
+    # born = -1 marks the block's entries (a -inf bias its padding): some real ones are gone from some head
+    cut = 0
+    for layer, block in zip(small.layers, cache.layers, strict=True):
+        real = layer.born[0] < 0
+        if layer.key_bias is not None:
+            real &= layer.key_bias[0].isfinite()
+        cut += sum(m - int(k) for m, k in zip(block.lengths, real.sum(-1).tolist(), strict=True))
+    assert cut > 0
+    assert all(layer.evicted + layer.appended() == layer.adopted + 30 for layer in small.layers)
+    plain = cache.fork()
+    with torch.inference_mode():
+        forward(model, x, plain, N)
+    assert all(layer.appended() == 1 for layer in plain.layers)
+
+
+def test_an_unknown_decode_scope_is_refused_in_one_line(compressed):
+    _, cache = compressed
+    with pytest.raises(ValueError, match="unknown decode scope 'block'"):
+        cache.fork(decode_budget=16, every=4, scope="block")
+
+
+def test_appending_writes_into_room_to_spare_instead_of_copying_what_is_held(compressed):
+    """A token appended to a fork is written after the held ones in a buffer with room to spare: between cuts the
+    keys stay in the same storage, and what the fork holds equals the tokens in order (a cut then compacts)."""
+    model, cache = compressed
+    c = cache.fork(decode_budget=40, every=8, scope="appended")
+    x = torch.randint(0, 97, (1, 12), generator=torch.Generator().manual_seed(5))
+    with torch.inference_mode():
+        forward(model, x[:, :4], c, N)
+        layer = c.layers[1]
+        where, held = layer.keys.data_ptr(), layer.keys.clone()
+        for step in range(4, 12):
+            forward(model, x[:, step : step + 1], c, N + step)
+            assert layer.keys.data_ptr() == where  # no reallocation, no copy of the held tokens
+        assert torch.equal(layer.keys[..., :4, :], held) and layer.appended() == 12
+        plain = cache.fork()
+        forward(model, x, plain, N)
+    torch.testing.assert_close(layer.keys, plain.layers[1].keys, rtol=1e-5, atol=1e-5)
+    assert layer.scores.shape[-1] == layer.born.shape[-1] == 12

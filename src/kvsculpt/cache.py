@@ -12,14 +12,18 @@ state only: the model's attention is switched by whoever hands it a cache (:func
 :func:`kvsculpt.load_cache`, :func:`~kvsculpt.hf.decode.full_cache`; ``kvsculpt.load_model`` loads models with
 it), and saving and loading are :mod:`kvsculpt.cache_io`'s.
 
-A decode budget (:meth:`CompressedCache.fork` with ``decode_budget``) bounds the appended tokens too: while
-generating, each head keeps at most ``decode_budget`` of them. When the next tokens would pass it, the appended
-tokens are cut to ``decode_budget − every`` (room for ``every`` more before the next cut): the most recent
-``min(every, half)`` stay, and the rest are those with the most attention from the queries that have read them
-so far (the generation's own queries; the attention adds each forward's probabilities to the layer's scores).
+A decode budget (:meth:`CompressedCache.fork` with ``decode_budget``) bounds the cache while generating. With
+``scope="all"`` (the default) it bounds the whole cache: each head holds at most ``max m_h + decode_budget``
+entries, and the fork takes the block over as its own leading entries at its first token (a copy per row; the
+shared block is untouched), so a cut may drop the context's entries as well as generated ones. With
+``scope="appended"`` the block is kept whole and each head keeps at most ``decode_budget`` appended tokens.
+When the next tokens would pass the bound, the entries that may be cut are cut to leave room for ``every`` more
+before the next cut: the most recent ``min(every, half)`` stay, and the rest are those with the most attention
+from the queries that have read them so far (the generation's own queries; the attention adds each forward's
+probabilities to the layer's scores).
 Then, unless ``refit=False``, the kept tokens' values are refitted by ridge least squares (toward their copies)
-so that the latest ``every`` queries read from the block and the kept tokens what they read from the block and
-every appended token: the cut tokens' contribution moves into the kept ones (distillation, not eviction).
+so that the latest ``every`` queries read from the kept entries what they read before the cut: the cut entries'
+contribution moves into the kept ones (distillation, not eviction).
 Cut tokens keep counting in the logical length, so new tokens keep their true positions.
 
 A block may be stored quantised (:func:`quantize_cache`, ``compress(..., kv_bits=4)``): keys and values are
@@ -33,19 +37,24 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from .config import DECODE_SCOPES as SCOPES
 from .core.fit import ridge_values
 from .core.quant import Quantized, quantize_keys, quantize_values
-from .hf.attention import ATTENTION_NAME, BLOCK_ATTR, QUERIES_ATTR, SCORES_ATTR
+from .hf.attention import ATTENTION_NAME, BLOCK_ATTR, KEY_BIAS_ATTR, QUERIES_ATTR, SCORES_ATTR
 from .hf.dims import model_dims
 
 KEEP_RULES = ("attention", "recent")
 REFIT_LAM = 1.0  # ridge strength of the refit at a cut (relative to mean diag AᵀA; chosen on tuning texts, docs/decode.md)
 
 
-def check_decode_budget(decode_budget: int | None, every: int, keep: str = "attention") -> None:
+def check_decode_budget(
+    decode_budget: int | None, every: int, keep: str = "attention", scope: str = "all"
+) -> None:
     """One-line errors for a decode budget that cannot work: ``every`` tokens must fit under it."""
     if keep not in KEEP_RULES:
         raise ValueError(f"unknown keep rule {keep!r}; choose from {', '.join(KEEP_RULES)}")
+    if scope not in SCOPES:
+        raise ValueError(f"unknown decode scope {scope!r}; choose from {', '.join(SCOPES)}")
     if decode_budget is None:
         return
     if not isinstance(every, int) or every < 1:
@@ -62,9 +71,10 @@ class CompressedLayer(CacheLayerMixin):
     is_sliding = False
 
     def __init__(self, keys, values, lengths: list[int], bias=None, n: int = 0, decode_budget: int | None = None,
-                 every: int = 64, keep: str = "attention", refit: bool = True):  # fmt: skip
+                 every: int = 64, keep: str = "attention", refit: bool = True, scope: str = "all"):  # fmt: skip
         """``keys``, ``values``: ``[Σ m_h, d]`` tensors, or :class:`~kvsculpt.core.quant.Quantized` ones;
-        ``decode_budget``, ``every``, ``keep``: see the module's docstring (None: every appended token is kept)."""
+        ``decode_budget``, ``every``, ``keep``, ``refit``, ``scope``: see the module's docstring (None: every
+        appended token is kept)."""
         super().__init__()
         if tuple(keys.shape) != tuple(values.shape) or len(keys.shape) != 2:
             raise ValueError(f"flat keys/values must both be [sum m, d]; got {keys.shape} and {values.shape}")
@@ -77,13 +87,20 @@ class CompressedLayer(CacheLayerMixin):
         self.n = int(n)
         self.dtype, self.device = keys.dtype, keys.device
         self.is_initialized = True
-        self.keys = self.values = None  # appended tokens [B, Hkv, a, d], once used
-        check_decode_budget(decode_budget, every, keep)
+        self.keys = self.values = None  # appended tokens [B, Hkv, a, d], once used (views: see _append)
+        self._room = {}  # the buffers behind keys, values, key_bias, scores and born (_append)
+        check_decode_budget(decode_budget, every, keep, scope)
         self.decode_budget, self.every, self.keep, self.refit = decode_budget, int(every), keep, bool(refit)
+        self.scope = scope
+        self.added = 0  # tokens appended so far, cut or not (the logical length is n + added)
+        self.adopted = (
+            0  # block entries this fork took over (scope "all"): they lead keys/values, then are cut
+        )
+        self.key_bias = None  # [B, Hkv, a] fp32: the adopted entries' bias (β, -inf on padding), 0 after them
         self.born = None  # [B, Hkv, a] logical positions of the appended tokens (with a refitting budget)
         self.read_by = []  # (queries [B, H, q, d], scale): the generation's latest queries (with refit)
         self.scores = None  # [B, Hkv, a] fp32: attention each appended token has had (with a decode budget)
-        self.evicted = 0  # appended tokens cut by the decode budget (they still count in the logical length)
+        self.evicted = 0  # entries cut by the decode budget (cut tokens still count in the logical length)
         self._block = (
             None  # (keys, values [Hkv, P, d], bias [Hkv, P] or None) in the model's dtype, once used
         )
@@ -118,6 +135,8 @@ class CompressedLayer(CacheLayerMixin):
         pass
 
     def update(self, key_states, value_states, cache_kwargs=None):
+        if self._block is None and self.scope == "all" and self.decode_budget is not None:
+            self._adopt(key_states)
         if self._block is None:  # first tokens after the block: lay it out once, in the model's dtype
             if self.quantized:  # laid out by the attention at every forward, one layer at a time
                 self._block = lambda dtype=key_states.dtype: self.padded_block(dtype)
@@ -125,27 +144,73 @@ class CompressedLayer(CacheLayerMixin):
                 bk, bv, bias = self.padded_block()
                 self._block = (bk.to(key_states.dtype), bv.to(value_states.dtype), bias)
         incoming = key_states.shape[-2]
-        if self.decode_budget is not None and self.appended() + incoming > self.decode_budget:
-            self._cut(max(0, self.decode_budget - max(self.every, incoming)))
-        if self.keys is None:
-            self.keys, self.values = key_states, value_states
-        else:
-            self.keys = torch.cat([self.keys, key_states], dim=-2)
-            self.values = torch.cat([self.values, value_states], dim=-2)
+        limit = None if self.decode_budget is None else self.adopted + self.decode_budget
+        if limit is not None and self.appended() + incoming > limit:
+            self._cut(max(0, limit - max(self.every, incoming)))
+        self._append("keys", key_states)
+        self._append("values", value_states)
+        self.added += incoming
         keys = self.keys.view_as(self.keys)  # a fresh tensor object to carry the block
         setattr(keys, BLOCK_ATTR, self._block)
+        if self.key_bias is not None:
+            self._append("key_bias", key_states.new_zeros(key_states.shape[:-1], dtype=torch.float32))
+            setattr(keys, KEY_BIAS_ATTR, self.key_bias)
         if self.decode_budget is not None:
-            fresh = key_states.new_zeros(key_states.shape[:-1], dtype=torch.float32)
-            self.scores = fresh if self.scores is None else torch.cat([self.scores, fresh], -1)
+            self._append("scores", key_states.new_zeros(key_states.shape[:-1], dtype=torch.float32))
             setattr(keys, SCORES_ATTR, self.scores)  # the attention adds this forward's probabilities
             if self.refit:  # the fit needs each token's position (causality) and the latest queries
                 end = self.get_seq_length()
-                born = torch.arange(end - incoming, end, device=key_states.device).expand(
-                    *key_states.shape[:2], -1
-                )
-                self.born = born if self.born is None else torch.cat([self.born, born], -1)
+                born = torch.arange(end - incoming, end, device=key_states.device)
+                self._append("born", born.expand(*key_states.shape[:2], -1))
                 setattr(keys, QUERIES_ATTR, self.read_by)  # the attention appends (queries, scale)
         return keys, self.values
+
+    def _append(self, name: str, new: torch.Tensor) -> None:
+        """Set ``self.<name>`` (keys, values ``[B, Hkv, a, d]``; key_bias, scores, born ``[B, Hkv, a]``) to itself
+        followed by ``new`` along the tokens. It is a view of the first ``a`` slots of a buffer with room to spare
+        (a quarter more, and at least ``every`` or 64 slots), so a token costs a write of its own entries, not a
+        copy of everything held: the buffer is reallocated only when full, or when a cut or a reordering of the
+        batch has replaced the tensor with one of its own. Under autograd (refine) it concatenates, as before."""
+        dim = -2 if name in ("keys", "values") else -1
+        old, buf = getattr(self, name), self._room.get(name)
+        if new.requires_grad or (
+            old is not None and old.requires_grad
+        ):  # autograd: no writes into saved tensors
+            setattr(self, name, new if old is None else torch.cat([old, new], dim))
+            return
+        used, extra = (0 if old is None else old.shape[dim]), new.shape[dim]
+        fits = (
+            old is not None and buf is not None and old.data_ptr() == buf.data_ptr()
+            and old.stride() == buf.stride() and buf.shape[dim] >= used + extra
+        )  # fmt: skip
+        if not fits:
+            total = used + extra
+            size = list(new.shape)
+            size[dim] = total + max(total // 4, self.every if self.decode_budget else 64)
+            buf = new.new_empty(size)
+            if old is not None:
+                buf.narrow(dim, 0, used).copy_(old)
+            self._room[name] = buf
+        buf.narrow(dim, used, extra).copy_(new)
+        setattr(self, name, buf.narrow(dim, 0, used + extra))
+
+    def _adopt(self, key_states) -> None:
+        """Scope ``"all"``: take the block over as this fork's own leading entries ``[B, Hkv, P, d]`` (in the
+        model's dtype, with their bias, ``-inf`` on a short head's padding), so that a cut can drop them as it
+        drops generated tokens; the shared block itself is not touched (other forks still read all of it). The
+        attention then sees an empty block. Memory: one copy of the block per row of the batch."""
+        bk, bv, bias = self.padded_block(key_states.dtype)
+        B, (Hkv, P, d) = key_states.shape[0], bk.shape
+        self.keys = bk.to(key_states.dtype)[None].expand(B, -1, -1, -1)
+        self.values = bv.to(key_states.dtype)[None].expand(B, -1, -1, -1)
+        if bias is not None:
+            self.key_bias = bias.float()[None].expand(B, -1, -1)
+        self.scores = key_states.new_zeros(B, Hkv, P, dtype=torch.float32)
+        if self.refit:
+            self.born = torch.full((B, Hkv, P), -1, dtype=torch.long, device=key_states.device)
+        self.adopted = P
+        empty = bk.new_zeros(Hkv, 0, d).to(key_states.dtype)
+        self._block = (empty, empty, None)
 
     def _cut(self, keep: int) -> None:
         """Keep ``keep`` appended tokens per (row, head): the ``min(every, keep // 2)`` most recent and, of the
@@ -171,6 +236,8 @@ class CompressedLayer(CacheLayerMixin):
         self.scores = self.scores.gather(-1, index)
         if self.born is not None:
             self.born = self.born.gather(-1, index)
+        if self.key_bias is not None:
+            self.key_bias = self.key_bias.gather(-1, index)
         self.evicted += a - keep
 
     def _refit(self, index, kept_values, lam: float = REFIT_LAM):
@@ -191,22 +258,31 @@ class CompressedLayer(CacheLayerMixin):
         out = []
         for b in range(B):
             q = queries[b].to(f32).reshape(Hkv, G * W, d) * scale  # [Hkv, N, d]
-            seen = self.born[b][:, None, :] <= q_pos.repeat(G)[None, :, None]  # [Hkv, N, a]
             s_blk = q @ bk.to(f32).transpose(-1, -2)
             if bias is not None:
                 s_blk = s_blk + bias.to(f32)[:, None]
-            s_app = (q @ self.keys[b].to(f32).transpose(-1, -2)).masked_fill(~seen, float("-inf"))
-            lse_blk, lse_app = s_blk.logsumexp(-1), s_app.logsumexp(-1)  # [Hkv, N]
-            o_blk = torch.softmax(s_blk, -1) @ bv.to(f32)
-            o_app = torch.softmax(s_app, -1).nan_to_num() @ self.values[b].to(f32)
-            w_app = torch.sigmoid(lse_app - lse_blk)[..., None]
-            o_full = w_app * o_app + (1 - w_app) * o_blk
-            s_kept = s_app.gather(-1, index[b][:, None, :].expand(-1, G * W, -1))  # [Hkv, N, keep]
-            lse_kept = s_kept.logsumexp(-1)
-            w_kept = torch.sigmoid(lse_kept - lse_blk)[..., None]  # 0 where no kept token is seen
-            A = torch.softmax(s_kept, -1).nan_to_num() * w_kept
-            target = o_full - (1 - w_kept) * o_blk
-            fitted = ridge_values(A, target, lam, prior=kept_values[b].to(f32))
+            s_app = q @ self.keys[b].to(f32).transpose(-1, -2)
+            if self.key_bias is not None:
+                s_app += self.key_bias[b][:, None, :]
+            # positions increase along the appended tokens, so only the last W can be unseen by a query
+            tail = s_app[..., -W:]
+            tail.masked_fill_(self.born[b][:, None, -W:] > q_pos.repeat(G)[None, :, None], float("-inf"))
+            # one exponential per logit, against each query's largest: e ∝ its attention over everything held
+            top = torch.cat([s_blk, s_app], -1).amax(-1, keepdim=True)  # [Hkv, N, 1]; the block may be empty
+            e_blk, e_app = (s_blk - top).exp(), (s_app - top).exp()
+            o_blk = e_blk @ bv.to(f32)  # unnormalised
+            # the output over the block and every appended token, and the share of it the kept ones can carry
+            o_full = (o_blk + e_app @ self.values[b].to(f32)) / (
+                e_blk.sum(-1, keepdim=True) + e_app.sum(-1, keepdim=True)
+            )
+            e_kept = e_app.gather(-1, index[b][:, None, :].expand(-1, G * W, -1))  # [Hkv, N, keep]
+            z_kept = (e_blk.sum(-1, keepdim=True) + e_kept.sum(-1, keepdim=True)).clamp_min(1e-30)
+            A = e_kept / z_kept  # 0 where a query sees nothing at all
+            target = o_full - o_blk / z_kept
+            solver = (
+                "dual" if A.shape[1] < A.shape[2] else "cholesky"
+            )  # the same solution, the smaller system
+            fitted = ridge_values(A, target, lam, prior=kept_values[b].to(f32), solver=solver)
             out.append(fitted.to(kept_values.dtype))
         return torch.stack(out)
 
@@ -214,12 +290,12 @@ class CompressedLayer(CacheLayerMixin):
         return 0 if self.keys is None else self.keys.shape[-2]
 
     def get_seq_length(self) -> int:
-        return self.n + self.evicted + self.appended()
+        return self.n + self.added
 
     def get_mask_sizes(self, query) -> tuple[int, int]:
         """``(kv_length, kv_offset)`` for ``query``: its length (transformers ≥ 5.16) or its cache positions."""
         q = query if isinstance(query, int) else query.shape[0]
-        return max(self.lengths) + self.appended() + q, 0
+        return (0 if self.adopted else max(self.lengths)) + self.appended() + q, 0
 
     def get_max_length(self) -> int:
         return -1
@@ -231,27 +307,34 @@ class CompressedLayer(CacheLayerMixin):
         logical length ``length`` (the older convention). The compressed block itself cannot be cropped."""
         if self.evicted:
             raise ValueError("cannot crop a cache whose decode budget has cut tokens")
-        keep = self.appended() + length if length < 0 else length - self.n
+        keep = self.added + length if length < 0 else length - self.n
         if keep < 0:
             raise ValueError(f"cannot crop into the compressed block (n={self.n}, asked {length})")
         if self.keys is not None:
-            self.keys, self.values = self.keys[..., :keep, :], self.values[..., :keep, :]
+            end = self.adopted + min(keep, self.added)
+            self.keys, self.values = self.keys[..., :end, :], self.values[..., :end, :]
+            for name in ("scores", "born", "key_bias"):
+                if getattr(self, name) is not None:
+                    setattr(self, name, getattr(self, name)[..., :end])
+        self.added = min(keep, self.added)
 
     def reset(self) -> None:
-        self.keys = self.values = self._block = self.scores = self.born = None
+        self.keys = self.values = self._block = self.scores = self.born = self.key_bias = None
+        self._room = {}
         self.read_by = []
-        self.evicted = 0
+        self.evicted = self.added = self.adopted = 0
 
-    def fork(
-        self, decode_budget: int | None = None, every: int = 64, keep: str = "attention", refit: bool = True
-    ) -> CompressedLayer:
+    def fork(self, decode_budget: int | None = None, every: int = 64, keep: str = "attention", refit: bool = True,
+             scope: str = "all") -> CompressedLayer:  # fmt: skip
         return CompressedLayer(self.block_keys, self.block_values, self.lengths, self.block_bias, self.n,
-                               decode_budget, every, keep, refit)  # fmt: skip
+                               decode_budget, every, keep, refit, scope)  # fmt: skip
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         if self.keys is not None:
             self.keys = self.keys.repeat_interleave(repeats, 0)
             self.values = self.values.repeat_interleave(repeats, 0)
+            if self.key_bias is not None:
+                self.key_bias = self.key_bias.repeat_interleave(repeats, 0)
             if self.scores is not None:
                 self.scores = self.scores.repeat_interleave(repeats, 0)
                 if self.born is not None:
@@ -261,6 +344,8 @@ class CompressedLayer(CacheLayerMixin):
     def batch_select_indices(self, indices) -> None:
         if self.keys is not None:
             self.keys, self.values = self.keys[indices], self.values[indices]
+            if self.key_bias is not None:
+                self.key_bias = self.key_bias[indices]
             if self.scores is not None:
                 self.scores = self.scores[indices]
                 self.born = None if self.born is None else self.born[indices]
@@ -330,18 +415,22 @@ class CompressedCache(Cache):
             )
         return super().update(key_states, value_states, layer_idx, cache_kwargs)
 
-    def fork(
-        self, decode_budget: int | None = None, every: int = 64, keep: str = "attention", refit: bool = True
-    ) -> CompressedCache:
+    def fork(self, decode_budget: int | None = None, every: int = 64, keep: str = "attention", refit: bool = True,
+             scope: str = "all") -> CompressedCache:  # fmt: skip
         """A cache sharing this one's compressed block (no copy) with no appended tokens. ``decode_budget``:
-        at most this many appended tokens per head while generating, cut every ``every`` tokens (the module's
-        docstring); each cut costs a top-k over the appended tokens' scores and a gather, per layer, and with
-        ``refit`` (the default) the outputs of the latest ``every`` queries over the block and the appended tokens
-        and a ridge solve of size ``decode_budget − every`` per head. ``keep``: ``"attention"`` (the default rule)
-        or ``"recent"`` (the last tokens only: StreamingLLM's rule, the block standing for its sink tokens).
-        Without ``decode_budget``, ``every``, ``keep`` and ``refit`` change nothing."""
+        bound the cache while generating, cut every ``every`` tokens (the module's docstring). ``scope``: ``"all"``
+        (the default: each head holds at most ``max m_h + decode_budget`` entries, and a cut may drop the block's
+        entries too, by the same scores; the fork then holds its own copy of the block, per row) or
+        ``"appended"`` (the block is kept whole; at most ``decode_budget`` appended tokens per head). Each cut
+        costs a top-k over the scores and a gather, per layer, and with ``refit`` (the default) the outputs of the
+        latest ``every`` queries over everything held and a ridge solve per head in its smaller form
+        (``G · every`` rows or the kept entries, whichever is fewer). ``keep``: ``"attention"`` (the default rule)
+        or ``"recent"`` (the last tokens only: StreamingLLM's rule; with ``scope="appended"`` the block stands
+        for its sink tokens). Without ``decode_budget``, the other options change nothing."""
         new = CompressedCache.__new__(CompressedCache)
-        Cache.__init__(new, layers=[layer.fork(decode_budget, every, keep, refit) for layer in self.layers])
+        Cache.__init__(
+            new, layers=[layer.fork(decode_budget, every, keep, refit, scope) for layer in self.layers]
+        )
         new._config, new.n, new.method, new.info = self._config, self.n, self.method, dict(self.info)
         new.context_ids = self.context_ids
         return new

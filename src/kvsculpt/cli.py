@@ -8,7 +8,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from .config import DEFAULT_RATIO, SELF_10X64, CompressConfig, compress_fields
+from .config import DECODE_SCOPES, DEFAULT_RATIO, SELF_10X64, CompressConfig, compress_fields
 from .hf.models import DEFAULT_MODEL, PACKAGED
 
 DEMO_TEXT = "fastmcp_background_tasks"
@@ -128,7 +128,7 @@ def cmd_generate(args):
 
     if (args.cache is None) == (args.store is None) or (args.store is None) != (args.doc is None):
         raise ValueError("give --cache FILE, or --store STORE with --doc ID")
-    check_decode_budget(args.decode_budget, args.every)
+    check_decode_budget(args.decode_budget, args.every, scope=args.decode_scope)
     for i, prompt in enumerate(args.prompt, 1):
         if not prompt.strip():
             raise ValueError(f"--prompt {i} is empty")
@@ -150,7 +150,8 @@ def cmd_generate(args):
         args.model = args.model or read_metadata(args.cache).get("model") or DEFAULT_MODEL  # the cache's own
         model, tok = _load(args)
         cache = load(args.cache, model)
-    budget = {"decode_budget": args.decode_budget, "every": args.every, "refit": not args.no_refit}
+    budget = {"decode_budget": args.decode_budget, "every": args.every, "refit": not args.no_refit,
+              "scope": args.decode_scope}  # fmt: skip
     answers = {"compressed": ask(model, tok, cache, args.prompt, args.max_new_tokens, args.stop, **budget)}
     if args.full:
         if cache.context_ids is None:
@@ -472,6 +473,10 @@ def build_parser(benchmarks: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--no-refit", action="store_true",
                    help="under --decode-budget, drop the cut tokens without refitting the kept tokens' values (by "
                    "default they are refitted so the latest K queries read what they read before the cut)")  # fmt: skip
+    p.add_argument("--decode-scope", choices=DECODE_SCOPES, default="all",
+                   help="what --decode-budget bounds: the answer's tokens only (appended) or the whole cache, so a "
+                   "cut may drop the context's entries too (all: at most the block plus N entries per head) "
+                   "(default: %(default)s)")  # fmt: skip
     p.set_defaults(func=cmd_generate)
 
     p = command("compress-corpus", "compress many documents into a cache store, resumably, here or on Ray",

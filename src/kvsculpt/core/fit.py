@@ -19,7 +19,10 @@ def ridge_values(
     to zero; ``row_weights [H, N]`` (``w``) scale each query's residual.
 
     ``solver``: ``cholesky`` forms and factors the normal equations, O(N·m² + m³) per head, with a
-    least-squares fallback for heads where it fails; ``cg`` runs Jacobi-preconditioned conjugate gradients on
+    least-squares fallback for heads where it fails; ``dual`` solves the same problem through the N × N system
+    ``V = prior + Aᵀ(AAᵀ + λ'I)⁻¹R`` (the identity ``(AᵀA + λ'I)⁻¹Aᵀ = Aᵀ(AAᵀ + λ'I)⁻¹``), O(N²·m + N³) per head:
+    the cheap one when there are fewer rows than unknowns (a decode budget's refit: ``every`` queries, thousands
+    of kept entries); ``cg`` runs Jacobi-preconditioned conjugate gradients on
     them without forming ``AᵀA``, warm-started at the prior (the copied values), O(N·m·d) per iteration and
     O(m·d) memory beyond A, until every column's residual is below ``cg_tol`` of its right-hand side or after
     ``cg_iters`` iterations.
@@ -35,10 +38,16 @@ def ridge_values(
     if row_weights is not None:
         A, O = A * row_weights[..., None], O * row_weights[..., None]
     R = O if prior is None else O - A @ prior.to(dtype)
-    if solver not in ("cholesky", "cg"):
-        raise ValueError(f"unknown solver {solver!r}; choose cholesky or cg")
+    if solver not in ("cholesky", "dual", "cg"):
+        raise ValueError(f"unknown solver {solver!r}; choose cholesky, dual or cg")
     if solver == "cg":
         sol = _ridge_cg(A, R, lam, cg_iters, cg_tol)
+        return sol if prior is None else sol + prior.to(dtype)
+    if solver == "dual":  # trace(AAᵀ) = trace(AᵀA), so λ' is the primal's
+        AAt = A @ A.transpose(-1, -2)
+        reg = (lam * AAt.diagonal(dim1=-2, dim2=-1).sum(-1) / A.shape[-1]).clamp_min(1e-12)
+        AAt = AAt + reg[:, None, None] * torch.eye(A.shape[-2], device=A.device, dtype=A.dtype)
+        sol = A.transpose(-1, -2) @ torch.linalg.solve(AAt, R)
         return sol if prior is None else sol + prior.to(dtype)
     AtA = A.transpose(-1, -2) @ A
     reg = (lam * AtA.diagonal(dim1=-2, dim2=-1).mean(-1)).clamp_min(1e-12)

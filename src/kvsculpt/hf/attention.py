@@ -25,6 +25,7 @@ from .dims import attention_modules
 
 ATTENTION_NAME = "kvsculpt"
 BLOCK_ATTR = "kvsculpt_block"  # on a key tensor: (keys [Hkv, P, d], values [Hkv, P, d], bias [Hkv, P] | None)
+KEY_BIAS_ATTR = "kvsculpt_key_bias"  # on a key tensor: [B, Hkv, a] fp32 additive bias of the appended keys
 SCORES_ATTR = "kvsculpt_scores"  # on a key tensor: [B, Hkv, a] fp32, to which each forward adds its attention
 QUERIES_ATTR = (
     "kvsculpt_queries"  # on a key tensor: a list receiving (query [B, H, q, d], scale) of each forward
@@ -33,7 +34,7 @@ QUERY_SINK_ATTR = "_kvsculpt_query_sink"  # on an attention module: list receivi
 
 
 def block_attention(
-    query, key, value, block, scale: float, rows_at_once: int = 512, scores=None
+    query, key, value, block, scale: float, rows_at_once: int = 512, scores=None, key_bias=None
 ) -> torch.Tensor:
     """Attention over a shared block and each row's own appended tokens: query ``[B, H, q, d]``, key/value
     ``[B, Hkv, a, d]`` (the query's tokens are the last ``q`` of the ``a``), block ``(K [Hkv, P, d],
@@ -44,7 +45,8 @@ def block_attention(
     holds ``[B, H, rows_at_once, P + a]`` logits, not ``[B, H, q, P + a]``. ``block`` may also be a callable
     returning that triple (a quantised block, dequantised here, one layer at a time). ``scores [B, Hkv, a]``: if
     given, each appended key's attention probability, summed over the queries and the query heads sharing it, is
-    added to it (a decode budget's record of what the generation reads)."""
+    added to it (a decode budget's record of what the generation reads). ``key_bias [B, Hkv, a]``: an additive
+    bias on the appended keys' logits (block entries a fork took over, with their ``β``)."""
     bk, bv, bias = block() if callable(block) else block
     B, H, q, d = query.shape
     Hkv, P, a = bk.shape[0], bk.shape[1], key.shape[-2]
@@ -63,13 +65,15 @@ def block_attention(
         s = s.view(B, Hkv, G, j - i, P + seen)
         if bias is not None:
             s[..., :P] += bias.to(c)[None, :, None, None]
+        if key_bias is not None:
+            s[..., P:] += key_bias[..., :seen].to(c)[:, :, None, None]
         s[..., P:].masked_fill_(future_mask(j - i, seen, query.device), float("-inf"))
         p = torch.softmax(s, -1).view(B, Hkv, G * (j - i), P + seen)
         p_block = p[..., :P].transpose(0, 1).reshape(Hkv, B * G * (j - i), P)
         o = torch.matmul(p_block, bv).view(Hkv, B, G * (j - i), d).transpose(0, 1)
         o = o + torch.matmul(p[..., P:], v[..., :seen, :])
         if scores is not None:
-            scores[..., :seen] += p[..., P:].sum(2).float()
+            scores[..., :seen] += p[..., P:].sum(2).detach().float()
         out[:, :, i:j] = o.reshape(B, H, j - i, d).to(query.dtype)
     return out
 
@@ -87,7 +91,8 @@ def kvsculpt_attention(module, query, key, value, attention_mask, scaling=None, 
         read_by = getattr(key, QUERIES_ATTR, None)
         if read_by is not None:  # a decode budget that refits keeps the generation's queries
             read_by.append((query.detach(), scale))
-        out = block_attention(query, key, value, block, scale, scores=getattr(key, SCORES_ATTR, None))
+        out = block_attention(query, key, value, block, scale, scores=getattr(key, SCORES_ATTR, None),
+                              key_bias=getattr(key, KEY_BIAS_ATTR, None))  # fmt: skip
     elif q_len == kv_len:
         out = F.scaled_dot_product_attention(
             query, key, value, is_causal=True, scale=scaling, enable_gqa=True

@@ -162,18 +162,19 @@ def answer_text(tokenizer, tokens: list[int], stop: str | None = None) -> str:
 
 
 def ask(model, tokenizer, cache, questions, max_new_tokens: int = 64, stop: str | None = None,
-        decode_budget: int | None = None, every: int = 64, refit: bool = True):  # fmt: skip
+        decode_budget: int | None = None, every: int = 64, refit: bool = True, scope: str = "all"):  # fmt: skip
     """Answer each question (a string, or a list of them) from the same compressed context, greedily; stops
     at EOS or where ``stop`` appears (after the answer's leading white space). Returns the answers' texts.
 
     Each question runs on a fork of ``cache`` (the compressed block is shared, nothing is recomputed), so no
     question's tokens leak into the next. ``decode_budget``: at most that many of the question's and answer's
-    tokens are kept per head, cut every ``every`` tokens, the kept values refitted at each cut unless ``refit=False``
+    tokens are kept per head, cut every ``every`` tokens, the kept values refitted at each cut unless ``refit=False``;
+    ``scope="all"``: the budget bounds the whole cache, the context's entries included
     (:meth:`~kvsculpt.cache.CompressedCache.fork`).
     """
     from ..cache import check_decode_budget
 
-    check_decode_budget(decode_budget, every)
+    check_decode_budget(decode_budget, every, scope=scope)
     single = isinstance(questions, str)
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1; got {max_new_tokens}")
@@ -182,7 +183,7 @@ def ask(model, tokenizer, cache, questions, max_new_tokens: int = 64, stop: str 
     eos, answers = eos_ids(model, tokenizer), []
     for question in [questions] if single else questions:
         q = text_ids(tokenizer, question)
-        tokens = decode(model, cache.fork(decode_budget, every, refit=refit), q, cache.n, max_new_tokens,
+        tokens = decode(model, cache.fork(decode_budget, every, refit=refit, scope=scope), q, cache.n, max_new_tokens,
                         stop=text_stop(eos, tokenizer, stop))  # fmt: skip
         answers.append(answer_text(tokenizer, tokens[0].tolist(), stop))
     return answers[0] if single else answers
