@@ -5,14 +5,15 @@
 
 For each model: the first ``--context-tokens`` tokens of a shipped text, then a prompt that makes the model
 write at length (a step-by-step explanation). The context's full cache is the block: a rule with ``@all`` may cut
-its entries too (the library's default scope), the others compress only the generated part. The model first generates ``--generate`` greedy tokens from the full cache (the teacher).
+its entries too (the library's default scope), the others compress only the generated part. The model first
+generates ``--generate`` greedy tokens from the full cache (the teacher).
 Each budgeted run then reads those same tokens one at a time (teacher-forced), on a fork with
 ``decode_budget = budget · generated`` and ``every = K``. It records the KL of its next-token distributions
 against the teacher's at every position, greedy agreement (its argmax equals the teacher's token), tokens per
 second (beside the full cache's, read in the same process) and peak memory. The peers are StreamingLLM's rule
 on the same budget (``keep="recent"``: the last tokens, the context standing for its sinks) and kvpress's
-DecodingPress (``--peers``) at the same largest cache. Rows go to OUT.jsonl, one per run, so a rerun skips what is there; OUT.md
-has the table and OUT.png the KL curves.
+DecodingPress (``--peers``) at the same largest cache. Rows go to OUT.jsonl, one per run, so a rerun skips what
+is there; OUT.md has the table.
 """
 
 from __future__ import annotations

@@ -371,6 +371,26 @@ def test_fit_on_a_row_subset_keeps_the_self_queries_and_the_alignment():
                        fit_values(Q, Kc, noisy, z, 0.5, 1e-2, local_lse=local, max_rows=N))  # fmt: skip
 
 
+def test_the_dual_ridge_solve_equals_the_primal_with_fewer_rows_than_unknowns():
+    """solver="dual" (an N × N system, what a decode budget's refit uses) gives the Cholesky solution of the
+    m × m normal equations to 1e-9 in fp64, with row weights and a prior, when N < m and when N > m; its λ' is
+    the primal's (a wrong scale moves the solution far more than that)."""
+    g = torch.Generator().manual_seed(4)
+    for N, m in ((30, 200), (120, 50)):
+        A = torch.softmax(torch.randn(2, N, m, generator=g, dtype=torch.float64) * 3, -1)
+        O, prior = (
+            torch.randn(2, N, 8, generator=g, dtype=A.dtype),
+            torch.randn(2, m, 8, generator=g, dtype=A.dtype),
+        )
+        w = torch.rand(2, N, generator=g, dtype=A.dtype) + 0.1
+        for lam in (1.0, 1e-2):
+            primal = ridge_values(A, O, lam, prior, w, solver="cholesky")
+            dual = ridge_values(A, O, lam, prior, w, solver="dual")
+            assert float((dual - primal).norm() / primal.norm()) < 1e-9
+            other = ridge_values(A, O, 2 * lam, prior, w, solver="cholesky")
+            assert float((other - primal).norm() / primal.norm()) > 1e-6
+
+
 def test_conjugate_gradient_fit_matches_the_direct_solve():
     """The iterative value fit (no m×m system) gives the Cholesky solution to 1e-4, with row weights and a prior;
     the default solver is Cholesky (faster here: results/fit_solver.md); an unknown solver is refused."""

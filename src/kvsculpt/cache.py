@@ -93,9 +93,7 @@ class CompressedLayer(CacheLayerMixin):
         self.decode_budget, self.every, self.keep, self.refit = decode_budget, int(every), keep, bool(refit)
         self.scope = scope
         self.added = 0  # tokens appended so far, cut or not (the logical length is n + added)
-        self.adopted = (
-            0  # block entries this fork took over (scope "all"): they lead keys/values, then are cut
-        )
+        self.adopted = 0  # block entries this fork took over (scope "all"): they lead keys and values
         self.key_bias = None  # [B, Hkv, a] fp32: the adopted entries' bias (β, -inf on padding), 0 after them
         self.born = None  # [B, Hkv, a] logical positions of the appended tokens (with a refitting budget)
         self.read_by = []  # (queries [B, H, q, d], scale): the generation's latest queries (with refit)
@@ -173,9 +171,7 @@ class CompressedLayer(CacheLayerMixin):
         batch has replaced the tensor with one of its own. Under autograd (refine) it concatenates, as before."""
         dim = -2 if name in ("keys", "values") else -1
         old, buf = getattr(self, name), self._room.get(name)
-        if new.requires_grad or (
-            old is not None and old.requires_grad
-        ):  # autograd: no writes into saved tensors
+        if new.requires_grad or (old is not None and old.requires_grad):  # no writes into saved tensors
             setattr(self, name, new if old is None else torch.cat([old, new], dim))
             return
         used, extra = (0 if old is None else old.shape[dim]), new.shape[dim]
@@ -268,20 +264,18 @@ class CompressedLayer(CacheLayerMixin):
             tail = s_app[..., -W:]
             tail.masked_fill_(self.born[b][:, None, -W:] > q_pos.repeat(G)[None, :, None], float("-inf"))
             # one exponential per logit, against each query's largest: e ∝ its attention over everything held
-            top = torch.cat([s_blk, s_app], -1).amax(-1, keepdim=True)  # [Hkv, N, 1]; the block may be empty
+            top = s_app.amax(-1, keepdim=True)  # [Hkv, N, 1]; a query sees its own token at least
+            if s_blk.shape[-1]:  # the block is empty once a fork has taken it over
+                top = torch.maximum(top, s_blk.amax(-1, keepdim=True))
             e_blk, e_app = (s_blk - top).exp(), (s_app - top).exp()
-            o_blk = e_blk @ bv.to(f32)  # unnormalised
+            o_blk, z_blk = e_blk @ bv.to(f32), e_blk.sum(-1, keepdim=True)  # unnormalised
             # the output over the block and every appended token, and the share of it the kept ones can carry
-            o_full = (o_blk + e_app @ self.values[b].to(f32)) / (
-                e_blk.sum(-1, keepdim=True) + e_app.sum(-1, keepdim=True)
-            )
+            o_full = (o_blk + e_app @ self.values[b].to(f32)) / (z_blk + e_app.sum(-1, keepdim=True))
             e_kept = e_app.gather(-1, index[b][:, None, :].expand(-1, G * W, -1))  # [Hkv, N, keep]
-            z_kept = (e_blk.sum(-1, keepdim=True) + e_kept.sum(-1, keepdim=True)).clamp_min(1e-30)
+            z_kept = (z_blk + e_kept.sum(-1, keepdim=True)).clamp_min(1e-30)
             A = e_kept / z_kept  # 0 where a query sees nothing at all
             target = o_full - o_blk / z_kept
-            solver = (
-                "dual" if A.shape[1] < A.shape[2] else "cholesky"
-            )  # the same solution, the smaller system
+            solver = "dual" if A.shape[1] < A.shape[2] else "cholesky"  # one solution, the smaller system
             fitted = ridge_values(A, target, lam, prior=kept_values[b].to(f32), solver=solver)
             out.append(fitted.to(kept_values.dtype))
         return torch.stack(out)

@@ -16,10 +16,7 @@ if TYPE_CHECKING:  # the tensor code is imported when a config is built, so that
 
 QUANT_BITS = (8, 4, 2)  # packed widths (kvsculpt.core.quant.BITS; a test keeps them equal)
 SCOPES = ("all", "heads", "layers")  # kvsculpt.core.SCOPES
-DECODE_SCOPES = (
-    "appended",
-    "all",
-)  # what a decode budget may cut: the appended tokens, or the block's entries too
+DECODE_SCOPES = ("appended", "all")  # what a decode budget may cut: appended tokens only, or the block too
 SELF_10X64 = {
     "self_samples": 10,
     "self_length": 64,
