@@ -34,7 +34,9 @@ def main(text: str, n: int, chunk: int, out: str):
     use_kvsculpt_attention(model)
     w = make_window(tok, load_text(text), n, 128, name=text)
     ref = teacher(model, w)
-    base = CompressConfig(repeat_chunk=chunk)
+    base = CompressConfig(
+        repeat_chunk=chunk, repeat_fit_rows=None
+    )  # every repeat query held, as when it was run
     cap = capture(model, w.context, base, tokenizer=tok, progress=True)
     path = results_file(out, ".jsonl")
     for name, change in CONFIGS.items():

@@ -288,16 +288,16 @@ def test_the_repeat_pass_reads_each_chunk_on_its_own_over_the_context(tiny, styl
             q = torch.cat(s, dim=2)[:, :, -t:].float()
             want_q[li].append(q)
             want_lse[li].append(local_lse(q, layer.keys[0, :, n:].float(), q.shape[-1] ** -0.5))
-    for li in range(len(want_q)):
-        torch.testing.assert_close(
-            cap.queries[li], pool_gqa(torch.cat(want_q[li], 2), Hkv), rtol=0, atol=1e-5
-        )
-        lse = pool_gqa(torch.cat(want_lse[li], 2)[..., None], Hkv)[..., 0]
+    for li in range(len(want_q)):  # pooled request by request: request, GQA head, token
+        q = torch.cat([pool_gqa(x, Hkv) for x in want_q[li]], 1)
+        torch.testing.assert_close(cap.queries[li], q, rtol=0, atol=1e-5)
+        lse = torch.cat([pool_gqa(x[..., None], Hkv)[..., 0] for x in want_lse[li]], 1)
         torch.testing.assert_close(cap.local_lse[li], lse, rtol=0, atol=1e-5)
     assert cap.info["repeat_chunks"] == 3
     whole = capture(tiny, ids, queries="repeat", repeat_prompt=style, repeat_chunk=0, tokenizer=tok)
     G = tiny.config.num_attention_heads // Hkv
-    last = [c.queries[-1].reshape(Hkv, G, -1, c.queries[-1].shape[-1])[:, :, -8:] for c in (whole, cap)]
+    t_last = requests[-1][2].shape[1] if style == "kvzip" else 8
+    last = [c.queries[-1][:, -G * t_last :].reshape(Hkv, G, t_last, -1)[:, :, -8:] for c in (whole, cap)]
     assert (
         whole.info["repeat_chunks"] == 1
     )  # one request: the last chunk's copy also saw the 16 tokens before

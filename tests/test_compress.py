@@ -372,3 +372,53 @@ def test_a_context_shorter_than_a_chunk_is_solved_as_before():
     b = compress_captured(model, cap0, cfg.replace(repeat_chunk=0), progress=False)
     assert a.info["solved_in_chunks"] == 1 and a.budgets == b.budgets
     torch.testing.assert_close(_head(a, 1, 0), _head(b, 1, 0))
+
+
+def test_held_repeat_queries_score_as_all_of_them_and_only_the_held_ones_are_fitted():
+    """``repeat_fit_rows=R`` with three repeat requests: each request holds R of its pooled queries per KV head
+    (the same rows as a full capture's, a fixed subset), while every entry's score still counts every repeat
+    query (equal to the full capture's scores to 1e-5: KVzip's peak is a maximum a subset would lower). With R
+    small the cache keeps the same entries (same scores) and differs only in its fitted values; with R above
+    every request's count it is the full capture's cache; a context of one request holds every query."""
+    from kvsculpt.compress import captured_entry_scores, compress_captured
+
+    model, ids, cfg, full = _chunked_capture(n=48, chunk=16)
+    R = 10
+    held = capture(model, ids, cfg.replace(repeat_fit_rows=R), tokenizer=_Tok())
+    G = model.config.num_attention_heads // model.config.num_key_value_heads
+    assert (
+        full.info["repeat_chunks"] == 3 and held.info["repeat_queries"] == 3 * R < full.info["repeat_queries"]
+    )
+    assert held.info["self_queries"] == full.info["self_queries"] == 3 * 4 * G
+    assert int(held.prescored.sum()) == 3 * R and not held.prescored[: 3 * 4 * G].any()  # self first
+    for li in range(2):  # the held rows are rows of the full capture
+        dist = torch.cdist(
+            held.queries[li][0], full.queries[li][0], compute_mode="donot_use_mm_for_euclid_dist"
+        )
+        assert float(dist.min(1).values.max()) < 1e-5
+    want = captured_entry_scores(full, cfg)
+    got = captured_entry_scores(held, cfg.replace(repeat_fit_rows=R))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    small = compress_captured(model, held, cfg.replace(ratio=0.25, repeat_fit_rows=R), progress=False)
+    base = compress_captured(model, full, cfg.replace(ratio=0.25), progress=False)
+    assert small.budgets == base.budgets
+    keys_small, values_small = _head(small, 1, 1)
+    keys_base, values_base = _head(base, 1, 1)
+    torch.testing.assert_close(keys_small, keys_base)
+    assert (values_small - values_base).abs().max() > 1e-4  # fitted on fewer rows
+    everything = capture(model, ids, cfg.replace(repeat_fit_rows=10_000), tokenizer=_Tok())
+    same = compress_captured(
+        model, everything, cfg.replace(ratio=0.25, repeat_fit_rows=10_000), progress=False
+    )
+    for li in range(2):
+        for h in range(2):
+            for x, y in zip(_head(same, li, h), _head(base, li, h), strict=True):
+                torch.testing.assert_close(x, y, rtol=0, atol=1e-5)
+    _, short_ids, short_cfg, short = _chunked_capture(n=24, chunk=32)
+    one = capture(model, short_ids, short_cfg.replace(repeat_fit_rows=R), tokenizer=_Tok())
+    assert one.prescored is None and one.info["repeat_queries"] == short.info["repeat_queries"] > R
+
+
+def test_repeat_fit_rows_is_checked():
+    with pytest.raises(ValueError, match="repeat_fit_rows must be a whole number >= 1"):
+        CompressConfig(repeat_fit_rows=0)

@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 
 from .cache import CompressedCache, join_blocks, quantize_cache, shared_cache
 from .config import CompressConfig
-from .core.attention import fidelity, logits, reference
+from .core.attention import Reference, fidelity, logits, reference
 from .core.fit import fit_values, refit_for_quantized_keys, split_heldout, stored_keys
 from .core.methods import Identity, Learned, Select
 from .core.scores import H2O, top_indices
@@ -249,10 +249,11 @@ def compress_captured(model, cap: Capture, cfg: CompressConfig, progress: bool =
     stages = min(cfg.on_policy, L)
     chunks = solved_in_chunks(cap, cfg, stages)
     fit_spans = None if cap.spans is None else cap.spans[~held.cpu()]  # the part each fit query reads
+    prescored = None if cap.prescored is None else cap.prescored[~held.cpu()]  # counted in cap.repeat_scores
 
     def scores_once():
-        refs_all = None if chunks else [ref_of(li) for li in range(L)]
-        scored["all"] = captured_entry_scores(cap, cfg, fit_q, local, chunks, fit_spans, refs_all)
+        refs_all = None if chunks or cap.repeat_scores is not None else [ref_of(li) for li in range(L)]
+        scored["all"] = captured_entry_scores(cap, cfg, fit_q, local, chunks, fit_spans, refs_all, prescored)
         return scored["all"]
 
     if isinstance(solver, Identity):
@@ -295,6 +296,8 @@ def compress_captured(model, cap: Capture, cfg: CompressConfig, progress: bool =
             heads = solve_chunks(cap, cfg, li, fit_q[li], None if local is None else local[li], budgets[li],
                                  scored["all"][li], chunks, model.dtype, fit_spans)  # fmt: skip
         else:
+            if cap.repeat_scores is not None and not stages and "all" not in scored:
+                scores_once()  # the fit queries alone would score from the held repeat queries only
             sc = scored["all"][li] if "all" in scored and not stages else None
             heads = solver(K, V, fit_q[li], budgets[li], cap.scale, cq[li], None if local is None else local[li],
                            sc, ref_of(li))  # fmt: skip
@@ -422,22 +425,42 @@ def _part_scorer(solver, a: int):
     return scorer
 
 
-def chunked_entry_scores(cap: Capture, solver, queries, local_lse, chunks, spans) -> torch.Tensor:
+def chunked_entry_scores(
+    cap: Capture, solver, queries, local_lse, chunks, spans, prescored=None
+) -> torch.Tensor:
     """Every entry's score ``[L, Hkv, n]``, part by part (:func:`chunk_rows`; ``spans [N, 2]``: the part each of
     ``queries`` reads): each entry is scored by the
     queries that read its part, their attention normalised over the part and their keys outside the context.
-    O(N · chunk · d) per layer and head instead of O(N · n · d)."""
+    O(N · chunk · d) per layer and head instead of O(N · n · d). ``prescored [N]``: the queries whose attention
+    ``cap.repeat_scores`` already counts (:func:`with_repeat_scores`), when it is not None."""
     L, (Hkv, n, _) = len(cap.keys), cap.keys[0].shape
     out = torch.empty(L, Hkv, n)
     for li in range(L):
         K, V = cap.keys[li].float(), cap.values[li].float()
         loc_all = None if local_lse is None else local_lse[li]
         for a, b, rows, loc in chunk_rows(K, queries[li], spans, loc_all, chunks, cap.scale):
-            scorer = _part_scorer(solver, a)
-            out[li, :, a:b] = scorer(
-                K[:, a:b], V[:, a:b], queries[li][:, rows].float(), cap.scale, None, loc
+            Q, ref = queries[li][:, rows].float(), None
+            if cap.repeat_scores is not None:
+                rest = ~prescored.to(rows.device)[rows]
+                ref = with_repeat_scores(cap, li, Q[:, rest], K[:, a:b], loc[:, rest], a, b)
+            out[li, :, a:b] = _part_scorer(solver, a)(
+                K[:, a:b], V[:, a:b], Q, cap.scale, None, loc, ref
             ).cpu()
     return out
+
+
+def with_repeat_scores(cap: Capture, li: int, Q, K, local_lse, a: int, b: int) -> Reference:
+    """What the entries ``[a, b)`` of layer ``li`` receive from every reference query: the running scores of
+    the repeat pass (``cap.repeat_scores``, counted over every repeat query, held or not) joined with those of
+    the queries ``Q [Hkv, N', d]`` they do not count (the self samples; ``local_lse [Hkv, N']``) on ``K
+    [Hkv, b − a, d]``: the largest weight and the sum (a :class:`~kvsculpt.core.attention.Reference` with
+    ``peak`` and ``total``; a scorer reads it as if it had seen every query). O(N' · (b − a) · d)."""
+    seen = cap.repeat_scores[li]
+    peak, total = seen.peak[:, a:b].to(K.device), seen.total[:, a:b].to(K.device)
+    if Q.shape[1]:
+        rest = reference(Q, K, None, cap.scale, local_lse)
+        peak, total = torch.maximum(peak, rest.peak), total + rest.total
+    return Reference(None, None, peak, total)
 
 
 def solve_chunks(cap: Capture, cfg: CompressConfig, li: int, Q, local_lse, budgets, scores, chunks,
@@ -500,25 +523,31 @@ def _refit_chunks(heads, parts, problems, K, V, Q, cfg: CompressConfig, scale, d
 
 
 def captured_entry_scores(cap: Capture, cfg: CompressConfig, queries=None, local_lse=None, chunks=None, spans=None,
-                          refs=None) -> torch.Tensor:  # fmt: skip
+                          refs=None, prescored=None) -> torch.Tensor:  # fmt: skip
     """Every entry's score ``[L, Hkv, n]`` as ``cfg``'s method ranks it for global budgets: part by part where
     the repeat pass ran in parts (:func:`chunked_entry_scores`), else at once (:func:`entry_scores`). Without
     ``queries``: every captured query, and the parts :func:`solved_in_chunks` gives (what ``train-scorer``
     learns from)."""
     if queries is None:
         queries, local_lse, chunks, spans = cap.queries, cap.local_lse, solved_in_chunks(cap, cfg), cap.spans
+        prescored = cap.prescored
     if chunks:
-        return chunked_entry_scores(cap, cfg.solver, queries, local_lse, chunks, spans)
-    return entry_scores(cap, cfg.solver, queries, local_lse, refs)
+        return chunked_entry_scores(cap, cfg.solver, queries, local_lse, chunks, spans, prescored)
+    return entry_scores(cap, cfg.solver, queries, local_lse, refs, prescored)
 
 
-def entry_scores(cap: Capture, solver, queries, local_lse=None, refs=None) -> torch.Tensor:
+def entry_scores(cap: Capture, solver, queries, local_lse=None, refs=None, prescored=None) -> torch.Tensor:
     """Every entry's score ``[L, Hkv, n]`` as ``solver`` ranks it for selection (entries it always keeps, such
     as KVzip's sinks, score +inf), from ``queries`` (per layer ``[Hkv, N, d]``), for ``global`` budgets: the
     allocation and the selection then rank entries the same way. ``refs``: per layer, the queries'
     :func:`~kvsculpt.core.attention.reference` if already computed (or None)."""
     L = len(cap.keys)
     cq, refs = cap.context_queries or [None] * L, refs or [None] * L
+    if cap.repeat_scores is not None:  # the pass counted the repeat queries: only the others are read here
+        rest = ~prescored.to(queries[0].device)
+        refs = [with_repeat_scores(cap, li, q[:, rest].float(), K.float(),
+                                   None if local_lse is None else local_lse[li][:, rest].float(), 0, cap.n)
+                for li, (q, K) in enumerate(zip(queries, cap.keys, strict=True))]  # fmt: skip
     return torch.stack([
         solver.entry_scores(K.float(), V.float(), q, cap.scale, cq[li], None if local_lse is None else local_lse[li],
                             refs[li])

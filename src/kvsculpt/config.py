@@ -210,6 +210,13 @@ class CompressConfig:
         "for 'repeat' queries: context tokens per repeat request, each read over the whole context's cache "
         "(KVzip's chunks; linear cost in n); 0: one request for the whole context",
     )
+    repeat_fit_rows: int | None = opt(
+        1024,
+        "for 'repeat' queries over several requests (n > repeat_chunk): of each request's queries, hold only "
+        "this many per KV head for the value fit (a fixed random subset); every query still scores its chunk's "
+        "entries, counted during the pass (memory for queries: requests x this, not the GQA group x n); "
+        "none: hold all",
+    )
     chunk_tokens: int = opt(
         0,
         "compress while reading: read the context this many tokens at a time, each part over the compressed "
@@ -311,6 +318,12 @@ class CompressConfig:
             )
         if self.alpha < 0:
             raise ValueError(f"alpha must be >= 0; got {self.alpha}")
+        if self.repeat_fit_rows is not None and (
+            not isinstance(self.repeat_fit_rows, int) or self.repeat_fit_rows < 1
+        ):
+            raise ValueError(
+                f"repeat_fit_rows must be a whole number >= 1 (or none: hold all); got {self.repeat_fit_rows!r}"
+            )
         if not isinstance(self.repeat_chunk, int) or self.repeat_chunk < 0:
             raise ValueError(
                 f"repeat_chunk must be a whole number of tokens >= 0 (0: one request); got {self.repeat_chunk!r}"
@@ -389,13 +402,15 @@ class CompressConfig:
 
     def __repr__(self) -> str:
         """The dataclass repr, without the quantisation fields when not quantised (``kv_bits=16``: they change
-        nothing), without ``refine_schedule`` when constant and ``repeat_chunk`` and ``chunk_tokens`` at their defaults, so results
+        nothing), without ``refine_schedule`` when constant and ``repeat_chunk``, ``repeat_fit_rows`` and ``chunk_tokens`` at their defaults, so results
         recorded before these fields existed keep matching. (Rows recorded before ``repeat_chunk`` existed at
         n > 2048 repeated the context in one request: the same repr, another computation; at n ≤ 2048 both
-        are one request.)"""
+        are one request. Rows recorded before ``repeat_fit_rows`` existed at n > 2048 held every repeat query:
+        the same repr again; at n ≤ 2048 one request holds every query either way.)"""
         skip = {"kv_bits", "key_bits", "kv_group", "kv_refit"} if self.kv_bits == 16 else set()
         skip |= {"repeat_chunk"} if self.repeat_chunk == 2048 else set()
         skip |= {"chunk_tokens"} if self.chunk_tokens == 0 else set()
+        skip |= {"repeat_fit_rows"} if self.repeat_fit_rows == 1024 else set()
         skip |= {"refine_schedule"} if self.refine_schedule == "constant" else set()
         body = ", ".join(
             f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self) if f.name not in skip
@@ -426,7 +441,7 @@ class CompressConfig:
 
     def capture_key(self) -> tuple:
         """What a capture depends on: configs with equal keys can share one capture of a context."""
-        return (self.queries, self.repeat_prompt, self.repeat_chunk, self.chunk_tokens, self.max_queries, self.self_samples, self.self_length,
+        return (self.queries, self.repeat_prompt, self.repeat_chunk, self.repeat_fit_rows, self.chunk_tokens, self.max_queries, self.self_samples, self.self_length,
                 self.temperature, self.top_p, self.seed)  # fmt: skip
 
     def refine_data_key(self) -> tuple:

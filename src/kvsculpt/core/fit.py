@@ -130,7 +130,9 @@ def fit_values(Q, Kc, O, z, scale, lam, prior=None, bias=None, local_lse=None, m
     ``Q [H, N, d]``, the full block's attention output ``O [H, N, d]`` (log-mass ``z [H, N]``: see
     :func:`~kvsculpt.core.attention.reference`); each query's error is weighted by the share of its attention
     on the block (:func:`block_weight`). ``prior [H, m, d]``: what the values shrink toward. ``max_rows``: fit
-    on at most that many queries (:func:`fit_subset`; the normal equations cost ``N·m²`` per head)."""
+    on at most that many queries (:func:`fit_subset`). Solved through the smaller of the two systems
+    (:func:`ridge_values`: ``cholesky`` on ``m × m``, O(N·m² + m³) per head, or ``dual`` on ``N × N`` when there
+    are fewer queries than kept entries, O(N²·m + N³); the same solution)."""
     w = block_weight(z, local_lse)
     subset = None if max_rows is None else fit_subset(local_lse, Q.shape[1], max_rows)
     if subset is not None:
@@ -138,7 +140,7 @@ def fit_values(Q, Kc, O, z, scale, lam, prior=None, bias=None, local_lse=None, m
         Q, O = Q[:, rows], O[:, rows]
         w = up.expand(Q.shape[0], -1) if w is None else w[:, rows] * up
     A = torch.softmax(logits(Q, Kc, scale, bias), dim=-1)
-    return ridge_values(A, O, lam, prior, w)
+    return ridge_values(A, O, lam, prior, w, solver="dual" if A.shape[1] < A.shape[2] else "cholesky")
 
 
 def stored_keys(heads, bits: int, group: int, dtype) -> torch.Tensor:

@@ -26,7 +26,7 @@ from transformers import DynamicCache
 
 from ..cache import join_blocks, shared_cache
 from ..config import CompressConfig
-from ..core.attention import local_lse, logits
+from ..core.attention import Reference, local_lse, logits, reference
 from ..core.fit import subsample_index
 from .attention import capture_queries
 from .decode import check_ids, decode, forward, prefill, text_ids, top_p_pick
@@ -61,6 +61,10 @@ class Capture:
     # [N, 2]: the part [a, b) of the context each query reconstructs, where the repeat pass ran in several
     # requests (its queries carry their chunk; the others [0, n)); None when every query reads the whole context
     spans: torch.Tensor | None = None
+    # with CompressConfig.repeat_fit_rows: per layer, what every repeat query gave the entries of its own chunk
+    # (peak and total [Hkv, n], Reference's), counted during the pass before most of those queries were let go
+    repeat_scores: list | None = None
+    prescored: torch.Tensor | None = None  # [N] bool: the kept queries whose attention repeat_scores counts
 
     @property
     def n(self) -> int:
@@ -166,58 +170,97 @@ def repeat_requests(tokenizer, context_ids: torch.Tensor, style: str, chunk: int
             for a in range(0, n, step)]  # fmt: skip
 
 
-def request_queries(model, cache, ids: torch.Tensor, start: int, t: int):
+def request_queries(model, cache, ids: torch.Tensor, start: int, t: int, span: tuple[int, int] | None = None):
     """Run one repeat request ``ids [1, p]`` over ``cache`` (logical length ``start``) and return, per layer, its
-    last ``t`` queries ``[1, H, t, d]`` (fp32) and their log-mass on the request's own keys, seen causally
-    ``[1, H, t]``; the cache is cropped back to ``start``. Forwards of :data:`REPEAT_CHUNK` tokens (memory)."""
+    last ``t`` queries pooled over the GQA heads ``[Hkv, G·t, d]`` (fp32, :func:`pool_gqa`), their log-mass on
+    the request's own keys, seen causally ``[Hkv, G·t]``, and with ``span = (a, b)`` what they give the
+    context's entries ``[a, b)``: a :class:`~kvsculpt.core.attention.Reference` (``peak`` and ``total``
+    ``[Hkv, b − a]``; each query normalised over ``[a, b)`` and its own keys, as the chunked solve reads it), else
+    None. The cache is cropped back to ``start``. Forwards of :data:`REPEAT_CHUNK` tokens (memory)."""
     dims = model_dims(model)
     with capture_queries(model) as sinks:
         for c in range(0, ids.shape[1], REPEAT_CHUNK):
             forward(model, ids[:, c : c + REPEAT_CHUNK], cache, start + c, last_only=True)
-    qs, lses = [], []
-    for s, layer in zip(sinks, cache.layers, strict=True):
-        q = torch.cat(s, dim=2)[:, :, -t:].float()  # [1, H, t, d]
+    qs, lses, refs = [], [], []
+    for li, layer in enumerate(cache.layers):
+        q = torch.cat(sinks[li], dim=2)[:, :, -t:].float()  # [1, H, t, d]
+        sinks[li] = None
+        lse = local_lse(q, layer.keys[0, :, -ids.shape[1] :].float(), dims.scale)  # request and copy
+        q, lse = pool_gqa(q, dims.kv_heads), pool_gqa(lse[..., None], dims.kv_heads)[..., 0]
+        if span is not None:
+            refs.append(reference(q, layer.keys[0, :, span[0] : span[1]].float(), None, dims.scale, lse))
         qs.append(q)
-        lses.append(local_lse(q, layer.keys[0, :, -ids.shape[1] :].float(), dims.scale))  # request and copy
+        lses.append(lse)
     cache.crop(start - cache.get_seq_length())  # back to the context (a negative crop drops tokens)
-    return qs, lses
+    return qs, lses, refs if span is not None else None
 
 
 @torch.inference_mode()
-def _repeat_queries(model, context_ids, tokenizer, style: str, cache=None, chunk: int | None = None):
-    """Queries ``[Hkv, G·t, d]`` per layer while the model repeats the context after a request (the copy's
-    ``t = n`` queries; with ``style="kvzip"`` the requests' too, as KVzip scores them), their groups, each
-    query's log-mass on the keys outside the context (its request and its copy so far), and the chunk
-    ``[a, b)`` of the context each query reconstructs ``[t, 2]`` (before pooling).
+def _repeat_queries(model, context_ids, tokenizer, style: str, cache=None, chunk: int | None = None,
+                    keep: int | None = None, seed: int = 0):  # fmt: skip
+    """Queries ``[Hkv, N, d]`` per layer while the model repeats the context after a request (the copy's
+    ``t = n`` queries; with ``style="kvzip"`` the requests' too, as KVzip scores them), pooled over the GQA heads
+    request by request (order: request, GQA head, token), their groups ``[N]``, each query's log-mass on the
+    keys outside the context (its request and its copy so far) ``[Hkv, N]``, the chunk ``[a, b)`` of the context
+    each query reconstructs ``[N, 2]``, and the running scores (None without ``keep``).
 
     The context is repeated in requests of ``chunk`` tokens (:func:`repeat_requests`; default
     :data:`REPEAT_CHUNK`, 0: one request for the whole context), each one forward over the context's own cache
     (``cache``: its prefill, cropped back to n after each request; None: the context is prefilled here). Each
     forward holds ``p + chunk`` queries over ``n + p + chunk`` keys, so the pass costs O(n·chunk) attention
     beyond the prefill instead of the O(n²) of one whole copy, and no query sees more than a chunk of its own
-    copy."""
+    copy.
+
+    ``keep`` (where the context takes more than one request): every query of a request first scores its
+    chunk's entries (per layer, a
+    :class:`~kvsculpt.core.attention.Reference` ``[Hkv, n]`` whose ``peak`` and ``total`` are filled chunk by
+    chunk: each entry is read only by its own chunk's request), then only a fixed random ``keep`` of the
+    request's ``G·t`` pooled queries per KV head are held for the value fit. Memory for queries is then
+    O(requests · keep · d) per layer instead of O(G · n · d)."""
     if tokenizer is None:
         raise ValueError("query source 'repeat' needs the tokenizer (pass tokenizer=...)")
     dims = model_dims(model)
-    n = context_ids.shape[1]
+    n, G = context_ids.shape[1], dims.groups
     if cache is None:
         cache = DynamicCache()
         forward(model, context_ids, cache, 0, last_only=True)
     requests = repeat_requests(tokenizer, context_ids, style, REPEAT_CHUNK if chunk is None else chunk)
+    keep = keep if len(requests) > 1 else None  # one request (a short context) holds every query, as before
     qs = [[] for _ in range(dims.layers)]
     lses = [[] for _ in range(dims.layers)]
-    spans = []
-    for a, b, ids in requests:
+    spans, groups, position = [], [], 0
+    scored = None
+    if keep is not None:
+        dev = context_ids.device
+        scored = [Reference(None, None, torch.zeros(dims.kv_heads, n, device=dev),
+                            torch.zeros(dims.kv_heads, n, device=dev)) for _ in range(dims.layers)]  # fmt: skip
+    for r, (a, b, ids) in enumerate(requests):
         t = (b - a) + (ids.shape[1] - (b - a) if style == "kvzip" else 0)
-        q, lse = request_queries(model, cache, ids, n, t)
+        q, lse, refs = request_queries(model, cache, ids, n, t, None if keep is None else (a, b))
+        g = pooled_groups(((position + torch.arange(t)) // POSITION_GROUP)[None], 1, G)
+        rows = None if keep is None else subsample_index(G * t, keep, seed + r)
+        if rows is not None:
+            g = g[rows]
         for li in range(dims.layers):
-            qs[li].append(q[li])
-            lses[li].append(lse[li])
-        spans.append(torch.tensor([[a, b]]).expand(t, 2))
-    t_all = sum(x.shape[2] for x in qs[0])
-    q_out = [pool_gqa(torch.cat(q, dim=2), dims.kv_heads) for q in qs]
-    lse_out = [pool_gqa(torch.cat(x, dim=2)[..., None], dims.kv_heads)[..., 0] for x in lses]
-    return q_out, _position_groups(t_all, dims.groups), lse_out, torch.cat(spans)
+            if refs is not None:
+                scored[li].peak[:, a:b], scored[li].total[:, a:b] = refs[li].peak, refs[li].total
+            qs[li].append(q[li] if rows is None else q[li][:, rows.to(q[li].device)])
+            lses[li].append(lse[li] if rows is None else lse[li][:, rows.to(lse[li].device)])
+        del q, lse, refs
+        groups.append(g)
+        spans.append(torch.tensor([[a, b]]).expand(g.shape[0], 2))
+        position += t
+    return _cat_freeing(qs), torch.cat(groups), _cat_freeing(lses), torch.cat(spans), scored
+
+
+def _cat_freeing(parts: list[list[torch.Tensor]]) -> list[torch.Tensor]:
+    """Per layer, its parts joined along dim 1; each layer's parts are let go as soon as they are joined, so
+    the join holds one layer twice, not every layer."""
+    out = []
+    for li in range(len(parts)):
+        out.append(parts[li][0] if len(parts[li]) == 1 else torch.cat(parts[li], dim=1))
+        parts[li] = None
+    return out
 
 
 def join_sources(found, n: int, cfg: CompressConfig, info: dict):
@@ -228,6 +271,7 @@ def join_sources(found, n: int, cfg: CompressConfig, info: dict):
     ``cfg.max_queries``. Each source's span, groups, count and seconds are recorded in ``info``."""
     L = len(found[0][1])
     parts, groups, local_parts, span_parts, next_group, start = [], [], [], [], 0, 0
+    has_local, has_spans = [f[3] for f in found], [f[4] for f in found]
     for src, q, g, lse, spans, seconds in found:
         parts.append(q)
         local_parts.append(
@@ -242,12 +286,15 @@ def join_sources(found, n: int, cfg: CompressConfig, info: dict):
         info[f"{src}_queries"], info[f"{src}_seconds"] = int(g.shape[0]), seconds
         groups.append(g + next_group)
         start, next_group = start + int(g.shape[0]), next_group + int(g.max()) + 1
-    qs = [torch.cat([p[i] for p in parts], dim=1) for i in range(L)]
+    by_layer = [[p[i] for p in parts] for i in range(L)]
+    local = [[p[i] for p in local_parts] for i in range(L)] if any(x is not None for x in has_local) else None
+    found.clear()  # the caller's list: each layer's parts are let go as soon as that layer is joined
+    parts.clear()
+    local_parts.clear()
+    qs = _cat_freeing(by_layer)
+    local = None if local is None else _cat_freeing(local)
     groups = torch.cat(groups)
-    local = None
-    if any(f[3] is not None for f in found):
-        local = [torch.cat([p[i] for p in local_parts], dim=1) for i in range(L)]
-    spans = torch.cat(span_parts) if any(f[4] is not None for f in found) else None
+    spans = torch.cat(span_parts) if any(x is not None for x in has_spans) else None
     keep = subsample_index(groups.shape[0], cfg.max_queries, cfg.seed)
     if keep is not None:
         qs, groups = [q[:, keep.to(q.device)] for q in qs], groups[keep]
@@ -281,7 +328,7 @@ def capture(model, context_ids: torch.Tensor, cfg: CompressConfig | None = None,
     values = [layer.values[0].float() for layer in cache.layers]
     if "repeat" not in cfg.sources:
         del cache  # else the repeat pass continues it
-    info, found, samples = {"sources": list(cfg.sources)}, [], None
+    info, found, samples, scored = {"sources": list(cfg.sources)}, [], None, None
     t0 = time.perf_counter()
     for src in cfg.sources:
         lse, spans, t_src = None, None, time.perf_counter()
@@ -289,21 +336,44 @@ def capture(model, context_ids: torch.Tensor, cfg: CompressConfig | None = None,
             q, g = [pool_gqa(x.float(), Hkv) for x in ctx_q], _position_groups(n, G)
         elif src == "repeat":
             stage(progress, f"repeat pass (prompt + {n} tokens, after the context's prefill)")
-            q, g, lse, spans = _repeat_queries(model, context_ids, tokenizer, cfg.repeat_prompt, cache,
-                                               cfg.repeat_chunk)  # fmt: skip
+            keys = values = (
+                None  # the pass reallocates the cache: holding the prefill's tensors would double it
+            )
+            q, g, lse, spans, scored = _repeat_queries(model, context_ids, tokenizer, cfg.repeat_prompt, cache,
+                                                       cfg.repeat_chunk, cfg.repeat_fit_rows, cfg.seed)  # fmt: skip
             info["repeat_chunks"] = len(torch.unique(spans[:, 0]))
-            # pooled order: the GQA heads, then the tokens; None when one request reads the whole context
-            spans = spans.repeat(dims.groups, 1) if info["repeat_chunks"] > 1 else None
+            spans = spans if info["repeat_chunks"] > 1 else None  # None: one request reads the whole context
+            keys, values = _context_keys_values(cache, n)
             del cache
         else:
-            shared = shared_cache(model, keys, values)
-            q, g, samples = sample_self_queries(model, shared, n, last, cfg, progress)
+            q, g, samples = sample_self_queries(
+                model, shared_cache(model, keys, values), n, last, cfg, progress
+            )
         found.append((src, q, g, lse, spans, time.perf_counter() - t_src))
+        del q, lse
     query_s = time.perf_counter() - t0
     qs, groups, local, spans = join_sources(found, n, cfg, info)
+    prescored = None
+    if scored is not None:  # which of the kept queries the running scores already count
+        start, end = info["repeat_span"]
+        idx = torch.arange(groups.shape[0]) if info["subsample_index"] is None else info["subsample_index"]
+        prescored = (idx >= start) & (idx < end)
     per_head = [x[0].float().reshape(Hkv, G, n, -1) for x in ctx_q] if keep_context else None
     return Capture(keys, values, qs, groups, dims.scale, last, prefill_s, query_s, samples, per_head,
-                   context_ids.cpu(), info, local, spans)  # fmt: skip
+                   context_ids.cpu(), info, local, spans, scored, prescored)  # fmt: skip
+
+
+def _context_keys_values(cache, n: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The context's keys and values ``[Hkv, n, d]`` per layer (fp32) from a cache cropped back to ``n`` whose
+    tensors may hold room beyond it: each layer's are cut to n in the cache itself, one layer at a time, so the
+    room is let go without a second copy of the whole cache."""
+    keys, values = [], []
+    for layer in cache.layers:
+        if layer.keys.untyped_storage().nbytes() > layer.keys.numel() * layer.keys.element_size():
+            layer.keys, layer.values = layer.keys[..., :n, :].clone(), layer.values[..., :n, :].clone()
+        keys.append(layer.keys[0].float())
+        values.append(layer.values[0].float())
+    return keys, values
 
 
 @torch.inference_mode()
@@ -364,9 +434,7 @@ def capture_part(model, prefix, context_ids: torch.Tensor, a: int, b: int, cfg: 
         elif src == "repeat":
             ids = repeat_request(tokenizer, context_ids, a, b, cfg.repeat_prompt)
             t = c + (ids.shape[1] - c if cfg.repeat_prompt == "kvzip" else 0)
-            q, lse = request_queries(model, cache, ids, b, t)
-            q = [pool_gqa(x, Hkv) for x in q]
-            lse = [pool_gqa(x[..., None], Hkv)[..., 0] for x in lse]
+            q, lse, _ = request_queries(model, cache, ids, b, t)
             g = _position_groups(t, G)
         else:
             joined = join_blocks(model, prefix, shared_cache(model, keys, values), b)
