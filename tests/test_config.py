@@ -77,7 +77,7 @@ CLI_VALUES = {
     "scope": (["--scope", "heads"], "heads"), "floor": (["--floor", "7"], 7),
     "queries": (["--queries", "self+context"], "self+context"),
     "repeat_prompt": (["--repeat-prompt", "plain"], "plain"), "max_queries": (["--max-queries", "99"], 99),
-    "repeat_chunk": (["--repeat-chunk", "512"], 512),
+    "repeat_chunk": (["--repeat-chunk", "512"], 512), "repeat_fit_rows": (["--repeat-fit-rows", "none"], None),
     "chunk_tokens": (["--chunk-tokens", "4096"], 4096),
     "self_samples": (["--self-samples", "3"], 3), "self_length": (["--self-length", "5"], 5),
     "temperature": (["--temperature", "0.7"], 0.7), "top_p": (["--top-p", "0.5"], 0.5),

@@ -432,8 +432,10 @@ def chunked_entry_scores(
     ``queries`` reads): each entry is scored by the
     queries that read its part, their attention normalised over the part and their keys outside the context.
     O(N · chunk · d) per layer and head instead of O(N · n · d). ``prescored [N]``: the queries whose attention
-    ``cap.repeat_scores`` already counts (:func:`with_repeat_scores`), when it is not None."""
+    ``cap.repeat_scores`` already counts (:func:`with_repeat_scores`), when it is not None (default:
+    ``cap.prescored``, for ``queries`` the captured ones)."""
     L, (Hkv, n, _) = len(cap.keys), cap.keys[0].shape
+    prescored = cap.prescored if prescored is None else prescored
     out = torch.empty(L, Hkv, n)
     for li in range(L):
         K, V = cap.keys[li].float(), cap.values[li].float()
@@ -543,6 +545,7 @@ def entry_scores(cap: Capture, solver, queries, local_lse=None, refs=None, presc
     :func:`~kvsculpt.core.attention.reference` if already computed (or None)."""
     L = len(cap.keys)
     cq, refs = cap.context_queries or [None] * L, refs or [None] * L
+    prescored = cap.prescored if prescored is None else prescored  # for queries the captured ones
     if cap.repeat_scores is not None:  # the pass counted the repeat queries: only the others are read here
         rest = ~prescored.to(queries[0].device)
         refs = [with_repeat_scores(cap, li, q[:, rest].float(), K.float(),
