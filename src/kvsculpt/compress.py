@@ -532,7 +532,6 @@ def captured_entry_scores(cap: Capture, cfg: CompressConfig, queries=None, local
     learns from)."""
     if queries is None:
         queries, local_lse, chunks, spans = cap.queries, cap.local_lse, solved_in_chunks(cap, cfg), cap.spans
-        prescored = cap.prescored
     if chunks:
         return chunked_entry_scores(cap, cfg.solver, queries, local_lse, chunks, spans, prescored)
     return entry_scores(cap, cfg.solver, queries, local_lse, refs, prescored)
