@@ -302,3 +302,74 @@ def test_the_repeat_pass_reads_each_chunk_on_its_own_over_the_context(tiny, styl
         whole.info["repeat_chunks"] == 1
     )  # one request: the last chunk's copy also saw the 16 tokens before
     assert (last[0] - last[1]).abs().max() > 1e-3
+
+
+def test_one_mask_per_forward_gives_the_same_logits_as_one_per_layer(tiny):
+    """A forward of q tokens over a cache builds its causal mask once and shares it across the layers
+    (reuse_masks); the logits are those of a mask built per layer, bit for bit, and nothing is held after it."""
+    from kvsculpt.hf import attention as attn
+    from kvsculpt.hf.decode import forward
+
+    model = tiny_model(tiny)
+    ids = torch.randint(0, model.config.vocab_size, (1, 40))
+    built = []
+    real = attn.future_mask
+
+    def counting(q_len, kv_len, device=None):
+        built.append((q_len, kv_len))
+        return real(q_len, kv_len, device)
+
+    outs = []
+    for shared in (False, True):
+        cache = DynamicCache()
+        forward(model, ids[:, :24], cache, 0)
+        built.clear()
+        attn.future_mask = counting
+        try:
+            if shared:
+                outs.append(forward(model, ids[:, 24:], cache, 24))  # decode.forward: inside reuse_masks
+            else:
+                pos = torch.arange(24, 40)[None]
+                outs.append(
+                    model(ids[:, 24:], past_key_values=cache, position_ids=pos, use_cache=True).logits
+                )
+        finally:
+            attn.future_mask = real
+        assert built == ([(16, 40)] if shared else [(16, 40)] * model.config.num_hidden_layers)
+    assert torch.equal(outs[0], outs[1])
+    assert attn._shared_masks is None
+
+
+@pytest.mark.parametrize("style", ["plain", "kvzip"])
+def test_a_requests_held_rows_and_scores_do_not_depend_on_how_its_forwards_are_cut(tiny, style, monkeypatch):
+    """request_queries scores and thins each layer's queries inside the forward. Asked for a subset of rows, it
+    returns exactly those rows of the whole set; the span's peak and total count every query, the same whether
+    the request runs in one forward or in forwards of 5 tokens (straddling the prompt and the copy)."""
+    from kvsculpt.hf import capture as capture_module
+    from kvsculpt.hf.capture import repeat_requests, request_queries
+
+    n = 24
+    ids = torch.randint(0, 97, (1, n))
+    a, b, req = repeat_requests(_StubTokenizer(), ids, style, 12)[1]
+    t = b - a if style == "plain" else req.shape[1]
+    G = tiny.config.num_attention_heads // tiny.config.num_key_value_heads
+    rows = subsample_index(G * t, 7, seed=3)
+    out = {}
+    for chunk in (64, 5):
+        monkeypatch.setattr(capture_module, "REPEAT_CHUNK", chunk)
+        cache, _, _ = prefill(tiny, ids)
+        with torch.inference_mode():
+            out[chunk, "all"] = request_queries(tiny, cache, req, n, t, (a, b))
+            out[chunk, "some"] = request_queries(tiny, cache, req, n, t, (a, b), rows)
+        assert cache.get_seq_length() == n
+    for li in range(tiny.config.num_hidden_layers):
+        q_all, lse_all, ref_all = (x[li] for x in out[64, "all"])
+        for key in ((64, "some"), (5, "some"), (5, "all")):
+            q, lse, ref = (x[li] for x in out[key])
+            pick = slice(None) if key[1] == "all" else rows
+            assert q.shape[1] == (G * t if key[1] == "all" else 7)
+            torch.testing.assert_close(q, q_all[:, pick], rtol=0, atol=1e-6)
+            torch.testing.assert_close(lse, lse_all[:, pick], rtol=0, atol=1e-5)
+            torch.testing.assert_close(ref.peak, ref_all.peak, rtol=0, atol=1e-6)
+            torch.testing.assert_close(ref.total, ref_all.total, rtol=1e-5, atol=1e-6)
+        assert ref_all.peak.shape == (tiny.config.num_key_value_heads, b - a)

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -422,3 +423,75 @@ def test_held_repeat_queries_score_as_all_of_them_and_only_the_held_ones_are_fit
 def test_repeat_fit_rows_is_checked():
     with pytest.raises(ValueError, match="repeat_fit_rows must be a whole number >= 1"):
         CompressConfig(repeat_fit_rows=0)
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="Linux's resident-set counters")
+def test_peak_memory_counts_what_freed_heap_memory_would_hide():
+    """Memory freed before the block but still resident (small allocations behind a live one, which the C heap
+    keeps) is reused inside it without raising the resident set: the peak must still count it."""
+    from kvsculpt.compress import PeakMemory
+
+    def churn():
+        return [torch.ones(16 * 1024) for _ in range(2000)]  # 64 KiB each: the heap, not mmap; 125 MiB
+
+    held = churn()
+    pin = torch.ones(16 * 1024)  # allocated after them: the freed space is not at the heap's top
+    del held
+    with PeakMemory("cpu") as peak:
+        again = churn()
+    assert 100 * 2**20 < peak.extra < 400 * 2**20
+    del again, pin
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="Linux's resident-set counters")
+def test_peak_memory_leaves_out_file_pages_read_in(tmp_path):
+    """Weights mapped from a file become resident when first read (a fresh process's first forward): that is
+    not memory the block holds, so its peak leaves it out, while what it allocates is still counted."""
+    from kvsculpt.compress import PeakMemory
+
+    path = tmp_path / "weights.bin"
+    torch.ones(32 * 2**20).numpy().tofile(path)  # 128 MiB
+    mapped = torch.from_file(str(path), shared=True, size=32 * 2**20)  # mapped, not yet read
+    with PeakMemory("cpu") as peak:
+        total = float(mapped.sum())
+    assert total == 32 * 2**20 and peak.extra < 40 * 2**20
+    with PeakMemory("cpu") as peak:
+        held = mapped.clone() + 1  # 128 MiB allocated (two tensors at once: the clone, then its sum)
+    assert 100 * 2**20 < peak.extra < 300 * 2**20
+    del held, mapped
+
+
+@pytest.mark.parametrize("chunk_tokens, repeat_chunk", [(0, 16), (0, 0), (16, 16)])
+def test_a_bf16_capture_keeps_the_caches_dtype_and_compresses_as_an_fp32_copy_would(chunk_tokens, repeat_chunk,
+                                                                                     monkeypatch):  # fmt: skip
+    """The capture holds a bf16 model's keys and values as its cache does (bf16, the very tensors: no fp32 copy
+    of the whole cache); every consumer upcasts one layer at a time, so the compressed cache is bit for bit the
+    one an fp32 copy gives (bf16 → fp32 is exact). Chunked repeat pass with held rows, one request and one
+    solve, and reading in parts."""
+    import sys
+
+    compress_module = sys.modules["kvsculpt.compress"]  # the package's `compress` is the function
+    model = tiny_model("llama").to(torch.bfloat16)
+    ids = torch.randint(0, 97, (1, 48))
+    cfg = CompressConfig(queries="self+repeat", repeat_chunk=repeat_chunk, repeat_fit_rows=10, self_samples=3,
+                         self_length=4, ratio=0.25, chunk_tokens=chunk_tokens)  # fmt: skip
+    cap = capture(model, ids, cfg, tokenizer=_Tok())
+    full, _, _ = prefill(model, ids)
+    assert cap.keys[0].dtype == torch.bfloat16 and torch.equal(cap.keys[1], full.layers[1].keys[0])
+    kept = compress(model, ids, cfg, tokenizer=_Tok(), progress=False)
+
+    def upcast(fn):
+        def wrapped(*args, **kw):
+            c = fn(*args, **kw)
+            c.keys, c.values = [k.float() for k in c.keys], [v.float() for v in c.values]
+            return c
+
+        return wrapped
+
+    monkeypatch.setattr(compress_module, "capture", upcast(compress_module.capture))
+    monkeypatch.setattr(compress_module, "capture_part", upcast(compress_module.capture_part))
+    copied = compress(model, ids, cfg, tokenizer=_Tok(), progress=False)
+    for li in range(2):
+        for h in range(2):
+            for a, b in zip(_head(kept, li, h), _head(copied, li, h), strict=True):
+                assert torch.equal(a, b)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import dataclasses
 import time
 
@@ -25,10 +27,17 @@ PILOT = Select(scorer=H2O(), fit=True)  # the pilot of the curves/adaptive rules
 class PeakMemory:
     """Peak memory above the start of a ``with`` block, in bytes (``.extra``): CUDA's max allocated on a CUDA
     device, else the process's peak resident set (Linux: ``VmHWM`` after resetting it through
-    ``/proc/self/clear_refs``); None where neither can be read."""
+    ``/proc/self/clear_refs``); None where neither can be read. Two corrections on the CPU, both of which
+    would otherwise skew it by hundreds of MB:
+
+    * the C allocator first hands its free pages back to the system (glibc's ``malloc_trim``): memory freed
+      earlier but still resident would be reused without raising the resident set (the peak would read low);
+    * file pages read in during the block are not counted (``RssFile``'s growth): the model's weights, mapped
+      from their files, become resident as the first forward touches them (the peak would read high by the
+      model's size in a fresh process)."""
 
     def __init__(self, device):
-        self.device, self.extra, self._base = torch.device(device), None, None
+        self.device, self.extra, self._base, self._file = torch.device(device), None, None, 0
 
     @staticmethod
     def _status(key: str) -> int:
@@ -40,10 +49,11 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self._base = torch.cuda.memory_allocated(self.device)
         else:
+            _release_free_heap()
             try:
                 with open("/proc/self/clear_refs", "w") as f:
                     f.write("5")  # reset the peak resident set to the current one
-                self._base = self._status("VmRSS")
+                self._base, self._file = self._status("VmRSS"), self._status("RssFile")
             except (OSError, StopIteration):
                 self._base = None
         return self
@@ -51,12 +61,19 @@ class PeakMemory:
     def __exit__(self, *exc):
         if self._base is None:
             return
-        peak = (
-            torch.cuda.max_memory_allocated(self.device)
-            if self.device.type == "cuda"
-            else self._status("VmHWM")
-        )
-        self.extra = max(0, peak - self._base)
+        if self.device.type == "cuda":
+            self.extra = max(0, torch.cuda.max_memory_allocated(self.device) - self._base)
+        else:
+            paged_in = max(0, self._status("RssFile") - self._file)
+            self.extra = max(0, self._status("VmHWM") - self._base - paged_in)
+
+
+def _release_free_heap() -> None:
+    """Return the C heap's free pages to the system (glibc ``malloc_trim(0)``; nothing where there is none)."""
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def compress(model, context_ids: torch.Tensor, config: CompressConfig | None = None, *, tokenizer=None,
@@ -288,7 +305,7 @@ def compress_captured(model, cap: Capture, cfg: CompressConfig, progress: bool =
             if check_q is not None:
                 check_q[li:] = [q[:, held] for q in fresh[li:]]
             replay_s += time.perf_counter() - t_replay
-        K, V = cap.keys[li], cap.values[li]
+        K, V = cap.keys[li].float(), cap.values[li].float()  # one layer upcast at a time
         if chunks:
             # budgets that did not rank entries (uniform, adaptive): the selection's scores, chunk by chunk
             if "all" not in scored:
@@ -562,7 +579,7 @@ def pilot_errors(cap: Capture, fit_q, check_q, m: int) -> torch.Tensor:
     L, Hkv = len(cap.keys), cap.keys[0].shape[0]
     errs = torch.zeros(L, Hkv)
     for li in range(L):
-        K, V = cap.keys[li], cap.values[li]
+        K, V = cap.keys[li].float(), cap.values[li].float()
         heads = PILOT(K, V, fit_q[li], [m] * Hkv, cap.scale)
         for h in range(Hkv):
             errs[li, h] = fidelity(check_q[li][h], K[h], V[h], *heads[h], cap.scale)[0]

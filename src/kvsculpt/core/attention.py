@@ -8,8 +8,9 @@ import torch
 
 
 def logits(Q: torch.Tensor, K: torch.Tensor, scale: float, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Attention logits ``s·Q·Kᵀ + β``: Q ``[..., N, d]``, K ``[..., m, d]``, bias ``[..., m]`` → ``[..., N, m]``."""
-    out = torch.matmul(Q, K.transpose(-1, -2)) * scale
+    """Attention logits ``s·Q·Kᵀ + β``: Q ``[..., N, d]``, K ``[..., m, d]``, bias ``[..., m]`` → ``[..., N, m]``.
+    The scale is applied to Q (N·d multiplies, not N·m: one pass less over the logits)."""
+    out = torch.matmul(Q * scale, K.transpose(-1, -2))
     return out if bias is None else out + bias.unsqueeze(-2)
 
 
@@ -94,14 +95,16 @@ def local_lse(q: torch.Tensor, local_k: torch.Tensor, scale: float, chunk: int =
     """Log-sum-exp of the last ``t`` queries ``q [1, H, t, d]`` over the local keys ``[Hkv, s, d]`` they see
     causally (``s ≥ t``; query i sees the first ``s − t + i + 1``) → ``[1, H, t]``. ``chunk`` queries at a time,
     each against only the keys it can see (bounded memory, half the work of the full square)."""
-    _, H, t, _ = q.shape
+    _, H, t, d = q.shape
     Hkv, s_len, _ = local_k.shape
-    qg = q[0].reshape(Hkv, H // Hkv, t, -1)
-    out = q.new_empty(Hkv, H // Hkv, t, dtype=torch.promote_types(q.dtype, torch.float32))
+    G = H // Hkv
+    qg = q[0].reshape(Hkv, G, t, d)
+    out = q.new_empty(Hkv, G, t, dtype=torch.promote_types(q.dtype, torch.float32))
     for a in range(0, t, chunk):
         b = min(t, a + chunk)
         seen = s_len - t + b  # the keys the chunk's last query sees
-        lg = logits(qg[:, :, a:b].float(), local_k[:, None, :seen].float(), scale)  # [Hkv, G, c, seen]
+        rows = qg[:, :, a:b].float().reshape(Hkv, G * (b - a), d)  # one batched matmul per KV head
+        lg = logits(rows, local_k[:, :seen].float(), scale).view(Hkv, G, b - a, seen)
         lg.masked_fill_(future_mask(b - a, seen, q.device), float("-inf"))
         top = lg.amax(-1, keepdim=True)
         out[:, :, a:b] = (lg.sub_(top).exp_().sum(-1, keepdim=True).log_() + top)[..., 0]

@@ -83,7 +83,12 @@ def kvsculpt_attention(module, query, key, value, attention_mask, scaling=None, 
     sink = getattr(module, QUERY_SINK_ATTR, None)
     if sink is not None:
         found, last = sink
-        found.append(query.detach() if last is None else query.detach()[:, :, -last:])
+        if callable(
+            found
+        ):  # capture_queries(model, consume=...): the layer's queries are used here and let go
+            found(query.detach(), key.detach())
+        else:
+            found.append(query.detach() if last is None else query.detach()[:, :, -last:])
     block = getattr(key, BLOCK_ATTR, None)
     q_len, kv_len = query.shape[-2], key.shape[-2]
     if block is not None:
@@ -100,12 +105,43 @@ def kvsculpt_attention(module, query, key, value, attention_mask, scaling=None, 
     elif q_len == 1:
         out = F.scaled_dot_product_attention(query, key, value, scale=scaling, enable_gqa=True)
     else:
-        mask = torch.zeros(q_len, kv_len, dtype=query.dtype, device=query.device)
-        mask.masked_fill_(future_mask(q_len, kv_len, query.device), float("-inf"))
         out = F.scaled_dot_product_attention(
-            query, key, value, attn_mask=mask, scale=scaling, enable_gqa=True
+            query,
+            key,
+            value,
+            attn_mask=causal_mask(q_len, kv_len, query.dtype, query.device),
+            scale=scaling,
+            enable_gqa=True,
         )
     return out.transpose(1, 2).contiguous(), None
+
+
+_shared_masks: dict | None = None  # set by reuse_masks(): the masks of the forward now running, by shape
+
+
+def causal_mask(q_len: int, kv_len: int, dtype, device) -> torch.Tensor:
+    """The additive mask ``[q_len, kv_len]`` of the last ``q_len`` of ``kv_len`` positions (0 where a query sees
+    a key, -inf after it). Within :func:`reuse_masks`, built once per shape and shared by every layer."""
+    key = (q_len, kv_len, dtype, device)
+    if _shared_masks is not None and key in _shared_masks:
+        return _shared_masks[key]
+    mask = torch.zeros(q_len, kv_len, dtype=dtype, device=device)
+    mask.masked_fill_(future_mask(q_len, kv_len, device), float("-inf"))
+    if _shared_masks is not None:
+        _shared_masks[key] = mask
+    return mask
+
+
+@contextlib.contextmanager
+def reuse_masks():
+    """Within the block, the attention's causal masks are built once per shape, not once per layer (one forward
+    of q tokens over a cache: one ``[q, kv]`` mask instead of one per layer); they are let go at its end."""
+    global _shared_masks
+    outer, _shared_masks = _shared_masks, {} if _shared_masks is None else _shared_masks
+    try:
+        yield
+    finally:
+        _shared_masks = outer
 
 
 def kvsculpt_mask(*args, attention_mask=None, **kw):
@@ -137,15 +173,18 @@ def use_kvsculpt_attention(model) -> None:
 
 
 @contextlib.contextmanager
-def capture_queries(model, last: int | None = None):
+def capture_queries(model, last: int | None = None, consume=None):
     """Within the block, every forward appends each layer's post-RoPE queries ``[B, H, q, d]`` (only the last
     ``last`` positions of each forward if given, ``[B, H, min(q, last), d]``).
 
-    Yields a list (one list per layer) that fills up as the model runs.
+    Yields a list (one list per layer) that fills up as the model runs. With ``consume(layer)`` (a function
+    returning a callable per layer), each layer's queries and the keys they attend to ``[B, Hkv, kv, d]``
+    (the cache's, this forward's included) are passed to ``consume(layer)(query, key)`` inside the forward
+    instead, so that no layer's queries outlive its attention unless the callable keeps them.
     """
     use_kvsculpt_attention(model)
     mods = attention_modules(model)
-    sinks = [[] for _ in mods]
+    sinks = [[] if consume is None else consume(li) for li in range(len(mods))]
     for mod, sink in zip(mods, sinks, strict=True):
         setattr(mod, QUERY_SINK_ATTR, (sink, last))
     try:

@@ -41,7 +41,9 @@ POSITION_GROUP = 32  # context/repeat queries: positions per group for held-out 
 
 @dataclass
 class Capture:
-    """What one context gives the solvers. Per-layer lists; tensors are fp32 on the model's device."""
+    """What one context gives the solvers. Per-layer lists on the model's device: keys and values in the model's
+    dtype, exactly as the cache holds them (no fp32 copy of the whole cache: a consumer upcasts one layer at a
+    time), everything else fp32."""
 
     keys: list[torch.Tensor]  # [Hkv, n, d]
     values: list[torch.Tensor]  # [Hkv, n, d]
@@ -170,29 +172,68 @@ def repeat_requests(tokenizer, context_ids: torch.Tensor, style: str, chunk: int
             for a in range(0, n, step)]  # fmt: skip
 
 
-def request_queries(model, cache, ids: torch.Tensor, start: int, t: int, span: tuple[int, int] | None = None):
+def request_queries(model, cache, ids: torch.Tensor, start: int, t: int, span: tuple[int, int] | None = None,
+                    rows: torch.Tensor | None = None):  # fmt: skip
     """Run one repeat request ``ids [1, p]`` over ``cache`` (logical length ``start``) and return, per layer, its
-    last ``t`` queries pooled over the GQA heads ``[Hkv, G·t, d]`` (fp32, :func:`pool_gqa`), their log-mass on
-    the request's own keys, seen causally ``[Hkv, G·t]``, and with ``span = (a, b)`` what they give the
-    context's entries ``[a, b)``: a :class:`~kvsculpt.core.attention.Reference` (``peak`` and ``total``
-    ``[Hkv, b − a]``; each query normalised over ``[a, b)`` and its own keys, as the chunked solve reads it), else
-    None. The cache is cropped back to ``start``. Forwards of :data:`REPEAT_CHUNK` tokens (memory)."""
+    last ``t`` queries pooled over the GQA heads ``[Hkv, G·t, d]`` (fp32, :func:`pool_gqa`'s order), their
+    log-mass on the request's own keys, seen causally ``[Hkv, G·t]``, and with ``span = (a, b)`` what they give
+    the context's entries ``[a, b)``: a :class:`~kvsculpt.core.attention.Reference` (``peak`` and ``total``
+    ``[Hkv, b − a]``; each query normalised over ``[a, b)`` and its own keys, as the chunked solve reads it),
+    else None. ``rows`` (sorted indices into the ``G·t`` pooled queries): only those are returned, while every
+    query still scores the span. The cache is cropped back to ``start``.
+
+    Forwards of :data:`REPEAT_CHUNK` tokens; each layer's queries are scored and thinned inside the forward, as
+    soon as the layer has attended (:func:`~kvsculpt.hf.attention.capture_queries` with ``consume``), so the
+    pass holds one layer's queries of one forward at a time, not every layer's: O(G·chunk·d) working memory
+    beyond what is kept. Scoring costs two matmuls per layer, ``G·t × t`` (own keys) and ``G·t × (b − a)``."""
     dims = model_dims(model)
-    with capture_queries(model) as sinks:
-        for c in range(0, ids.shape[1], REPEAT_CHUNK):
+    Hkv, G, p = dims.kv_heads, dims.groups, ids.shape[1]
+    held = torch.ones(G, t, dtype=torch.bool)  # [G, t]: which pooled queries are returned
+    if rows is not None:
+        held = torch.zeros(G * t, dtype=torch.bool).index_fill_(0, rows.cpu(), True).view(G, t)
+    parts = [[] for _ in range(dims.layers)]  # per layer: (pooled index, queries, masses) of each forward
+    scored = [None] * dims.layers  # per layer: [peak, total] over the span
+    window = {}  # the forward now running: its first token and length
+
+    def consume(li):
+        def take(query, key):
+            c0, q_len = window["first"], query.shape[2]
+            first = max(c0, p - t)  # this forward's first query that is one of the last t
+            if first >= c0 + q_len:
+                return
+            q = query[:, :, first - c0 :].float()  # [1, H, t', d]
+            own = key[0, :, -(c0 + q_len) :].float()  # the request's keys so far [Hkv, s, d] (a compressed
+            # cache hands the attention only its appended keys, so they are counted from the end)
+            lse = local_lse(q, own, dims.scale)
+            q, lse = pool_gqa(q, Hkv), pool_gqa(lse[..., None], Hkv)[..., 0]  # (g, token) order
+            if span is not None:  # a plain cache: its keys are the context's positions, then the request's
+                ref = reference(q, key[0, :, span[0] : span[1]].float(), None, dims.scale, lse)
+                if scored[li] is None:
+                    scored[li] = [ref.peak, ref.total]
+                else:
+                    torch.maximum(scored[li][0], ref.peak, out=scored[li][0])
+                    scored[li][1] += ref.total
+            tok = torch.arange(first - (p - t), c0 + q_len - (p - t))  # token index within the last t
+            pick = held[:, tok].reshape(-1).nonzero().squeeze(1)
+            index = (torch.arange(G)[:, None] * t + tok[None]).reshape(-1)[pick]
+            parts[li].append((index, q[:, pick.to(q.device)], lse[:, pick.to(lse.device)]))
+
+        return take
+
+    with capture_queries(model, consume=consume):
+        for c in range(0, p, REPEAT_CHUNK):
+            window.update(first=c)
             forward(model, ids[:, c : c + REPEAT_CHUNK], cache, start + c, last_only=True)
-    qs, lses, refs = [], [], []
-    for li, layer in enumerate(cache.layers):
-        q = torch.cat(sinks[li], dim=2)[:, :, -t:].float()  # [1, H, t, d]
-        sinks[li] = None
-        lse = local_lse(q, layer.keys[0, :, -ids.shape[1] :].float(), dims.scale)  # request and copy
-        q, lse = pool_gqa(q, dims.kv_heads), pool_gqa(lse[..., None], dims.kv_heads)[..., 0]
-        if span is not None:
-            refs.append(reference(q, layer.keys[0, :, span[0] : span[1]].float(), None, dims.scale, lse))
-        qs.append(q)
-        lses.append(lse)
+    qs, lses = [], []
+    for li in range(dims.layers):
+        index = torch.cat([x[0] for x in parts[li]])
+        order = index.argsort().to(parts[li][0][1].device)  # pool_gqa's order over the whole request
+        qs.append(torch.cat([x[1] for x in parts[li]], dim=1)[:, order])
+        lses.append(torch.cat([x[2] for x in parts[li]], dim=1)[:, order])
+        parts[li] = None
     cache.crop(start - cache.get_seq_length())  # back to the context (a negative crop drops tokens)
-    return qs, lses, refs if span is not None else None
+    refs = None if span is None else [Reference(None, None, peak, total) for peak, total in scored]
+    return qs, lses, refs
 
 
 @torch.inference_mode()
@@ -236,16 +277,16 @@ def _repeat_queries(model, context_ids, tokenizer, style: str, cache=None, chunk
                             torch.zeros(dims.kv_heads, n, device=dev)) for _ in range(dims.layers)]  # fmt: skip
     for r, (a, b, ids) in enumerate(requests):
         t = (b - a) + (ids.shape[1] - (b - a) if style == "kvzip" else 0)
-        q, lse, refs = request_queries(model, cache, ids, n, t, None if keep is None else (a, b))
-        g = pooled_groups(((position + torch.arange(t)) // POSITION_GROUP)[None], 1, G)
         rows = None if keep is None else subsample_index(G * t, keep, seed + r)
+        q, lse, refs = request_queries(model, cache, ids, n, t, None if keep is None else (a, b), rows)
+        g = pooled_groups(((position + torch.arange(t)) // POSITION_GROUP)[None], 1, G)
         if rows is not None:
             g = g[rows]
         for li in range(dims.layers):
             if refs is not None:
                 scored[li].peak[:, a:b], scored[li].total[:, a:b] = refs[li].peak, refs[li].total
-            qs[li].append(q[li] if rows is None else q[li][:, rows.to(q[li].device)])
-            lses[li].append(lse[li] if rows is None else lse[li][:, rows.to(lse[li].device)])
+            qs[li].append(q[li])
+            lses[li].append(lse[li])
         del q, lse, refs
         groups.append(g)
         spans.append(torch.tensor([[a, b]]).expand(g.shape[0], 2))
@@ -324,8 +365,8 @@ def capture(model, context_ids: torch.Tensor, cfg: CompressConfig | None = None,
         ctx_q = [torch.cat(s, dim=2) for s in sinks]  # [1, H, n, d] per layer
     else:
         cache, last, prefill_s = prefill(model, context_ids)
-    keys = [layer.keys[0].float() for layer in cache.layers]
-    values = [layer.values[0].float() for layer in cache.layers]
+    keys = [layer.keys[0] for layer in cache.layers]  # the model's dtype, as the cache holds them
+    values = [layer.values[0] for layer in cache.layers]
     if "repeat" not in cfg.sources:
         del cache  # else the repeat pass continues it
     info, found, samples, scored = {"sources": list(cfg.sources)}, [], None, None
@@ -364,15 +405,15 @@ def capture(model, context_ids: torch.Tensor, cfg: CompressConfig | None = None,
 
 
 def _context_keys_values(cache, n: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """The context's keys and values ``[Hkv, n, d]`` per layer (fp32) from a cache cropped back to ``n`` whose
+    """The context's keys and values ``[Hkv, n, d]`` per layer (the model's dtype) from a cache cropped back to ``n`` whose
     tensors may hold room beyond it: each layer's are cut to n in the cache itself, one layer at a time, so the
     room is let go without a second copy of the whole cache."""
     keys, values = [], []
     for layer in cache.layers:
         if layer.keys.untyped_storage().nbytes() > layer.keys.numel() * layer.keys.element_size():
             layer.keys, layer.values = layer.keys[..., :n, :].clone(), layer.values[..., :n, :].clone()
-        keys.append(layer.keys[0].float())
-        values.append(layer.values[0].float())
+        keys.append(layer.keys[0])
+        values.append(layer.values[0])
     return keys, values
 
 
@@ -409,8 +450,8 @@ def capture_part(model, prefix, context_ids: torch.Tensor, a: int, b: int, cfg: 
         last = forward(model, context_ids[:, a:b], cache, a, last_only=True)[0, -1].float()
     prefill_s = time.perf_counter() - t0
     ctx_q = [torch.cat(s, dim=2) for s in sinks] if want_ctx else None  # [1, H, c, d] per layer
-    keys = [layer.keys[0, :, -c:].float() for layer in cache.layers]
-    values = [layer.values[0, :, -c:].float() for layer in cache.layers]
+    keys = [layer.keys[0, :, -c:] for layer in cache.layers]
+    values = [layer.values[0, :, -c:] for layer in cache.layers]
 
     def on_prefix(q: list[torch.Tensor], rows: int = 2048) -> list[torch.Tensor] | None:
         """Each pooled query's log-mass on the prefix's entries ``[Hkv, N]`` per layer (None without a prefix)."""

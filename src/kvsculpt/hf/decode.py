@@ -13,6 +13,8 @@ from collections.abc import Callable
 import torch
 from transformers import DynamicCache
 
+from .attention import reuse_masks
+
 
 def check_ids(ids: torch.Tensor, device=None) -> torch.Tensor:
     """Context ids as ``[1, n]`` on ``device``; a clear error for anything else."""
@@ -38,7 +40,8 @@ def forward(model, ids: torch.Tensor, cache, start: int, last_only: bool = False
     ids = ids.to(model.device)
     pos = torch.arange(start, start + ids.shape[1], device=model.device)[None].expand(ids.shape[0], -1)
     kw = {"logits_to_keep": 1} if last_only else {}
-    return model(ids, past_key_values=cache, position_ids=pos, use_cache=True, **kw).logits
+    with reuse_masks():
+        return model(ids, past_key_values=cache, position_ids=pos, use_cache=True, **kw).logits
 
 
 @torch.inference_mode()
