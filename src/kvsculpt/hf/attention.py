@@ -30,7 +30,7 @@ SCORES_ATTR = "kvsculpt_scores"  # on a key tensor: [B, Hkv, a] fp32, to which e
 QUERIES_ATTR = (
     "kvsculpt_queries"  # on a key tensor: a list receiving (query [B, H, q, d], scale) of each forward
 )
-QUERY_SINK_ATTR = "_kvsculpt_query_sink"  # on an attention module: list receiving queries
+QUERY_SINK_ATTR = "_kvsculpt_query_sink"  # on an attention module: a callable receiving (queries, keys)
 
 
 def block_attention(
@@ -81,14 +81,8 @@ def block_attention(
 def kvsculpt_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """query ``[B, H, q, d]``, key/value ``[B, Hkv, kv, d]`` → ``([B, q, H, d], None)``."""
     sink = getattr(module, QUERY_SINK_ATTR, None)
-    if sink is not None:
-        found, last = sink
-        if callable(
-            found
-        ):  # capture_queries(model, consume=...): the layer's queries are used here and let go
-            found(query.detach(), key.detach())
-        else:
-            found.append(query.detach() if last is None else query.detach()[:, :, -last:])
+    if sink is not None:  # capture_queries: the layer's queries and the keys they attend to
+        sink(query.detach(), key.detach())
     block = getattr(key, BLOCK_ATTR, None)
     q_len, kv_len = query.shape[-2], key.shape[-2]
     if block is not None:
@@ -184,9 +178,13 @@ def capture_queries(model, last: int | None = None, consume=None):
     """
     use_kvsculpt_attention(model)
     mods = attention_modules(model)
-    sinks = [[] if consume is None else consume(li) for li in range(len(mods))]
-    for mod, sink in zip(mods, sinks, strict=True):
-        setattr(mod, QUERY_SINK_ATTR, (sink, last))
+    sinks = [[] for _ in mods]
+
+    def keep(li):
+        return lambda query, key: sinks[li].append(query if last is None else query[:, :, -last:])
+
+    for li, mod in enumerate(mods):
+        setattr(mod, QUERY_SINK_ATTR, keep(li) if consume is None else consume(li))
     try:
         yield sinks
     finally:

@@ -193,7 +193,7 @@ def request_queries(model, cache, ids: torch.Tensor, start: int, t: int, span: t
         held = torch.zeros(G * t, dtype=torch.bool).index_fill_(0, rows.cpu(), True).view(G, t)
     parts = [[] for _ in range(dims.layers)]  # per layer: (pooled index, queries, masses) of each forward
     scored = [None] * dims.layers  # per layer: [peak, total] over the span
-    window = {}  # the forward now running: its first token and length
+    window = {}  # the forward now running: its first token
 
     def consume(li):
         def take(query, key):
@@ -226,10 +226,13 @@ def request_queries(model, cache, ids: torch.Tensor, start: int, t: int, span: t
             forward(model, ids[:, c : c + REPEAT_CHUNK], cache, start + c, last_only=True)
     qs, lses = [], []
     for li in range(dims.layers):
-        index = torch.cat([x[0] for x in parts[li]])
-        order = index.argsort().to(parts[li][0][1].device)  # pool_gqa's order over the whole request
-        qs.append(torch.cat([x[1] for x in parts[li]], dim=1)[:, order])
-        lses.append(torch.cat([x[2] for x in parts[li]], dim=1)[:, order])
+        if len(parts[li]) == 1:  # one forward: already in pool_gqa's order
+            qs.append(parts[li][0][1])
+            lses.append(parts[li][0][2])
+        else:  # forwards cut the tokens: back to pool_gqa's order (GQA head, then token) over the request
+            order = torch.cat([x[0] for x in parts[li]]).argsort().to(parts[li][0][1].device)
+            qs.append(torch.cat([x[1] for x in parts[li]], dim=1)[:, order])
+            lses.append(torch.cat([x[2] for x in parts[li]], dim=1)[:, order])
         parts[li] = None
     cache.crop(start - cache.get_seq_length())  # back to the context (a negative crop drops tokens)
     refs = None if span is None else [Reference(None, None, peak, total) for peak, total in scored]
