@@ -90,3 +90,34 @@ def test_global_ranks_all_entries_together_with_a_floor():
     assert torch.tensor(b).sum(1).eq(20).all() and rec["rule"] == "global"
     with pytest.raises(ValueError, match="scope"):
         Global(scope="layers")
+
+
+def test_a_reader_ranks_the_block_it_holds_and_the_next_part_together():
+    """allocate_running: the held entries and the part's are one ranking, so a strong part takes budget from a
+    weak block (and the reverse); each head keeps at least ``floor`` of the part; the first part alone is
+    KVzip's global rule (allocate_global) with the same total and floor."""
+    from kvsculpt.core.budget import allocate_global, allocate_running
+
+    torch.manual_seed(0)
+    first = torch.rand(2, 2, 20)
+    keep, b = allocate_running(None, first, total=24, floor=2)
+    assert keep is None and torch.equal(b, allocate_global(first, total=24, floor=2))
+    held = [[first[li, h].sort(descending=True).values[: int(b[li, h])] for h in range(2)] for li in range(2)]
+    strong = torch.full((2, 2, 20), -1.0)  # below every held entry …
+    strong[0, 1] = 5.0  # … but one head's part outranks every held one
+    keep, b2 = allocate_running(held, strong, total=40, floor=3)
+    assert b2.tolist() == [[3, 20], [3, 3]]  # the weak heads keep their floor, the strong one everything
+    assert sum(int(k.sum()) for row in keep for k in row) == 40 - 29  # the block gave way: 11 of its 24 kept
+    assert (
+        sorted(torch.cat([x[k] for x, k in zip(sum(held, []), sum(keep, []), strict=True)]).tolist())
+        == sorted(torch.cat(sum(held, [])).tolist())[-11:]
+    )  # the block's 11 best, whatever their head
+    for li in range(2):  # and what it keeps of a head is that head's best, in the block's order
+        for h in range(2):
+            n_kept = int(keep[li][h].sum())
+            assert torch.equal(keep[li][h], torch.arange(held[li][h].numel()) < n_kept)
+    weak = torch.full((2, 2, 20), -1.0)  # scores below every held one: the part keeps its floor only
+    keep, b3 = allocate_running(held, weak, total=32, floor=2)
+    assert b3.eq(2).all() and all(k.all() for row in keep for k in row)  # and the block keeps all 24
+    with pytest.raises(ValueError, match="cannot be kept"):
+        allocate_running(held, weak, total=24 + 81, floor=2)

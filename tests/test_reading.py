@@ -1,5 +1,7 @@
 """Compress while reading (``chunk_tokens``): each part read over the compressed cache of the parts before it."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -27,16 +29,25 @@ def test_reading_in_one_part_gives_the_one_shot_cache(tiny):
             torch.testing.assert_close(_head(read, li, h), _head(once, li, h), rtol=0, atol=1e-5)
 
 
-def test_reading_in_parts_keeps_each_part_to_the_ratio_and_everything_when_asked():
-    """In parts of 16 tokens at r = 0.25 each part keeps a quarter of its own entries (16 of 64 per part over 2
-    layers × 2 heads) and its keys are the part's keys read over the compressed prefix, at the part's positions.
-    At r = 1 the parts are read over exact prefixes: the block is the full cache and continues as it does."""
+@pytest.mark.parametrize("allocation", ["uniform", "global"])
+def test_reading_in_parts_keeps_the_ratio_and_everything_when_asked(allocation):
+    """In parts of 16 tokens at r = 0.5 the block holds half the entries (96 of 192 over 2 layers × 2 heads).
+    Uniform budgets: each part keeps half its own (32 of 64). The global rule ranks the block
+    and each new part together, so a part's share moves and entries kept earlier are dropped later. Either
+    way each kept key is its part's key read over the compressed prefix, at the part's position. At r = 1 the
+    parts are read over exact prefixes: the block is the full cache and continues as it does."""
     model = tiny_model("llama")
     ids, cont = torch.randint(0, 97, (1, 48)), torch.randint(0, 97, (1, 6))
-    cache = compress(model, ids, CFG.replace(ratio=0.25, chunk_tokens=16), tokenizer=_Tok(), progress=False)
-    parts = cache.info["part_budgets"]  # [part][layer][head]
-    assert cache.info["read_in_parts"] == 3 and [sum(map(sum, p)) for p in parts] == [16, 16, 16]
-    assert cache.kept_entries() == 48 and cache.n == 48
+    cfg = CFG.replace(ratio=0.5, chunk_tokens=16, allocation=allocation)
+    cache = compress(model, ids, cfg, tokenizer=_Tok(), progress=False)
+    parts = cache.info["part_entries"]  # [part][layer][head]: what each part holds at the end
+    assert cache.info["read_in_parts"] == 3 and cache.kept_entries() == 96 and cache.n == 48
+    assert torch.tensor(parts).sum(0).tolist() == cache.budgets
+    if allocation == "uniform":
+        assert [sum(map(sum, p)) for p in parts] == [32, 32, 32] and parts == cache.info["part_budgets"]
+    else:  # the second part kept entries when it was read that the third part's ranking dropped
+        when_read = [sum(map(sum, p)) for p in cache.info["part_budgets"]]
+        assert when_read[:2] == [32, 32] and [sum(map(sum, p)) for p in parts][1] < 32
     full, _, _ = prefill(model, ids)
     for li, exact in ((0, True), (1, False)):  # layer 0's keys do not depend on the prefix; layer 1's do
         for h in range(2):
@@ -106,6 +117,58 @@ def test_block_attention_in_slices_of_queries_is_exact():
                 keys = torch.cat([block[0][g], key[b, g, :seen]])
                 lg = keys @ query[b, h, i] * 0.5 + torch.cat([block[2][g], torch.zeros(seen)])
                 want[b, h, i] = torch.softmax(lg, -1) @ torch.cat([block[1][g], value[b, g, :seen]])
-    for rows in (3, 512):
+    for rows in (3, 512, None):
         got = block_attention(query, key, value, block, 0.5, rows_at_once=rows)
         torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+def test_a_reader_rescores_the_block_as_one_shot_scores_an_entry():
+    """Compress while reading rescores the block's entries with each new part's self samples. That rests on two
+    facts checked here: a part's entry score is exactly max(its repeat queries' score, the self samples' peak
+    weight × the entry's value factor), and block_peaks gives each prefix entry the self samples' peak weight
+    normalised over the prefix's entries and the part's keys (one softmax over both, computed directly)."""
+    from kvsculpt.compress import _part_solver, block_peaks, captured_entry_scores, entry_scores
+    from kvsculpt.core.attention import logits
+    from kvsculpt.core.scores import value_weighted
+    from kvsculpt.hf.capture import source_rows
+
+    model = tiny_model("qwen2")
+    ids = torch.randint(0, 97, (1, 32))
+    cfg = CFG.replace(ratio=0.5, repeat_fit_rows=8, self_samples=3)
+    prefix = compress(model, ids[:, :16], cfg, tokenizer=_Tok(), progress=False)
+    cap = capture_part(model, prefix, ids, 16, 32, cfg, _Tok())
+    solver = _part_solver(cfg.solver, 16)
+    assert solver.scorer.sinks == 0 and cfg.solver.scorer.sinks == 4  # a later part has no sinks of its own
+    both = captured_entry_scores(cap, cfg, solver=solver)
+    rep_rows = source_rows(cap.info, cap.groups.shape[0], "repeat")
+    rows = source_rows(cap.info, cap.groups.shape[0], "self")
+    start, end = cap.info["self_span"]
+    assert rows.sum() == end - start and rows[start:end].all() and not (rows & rep_rows).any()
+    assert cap.repeat_scores is not None and int(rep_rows.sum()) == 8  # scored in the pass; 8 rows held
+    only = torch.ones(int(rep_rows.sum()), dtype=torch.bool)  # (repeat_scores counts every repeat query)
+    rep = entry_scores(cap, solver, [q[:, rep_rows] for q in cap.queries], [x[:, rep_rows] for x in cap.local_lse],
+                       prescored=only)  # fmt: skip
+    alone = dataclasses.replace(
+        cap,
+        queries=[q[:, rows] for q in cap.queries],
+        groups=cap.groups[rows],
+        local_lse=[x[:, rows] for x in cap.local_lse],
+        repeat_scores=None,
+        prescored=None,
+    )
+    by_self = entry_scores(
+        alone, solver, alone.queries, alone.local_lse
+    )  # the library's score from self alone
+    peaks = block_peaks(prefix, cap, rows, chunk=5)
+    for li in range(2):
+        Q, K = cap.queries[li][:, rows], cap.keys[li]
+        total = torch.logaddexp(cap.local_lse[li][:, rows], torch.logsumexp(logits(Q, K, cap.scale), -1))
+        own = value_weighted((logits(Q, K, cap.scale) - total[..., None]).amax(1).exp(), cap.values[li], 0.5)
+        torch.testing.assert_close(torch.maximum(rep[li], own), both[li], rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(own, by_self[li], rtol=1e-5, atol=1e-7)  # (here the repeat part dominates)
+        for h in range(2):  # the prefix's heads keep different numbers of entries (padding is exercised)
+            seen_k = torch.cat([_head(prefix, li, h)[0], K[h]])
+            w = torch.softmax(cap.queries[li][h, rows] @ seen_k.T * cap.scale, -1)
+            assert len(peaks[li][h]) == prefix.budgets[li][h]
+            torch.testing.assert_close(peaks[li][h], w.amax(0)[: prefix.budgets[li][h]], rtol=1e-5, atol=1e-7)
+    assert len({m for row in prefix.budgets for m in row}) > 1

@@ -486,11 +486,13 @@ def shared_cache(model, keys, values) -> CompressedCache:
     return CompressedCache(model, layers)
 
 
-def join_blocks(model, first: CompressedCache | None, second: CompressedCache, n: int) -> CompressedCache:
+def join_blocks(model, first: CompressedCache | None, second: CompressedCache, n: int,
+                keep_first: list[list[torch.Tensor]] | None = None) -> CompressedCache:  # fmt: skip
     """One cache of logical length ``n`` whose block is ``first``'s entries then ``second``'s, head by head (a
     block of ``first``'s context followed by one of the next part's; keys keep their rotary positions). A bias
     is kept if either has one (zeros for the other's entries); ``first`` None: ``second`` with length ``n``.
-    Neither may be quantised."""
+    ``keep_first[l][h]`` (bool ``[m_lh]``): only those of ``first``'s entries are kept. Neither may be
+    quantised."""
     if any(c is not None and c.layers[0].quantized for c in (first, second)):
         raise ValueError("join_blocks takes unquantised blocks")
     caches = [c for c in (first, second) if c is not None]
@@ -502,6 +504,8 @@ def join_blocks(model, first: CompressedCache | None, second: CompressedCache, n
                    else layer.block_keys.new_zeros(layer.block_keys.shape[0], dtype=torch.float32)
                    ).split(layer.lengths)) for layer in parts]  # fmt: skip
         heads = range(len(parts[0].lengths))
+        if keep_first is not None and first is not None:
+            split[0] = [[x[h][keep_first[li][h].to(x[h].device)] for h in heads] for x in split[0]]
         keys.append([torch.cat([p[0][h] for p in split]) for h in heads])
         values.append([torch.cat([p[1][h] for p in split]) for h in heads])
         biases.append([torch.cat([p[2][h].float() for p in split]) for h in heads])

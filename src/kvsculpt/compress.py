@@ -13,11 +13,20 @@ from tqdm.auto import tqdm
 from .cache import CompressedCache, join_blocks, quantize_cache, shared_cache
 from .config import CompressConfig
 from .core.attention import Reference, fidelity, logits, reference
+from .core.budget import Global, allocate_running, head_floor, kept
 from .core.fit import fit_values, refit_for_quantized_keys, split_heldout, stored_keys
 from .core.methods import Identity, Learned, Select
-from .core.scores import H2O, top_indices
+from .core.scores import H2O, KVzip, top_indices, value_weighted
 from .hf.attention import use_kvsculpt_attention
-from .hf.capture import Capture, capture, capture_part, replay_self_queries, sample_self_queries, stage
+from .hf.capture import (
+    Capture,
+    capture,
+    capture_part,
+    replay_self_queries,
+    sample_self_queries,
+    source_rows,
+    stage,
+)
 from .hf.decode import check_ids, full_cache
 from .hf.dims import model_dims
 
@@ -107,20 +116,55 @@ def compress_while_reading(model, context_ids: torch.Tensor, cfg: CompressConfig
                            progress: bool = True) -> CompressedCache:  # fmt: skip
     """Compress ``context_ids [1, n]`` while reading it, ``cfg.chunk_tokens`` tokens at a time (how the seeds'
     KV-Distill reads documents longer than its window): each part is read over the compressed cache of the parts
-    before it (:func:`~kvsculpt.hf.capture.capture_part`), solved alone to ``cfg.ratio`` of its own entries
-    (split between heads and layers by ``cfg.allocation`` over that part's scores) and appended to the block;
-    earlier parts are not revisited. Memory: the block so far (≈ ratio · n entries) plus one part, its keys,
-    values and queries, whatever n; time: linear in n (each part's forward reads ≈ ratio · a entries).
-    ``chunk_tokens ≥ n``: one part, the same cache as the one-shot path."""
+    before it (:func:`~kvsculpt.hf.capture.capture_part`), its kept entries are solved on the part's own queries
+    and appended to the block.
+
+    Budgets: under the global rule (the default) the part's entries and those the block holds are ranked
+    together by their scores (:func:`~kvsculpt.core.budget.allocate_running`), the block keeps the best
+    ``ratio`` of the tokens read so far, and the entries that fall out are dropped from it (the values fitted
+    beside them are not re-solved). So budget moves between parts as the one-shot rule moves it. The block's
+    scores are renewed by each part's self samples (:func:`kept_records`, :func:`block_peaks`): drawn after more
+    of the context, they stand in for the one-shot rule's, drawn after all of it. Under another rule each part
+    keeps ``ratio`` of its own entries, split between heads and layers by that rule over the part's scores.
+
+    Memory: the block (≈ ratio · n entries) plus one part, its keys, values and queries, whatever n; time:
+    linear in n (each part's forward reads ≈ ratio · a entries). ``chunk_tokens ≥ n``: one part, the same cache
+    as the one-shot path."""
     ids = check_ids(context_ids, model.device)
     n, step = ids.shape[1], cfg.chunk_tokens
     part_cfg = cfg.replace(chunk_tokens=0)
+    dims = model_dims(model)
+    running = isinstance(cfg.rule, Global) and cfg.rule.scope == "all"  # budgets move between parts
+    running = running and not isinstance(cfg.solver, Identity)
     block, parts = None, []
-    for a in tqdm(range(0, n, step), desc=f"read in parts of {step}", unit="part", disable=not progress):
+    held = None  # per layer and head, in block order: what kept_records says of each entry the block holds
+    for i, a in enumerate(tqdm(range(0, n, step), desc=f"read in parts of {step}", unit="part",
+                               disable=not progress)):  # fmt: skip
         b = min(n, a + step)
         cap = capture_part(model, block, ids, a, b, part_cfg, tokenizer, progress)
-        part = compress_captured(model, cap, part_cfg, progress=False)
-        block = join_blocks(model, block, part, b)
+        if not running:
+            part = compress_captured(model, cap, part_cfg, progress=False)
+            block = join_blocks(model, block, part, b)
+        else:
+            solver = _part_solver(cfg.solver, a)  # sinks are the context's first tokens, not each part's
+            scores = captured_entry_scores(cap, part_cfg, solver=solver)  # [L, Hkv, b - a]
+            if (
+                held is not None and "repeat" in held
+            ):  # the block's entries, as this part's self samples see them
+                peaks = block_peaks(block, cap, source_rows(cap.info, cap.groups.shape[0], "self"))
+                held["score"] = [[torch.maximum(r, p * f) for r, p, f in zip(hr, hp, hf, strict=True)]
+                                 for hr, hp, hf in zip(held["repeat"], peaks, held["factor"], strict=True)]  # fmt: skip
+            total_kept = (
+                kept(b, cfg.ratio) * dims.layers * dims.kv_heads
+            )  # the ratio of the tokens read so far
+            floor = head_floor(b - a, kept(b - a, cfg.ratio), cfg.rule.floor)  # each head's least of the part
+            keep, budgets = allocate_running(
+                None if held is None else held["score"], scores.cpu(), total_kept, floor
+            )
+            part = compress_captured(model, cap, part_cfg, progress=False, budgets=budgets, scores=scores)
+            block = join_blocks(model, block, part, b, keep)
+            new = kept_records(cap, solver, scores, budgets, i)
+            held = {key: _carry(None if held is None else held[key], keep, x) for key, x in new.items()}
         parts.append(part.info)
         del cap, part
     total = lambda key: sum(p[key] for p in parts)  # noqa: E731
@@ -130,13 +174,72 @@ def compress_while_reading(model, context_ids: torch.Tensor, cfg: CompressConfig
             by_source[src] = by_source.get(src, 0.0) + sec
     block.method, block.context_ids = repr(cfg.solver), ids.cpu()
     block.info = {**parts[0], "config": repr(cfg), "budgets": block.budgets, "n": n, "read_in_parts": len(parts),
-                  "part_budgets": [p["budgets"] for p in parts],
+                  "part_budgets": [p["budgets"] for p in parts],  # what each part kept when it was read
+                  "part_entries": [p["budgets"] for p in parts] if held is None else  # what it holds at the end
+                  [[[int((x == i).sum()) for x in row] for row in held["part"]] for i in range(len(parts))],
                   "fit_queries": total("fit_queries"), "heldout_queries": total("heldout_queries"),
                   "prefill_seconds": total("prefill_seconds"), "query_seconds": total("query_seconds"),
                   "solve_seconds": total("solve_seconds"), "query_seconds_by_source": by_source,
                   "stats": {key: [row for p in parts for row in p["stats"][key]] for key in parts[0]["stats"]}}  # fmt: skip
     block.info.pop("pilot", None)
     return block
+
+
+def block_peaks(block: CompressedCache, cap: Capture, rows: torch.Tensor, chunk: int = 1024) -> list:
+    """The largest attention weight any of ``cap``'s queries ``rows [N]`` (bool) gives each entry of ``block``,
+    the compressed prefix they read: per layer and head ``[m_h]`` (CPU). A weight is normalised over what the
+    query attended to: the block (its log-mass carried in ``cap.local_lse``) and the part's keys.
+    O(N' · (m + c) · d) per layer, ``chunk`` queries at a time."""
+    out = []
+    for li, layer in enumerate(block.layers):
+        bk, _, bias = layer.padded_block(torch.float32)
+        bk, bias = bk.float(), None if bias is None else bias.float()
+        Q_all, K = cap.queries[li][:, rows.to(cap.queries[li].device)], cap.keys[li].float()
+        loc_all = cap.local_lse[li][:, rows.to(cap.local_lse[li].device)]
+        peak = torch.full(bk.shape[:2], float("-inf"), device=bk.device)
+        for i in range(0, Q_all.shape[1], chunk):
+            Q = Q_all[:, i : i + chunk].float()
+            total = torch.logaddexp(
+                loc_all[:, i : i + chunk].float(), torch.logsumexp(logits(Q, K, cap.scale), -1)
+            )
+            peak = torch.maximum(peak, (logits(Q, bk, cap.scale, bias) - total[..., None]).amax(1))
+        out.append([peak[h, :m].exp().cpu() for h, m in enumerate(layer.lengths)])
+    return out
+
+
+def kept_records(cap: Capture, solver, scores: torch.Tensor, budgets: torch.Tensor, part: int) -> dict:
+    """What compress-while-reading keeps of the entries a part keeps (``budgets [L, Hkv]``, each head's best by
+    ``scores [L, Hkv, c]``, as the solver selects them), per layer and head, in the order the block holds
+    them: ``score`` (the global rule's) and ``part``, and for KVzip-type scores (the default, with repeat and
+    self queries) what rescores them later: ``repeat``, their repeat queries' score, and ``factor``, their
+    relative value norm to the scorer's power. A KVzip score is the peak weight any query gives the entry
+    (× factor), so it is exactly max(repeat, self samples' peak × factor) (a test); a later part replaces the
+    self samples' share by its own, drawn after more of the context, as one-shot draws them after all of it."""
+    L, H = budgets.shape
+    idx = [
+        [top_indices(scores[li, h : h + 1], int(budgets[li, h]))[0].cpu() for h in range(H)]
+        for li in range(L)
+    ]
+    pick = lambda x: [[x[li][h].cpu()[j] for h, j in enumerate(row)] for li, row in enumerate(idx)]  # noqa: E731
+    out = {"score": pick(scores), "part": [[torch.full_like(j, part) for j in row] for row in idx]}
+    scorer = getattr(solver, "scorer", None)
+    if isinstance(scorer, KVzip) and {"self", "repeat"} <= set(cap.info["sources"]):
+        rows = source_rows(cap.info, cap.groups.shape[0], "repeat")
+        out["repeat"] = pick(entry_scores(cap, solver, [q[:, rows.to(q.device)] for q in cap.queries],
+                                          [x[:, rows.to(x.device)] for x in cap.local_lse],
+                                          prescored=torch.ones(int(rows.sum()), dtype=torch.bool)))  # fmt: skip
+        out["factor"] = pick([value_weighted(torch.ones(k.shape[:2]), v.float().cpu(), scorer.value_power)
+                              for k, v in zip(cap.keys, cap.values, strict=True)])  # fmt: skip
+    return out
+
+
+def _carry(held: list[list[torch.Tensor]] | None, keep: list[list[torch.Tensor]] | None,
+           new: list[list[torch.Tensor]]) -> list[list[torch.Tensor]]:  # fmt: skip
+    """Per layer and head: what ``held`` keeps (``keep``, bool masks), then ``new`` (``held`` None: ``new``)."""
+    if held is None:
+        return new
+    return [[torch.cat([x[k], y]) for x, k, y in zip(hx, hk, hy, strict=True)]
+            for hx, hk, hy in zip(held, keep, new, strict=True)]  # fmt: skip
 
 
 @dataclasses.dataclass
@@ -224,7 +327,7 @@ def keep_everything(model, context_ids: torch.Tensor, cfg: CompressConfig, t_sta
 
 
 def compress_captured(model, cap: Capture, cfg: CompressConfig, progress: bool = True, tokenizer=None,
-                      on_eval=None) -> CompressedCache:  # fmt: skip
+                      on_eval=None, budgets=None, scores=None) -> CompressedCache:  # fmt: skip
     """Solve every layer of an existing :class:`~kvsculpt.hf.capture.Capture` under ``cfg`` (experiments
     reuse one capture for several configs with the same :meth:`~kvsculpt.config.CompressConfig.capture_key`),
     then refine it end to end if ``cfg.refine`` says so (the refine data are kept on the capture and reused by
@@ -234,6 +337,10 @@ def compress_captured(model, cap: Capture, cfg: CompressConfig, progress: bool =
     ``cfg.on_policy > 0``: the layers are solved in that many stages; before each stage after the first,
     the self samples are replayed through the model with the layers solved so far compressed, and their
     queries replace the captured ones for the layers still to solve (``on_policy ≥ L``: layer by layer).
+
+    ``budgets [L, Hkv]`` and ``scores [L, Hkv, n]`` (:func:`captured_entry_scores` under ``cfg``), when given,
+    replace ``cfg``'s rule and the entry scores it would compute (compress while reading plans them over the
+    block and the part together).
     """
     t_start = time.perf_counter()
     dims = model_dims(model)
@@ -261,7 +368,8 @@ def compress_captured(model, cap: Capture, cfg: CompressConfig, progress: bool =
                                  None if local is None else local[li].float())  # fmt: skip
         return refs[li]
 
-    scored = {}  # the entry scores of global budgets, reused by the selection (same queries) unless on-policy
+    scored = {} if scores is None else {"all": scores}  # the entry scores of global budgets, reused by the
+    # selection (same queries) unless on-policy
 
     stages = min(cfg.on_policy, L)
     chunks = solved_in_chunks(cap, cfg, stages)
@@ -273,7 +381,9 @@ def compress_captured(model, cap: Capture, cfg: CompressConfig, progress: bool =
         scored["all"] = captured_entry_scores(cap, cfg, fit_q, local, chunks, fit_spans, refs_all, prescored)
         return scored["all"]
 
-    if isinstance(solver, Identity):
+    if budgets is not None:
+        budgets, pilot_record = torch.as_tensor(budgets).tolist(), {}
+    elif isinstance(solver, Identity):
         budgets, pilot_record = [[n] * Hkv for _ in range(L)], {}
     else:
         stage(progress, f"{cfg.allocation} budgets for {L} layers × {Hkv} KV heads")
@@ -433,13 +543,13 @@ def chunk_rows(K, Q, spans, local_lse, chunks, scale):
         yield a, b, rows, loc
 
 
-def _part_scorer(solver, a: int):
-    """The solver's scorer for the part starting at ``a``: sinks are the context's first tokens, so only the
-    first part keeps them."""
-    scorer = solver.scorer
+def _part_solver(solver, a: int):
+    """The solver for the part starting at ``a``: sinks are the context's first tokens, so only the first part
+    keeps them (its scorer's ``sinks`` set to 0 for the others)."""
+    scorer = getattr(solver, "scorer", None)
     if a > 0 and getattr(scorer, "sinks", 0):
-        return dataclasses.replace(scorer, sinks=0)
-    return scorer
+        return dataclasses.replace(solver, scorer=dataclasses.replace(scorer, sinks=0))
+    return solver
 
 
 def chunked_entry_scores(
@@ -462,9 +572,9 @@ def chunked_entry_scores(
             if cap.repeat_scores is not None:
                 rest = ~prescored.to(rows.device)[rows]
                 ref = with_repeat_scores(cap, li, Q[:, rest], K[:, a:b], loc[:, rest], a, b)
-            out[li, :, a:b] = _part_scorer(solver, a)(
-                K[:, a:b], V[:, a:b], Q, cap.scale, None, loc, ref
-            ).cpu()
+            out[li, :, a:b] = (
+                _part_solver(solver, a).scorer(K[:, a:b], V[:, a:b], Q, cap.scale, None, loc, ref).cpu()
+            )
     return out
 
 
@@ -542,16 +652,17 @@ def _refit_chunks(heads, parts, problems, K, V, Q, cfg: CompressConfig, scale, d
 
 
 def captured_entry_scores(cap: Capture, cfg: CompressConfig, queries=None, local_lse=None, chunks=None, spans=None,
-                          refs=None, prescored=None) -> torch.Tensor:  # fmt: skip
+                          refs=None, prescored=None, solver=None) -> torch.Tensor:  # fmt: skip
     """Every entry's score ``[L, Hkv, n]`` as ``cfg``'s method ranks it for global budgets: part by part where
     the repeat pass ran in parts (:func:`chunked_entry_scores`), else at once (:func:`entry_scores`). Without
     ``queries``: every captured query, and the parts :func:`solved_in_chunks` gives (what ``train-scorer``
-    learns from)."""
+    learns from). ``solver``: rank as this one does instead of ``cfg.solver``."""
+    solver = cfg.solver if solver is None else solver
     if queries is None:
         queries, local_lse, chunks, spans = cap.queries, cap.local_lse, solved_in_chunks(cap, cfg), cap.spans
     if chunks:
-        return chunked_entry_scores(cap, cfg.solver, queries, local_lse, chunks, spans, prescored)
-    return entry_scores(cap, cfg.solver, queries, local_lse, refs, prescored)
+        return chunked_entry_scores(cap, solver, queries, local_lse, chunks, spans, prescored)
+    return entry_scores(cap, solver, queries, local_lse, refs, prescored)
 
 
 def entry_scores(cap: Capture, solver, queries, local_lse=None, refs=None, prescored=None) -> torch.Tensor:

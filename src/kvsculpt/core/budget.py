@@ -123,7 +123,39 @@ def allocate_global(scores: torch.Tensor, total: int, floor: int) -> torch.Tenso
     return torch.bincount(chosen, minlength=L * H).reshape(L, H)
 
 
-def _floor(n: int, m: int, floor: int | None = None) -> int:
+def allocate_running(
+    held: list[list[torch.Tensor]] | None, scores: torch.Tensor, total: int, floor: int
+) -> tuple[list[list[torch.Tensor]] | None, torch.Tensor]:
+    """KVzip's global rule for a reader (compress while reading): the entries a block already holds and those
+    of the next part ranked together, so budget moves between parts as it moves between heads. ``held[l][h]``
+    ``[m_lh]``: the scores of the entries the block holds, in its order (None before the first part); ``scores``
+    ``[L, H, c]``: the part's. The best ``total`` of all are kept; each head keeps at least ``floor`` of the
+    part's entries (its best). → (per layer and head a bool mask ``[m_lh]`` of the held entries still kept, or
+    None; the part's budgets ``[L, H]``). O((m + c) · L · H)."""
+    L, H, c = scores.shape
+    part = scores.detach().double().clone()
+    part.scatter_(-1, part.topk(min(floor, c), dim=-1).indices, float("inf"))
+    width = 0 if held is None else max(x.numel() for row in held for x in row)
+    pool = torch.full((L, H, width), float("-inf"), dtype=torch.float64)
+    for li in range(L if held is not None else 0):
+        for h in range(H):
+            pool[li, h, : held[li][h].numel()] = held[li][h].double()
+    everything = torch.cat([pool, part], -1)
+    real = int(torch.isfinite(everything).sum() + torch.isposinf(everything).sum())
+    if not (min(floor, c) * L * H <= total <= real):
+        raise ValueError(f"a total of {total} cannot be kept from {real} entries with {floor} per head")
+    chosen = torch.zeros(everything.numel(), dtype=torch.bool)
+    chosen[everything.flatten().topk(total).indices] = True
+    chosen = chosen.reshape(everything.shape)
+    keep = (
+        None
+        if held is None
+        else [[chosen[li, h, : held[li][h].numel()] for h in range(H)] for li in range(L)]
+    )
+    return keep, chosen[..., width:].sum(-1)
+
+
+def head_floor(n: int, m: int, floor: int | None = None) -> int:
     """The smallest budget a non-uniform rule gives a head: ``floor`` (default n/64), at most the uniform budget."""
     return max(1, min(m, n // 64 if floor is None else floor))
 
@@ -154,7 +186,7 @@ class Global:
 
     def plan(self, n, ratio, layers, kv_heads, pilot=None, entry_scores=None):
         m = kept(n, ratio)
-        floor = _floor(n, m, self.floor)
+        floor = head_floor(n, m, self.floor)
         scores = torch.as_tensor(entry_scores())
         if self.scope == "all":
             out = allocate_global(scores, m * layers * kv_heads, floor)
@@ -184,7 +216,7 @@ class _PilotRule:
 
     def plan(self, n, ratio, layers, kv_heads, pilot=None, entry_scores=None):
         m = kept(n, ratio)
-        floor = _floor(n, m, self.floor)
+        floor = head_floor(n, m, self.floor)
         sizes = self.sizes(n, m, floor)
         errors = torch.stack([torch.as_tensor(pilot(s), dtype=torch.float64) for s in sizes])  # [K, L, H]
         record = {"rule": type(self).__name__.lower(), "scope": self.scope, "uniform_budget": m,

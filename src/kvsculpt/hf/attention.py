@@ -33,8 +33,11 @@ QUERIES_ATTR = (
 QUERY_SINK_ATTR = "_kvsculpt_query_sink"  # on an attention module: a callable receiving (queries, keys)
 
 
+LOGITS_AT_ONCE = 1 << 24  # block_attention's default slice: this many logits (64 MB in fp32)
+
+
 def block_attention(
-    query, key, value, block, scale: float, rows_at_once: int = 512, scores=None, key_bias=None
+    query, key, value, block, scale: float, rows_at_once: int | None = None, scores=None, key_bias=None
 ) -> torch.Tensor:
     """Attention over a shared block and each row's own appended tokens: query ``[B, H, q, d]``, key/value
     ``[B, Hkv, a, d]`` (the query's tokens are the last ``q`` of the ``a``), block ``(K [Hkv, P, d],
@@ -42,7 +45,8 @@ def block_attention(
     logits; the block's part is one matmul over all rows' queries. Computed in fp32 at least, as SDPA
     accumulates (a bf16 block is upcast one layer at a time, transiently; nothing is kept in fp32), and
     ``rows_at_once`` queries at a time, so a long forward over a block (a part read after a compressed prefix)
-    holds ``[B, H, rows_at_once, P + a]`` logits, not ``[B, H, q, P + a]``. ``block`` may also be a callable
+    holds ``[B, H, rows_at_once, P + a]`` logits, not ``[B, H, q, P + a]`` (default: as many rows as keep a
+    slice's logits to :data:`LOGITS_AT_ONCE` numbers, at least 16; 64 MB in fp32, three such tensors live). ``block`` may also be a callable
     returning that triple (a quantised block, dequantised here, one layer at a time). ``scores [B, Hkv, a]``: if
     given, each appended key's attention probability, summed over the queries and the query heads sharing it, is
     added to it (a decode budget's record of what the generation reads). ``key_bias [B, Hkv, a]``: an additive
@@ -51,6 +55,7 @@ def block_attention(
     B, H, q, d = query.shape
     Hkv, P, a = bk.shape[0], bk.shape[1], key.shape[-2]
     G, c = H // Hkv, torch.promote_types(query.dtype, torch.float32)
+    rows_at_once = rows_at_once or max(16, LOGITS_AT_ONCE // (B * H * (P + a)))
     bk, bv, k, v = bk.to(c), bv.to(c), key.to(c), value.to(c)
     out = query.new_empty(B, H, q, d)
     for i in range(0, q, rows_at_once):

@@ -73,6 +73,15 @@ class Capture:
         return self.keys[0].shape[1]
 
 
+def source_rows(info: dict, N: int, source: str) -> torch.Tensor:
+    """Which of a capture's ``N`` kept queries came from ``source`` (``"self"``, ``"repeat"``, …): ``[N]`` bool,
+    from the span ``info[source + "_span"]`` the source took in the pooled order before any subsampling."""
+    start, end = info[f"{source}_span"]
+    keep = info.get("subsample_index")
+    idx = torch.arange(N) if keep is None else keep  # position in the unsubsampled order
+    return (idx >= start) & (idx < end)
+
+
 def pool_gqa(q: torch.Tensor, kv_heads: int) -> torch.Tensor:
     """Queries ``[B, H, T, d]`` → ``[Hkv, B·G·T, d]``: the G query heads sharing a KV head are pooled."""
     B, H, T, d = q.shape
@@ -399,9 +408,7 @@ def capture(model, context_ids: torch.Tensor, cfg: CompressConfig | None = None,
     qs, groups, local, spans = join_sources(found, n, cfg, info)
     prescored = None
     if scored is not None:  # which of the kept queries the running scores already count
-        start, end = info["repeat_span"]
-        idx = torch.arange(groups.shape[0]) if info["subsample_index"] is None else info["subsample_index"]
-        prescored = (idx >= start) & (idx < end)
+        prescored = source_rows(info, groups.shape[0], "repeat")
     per_head = [x[0].float().reshape(Hkv, G, n, -1) for x in ctx_q] if keep_context else None
     return Capture(keys, values, qs, groups, dims.scale, last, prefill_s, query_s, samples, per_head,
                    context_ids.cpu(), info, local, spans, scored, prescored)  # fmt: skip
@@ -468,7 +475,7 @@ def capture_part(model, prefix, context_ids: torch.Tensor, a: int, b: int, cfg: 
                                   for i in range(0, x.shape[1], rows)], dim=1))  # fmt: skip
         return out
 
-    info, found, samples = {"sources": list(cfg.sources), "part": (a, b)}, [], None
+    info, found, samples, scored = {"sources": list(cfg.sources), "part": (a, b)}, [], None, None
     t0 = time.perf_counter()
     for src in cfg.sources:
         t_src = time.perf_counter()
@@ -478,20 +485,27 @@ def capture_part(model, prefix, context_ids: torch.Tensor, a: int, b: int, cfg: 
         elif src == "repeat":
             ids = repeat_request(tokenizer, context_ids, a, b, cfg.repeat_prompt)
             t = c + (ids.shape[1] - c if cfg.repeat_prompt == "kvzip" else 0)
-            q, lse, _ = request_queries(model, cache, ids, b, t)
-            g = _position_groups(t, G)
+            # read in several parts: every query scores the part's entries during the pass (span (0, c): the
+            # part's keys are the first the attention is handed), and only repeat_fit_rows are held for the fit
+            several = (a, b) != (0, context_ids.shape[1])
+            rows = subsample_index(G * t, cfg.repeat_fit_rows, cfg.seed + a) if several else None
+            q, lse, scored = request_queries(model, cache, ids, b, t, None if rows is None else (0, c), rows)
+            g = _position_groups(t, G) if rows is None else _position_groups(t, G)[rows]
         else:
             joined = join_blocks(model, prefix, shared_cache(model, keys, values), b)
             q, g, samples = sample_self_queries(model, joined, b, last, cfg, progress)
+            del joined  # a copy of the block and the part's keys and values: not held through the repeat pass
             lse = on_prefix(q)
         found.append((src, q, g, lse, None, time.perf_counter() - t_src))
+        del q, lse
     query_s = time.perf_counter() - t0
     qs, groups, local, _ = join_sources(found, c, cfg, info)
+    prescored = None if scored is None else source_rows(info, groups.shape[0], "repeat")
     per_head = (
         [x[0].float().reshape(Hkv, G, c, -1) for x in ctx_q] if cfg.solver.needs_context_queries else None
     )
     return Capture(keys, values, qs, groups, dims.scale, last, prefill_s, query_s, samples, per_head,
-                   context_ids[:, a:b].cpu(), info, local, None)  # fmt: skip
+                   context_ids[:, a:b].cpu(), info, local, None, scored, prescored)  # fmt: skip
 
 
 @torch.inference_mode()
@@ -507,10 +521,10 @@ def replay_self_queries(model, cap: Capture, cache) -> list[torch.Tensor]:
     Hkv = model_dims(model).kv_heads
     with capture_queries(model) as sinks:
         forward(model, cap.samples, cache, cap.n)
-    start, end = cap.info["self_span"]
+    start = cap.info["self_span"][0]
     keep = cap.info.get("subsample_index")
     idx = torch.arange(cap.groups.shape[0]) if keep is None else keep  # position in the unsubsampled order
-    where = ((idx >= start) & (idx < end)).nonzero().squeeze(1)  # which of cap.queries are self queries
+    where = source_rows(cap.info, cap.groups.shape[0], "self").nonzero().squeeze(1)  # which are self queries
     out = []
     for q_old, sink in zip(cap.queries, sinks, strict=True):
         fresh = pool_gqa(torch.cat(sink, dim=2).float(), Hkv)  # [Hkv, S·G·L, d]
