@@ -148,15 +148,12 @@ def compress_while_reading(model, context_ids: torch.Tensor, cfg: CompressConfig
         else:
             solver = _part_solver(cfg.solver, a)  # sinks are the context's first tokens, not each part's
             scores = captured_entry_scores(cap, part_cfg, solver=solver)  # [L, Hkv, b - a]
-            if (
-                held is not None and "repeat" in held
-            ):  # the block's entries, as this part's self samples see them
+            # the block's entries rescored as this part's self samples see them
+            if held is not None and "repeat" in held:
                 peaks = block_peaks(block, cap, source_rows(cap.info, cap.groups.shape[0], "self"))
                 held["score"] = [[torch.maximum(r, p * f) for r, p, f in zip(hr, hp, hf, strict=True)]
                                  for hr, hp, hf in zip(held["repeat"], peaks, held["factor"], strict=True)]  # fmt: skip
-            total_kept = (
-                kept(b, cfg.ratio) * dims.layers * dims.kv_heads
-            )  # the ratio of the tokens read so far
+            total_kept = kept(b, cfg.ratio) * dims.layers * dims.kv_heads  # ratio of the tokens read so far
             floor = head_floor(b - a, kept(b - a, cfg.ratio), cfg.rule.floor)  # each head's least of the part
             keep, budgets = allocate_running(
                 None if held is None else held["score"], scores.cpu(), total_kept, floor
