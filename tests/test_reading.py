@@ -172,3 +172,29 @@ def test_a_reader_rescores_the_block_as_one_shot_scores_an_entry():
             assert len(peaks[li][h]) == prefix.budgets[li][h]
             torch.testing.assert_close(peaks[li][h], w.amax(0)[: prefix.budgets[li][h]], rtol=1e-5, atol=1e-7)
     assert len({m for row in prefix.budgets for m in row}) > 1
+
+
+def test_the_block_and_the_part_laid_out_padded_continue_as_joined_and_are_read_in_place():
+    """The cache a part's self samples are drawn from (block_and_part): padded to one length per head with
+    ``-inf`` bias, it gives the same logits as the block and the part joined entry by entry, and a fork reads
+    its block in place (the same storage), where the joined cache's fork lays out a padded copy."""
+    from kvsculpt.cache import block_and_part, join_blocks, shared_cache
+    from kvsculpt.hf.decode import forward
+
+    model = tiny_model("qwen2")
+    ids = torch.randint(0, 97, (1, 32), generator=torch.Generator().manual_seed(3))
+    prefix = compress(model, ids[:, :16], CFG.replace(ratio=0.5), tokenizer=_Tok(), progress=False)
+    li = next(
+        i for i, layer in enumerate(prefix.budgets) if len(set(layer)) > 1
+    )  # heads of different lengths
+    part, _, _ = prefill(model, ids[:, 16:32])
+    keys = [layer.keys[0] for layer in part.layers]
+    values = [layer.values[0] for layer in part.layers]
+    padded = block_and_part(model, prefix, keys, values, 32)
+    joined = join_blocks(model, prefix, shared_cache(model, keys, values), 32)
+    x = torch.randint(0, 97, (3, 4), generator=torch.Generator().manual_seed(4))  # three rows share the block
+    with torch.inference_mode():
+        a, b = padded.fork(), joined.fork()
+        torch.testing.assert_close(forward(model, x, a, 32), forward(model, x, b, 32), rtol=0, atol=1e-5)
+    assert a.layers[li]._block[0].data_ptr() == padded.layers[li].block_keys.data_ptr()
+    assert b.layers[li]._block[0].data_ptr() != joined.layers[li].block_keys.data_ptr()

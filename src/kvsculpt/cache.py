@@ -166,7 +166,8 @@ class CompressedLayer(CacheLayerMixin):
     def _append(self, name: str, new: torch.Tensor) -> None:
         """Set ``self.<name>`` (keys, values ``[B, Hkv, a, d]``; key_bias, scores, born ``[B, Hkv, a]``) to itself
         followed by ``new`` along the tokens. It is a view of the first ``a`` slots of a buffer with room to spare
-        (a quarter more, and at least ``every`` or 64 slots), so a token costs a write of its own entries, not a
+        (a quarter more, and at least ``every`` slots, or 16 without a decode budget: a batch of 32 rows
+        sampling 8 tokens then holds 17 slots a row, not 65), so a token costs a write of its own entries, not a
         copy of everything held: the buffer is reallocated only when full, or when a cut or a reordering of the
         batch has replaced the tensor with one of its own. Under autograd (refine) it concatenates, as before."""
         dim = -2 if name in ("keys", "values") else -1
@@ -182,7 +183,7 @@ class CompressedLayer(CacheLayerMixin):
         if not fits:
             total = used + extra
             size = list(new.shape)
-            size[dim] = total + max(total // 4, self.every if self.decode_budget else 64)
+            size[dim] = total + max(total // 4, self.every if self.decode_budget else 16)
             buf = new.new_empty(size)
             if old is not None:
                 buf.narrow(dim, 0, used).copy_(old)
@@ -483,6 +484,26 @@ def shared_cache(model, keys, values) -> CompressedCache:
     n, Hkv = keys[0].shape[1], keys[0].shape[0]
     layers = [CompressedLayer(k.reshape(Hkv * n, -1), v.reshape(Hkv * n, -1), [n] * Hkv, None, n)
               for k, v in zip(keys, values, strict=True)]  # fmt: skip
+    return CompressedCache(model, layers)
+
+
+def block_and_part(model, block: CompressedCache | None, keys, values, n: int) -> CompressedCache:
+    """``block``'s entries then a part's full keys and values (per layer ``[Hkv, c, d]``) as one cache of logical
+    length ``n``, laid out padded: every head holds ``P + c`` slots (``P = max m_h``; the padding's bias is
+    ``-inf``), so a fork's attention reads the block as a view. :func:`join_blocks` followed by a fork holds the
+    entries twice (the flat block and the fork's padded copy). For sampling over a compressed prefix and the part
+    just read; memory: one copy of both, built one layer at a time; ``block`` None: the part alone."""
+    if block is not None and block.layers[0].quantized:
+        raise ValueError("block_and_part takes an unquantised block")
+    if block is None:
+        return shared_cache(model, keys, values)
+    layers = []
+    for layer, k, v in zip(block.layers, keys, values, strict=True):
+        (Hkv, c, d), (bk, bv, bias) = k.shape, layer.padded_block(k.dtype)
+        bias = torch.zeros(bk.shape[:2], device=k.device) if bias is None else bias.float()
+        slots = bk.shape[1] + c
+        layers.append(CompressedLayer(torch.cat([bk, k], 1).view(Hkv * slots, d), torch.cat([bv, v], 1).view(Hkv * slots, d),
+                                      [slots] * Hkv, torch.cat([bias, bias.new_zeros(Hkv, c)], 1).view(-1), n))  # fmt: skip
     return CompressedCache(model, layers)
 
 

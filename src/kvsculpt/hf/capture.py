@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
-from ..cache import join_blocks, shared_cache
+from ..cache import block_and_part, shared_cache
 from ..config import CompressConfig
 from ..core.attention import Reference, local_lse, logits, reference
 from ..core.fit import subsample_index
@@ -492,9 +492,9 @@ def capture_part(model, prefix, context_ids: torch.Tensor, a: int, b: int, cfg: 
             q, lse, scored = request_queries(model, cache, ids, b, t, None if rows is None else (0, c), rows)
             g = _position_groups(t, G) if rows is None else _position_groups(t, G)[rows]
         else:
-            joined = join_blocks(model, prefix, shared_cache(model, keys, values), b)
+            joined = block_and_part(model, prefix, keys, values, b)
             q, g, samples = sample_self_queries(model, joined, b, last, cfg, progress)
-            del joined  # a copy of the block and the part's keys and values: not held through the repeat pass
+            del joined  # a padded copy of the block and the part: not held through the repeat pass
             lse = on_prefix(q)
         found.append((src, q, g, lse, None, time.perf_counter() - t_src))
         del q, lse
