@@ -142,7 +142,7 @@ def test_training_resumes_where_it_stopped(tmp_path, monkeypatch):
 
 
 def test_learned_config_errors():
-    for bad, match in (({"refine": "kl"}, "refine"), ({"chunk_tokens": 16}, "chunk_tokens"),
+    for bad, match in (({"refine": "kl"}, "refine"), ({"on_policy": 1}, "on_policy"),
                        ({"allocation": "curves"}, "no pilot"), ({"options": {"window": 1}}, "unknown option window"),
                        ({"options": {"fit_window": 0}}, "fit_window must be")):  # fmt: skip
         with pytest.raises(ValueError, match=match):
@@ -210,3 +210,44 @@ def test_learned_scores_made_once_serve_every_ratio_exactly(tmp_path):
             (ka, va), (kb, vb) = a.dense(), b.dense()
             assert torch.equal(ka, kb) and torch.equal(va, vb)
     assert shared[0].kept_entries() < shared[1].kept_entries()
+
+
+@pytest.mark.parametrize("fit", [False, True])
+def test_learned_while_reading_in_one_part_is_learned_and_in_parts_holds_the_ratio(tmp_path, fit):
+    """``method="learned"`` with ``chunk_tokens``: one part as long as the context gives compress_learned's cache
+    bit for bit (the same prefill, scores, budgets and self samples). In parts of 16 at r = 0.5 the block holds
+    half the entries, and the model runs once per part (+ the self samples' steps with the fit): one prefill
+    in all. At r = 1 with copied values the block is the full cache read in parts."""
+    model = tiny_model("qwen2")
+    path = L.train_scorer(model, _Tok(), _windows(1), tmp_path / "s.safetensors", CFG, progress=False)
+    ids = torch.randint(0, 97, (1, 48), generator=torch.Generator().manual_seed(7))
+    cfg = CFG.replace(method="learned", ratio=0.5, fit=fit, options={"weights": str(path)})
+    once = compress(model, ids, cfg, progress=False)
+    read = compress(model, ids, cfg.replace(chunk_tokens=64), progress=False)
+    assert read.budgets == once.budgets and read.info["read_in_parts"] == 1
+    for a, b in zip(read.layers, once.layers, strict=True):
+        (ka, va), (kb, vb) = a.dense(), b.dense()
+        assert torch.equal(ka, kb) and torch.equal(va, vb)
+    calls = []
+    handle = model.register_forward_hook(lambda *a: calls.append(1))
+    parts = compress(model, ids, cfg.replace(chunk_tokens=16), progress=False)
+    handle.remove()
+    assert len(calls) == 3 * (1 + (CFG.self_length if fit else 0)) and parts.info["read_in_parts"] == 3
+    assert parts.kept_entries() == 24 * 2 * 2 and parts.n == 48
+    whole = compress(model, ids, cfg.replace(ratio=1.0, fit=False, chunk_tokens=16), progress=False)
+    full, _, _ = prefill(model, ids)
+    for li in range(2):
+        k, v = whole.layers[li].padded_block()[:2]
+        torch.testing.assert_close(k, full.layers[li].keys[0], rtol=0, atol=1e-5)
+        torch.testing.assert_close(v, full.layers[li].values[0], rtol=0, atol=1e-5)
+
+
+def test_a_parts_position_features_count_from_the_context():
+    """A part's position features (``start``): log(1 + t) at the context's positions and log(b − 1 − t) from
+    the end of what was read, as a prefill of the first b tokens computes them for the same entries."""
+    torch.manual_seed(0)
+    K, V, window = torch.randn(2, 30, 8), torch.randn(2, 30, 8), torch.rand(2, 30)
+    part = lin.extra_features(K[:, 10:30], V[:, 10:30], window[:, 10:30], start=10)
+    whole = lin.extra_features(K, V, window)
+    torch.testing.assert_close(part[..., 3:5], whole[:, 10:30, 3:5], rtol=0, atol=1e-6)
+    assert not torch.allclose(lin.extra_features(K[:, 10:30], V[:, 10:30], window[:, 10:30])[..., 3], part[..., 3])

@@ -10,7 +10,7 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from .cache import CompressedCache, join_blocks, quantize_cache, shared_cache
+from .cache import CompressedCache, block_and_part, join_blocks, quantize_cache, shared_cache
 from .config import CompressConfig
 from .core.attention import Reference, fidelity, logits, reference
 from .core.budget import Global, allocate_running, head_floor, kept
@@ -22,6 +22,7 @@ from .hf.capture import (
     Capture,
     capture,
     capture_part,
+    prefix_lse,
     replay_self_queries,
     sample_self_queries,
     source_rows,
@@ -94,7 +95,9 @@ def compress(model, context_ids: torch.Tensor, config: CompressConfig | None = N
     cfg = (config or CompressConfig()).replace(**changes)
     use_kvsculpt_attention(model)
     with PeakMemory(model.device) as peak:
-        if isinstance(cfg.solver, Learned):
+        if isinstance(cfg.solver, Learned) and cfg.chunk_tokens:
+            cache = learned_while_reading(model, context_ids, cfg, progress)
+        elif isinstance(cfg.solver, Learned):
             cache = compress_learned(model, context_ids, cfg, progress)
         elif isinstance(cfg.solver, Identity) and cfg.refine == "none" and cfg.kv_bits == 16:
             cache = keep_everything(model, context_ids, cfg, t_start)  # no reference queries needed
@@ -306,6 +309,91 @@ def compress_learned(model, context_ids: torch.Tensor, cfg: CompressConfig, prog
             "replay_seconds": 0.0, "stats": {"heldout_rel_mse": [], "heldout_mass_err": []}}  # fmt: skip
     cache = CompressedCache.from_heads(model, keys, values, n, None, repr(cfg.solver), info, ids.cpu())
     return quantize_cache(cache, cfg.kv_bits, cfg.kv_group, cfg.key_bits)
+
+
+def learned_while_reading(model, context_ids: torch.Tensor, cfg: CompressConfig,
+                          progress: bool = True) -> CompressedCache:  # fmt: skip
+    """``method="learned"`` with ``chunk_tokens``: one prefill in parts, each part read over the compressed
+    block of the parts before it. The scorer scores a part's entries as they are produced
+    (:func:`~kvsculpt.learned.prefill_scores`: positions are the context's, the window feature the part's own
+    last queries); under the global rule they are ranked with the block's entries (their scores from when they
+    were read) by :func:`~kvsculpt.core.budget.allocate_running`, so the block keeps ``ratio`` of the tokens read
+    so far; under another rule each part keeps ``ratio`` of its own. Values are copied, or fitted on the
+    part's fit queries (self samples drawn after the part from the block and the part, or the part's last
+    queries), their log-mass on the block carried outside it. Time: one prefill and, with the self fit, ``S·L``
+    sampled tokens per part; memory: the block (≈ ratio · n entries) and one part, whatever n. ``chunk_tokens
+    ≥ n``: the same cache as :func:`compress_learned`."""
+    from transformers import DynamicCache
+
+    from .learned import load_weights, prefill_scores
+
+    solver, dims = cfg.solver, model_dims(model)
+    weights, _ = load_weights(model, solver.weights, solver.snapshot)
+    ids = check_ids(context_ids, model.device)
+    n, step, L, Hkv = ids.shape[1], cfg.chunk_tokens, dims.layers, dims.kv_heads
+    running = isinstance(cfg.rule, Global) and cfg.rule.scope == "all"
+    tail_fit = solver.fit and solver.fit_queries == "tail"
+    block, held, part_budgets, seconds = None, None, [], {"prefill": 0.0, "query": 0.0, "solve": 0.0}
+    for a in tqdm(range(0, n, step), desc=f"read in parts of {step}", unit="part", disable=not progress):
+        b = min(n, a + step)
+        where = "" if block is None else f" after {block.kept_entries()} compressed entries"
+        stage(progress, f"learned scores of tokens {a}-{b}{where}")
+        cache = DynamicCache() if block is None else block.fork()
+        sinks, last = solver.sinks if a == 0 else 0, solver.fit_window if tail_fit else None
+        cache, scores, tail, last_logits, sec = prefill_scores(
+            model, ids[:, a:b], weights, sinks, last, cache, a
+        )
+        seconds["prefill"] += sec
+        t0 = time.perf_counter()
+        keys = [layer.keys[0, :, a - b :] for layer in cache.layers]
+        values = [layer.values[0, :, a - b :] for layer in cache.layers]
+        del cache
+        queries, lse = None, None
+        if solver.fit:
+            if solver.fit_queries == "self":
+                joined = block_and_part(model, block, keys, values, b)
+                queries, _, _ = sample_self_queries(model, joined, b, last_logits, cfg, progress)
+                del joined
+            else:
+                queries = tail
+            lse = prefix_lse(block, queries, dims.scale)
+        seconds["query"] += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        if running:
+            floor = head_floor(b - a, kept(b - a, cfg.ratio), cfg.rule.floor)
+            keep, budgets = allocate_running(held, scores, kept(b, cfg.ratio) * L * Hkv, floor)
+        else:
+            keep, (budgets, _) = (
+                None,
+                cfg.rule.plan(b - a, cfg.ratio, L, Hkv, entry_scores=lambda s=scores: s),
+            )
+            budgets = torch.tensor(budgets)
+        part_keys, part_values, new = [], [], []
+        for li in range(L):
+            K, V = keys[li], values[li]
+            Q = K.new_zeros(Hkv, 0, K.shape[-1]) if queries is None else queries[li]
+            heads = solver(K, V, Q, [int(m) for m in budgets[li]], dims.scale,
+                           local_lse=None if lse is None else lse[li], scores=scores[li].to(K.device))  # fmt: skip
+            part_keys.append([k.to(model.dtype) for k, _, _ in heads])
+            part_values.append([v.to(model.dtype) for _, v, _ in heads])
+            kept_idx = [top_indices(scores[li, h : h + 1], int(m))[0] for h, m in enumerate(budgets[li])]
+            new.append(
+                [scores[li, h][j] for h, j in enumerate(kept_idx)]
+            )  # the held entries' scores, in order
+        part = CompressedCache.from_heads(model, part_keys, part_values, b)
+        block = join_blocks(model, block, part, b, keep)
+        held = _carry(held, keep, new) if running else None
+        part_budgets.append(budgets.tolist())
+        seconds["solve"] += time.perf_counter() - t0
+        del keys, values, queries, lse, part
+    info = {"config": repr(cfg), "method": repr(solver), "ratio": cfg.ratio, "allocation": cfg.allocation,
+            "queries": solver.fit_queries if solver.fit else "none", "budgets": block.budgets, "n": n,
+            "read_in_parts": len(part_budgets), "part_budgets": part_budgets, "fit_queries": 0, "heldout_queries": 0,
+            "prefill_seconds": seconds["prefill"], "query_seconds": seconds["query"], "query_seconds_by_source": {},
+            "solve_seconds": seconds["solve"], "on_policy": 0, "replay_seconds": 0.0,
+            "stats": {"heldout_rel_mse": [], "heldout_mass_err": []}}  # fmt: skip
+    block.method, block.info, block.context_ids = repr(solver), info, ids.cpu()
+    return block
 
 
 def keep_everything(model, context_ids: torch.Tensor, cfg: CompressConfig, t_start: float) -> CompressedCache:

@@ -338,7 +338,7 @@ class CompressConfig:
                     raise ValueError(f"chunk_tokens (compress while reading) does not combine with {name} yet; "
                                      f"leave {name} at {off!r}")  # fmt: skip
         if self.method == "learned":
-            for name, off in (("refine", "none"), ("on_policy", 0), ("chunk_tokens", 0)):
+            for name, off in (("refine", "none"), ("on_policy", 0)):
                 if getattr(self, name) != off:
                     raise ValueError(
                         f"method 'learned' does not combine with {name} yet; leave {name} at {off!r}"

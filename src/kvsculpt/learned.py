@@ -113,14 +113,15 @@ def load_weights(model, path: str | os.PathLike | None = None, snapshot: int | N
 
 
 @torch.inference_mode()
-def prefill_scores(
-    model, context_ids: torch.Tensor, weights: torch.Tensor, sinks: int = 4, last: int | None = None
-):
+def prefill_scores(model, context_ids: torch.Tensor, weights: torch.Tensor, sinks: int = 4, last: int | None = None,
+                   cache=None, start: int = 0):  # fmt: skip
     """One prefill of ``context_ids [1, n]`` that scores every entry as it is produced: ``(cache, log scores
     [L, Hkv, n] fp32, queries, last logits [vocab], seconds)``, the first ``sinks`` positions +inf (always
     kept); ``queries``: per layer the last ``max(last, WINDOW)`` positions' queries, GQA heads pooled
     ``[Hkv, G·t, d]``. The hook reads each layer's attention input and keeps only ``[Hkv, n]`` per layer; beyond
-    the prefill, O(n · D · Hkv + G · WINDOW · n · d) per layer (:mod:`kvsculpt.core.learned`)."""
+    the prefill, O(n · D · Hkv + G · WINDOW · n · d) per layer (:mod:`kvsculpt.core.learned`). ``cache``,
+    ``start``: a part read after ``start`` tokens (a compressed cache's fork): its own entries are scored, at the
+    context's positions, with the part's last queries as the window."""
     use_kvsculpt_attention(model)
     dims = model_dims(model)
     if tuple(weights.shape[:2]) != (dims.layers, dims.kv_heads):
@@ -132,26 +133,29 @@ def prefill_scores(
         parts[li] = lin.hidden_part(weights[li], hidden[0])
 
     t0 = time.perf_counter()
-    cache, tail, last_logits = _prefill(model, context_ids, on_input, last)
-    scores = torch.empty(dims.layers, dims.kv_heads, context_ids.shape[-1])
+    cache, tail, last_logits = _prefill(model, context_ids, on_input, last, cache, start)
+    c = context_ids.shape[-1]
+    scores = torch.empty(dims.layers, dims.kv_heads, c)
     for li in range(dims.layers):
-        K, V = _kv(cache, li)
+        K, V = _kv(cache, li, c)
         window = lin.window_attention(tail[li], K, dims.scale, dims.groups)
-        scores[li] = lin.predict(weights[li], parts.pop(li), K, V, window).cpu()
+        scores[li] = lin.predict(weights[li], parts.pop(li), K, V, window, start).cpu()
     scores[..., :sinks] = float("inf")
     return cache, scores, tail, last_logits, time.perf_counter() - t0
 
 
-def _kv(cache, li: int):
-    return cache.layers[li].keys[0], cache.layers[li].values[0]
+def _kv(cache, li: int, c: int | None = None):
+    """Layer ``li``'s keys and values ``[Hkv, c, d]``: the last ``c`` the cache holds (None: all)."""
+    keys, values = cache.layers[li].keys[0], cache.layers[li].values[0]
+    return (keys, values) if c is None else (keys[:, -c:], values[:, -c:])
 
 
-def _prefill(model, context_ids: torch.Tensor, on_input, last: int | None = None):
+def _prefill(model, context_ids: torch.Tensor, on_input, last: int | None = None, cache=None, start: int = 0):
     """A plain prefill with ``on_input`` hooked on every attention input: ``(cache, per layer the last
     ``max(last, WINDOW)`` queries pooled [Hkv, G·t, d], the last logits [vocab])``."""
     dims = model_dims(model)
     with attention_inputs(model, on_input), capture_queries(model, max(last or 0, lin.WINDOW)) as found:
-        cache, last_logits, _ = prefill(model, context_ids)
+        cache, last_logits, _ = prefill(model, context_ids, cache, start)
     return cache, [pool_gqa(q[0].float(), dims.kv_heads) for q in found], last_logits
 
 

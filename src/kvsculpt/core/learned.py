@@ -56,13 +56,17 @@ def window_attention(tail: torch.Tensor, keys: torch.Tensor, scale: float, group
     return torch.softmax(lg, -1).sum((1, 2))
 
 
-def extra_features(keys: torch.Tensor, values: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
+def extra_features(
+    keys: torch.Tensor, values: torch.Tensor, window: torch.Tensor, start: int = 0
+) -> torch.Tensor:
     """The features beyond the hidden state, ``[H, n, EXTRA]``, from ``keys, values [H, n, d]`` and the window
-    attention ``[H, n]`` (:func:`window_attention`)."""
+    attention ``[H, n]`` (:func:`window_attention`). ``start``: the context's position of the first entry (a
+    part read after ``start`` tokens: positions count from the context's start, distances from the part's end)."""
     H, n, _ = keys.shape
-    pos = torch.arange(n, dtype=torch.float32, device=keys.device)
+    pos = torch.arange(start, start + n, dtype=torch.float32, device=keys.device)
     cols = [rel_log(values.float().norm(dim=-1)), rel_log(keys.float().norm(dim=-1)),
-            window.float().clamp_min(1e-8).log(), torch.log1p(pos).expand(H, n), torch.log1p(n - 1 - pos).expand(H, n),
+            window.float().clamp_min(1e-8).log(), torch.log1p(pos).expand(H, n),
+            torch.log1p(start + n - 1 - pos).expand(H, n),
             torch.ones(H, n, device=keys.device)]  # fmt: skip
     return torch.stack(cols, -1)
 
@@ -83,13 +87,15 @@ def hidden_part(weights: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
     return (unit_rows(hidden) @ weights[:, :-EXTRA].float().to(hidden.device).T).T
 
 
-def predict(weights: torch.Tensor, hidden_scores: torch.Tensor, keys, values, window) -> torch.Tensor:
+def predict(
+    weights: torch.Tensor, hidden_scores: torch.Tensor, keys, values, window, start: int = 0
+) -> torch.Tensor:
     """Predicted log scores ``[H, n]`` of one layer from :func:`hidden_part`'s ``[H, n]`` and the rest
-    (:func:`extra_features`); equal to ``features(hidden, keys, values, window) @ weights``."""
+    (:func:`extra_features`, ``start`` its first position); equal to ``features(hidden, keys, values, window) @
+    weights``."""
     w = weights.float().to(keys.device)
-    return (
-        hidden_scores.to(keys.device) + (extra_features(keys, values, window) @ w[:, -EXTRA:, None])[..., 0]
-    )
+    extra = extra_features(keys, values, window, start)
+    return hidden_scores.to(keys.device) + (extra @ w[:, -EXTRA:, None])[..., 0]
 
 
 def target(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

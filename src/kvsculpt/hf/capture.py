@@ -427,6 +427,23 @@ def _context_keys_values(cache, n: int) -> tuple[list[torch.Tensor], list[torch.
     return keys, values
 
 
+def prefix_lse(
+    prefix, queries: list[torch.Tensor], scale: float, rows: int = 2048
+) -> list[torch.Tensor] | None:
+    """Each pooled query's log-mass on a compressed prefix's entries, per layer ``[Hkv, N]`` from ``queries``
+    ``[Hkv, N, d]`` (None without a prefix): what a part's query attended to outside the part, carried so that
+    its weight on the part is exact. ``rows`` queries at a time: O(N · m · d) per layer."""
+    if prefix is None:
+        return None
+    out = []
+    for layer, x in zip(prefix.layers, queries, strict=True):
+        bk, _, bias = layer.padded_block(torch.float32)
+        bk, bias = bk.float(), None if bias is None else bias.float()
+        out.append(torch.cat([torch.logsumexp(logits(x[:, i : i + rows], bk, scale, bias), -1)
+                              for i in range(0, x.shape[1], rows)], dim=1))  # fmt: skip
+    return out
+
+
 @torch.inference_mode()
 def capture_part(model, prefix, context_ids: torch.Tensor, a: int, b: int, cfg: CompressConfig, tokenizer=None,
                  progress: bool = False) -> Capture:  # fmt: skip
@@ -463,25 +480,13 @@ def capture_part(model, prefix, context_ids: torch.Tensor, a: int, b: int, cfg: 
     keys = [layer.keys[0, :, -c:] for layer in cache.layers]
     values = [layer.values[0, :, -c:] for layer in cache.layers]
 
-    def on_prefix(q: list[torch.Tensor], rows: int = 2048) -> list[torch.Tensor] | None:
-        """Each pooled query's log-mass on the prefix's entries ``[Hkv, N]`` per layer (None without a prefix)."""
-        if prefix is None:
-            return None
-        out = []
-        for layer, x in zip(prefix.layers, q, strict=True):
-            bk, _, bias = layer.padded_block(torch.float32)
-            bk, bias = bk.float(), None if bias is None else bias.float()
-            out.append(torch.cat([torch.logsumexp(logits(x[:, i : i + rows], bk, dims.scale, bias), -1)
-                                  for i in range(0, x.shape[1], rows)], dim=1))  # fmt: skip
-        return out
-
     info, found, samples, scored = {"sources": list(cfg.sources), "part": (a, b)}, [], None, None
     t0 = time.perf_counter()
     for src in cfg.sources:
         t_src = time.perf_counter()
         if src == "context":
             q, g = [pool_gqa(x.float(), Hkv) for x in ctx_q], _position_groups(c, G)
-            lse = on_prefix(q)
+            lse = prefix_lse(prefix, q, dims.scale)
         elif src == "repeat":
             ids = repeat_request(tokenizer, context_ids, a, b, cfg.repeat_prompt)
             t = c + (ids.shape[1] - c if cfg.repeat_prompt == "kvzip" else 0)
@@ -495,7 +500,7 @@ def capture_part(model, prefix, context_ids: torch.Tensor, a: int, b: int, cfg: 
             joined = block_and_part(model, prefix, keys, values, b)
             q, g, samples = sample_self_queries(model, joined, b, last, cfg, progress)
             del joined  # a padded copy of the block and the part: not held through the repeat pass
-            lse = on_prefix(q)
+            lse = prefix_lse(prefix, q, dims.scale)
         found.append((src, q, g, lse, None, time.perf_counter() - t_src))
         del q, lse
     query_s = time.perf_counter() - t0

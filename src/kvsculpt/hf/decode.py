@@ -76,13 +76,14 @@ def full_cache(model, context_ids: torch.Tensor):
 
 
 @torch.inference_mode()
-def prefill(model, context_ids: torch.Tensor, cache=None):
-    """Run the context once into ``cache`` (a new ``DynamicCache`` by default).
-    Returns ``(cache, last_logits [vocab] fp32, seconds)``."""
+def prefill(model, context_ids: torch.Tensor, cache=None, start: int = 0):
+    """Run the context once into ``cache`` (a new ``DynamicCache`` by default), its first token at position
+    ``start`` (a part read after ``start`` tokens the cache holds). Returns ``(cache, last_logits [vocab] fp32,
+    seconds)``."""
     context_ids = check_ids(context_ids, model.device)
     cache = DynamicCache() if cache is None else cache
     t0 = time.perf_counter()
-    logits = forward(model, context_ids, cache, 0, last_only=True)
+    logits = forward(model, context_ids, cache, start, last_only=True)
     return cache, logits[0, -1].float(), time.perf_counter() - t0
 
 
