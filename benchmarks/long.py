@@ -209,7 +209,9 @@ def main(argv=None):
     )
     ap.add_argument("--texts", nargs="+", help="shipped texts or paths (default: the long shipped texts)")
     ap.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192], help="context lengths n")
-    ap.add_argument("--presses", nargs="*", default=list(PRESSES), help="kvpress presses (the flag alone: none, skip them)")
+    ap.add_argument(
+        "--presses", nargs="*", default=list(PRESSES), help="kvpress presses (the flag alone: none)"
+    )
     ap.add_argument(
         "--reading",
         type=int,

@@ -250,4 +250,6 @@ def test_a_parts_position_features_count_from_the_context():
     part = lin.extra_features(K[:, 10:30], V[:, 10:30], window[:, 10:30], start=10)
     whole = lin.extra_features(K, V, window)
     torch.testing.assert_close(part[..., 3:5], whole[:, 10:30, 3:5], rtol=0, atol=1e-6)
-    assert not torch.allclose(lin.extra_features(K[:, 10:30], V[:, 10:30], window[:, 10:30])[..., 3], part[..., 3])
+    assert not torch.allclose(
+        lin.extra_features(K[:, 10:30], V[:, 10:30], window[:, 10:30])[..., 3], part[..., 3]
+    )
