@@ -198,3 +198,19 @@ def test_the_block_and_the_part_laid_out_padded_continue_as_joined_and_are_read_
         torch.testing.assert_close(forward(model, x, a, 32), forward(model, x, b, 32), rtol=0, atol=1e-5)
     assert a.layers[li]._block[0].data_ptr() == padded.layers[li].block_keys.data_ptr()
     assert b.layers[li]._block[0].data_ptr() != joined.layers[li].block_keys.data_ptr()
+
+
+def test_a_fork_that_does_not_hold_its_layout_continues_the_same():
+    """``fork(hold_layout=False)`` (a part's forwards over the compressed prefix): the block of skewed head lengths
+    is laid out at every forward instead of held as a padded copy, with the same logits to the bit."""
+    from kvsculpt.hf.decode import forward
+
+    model = tiny_model("qwen2")
+    ids = torch.randint(0, 97, (1, 32), generator=torch.Generator().manual_seed(3))
+    prefix = compress(model, ids[:, :16], CFG.replace(ratio=0.5), tokenizer=_Tok(), progress=False)
+    li = next(i for i, layer in enumerate(prefix.budgets) if len(set(layer)) > 1)
+    held, lazy = prefix.fork(), prefix.fork(hold_layout=False)
+    with torch.inference_mode():
+        for a, b in ((16, 28), (28, 32)):
+            assert torch.equal(forward(model, ids[:, a:b], held, a), forward(model, ids[:, a:b], lazy, a))
+    assert callable(lazy.layers[li]._block) and not callable(held.layers[li]._block)

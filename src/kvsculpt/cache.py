@@ -71,10 +71,11 @@ class CompressedLayer(CacheLayerMixin):
     is_sliding = False
 
     def __init__(self, keys, values, lengths: list[int], bias=None, n: int = 0, decode_budget: int | None = None,
-                 every: int = 64, keep: str = "attention", refit: bool = True, scope: str = "all"):  # fmt: skip
+                 every: int = 64, keep: str = "attention", refit: bool = True, scope: str = "all",
+                 hold_layout: bool = True):  # fmt: skip
         """``keys``, ``values``: ``[Σ m_h, d]`` tensors, or :class:`~kvsculpt.core.quant.Quantized` ones;
         ``decode_budget``, ``every``, ``keep``, ``refit``, ``scope``: see the module's docstring (None: every
-        appended token is kept)."""
+        appended token is kept); ``hold_layout``: see :meth:`CompressedCache.fork`."""
         super().__init__()
         if tuple(keys.shape) != tuple(values.shape) or len(keys.shape) != 2:
             raise ValueError(f"flat keys/values must both be [sum m, d]; got {keys.shape} and {values.shape}")
@@ -91,7 +92,7 @@ class CompressedLayer(CacheLayerMixin):
         self._room = {}  # the buffers behind keys, values, key_bias, scores and born (_append)
         check_decode_budget(decode_budget, every, keep, scope)
         self.decode_budget, self.every, self.keep, self.refit = decode_budget, int(every), keep, bool(refit)
-        self.scope = scope
+        self.scope, self.hold_layout = scope, bool(hold_layout)
         self.added = 0  # tokens appended so far, cut or not (the logical length is n + added)
         self.adopted = 0  # block entries this fork took over (scope "all"): they lead keys and values
         self.key_bias = None  # [B, Hkv, a] fp32: the adopted entries' bias (β, -inf on padding), 0 after them
@@ -136,7 +137,7 @@ class CompressedLayer(CacheLayerMixin):
         if self._block is None and self.scope == "all" and self.decode_budget is not None:
             self._adopt(key_states)
         if self._block is None:  # first tokens after the block: lay it out once, in the model's dtype
-            if self.quantized:  # laid out by the attention at every forward, one layer at a time
+            if self.quantized or not self.hold_layout:  # laid out at every forward, one layer at a time
                 self._block = lambda dtype=key_states.dtype: self.padded_block(dtype)
             else:
                 bk, bv, bias = self.padded_block()
@@ -320,9 +321,9 @@ class CompressedLayer(CacheLayerMixin):
         self.evicted = self.added = self.adopted = 0
 
     def fork(self, decode_budget: int | None = None, every: int = 64, keep: str = "attention", refit: bool = True,
-             scope: str = "all") -> CompressedLayer:  # fmt: skip
+             scope: str = "all", hold_layout: bool = True) -> CompressedLayer:  # fmt: skip
         return CompressedLayer(self.block_keys, self.block_values, self.lengths, self.block_bias, self.n,
-                               decode_budget, every, keep, refit, scope)  # fmt: skip
+                               decode_budget, every, keep, refit, scope, hold_layout)  # fmt: skip
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         if self.keys is not None:
@@ -411,7 +412,7 @@ class CompressedCache(Cache):
         return super().update(key_states, value_states, layer_idx, cache_kwargs)
 
     def fork(self, decode_budget: int | None = None, every: int = 64, keep: str = "attention", refit: bool = True,
-             scope: str = "all") -> CompressedCache:  # fmt: skip
+             scope: str = "all", hold_layout: bool = True) -> CompressedCache:  # fmt: skip
         """A cache sharing this one's compressed block (no copy) with no appended tokens. ``decode_budget``:
         bound the cache while generating, cut every ``every`` tokens (the module's docstring). ``scope``: ``"all"``
         (the default: each head holds at most ``max m_h + decode_budget`` entries, and a cut may drop the block's
@@ -421,10 +422,16 @@ class CompressedCache(Cache):
         latest ``every`` queries over everything held and a ridge solve per head in its smaller form
         (``G · every`` rows or the kept entries, whichever is fewer). ``keep``: ``"attention"`` (the default rule)
         or ``"recent"`` (the last tokens only: StreamingLLM's rule; with ``scope="appended"`` the block stands
-        for its sink tokens). Without ``decode_budget``, the other options change nothing."""
+        for its sink tokens). Without ``decode_budget``, the other options change nothing. ``hold_layout``
+        (the default): the block is laid out for the attention (``[Hkv, max m_h, d]``, a padded copy when the
+        heads' lengths differ) at the first forward and held, for fast decoding; False: laid out at every
+        forward, one layer at a time, so a few long forwards over a block of skewed lengths hold no copy."""
         new = CompressedCache.__new__(CompressedCache)
         Cache.__init__(
-            new, layers=[layer.fork(decode_budget, every, keep, refit, scope) for layer in self.layers]
+            new,
+            layers=[
+                layer.fork(decode_budget, every, keep, refit, scope, hold_layout) for layer in self.layers
+            ],
         )
         new._config, new.n, new.method, new.info = self._config, self.n, self.method, dict(self.info)
         new.context_ids = self.context_ids

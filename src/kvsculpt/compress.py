@@ -338,7 +338,7 @@ def learned_while_reading(model, context_ids: torch.Tensor, cfg: CompressConfig,
         b = min(n, a + step)
         where = "" if block is None else f" after {block.kept_entries()} compressed entries"
         stage(progress, f"learned scores of tokens {a}-{b}{where}")
-        cache = DynamicCache() if block is None else block.fork()
+        cache = DynamicCache() if block is None else block.fork(hold_layout=False)
         sinks, last = solver.sinks if a == 0 else 0, solver.fit_window if tail_fit else None
         cache, scores, tail, last_logits, sec = prefill_scores(
             model, ids[:, a:b], weights, sinks, last, cache, a

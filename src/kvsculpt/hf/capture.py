@@ -469,7 +469,8 @@ def capture_part(model, prefix, context_ids: torch.Tensor, a: int, b: int, cfg: 
     if "repeat" in cfg.sources and tokenizer is None:
         raise ValueError("query source 'repeat' needs the tokenizer (pass tokenizer=...)")
     want_ctx = "context" in cfg.sources or cfg.solver.needs_context_queries
-    cache = DynamicCache() if prefix is None else prefix.fork()
+    # a few long forwards over the prefix: its padded layout is made per forward, not held
+    cache = DynamicCache() if prefix is None else prefix.fork(hold_layout=False)
     where = "" if prefix is None else f" after {prefix.kept_entries()} compressed entries"
     stage(progress, f"read tokens {a}-{b}{where}")
     t0 = time.perf_counter()
