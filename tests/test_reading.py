@@ -1,6 +1,8 @@
 """Compress while reading (``chunk_tokens``): each part read over the compressed cache of the parts before it."""
 
 import dataclasses
+import gc
+import weakref
 
 import pytest
 import torch
@@ -214,3 +216,10 @@ def test_a_fork_that_does_not_hold_its_layout_continues_the_same():
         for a, b in ((16, 28), (28, 32)):
             assert torch.equal(forward(model, ids[:, a:b], held, a), forward(model, ids[:, a:b], lazy, a))
     assert callable(lazy.layers[li]._block) and not callable(held.layers[li]._block)
+    gone = weakref.ref(lazy.layers[li])  # no reference cycle: a dropped fork goes at once, not at the next gc
+    gc.disable()
+    try:
+        del lazy
+        assert gone() is None
+    finally:
+        gc.enable()

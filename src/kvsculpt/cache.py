@@ -34,6 +34,8 @@ model's dtype.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
@@ -63,6 +65,27 @@ def check_decode_budget(
         raise ValueError(
             f"decode_budget must be a whole number of tokens above every ({every}); got {decode_budget!r}"
         )
+
+
+def padded_layout(block_keys, block_values, block_bias, lengths: list[int], dtype=None):
+    """A flat block (``[Σ m_h, d]`` keys and values, plain or :class:`~kvsculpt.core.quant.Quantized`, dequantised to
+    ``dtype``; bias ``[Σ m_h]`` or None; ``lengths`` per head) laid out for the attention: ``(keys [Hkv, P, d],
+    values [Hkv, P, d], bias [Hkv, P] or None)``, ``P = max m_h``, a view when the heads are uniform and the block
+    is not quantised, else a copy with ``-inf`` bias on the padding."""
+    if isinstance(block_keys, Quantized):
+        block_keys, block_values = block_keys.dequantize(dtype), block_values.dequantize(dtype)
+    Hkv, d, P, device = len(lengths), block_keys.shape[1], max(lengths), block_keys.device
+    if len(set(lengths)) == 1:
+        bias = None if block_bias is None else block_bias.view(Hkv, P)
+        return block_keys.view(Hkv, P, d), block_values.view(Hkv, P, d), bias
+    starts = torch.tensor([0] + lengths[:-1], device=device).cumsum(0)
+    slot = torch.arange(P, device=device)
+    real = slot[None] < torch.tensor(lengths, device=device)[:, None]  # [Hkv, P]
+    where = torch.where(real, starts[:, None] + slot[None], 0)
+    flat_bias = (
+        block_bias.float() if block_bias is not None else torch.zeros(block_keys.shape[0], device=device)
+    )
+    return block_keys[where], block_values[where], flat_bias[where].masked_fill(~real, float("-inf"))
 
 
 class CompressedLayer(CacheLayerMixin):
@@ -117,18 +140,7 @@ class CompressedLayer(CacheLayerMixin):
     def padded_block(self, dtype=None):
         """``(keys [Hkv, P, d], values [Hkv, P, d], bias [Hkv, P] or None)``, ``P = max m_h``: a view when
         the heads are uniform and the block is not quantised, else a copy with ``-inf`` bias on the padding."""
-        Hkv, d, P = len(self.lengths), self.block_keys.shape[1], max(self.lengths)
-        block_keys, block_values = self.dense(dtype)
-        if len(set(self.lengths)) == 1:
-            bias = None if self.block_bias is None else self.block_bias.view(Hkv, P)
-            return block_keys.view(Hkv, P, d), block_values.view(Hkv, P, d), bias
-        starts = torch.tensor([0] + self.lengths[:-1], device=self.device).cumsum(0)
-        slot = torch.arange(P, device=self.device)
-        real = slot[None] < torch.tensor(self.lengths, device=self.device)[:, None]  # [Hkv, P]
-        where = torch.where(real, starts[:, None] + slot[None], 0)
-        flat_bias = self.block_bias.float() if self.block_bias is not None else torch.zeros(
-            self.block_keys.shape[0], device=self.device)  # fmt: skip
-        return block_keys[where], block_values[where], flat_bias[where].masked_fill(~real, float("-inf"))
+        return padded_layout(self.block_keys, self.block_values, self.block_bias, self.lengths, dtype)
 
     def lazy_initialization(self, key_states, value_states):
         pass
@@ -138,7 +150,10 @@ class CompressedLayer(CacheLayerMixin):
             self._adopt(key_states)
         if self._block is None:  # first tokens after the block: lay it out once, in the model's dtype
             if self.quantized or not self.hold_layout:  # laid out at every forward, one layer at a time
-                self._block = lambda dtype=key_states.dtype: self.padded_block(dtype)
+                # the block's tensors, not the layer: a closure over the layer would be a reference cycle,
+                # and a dropped fork (its appended tokens) would wait for the cyclic garbage collector
+                self._block = functools.partial(padded_layout, self.block_keys, self.block_values, self.block_bias,
+                                                self.lengths, key_states.dtype)  # fmt: skip
             else:
                 bk, bv, bias = self.padded_block()
                 self._block = (bk.to(key_states.dtype), bv.to(value_states.dtype), bias)
