@@ -234,6 +234,10 @@ def test_learned_while_reading_in_one_part_is_learned_and_in_parts_holds_the_rat
     handle.remove()
     assert len(calls) == 3 * (1 + (CFG.self_length if fit else 0)) and parts.info["read_in_parts"] == 3
     assert parts.kept_entries() == 24 * 2 * 2 and parts.n == 48
+    # the running rule moved budget between heads
+    assert len({m for layer in parts.budgets for m in layer}) > 1
+    uniform = compress(model, ids, cfg.replace(chunk_tokens=16, allocation="uniform"), progress=False)
+    assert uniform.budgets == [[24, 24], [24, 24]] and uniform.info["part_budgets"] == [[[8, 8], [8, 8]]] * 3
     whole = compress(model, ids, cfg.replace(ratio=1.0, fit=False, chunk_tokens=16), progress=False)
     full, _, _ = prefill(model, ids)
     for li in range(2):

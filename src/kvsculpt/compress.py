@@ -363,11 +363,8 @@ def learned_while_reading(model, context_ids: torch.Tensor, cfg: CompressConfig,
             floor = head_floor(b - a, kept(b - a, cfg.ratio), cfg.rule.floor)
             keep, budgets = allocate_running(held, scores, kept(b, cfg.ratio) * L * Hkv, floor)
         else:
-            keep, (budgets, _) = (
-                None,
-                cfg.rule.plan(b - a, cfg.ratio, L, Hkv, entry_scores=lambda s=scores: s),
-            )
-            budgets = torch.tensor(budgets)
+            planned, _ = cfg.rule.plan(b - a, cfg.ratio, L, Hkv, entry_scores=lambda s=scores: s)
+            keep, budgets = None, torch.tensor(planned)
         part_keys, part_values, new = [], [], []
         for li in range(L):
             K, V = keys[li], values[li]
@@ -377,9 +374,7 @@ def learned_while_reading(model, context_ids: torch.Tensor, cfg: CompressConfig,
             part_keys.append([k.to(model.dtype) for k, _, _ in heads])
             part_values.append([v.to(model.dtype) for _, v, _ in heads])
             kept_idx = [top_indices(scores[li, h : h + 1], int(m))[0] for h, m in enumerate(budgets[li])]
-            new.append(
-                [scores[li, h][j] for h, j in enumerate(kept_idx)]
-            )  # the held entries' scores, in order
+            new.append([scores[li, h][j] for h, j in enumerate(kept_idx)])  # what the block holds, in order
         part = CompressedCache.from_heads(model, part_keys, part_values, b)
         block = join_blocks(model, block, part, b, keep)
         held = _carry(held, keep, new) if running else None
