@@ -301,12 +301,16 @@ def compress_learned(model, context_ids: torch.Tensor, cfg: CompressConfig, prog
         heads = cfg.solver(K, V, Q, budgets[li], dims.scale, scores=scored.scores[li].to(K.device))
         keys.append([k.to(model.dtype) for k, _, _ in heads])
         values.append([v.to(model.dtype) for _, v, _ in heads])
-    info = {"config": repr(cfg), "method": repr(cfg.solver), "ratio": cfg.ratio, "allocation": cfg.allocation,
-            "queries": solver.fit_queries if solver.fit else "none", "budgets": budgets, "n": n,
-            "fit_queries": int(scored.queries[0].shape[1]) if solver.fit else 0, "heldout_queries": 0,
-            "prefill_seconds": scored.prefill_seconds, "query_seconds": scored.query_seconds,
-            "query_seconds_by_source": {}, "solve_seconds": time.perf_counter() - t0, "on_policy": 0,
-            "replay_seconds": 0.0, "stats": {"heldout_rel_mse": [], "heldout_mass_err": []}}  # fmt: skip
+    info = _info(
+        cfg,
+        solver.fit_queries if solver.fit else "none",
+        budgets,
+        n,
+        scored.prefill_seconds,
+        scored.query_seconds,
+        time.perf_counter() - t0,
+        int(scored.queries[0].shape[1]) if solver.fit else 0,
+    )
     cache = CompressedCache.from_heads(model, keys, values, n, None, repr(cfg.solver), info, ids.cpu())
     return quantize_cache(cache, cfg.kv_bits, cfg.kv_group, cfg.key_bits)
 
@@ -333,7 +337,8 @@ def learned_while_reading(model, context_ids: torch.Tensor, cfg: CompressConfig,
     n, step, L, Hkv = ids.shape[1], cfg.chunk_tokens, dims.layers, dims.kv_heads
     running = isinstance(cfg.rule, Global) and cfg.rule.scope == "all"
     tail_fit = solver.fit and solver.fit_queries == "tail"
-    block, held, part_budgets, seconds = None, None, [], {"prefill": 0.0, "query": 0.0, "solve": 0.0}
+    block, held, part_budgets, fit_rows = None, None, [], 0
+    seconds = {"prefill": 0.0, "query": 0.0, "solve": 0.0}
     for a in tqdm(range(0, n, step), desc=f"read in parts of {step}", unit="part", disable=not progress):
         b = min(n, a + step)
         where = "" if block is None else f" after {block.kept_entries()} compressed entries"
@@ -357,6 +362,7 @@ def learned_while_reading(model, context_ids: torch.Tensor, cfg: CompressConfig,
             else:
                 queries = tail
             lse = prefix_lse(block, queries, dims.scale)
+            fit_rows += int(queries[0].shape[1])
         seconds["query"] += time.perf_counter() - t0
         t0 = time.perf_counter()
         if running:
@@ -381,14 +387,30 @@ def learned_while_reading(model, context_ids: torch.Tensor, cfg: CompressConfig,
         part_budgets.append(budgets.tolist())
         seconds["solve"] += time.perf_counter() - t0
         del keys, values, queries, lse, part
-    info = {"config": repr(cfg), "method": repr(solver), "ratio": cfg.ratio, "allocation": cfg.allocation,
-            "queries": solver.fit_queries if solver.fit else "none", "budgets": block.budgets, "n": n,
-            "read_in_parts": len(part_budgets), "part_budgets": part_budgets, "fit_queries": 0, "heldout_queries": 0,
-            "prefill_seconds": seconds["prefill"], "query_seconds": seconds["query"], "query_seconds_by_source": {},
-            "solve_seconds": seconds["solve"], "on_policy": 0, "replay_seconds": 0.0,
-            "stats": {"heldout_rel_mse": [], "heldout_mass_err": []}}  # fmt: skip
+    info = _info(
+        cfg,
+        solver.fit_queries if solver.fit else "none",
+        block.budgets,
+        n,
+        seconds["prefill"],
+        seconds["query"],
+        seconds["solve"],
+        fit_rows,
+        read_in_parts=len(part_budgets),
+        part_budgets=part_budgets,
+    )
     block.method, block.info, block.context_ids = repr(solver), info, ids.cpu()
     return block
+
+
+def _info(cfg: CompressConfig, queries: str, budgets, n: int, prefill_s: float, query_s: float, solve_s: float,
+          fit_queries: int, **extra) -> dict:  # fmt: skip
+    """The info a cache made without a capture records (learned, keep-everything), in the capture path's keys."""
+    return {"config": repr(cfg), "method": repr(cfg.solver), "ratio": cfg.ratio, "allocation": cfg.allocation,
+            "queries": queries, "budgets": budgets, "n": n, "fit_queries": fit_queries, "heldout_queries": 0,
+            "prefill_seconds": prefill_s, "query_seconds": query_s, "query_seconds_by_source": {},
+            "solve_seconds": solve_s, "on_policy": 0, "replay_seconds": 0.0,
+            "stats": {"heldout_rel_mse": [], "heldout_mass_err": []}, **extra}  # fmt: skip
 
 
 def keep_everything(model, context_ids: torch.Tensor, cfg: CompressConfig, t_start: float) -> CompressedCache:
@@ -397,12 +419,8 @@ def keep_everything(model, context_ids: torch.Tensor, cfg: CompressConfig, t_sta
     cache = full_cache(model, context_ids)
     dims, seconds = model_dims(model), time.perf_counter() - t_start
     cache.method = repr(cfg.solver)
-    cache.info = {"config": repr(cfg), "method": repr(cfg.solver), "ratio": cfg.ratio, "allocation": cfg.allocation,
-                  "queries": cfg.queries, "budgets": [[cache.n] * dims.kv_heads for _ in range(dims.layers)],
-                  "n": cache.n, "fit_queries": 0, "heldout_queries": 0, "prefill_seconds": seconds,
-                  "query_seconds": 0.0, "query_seconds_by_source": {}, "solve_seconds": 0.0, "on_policy": 0,
-                  "replay_seconds": 0.0, "compress_seconds": seconds,
-                  "stats": {"heldout_rel_mse": [], "heldout_mass_err": []}}  # fmt: skip
+    budgets = [[cache.n] * dims.kv_heads for _ in range(dims.layers)]
+    cache.info = _info(cfg, cfg.queries, budgets, cache.n, seconds, 0.0, 0.0, 0, compress_seconds=seconds)
     return cache
 
 
