@@ -48,6 +48,43 @@ def test_recomputed_attention_matches_each_layer(tiny):
         assert (got - reference[li]).abs().max() < 1e-4
 
 
+def test_chunked_prefill_gives_the_one_forward_cache(tiny):
+    """Reading the context 16 tokens a forward (the last chunk short) gives one forward's keys, values and
+    last logits, also for a part read after ``start`` tokens; 1e-5, as SDPA's kernels may round differently."""
+    ids = torch.randint(0, 97, (1, 45))
+    whole, last, _ = prefill(tiny, ids)
+    chunked, last_c, _ = prefill(tiny, ids, chunk=16)
+    assert (last - last_c).abs().max() < 1e-5
+    for a, b in zip(whole.layers, chunked.layers, strict=True):
+        assert a.keys.shape == b.keys.shape
+        assert (a.keys - b.keys).abs().max() < 1e-5 and (a.values - b.values).abs().max() < 1e-5
+    part, last_p, _ = prefill(tiny, ids[:, 20:], prefill(tiny, ids[:, :20])[0], start=20, chunk=16)
+    assert (last - last_p).abs().max() < 1e-5
+    assert (whole.layers[-1].keys - part.layers[-1].keys).abs().max() < 1e-5
+
+
+def test_capture_prefills_in_chunks(tiny, monkeypatch):
+    """The compressor's prefill reads ``PREFILL_CHUNK`` tokens a forward (so its transients are one chunk's,
+    whatever n is), and the capture (keys, values, the context's own queries) is the one-forward capture."""
+    from kvsculpt.hf import capture as capture_module
+
+    ids = torch.randint(0, 97, (1, 40))
+    whole = capture(tiny, ids, queries="context", keep_context_queries=True)
+    monkeypatch.setattr(capture_module, "PREFILL_CHUNK", 16)
+    lengths = []
+    hook = tiny.model.embed_tokens.register_forward_hook(lambda m, a, out: lengths.append(a[0].shape[1]))
+    try:
+        chunked = capture(tiny, ids, queries="context", keep_context_queries=True)
+    finally:
+        hook.remove()
+    assert lengths == [16, 16, 8]
+    for li in range(len(whole.keys)):
+        assert (whole.keys[li] - chunked.keys[li]).abs().max() < 1e-5
+        assert (whole.values[li] - chunked.values[li]).abs().max() < 1e-5
+        assert (whole.context_queries[li] - chunked.context_queries[li]).abs().max() < 1e-5
+    assert (whole.queries[0] - chunked.queries[0]).abs().max() < 1e-5
+
+
 def test_captured_keys_equal_a_plain_sdpa_cache(tiny):
     ids = torch.randint(0, 97, (1, 30))
     cap = capture(tiny, ids, queries="context")

@@ -257,3 +257,29 @@ def test_a_parts_position_features_count_from_the_context():
     assert not torch.allclose(
         lin.extra_features(K[:, 10:30], V[:, 10:30], window[:, 10:30])[..., 3], part[..., 3]
     )
+
+
+def test_learned_scores_read_in_chunks_are_the_one_forward_scores(tmp_path, monkeypatch):
+    """The learned prefill reads ``PREFILL_CHUNK`` tokens a forward: the hidden part of each chunk, the last
+    queries across chunks (the last chunk shorter than the window) and the training features give the one-forward
+    scores (1e-4), in three forwards for 45 tokens in chunks of 20."""
+    model = tiny_model("qwen2")
+    path = L.train_scorer(model, _Tok(), _windows(2), tmp_path / "s.safetensors", CFG, progress=False)
+    weights, _ = L.load_weights(model, path)
+    ids = torch.randint(0, 97, (1, 45), generator=torch.Generator().manual_seed(7))
+    _, whole, tail, last, _ = L.prefill_scores(model, ids, weights)
+    features = L.layer_features(model, ids)
+    monkeypatch.setattr(L, "PREFILL_CHUNK", 20)
+    calls = []
+    handle = model.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        _, chunked, tail_c, last_c, _ = L.prefill_scores(model, ids, weights)
+    finally:
+        handle.remove()
+    assert len(calls) == 3
+    torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-4)
+    torch.testing.assert_close(last_c, last, rtol=0, atol=1e-5)
+    for a, b in zip(tail, tail_c, strict=True):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-5)
+    for a, b in zip(features, L.layer_features(model, ids), strict=True):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-4)

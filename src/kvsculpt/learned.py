@@ -29,7 +29,7 @@ from .cache_io import _fingerprint, _umask
 from .core import learned as lin
 from .hf.attention import attention_inputs, capture_queries, use_kvsculpt_attention
 from .hf.capture import pool_gqa
-from .hf.decode import check_ids, prefill
+from .hf.decode import PREFILL_CHUNK, check_ids, prefill
 from .hf.dims import model_dims
 from .hf.models import cache_dir
 
@@ -127,10 +127,10 @@ def prefill_scores(model, context_ids: torch.Tensor, weights: torch.Tensor, sink
     if tuple(weights.shape[:2]) != (dims.layers, dims.kv_heads):
         raise ValueError(f"scorer weights for {tuple(weights.shape[:2])} (layers, KV heads); the model has "
                          f"{(dims.layers, dims.kv_heads)}")  # fmt: skip
-    parts: dict[int, torch.Tensor] = {}
+    parts: dict[int, list[torch.Tensor]] = {li: [] for li in range(dims.layers)}
 
-    def on_input(li, hidden):
-        parts[li] = lin.hidden_part(weights[li], hidden[0])
+    def on_input(li, hidden):  # once per layer and forward (the prefill reads PREFILL_CHUNK tokens a forward)
+        parts[li].append(lin.hidden_part(weights[li], hidden[0]))
 
     t0 = time.perf_counter()
     cache, tail, last_logits = _prefill(model, context_ids, on_input, last, cache, start)
@@ -139,7 +139,7 @@ def prefill_scores(model, context_ids: torch.Tensor, weights: torch.Tensor, sink
     for li in range(dims.layers):
         K, V = _kv(cache, li, c)
         window = lin.window_attention(tail[li], K, dims.scale, dims.groups)
-        scores[li] = lin.predict(weights[li], parts.pop(li), K, V, window, start).cpu()
+        scores[li] = lin.predict(weights[li], torch.cat(parts.pop(li), -1), K, V, window, start).cpu()
     scores[..., :sinks] = float("inf")
     return cache, scores, tail, last_logits, time.perf_counter() - t0
 
@@ -151,25 +151,28 @@ def _kv(cache, li: int, c: int | None = None):
 
 
 def _prefill(model, context_ids: torch.Tensor, on_input, last: int | None = None, cache=None, start: int = 0):
-    """A plain prefill with ``on_input`` hooked on every attention input: ``(cache, per layer the last
-    ``max(last, WINDOW)`` queries pooled [Hkv, G·t, d], the last logits [vocab])``."""
-    dims = model_dims(model)
-    with attention_inputs(model, on_input), capture_queries(model, max(last or 0, lin.WINDOW)) as found:
-        cache, last_logits, _ = prefill(model, context_ids, cache, start)
-    return cache, [pool_gqa(q[0].float(), dims.kv_heads) for q in found], last_logits
+    """A plain prefill, ``PREFILL_CHUNK`` tokens a forward, with ``on_input`` hooked on every attention input
+    (once per layer and forward): ``(cache, per layer the last ``t = max(last, WINDOW)`` queries pooled
+    [Hkv, G·t, d], the last logits [vocab])``."""
+    dims, t = model_dims(model), max(last or 0, lin.WINDOW)
+    with attention_inputs(model, on_input), capture_queries(model, t) as found:
+        cache, last_logits, _ = prefill(model, context_ids, cache, start, chunk=PREFILL_CHUNK)
+    return cache, [pool_gqa(torch.cat(q, 2)[:, :, -t:].float(), dims.kv_heads) for q in found], last_logits
 
 
 @torch.inference_mode()
 def layer_features(model, context_ids: torch.Tensor) -> list[torch.Tensor]:
     """Per layer the features ``[Hkv, n, F]`` of a plain prefill (training; :func:`kvsculpt.core.learned.features`)."""
-    held: dict[int, torch.Tensor] = {}
-    cache, tail, _ = _prefill(model, context_ids, lambda li, h: held.__setitem__(li, h[0]))
+    held: dict[int, list[torch.Tensor]] = {}
+    cache, tail, _ = _prefill(model, context_ids, lambda li, h: held.setdefault(li, []).append(h[0]))
     dims = model_dims(model)
     out = []
     for li in range(dims.layers):
         K, V = _kv(cache, li)
         out.append(
-            lin.features(held.pop(li), K, V, lin.window_attention(tail[li], K, dims.scale, dims.groups)).cpu()
+            lin.features(
+                torch.cat(held.pop(li)), K, V, lin.window_attention(tail[li], K, dims.scale, dims.groups)
+            ).cpu()
         )
     return out
 

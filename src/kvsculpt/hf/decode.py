@@ -67,7 +67,7 @@ def full_cache(model, context_ids: torch.Tensor):
     from .attention import use_kvsculpt_attention
 
     use_kvsculpt_attention(model)
-    full, _, _ = prefill(model, context_ids)
+    full, _, _ = prefill(model, context_ids, chunk=PREFILL_CHUNK)
     out = shared_cache(
         model, [layer.keys[0] for layer in full.layers], [layer.values[0] for layer in full.layers]
     )
@@ -75,15 +75,25 @@ def full_cache(model, context_ids: torch.Tensor):
     return out
 
 
+PREFILL_CHUNK = 2048  # the compressor's prefill reads this many tokens a forward (capture, full_cache)
+
+
 @torch.inference_mode()
-def prefill(model, context_ids: torch.Tensor, cache=None, start: int = 0):
+def prefill(model, context_ids: torch.Tensor, cache=None, start: int = 0, chunk: int | None = None):
     """Run the context once into ``cache`` (a new ``DynamicCache`` by default), its first token at position
     ``start`` (a part read after ``start`` tokens the cache holds). Returns ``(cache, last_logits [vocab] fp32,
-    seconds)``."""
+    seconds)``.
+
+    ``chunk``: read the context ``chunk`` tokens a forward, each over the cache of the ones before (None or 0:
+    one forward). The same cache up to rounding; the forward's transients (the MLP's ``[chunk, 3·D_ff]``
+    activations, the attention's working set) are then those of ``chunk`` tokens whatever n is, at the cost of
+    growing each layer's cache once per chunk (one layer's copy at a time)."""
     context_ids = check_ids(context_ids, model.device)
     cache = DynamicCache() if cache is None else cache
+    n, step = context_ids.shape[1], chunk or context_ids.shape[1]
     t0 = time.perf_counter()
-    logits = forward(model, context_ids, cache, start, last_only=True)
+    for a in range(0, n, step):
+        logits = forward(model, context_ids[:, a : a + step], cache, start + a, last_only=True)
     return cache, logits[0, -1].float(), time.perf_counter() - t0
 
 

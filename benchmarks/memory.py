@@ -1,0 +1,161 @@
+"""Where the default's memory goes: the resident set sampled every 20 ms through one ``compress``, by stage.
+
+    python benchmarks/memory.py --model smollm2-135m --text openai_agents_sandbox_guide --lengths 4096 8192 \
+        --ratios 0.3 --prefill-chunk 0 2048 1024 --allocator default mmap64k --out benchmarks/results/memory_smollm2
+
+Each setting runs in a fresh process (``--one``), so no run inherits another's heap. Stages: the prefill, the self
+samples, the repeat pass, joining the queries, scoring, the solve; the peak of each is the largest anonymous
+resident set (``RssAnon``: the model's weights are file-backed and not counted) above what the process held
+after loading the model, in MB. ``--prefill-chunk`` sets ``hf.decode.PREFILL_CHUNK`` (0: one forward).
+``--allocator mmap64k`` runs the process under ``MALLOC_MMAP_THRESHOLD_=65536``: glibc then serves every
+allocation of 64 KiB or more by its own ``mmap`` and returns it when freed, instead of from its heap, whose
+dynamic threshold rises after the first large frees and keeps freed tensors resident. Linux and glibc only.
+The stage labels come from wrapping the capture's and the solve's functions in this process, so a stage is
+where the time was spent, not a tensor's owner. Appends to OUT.jsonl (a rerun skips what is there) and writes
+OUT.md.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
+from kvsculpt.bench.runner import RowFile, results_file
+
+STAGES = {  # module attribute → label, in the order a compression reaches them
+    "capture.prefill": "prefill",
+    "capture.sample_self_queries": "self samples",
+    "capture._repeat_queries": "repeat pass",
+    "capture.join_sources": "join queries",
+    "compress.chunked_entry_scores": "scores",
+    "compress.solve_chunks": "solve",
+}
+ALLOCATORS = {"default": {}, "mmap64k": {"MALLOC_MMAP_THRESHOLD_": "65536"}}
+
+
+def anon_mb() -> int:
+    with open("/proc/self/status") as f:
+        return int(f.read().split("RssAnon:")[1].split()[0]) // 1024
+
+
+def trace(model_name: str, text: str, n: int, ratio: float, chunk: int) -> dict:
+    """One compression of the first ``n`` tokens of ``text`` in this process: peak MB above the loaded model
+    per stage, the meter's ``peak_extra_bytes``, seconds."""
+    from kvsculpt import compress
+    from kvsculpt.eval.texts import load_text
+    from kvsculpt.hf import capture, decode
+    from kvsculpt.hf.models import load_model
+
+    modules = {"capture": capture, "compress": sys.modules["kvsculpt.compress"]}
+    capture.PREFILL_CHUNK = decode.PREFILL_CHUNK = chunk or None
+    current, peaks = ["other"], {}
+
+    def labelled(label, fn):
+        def run(*args, **kwargs):
+            outer, current[0] = current[0], label
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                current[0] = outer
+
+        return run
+
+    for path, label in STAGES.items():
+        mod, name = path.split(".")
+        setattr(modules[mod], name, labelled(label, getattr(modules[mod], name)))
+    model, tok = load_model(model_name)
+    ids = tok(load_text(text), return_tensors="pt")["input_ids"][:, :n]
+    base, done = anon_mb(), threading.Event()
+
+    def watch():
+        while not done.is_set():
+            peaks[current[0]] = max(peaks.get(current[0], 0), anon_mb() - base)
+            time.sleep(0.02)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    t0 = time.perf_counter()
+    cache = compress(model, ids, ratio=ratio, tokenizer=tok, progress=False)
+    seconds = time.perf_counter() - t0
+    done.set()
+    watcher.join()
+    return {"stage_peak_mb": peaks, "peak_mb": max(peaks.values()), "meter_peak_mb": cache.info["peak_extra_bytes"] / 2**20,
+            "full_cache_mb": cache.info["full_cache_bytes"] / 2**20, "seconds": seconds,
+            "prefill_seconds": cache.info.get("prefill_seconds")}  # fmt: skip
+
+
+def key(row: dict) -> tuple:
+    return row["model"], row["text"], row["n"], row["ratio"], row["prefill_chunk"], row["allocator"]
+
+
+def write_report(rows: list[dict], out, command: str) -> None:
+    labels = [*dict.fromkeys(STAGES.values()), "other"]
+    commands = dict.fromkeys([*(r["command"] for r in rows if "command" in r), command])
+    lines = [f"# Memory by stage: {rows[0]['model']}" if rows else "# Memory by stage", "",
+             "Commands:", "", "```bash", *commands, "```", "",
+             "Peak anonymous resident MB above the loaded model, by stage (`benchmarks/memory.py`); one fresh process per "
+             "row; seconds on a shared core are not comparable between rows.", "",
+             "| text | n | r | prefill chunk | allocator | " + " | ".join(labels) + " | peak | full cache | s |",
+             "|---" * (8 + len(labels)) + "|"]  # fmt: skip
+    for r in sorted(rows, key=lambda r: (r["text"], r["n"], r["ratio"], r["allocator"], r["prefill_chunk"])):
+        cells = [str(round(r["stage_peak_mb"].get(s, 0))) for s in labels]
+        lines.append(f"| {r['text']} | {r['n']} | {r['ratio']} | {r['prefill_chunk'] or 'one forward'} | {r['allocator']} | "
+                     + " | ".join(cells) + f" | **{round(r['peak_mb'])}** | {round(r['full_cache_mb'])} | {r['seconds']:.0f} |")  # fmt: skip
+    results_file(out, ".md").write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--text", default="openai_agents_sandbox_guide")
+    p.add_argument("--lengths", type=int, nargs="+", default=[4096])
+    p.add_argument("--ratios", type=float, nargs="+", default=[0.3])
+    p.add_argument(
+        "--prefill-chunk", type=int, nargs="+", default=[2048], help="tokens a prefill forward (0: one)"
+    )
+    p.add_argument("--allocator", nargs="+", default=["default"], choices=list(ALLOCATORS))
+    p.add_argument("--out", default="benchmarks/results/memory_smollm2")
+    p.add_argument(
+        "--one", action="store_true", help=argparse.SUPPRESS
+    )  # a child: one trace, a JSON line out
+    a = p.parse_args()
+    if a.one:
+        print(json.dumps(trace(a.model, a.text, a.lengths[0], a.ratios[0], a.prefill_chunk[0])))
+        return
+    command = "python benchmarks/memory.py " + " ".join(sys.argv[1:])
+    rows = RowFile(results_file(a.out, ".jsonl"), key=key)
+    for n in a.lengths:
+        for ratio in a.ratios:
+            for chunk in a.prefill_chunk:
+                for alloc in a.allocator:
+                    row = {
+                        "model": a.model,
+                        "text": a.text,
+                        "n": n,
+                        "ratio": ratio,
+                        "prefill_chunk": chunk,
+                        "allocator": alloc,
+                    }
+                    if key(row) in rows:
+                        continue
+                    print(
+                        f"memory: n={n} r={ratio} prefill chunk {chunk or 'off'} allocator {alloc}",
+                        flush=True,
+                    )
+                    child = [sys.executable, __file__, "--one", "--model", a.model, "--text", a.text, "--lengths", str(n),
+                             "--ratios", str(ratio), "--prefill-chunk", str(chunk)]  # fmt: skip
+                    done = subprocess.run(
+                        child, env={**os.environ, **ALLOCATORS[alloc]}, capture_output=True, text=True
+                    )
+                    if done.returncode != 0:
+                        sys.exit(f"memory: the trace failed:\n{done.stderr[-2000:]}")
+                    rows.add({**row, "command": command, **json.loads(done.stdout.strip().splitlines()[-1])})
+    write_report(list(rows.values()), a.out, command)
+    print(f"memory: wrote {results_file(a.out, '.md')}")
+
+
+if __name__ == "__main__":
+    main()
