@@ -101,3 +101,29 @@ def test_bench_tasks_records_stages_and_refuses_learned_without_a_scorer(tmp_pat
         main([*args, "--methods", "learned", "--samples", "2"])
     assert "train-scorer" in capsys.readouterr().err
     assert len((out / f"tasks_{model_dir.name}_n160.jsonl").read_text().splitlines()) == len(rows)
+
+
+def test_a_partial_run_is_compared_on_the_samples_every_method_reached():
+    """Methods at different sample counts (presses behind ours) are compared on the (task, sample) pairs all of
+    them and the full cache answered: here sample 1 of `vt`, which the press has not reached, drops out, so
+    the default's `vt` accuracy there is 0 (sample 0), not 50."""
+    from kvsculpt.bench.tasks import same_samples, same_samples_table
+
+    def row(task, sample, method, ratio, score):
+        return {"task": task, "sample": sample, "method": method, "ratio": ratio, "score": score}
+
+    rows = [row("vt", 0, "full", 1.0, 1.0), row("vt", 1, "full", 1.0, 1.0),
+            row("vt", 0, "default", 0.25, 0.0), row("vt", 1, "default", 0.25, 1.0),
+            row("vt", 0, "kvpress.SnapKVPress", 0.25, 1.0), row("vt", 0, "default", 0.1, 0.0)]  # fmt: skip
+    kept, methods = same_samples(rows, 0.25)
+    assert methods == ["default", "kvpress.SnapKVPress"]
+    assert sorted((r["method"], r["sample"]) for r in kept) == [
+        ("default", 0),
+        ("full", 0),
+        ("kvpress.SnapKVPress", 0),
+    ]
+    table = same_samples_table(rows, ["vt"], 0.25)
+    assert "| default | 0 | 0.0 |" in table and "| kvpress.SnapKVPress | 100 | 100.0 |" in table
+    assert (
+        same_samples_table([r for r in rows if r["sample"] == 0], ["vt"], 0.25) == []
+    )  # equal counts: no table

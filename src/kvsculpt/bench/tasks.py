@@ -306,6 +306,8 @@ def report(rows, args: TasksBench, out: Path) -> dict:
                 + " | ".join(cell(t, m, r) for t in tasks)
                 + f" | {'–' if avg is None else f'{avg:.1f}'} |"
             )
+    for r in ratios:
+        lines += same_samples_table(rows, tasks, r)
     lines += stage_table(rows)
     target = 0.25
     if target in ratios:
@@ -335,6 +337,43 @@ def report(rows, args: TasksBench, out: Path) -> dict:
     _plot(summ, tasks, methods, ratios, out / f"{stem(args)}.png", f"{args.model}, n = {args.context_tokens}")
     print("\n".join(lines))
     return summary
+
+
+def same_samples(rows, ratio: float) -> tuple[list[dict], list[str]]:
+    """The rows at ``ratio`` (and the full cache's) of the (task, sample) pairs that every method run at
+    ``ratio`` has answered, and those methods: a comparison on equal terms while a run is partial (the presses
+    behind our methods, or the reverse)."""
+    methods = sorted({r["method"] for r in rows if r["ratio"] == ratio})
+    answered = defaultdict(set)
+    for r in rows:
+        if r["ratio"] == ratio or r["method"] == FULL:
+            answered[r["task"], r["sample"]].add(r["method"])
+    keep = {key for key, got in answered.items() if got >= {*methods, FULL}}
+    return [
+        r for r in rows if (r["task"], r["sample"]) in keep and (r["ratio"] == ratio or r["method"] == FULL)
+    ], methods
+
+
+def same_samples_table(rows, tasks: list[str], ratio: float) -> list[str]:
+    """Accuracy in % at ``ratio`` on :func:`same_samples` (nothing when every method has the same samples)."""
+    kept, methods = same_samples(rows, ratio)
+    counts = {(r["task"], r["method"]): 0 for r in rows if r["ratio"] == ratio}
+    for r in rows:
+        if r["ratio"] == ratio:
+            counts[r["task"], r["method"]] += 1
+    if len(set(counts.values())) <= 1 or not kept:
+        return []
+    summ = summarise(kept)
+    per_task = {t: sum(1 for r in kept if r["task"] == t and r["method"] == FULL) for t in tasks}
+    lines = ["", f"## r = {ratio} on the samples every method has reached", "",
+             "Samples per task: " + ", ".join(f"{t} {k}" for t, k in per_task.items()) + ".", "",
+             "| method | " + " | ".join(tasks) + " | average |", "|---" * (len(tasks) + 2) + "|"]  # fmt: skip
+    for m, r in [(FULL, 1.0)] + [(m, ratio) for m in methods]:
+        vs = [summ.get((t, m, r)) for t in tasks]
+        cells = ["–" if v is None else f"{v['acc']:.0f}" for v in vs]
+        avg = "–" if any(v is None for v in vs) else f"{sum(v['acc'] for v in vs) / len(vs):.1f}"
+        lines.append(f"| {m} | " + " | ".join(cells) + f" | {avg} |")
+    return lines
 
 
 def stage_table(rows) -> list[str]:
