@@ -75,7 +75,7 @@ def full_cache(model, context_ids: torch.Tensor):
     return out
 
 
-PREFILL_CHUNK = 2048  # tokens a forward for the compressor's long reads: its prefill and each repeat request
+PREFILL_CHUNK = 2048  # the compressor's prefill reads this many tokens a forward (capture, full_cache)
 
 
 @torch.inference_mode()
