@@ -1,15 +1,16 @@
 """Where the default's memory goes: the resident set sampled every 20 ms through one ``compress``, by stage.
 
-    python benchmarks/memory.py --model smollm2-135m --text openai_agents_sandbox_guide --lengths 4096 8192 \
-        --ratios 0.3 --prefill-chunk 0 2048 1024 --allocator default mmap64k --out benchmarks/results/memory_smollm2
+    python benchmarks/memory.py --lengths 4096 8192 --prefill-chunk 0 2048 --allocator default mmap64k \
+        --out benchmarks/results/memory_smollm2
 
 Each setting runs in a fresh process (``--one``), so no run inherits another's heap. Stages: the prefill, the self
 samples, the repeat pass, joining the queries, scoring, the solve; the peak of each is the largest anonymous
 resident set (``RssAnon``: the model's weights are file-backed and not counted) above what the process held
 after loading the model, in MB. ``--prefill-chunk`` sets ``hf.decode.PREFILL_CHUNK`` (0: one forward).
-``--allocator mmap64k`` runs the process under ``MALLOC_MMAP_THRESHOLD_=65536``: glibc then serves every
-allocation of 64 KiB or more by its own ``mmap`` and returns it when freed, instead of from its heap, whose
-dynamic threshold rises after the first large frees and keeps freed tensors resident. Linux and glibc only.
+``--allocator mmap64k`` runs the process under ``MALLOC_MMAP_THRESHOLD_=65536`` (``mmap1m``: 1 MiB): glibc then
+serves every allocation of that size or more by its own ``mmap`` and returns it when freed, instead of from its
+heap, whose dynamic threshold rises after the first large frees and keeps freed tensors resident. Linux and
+glibc only.
 The stage labels come from wrapping the capture's and the solve's functions in this process, so a stage is
 where the time was spent, not a tensor's owner. Appends to OUT.jsonl (a rerun skips what is there) and writes
 OUT.md.
@@ -33,7 +34,11 @@ STAGES = {  # module attribute → label, in the order a compression reaches the
     "compress.chunked_entry_scores": "scores",
     "compress.solve_chunks": "solve",
 }
-ALLOCATORS = {"default": {}, "mmap64k": {"MALLOC_MMAP_THRESHOLD_": "65536"}}
+ALLOCATORS = {
+    "default": {},
+    "mmap64k": {"MALLOC_MMAP_THRESHOLD_": "65536"},
+    "mmap1m": {"MALLOC_MMAP_THRESHOLD_": "1048576"},
+}
 
 
 def anon_mb() -> int:
@@ -50,7 +55,7 @@ def trace(model_name: str, text: str, n: int, ratio: float, chunk: int) -> dict:
     from kvsculpt.hf.models import load_model
 
     modules = {"capture": capture, "compress": sys.modules["kvsculpt.compress"]}
-    capture.PREFILL_CHUNK = decode.PREFILL_CHUNK = chunk or None
+    capture.PREFILL_CHUNK = decode.PREFILL_CHUNK = chunk or None  # 0: one forward
     current, peaks = ["other"], {}
 
     def labelled(label, fn):
@@ -114,7 +119,7 @@ def main() -> None:
     p.add_argument("--lengths", type=int, nargs="+", default=[4096])
     p.add_argument("--ratios", type=float, nargs="+", default=[0.3])
     p.add_argument(
-        "--prefill-chunk", type=int, nargs="+", default=[2048], help="tokens a prefill forward (0: one)"
+        "--prefill-chunk", type=int, nargs="+", default=[0], help="tokens a prefill forward (0: one)"
     )
     p.add_argument("--allocator", nargs="+", default=["default"], choices=list(ALLOCATORS))
     p.add_argument("--out", default="benchmarks/results/memory_smollm2")

@@ -64,8 +64,9 @@ def test_chunked_prefill_gives_the_one_forward_cache(tiny):
 
 
 def test_capture_prefills_in_chunks(tiny, monkeypatch):
-    """The compressor's prefill reads ``PREFILL_CHUNK`` tokens a forward (so its transients are one chunk's,
-    whatever n is), and the capture (keys, values, the context's own queries) is the one-forward capture."""
+    """With ``PREFILL_CHUNK`` set, the compressor's prefill reads that many tokens a forward (its transients are
+    one chunk's, whatever n is), and the capture (keys, values, the context's own queries) is the one-forward
+    capture."""
     from kvsculpt.hf import capture as capture_module
 
     ids = torch.randint(0, 97, (1, 40))

@@ -260,7 +260,7 @@ def test_a_parts_position_features_count_from_the_context():
 
 
 def test_learned_scores_read_in_chunks_are_the_one_forward_scores(tmp_path, monkeypatch):
-    """The learned prefill reads ``PREFILL_CHUNK`` tokens a forward: the hidden part of each chunk, the last
+    """With ``PREFILL_CHUNK`` set, the learned prefill reads that many tokens a forward: the hidden part of each chunk, the last
     queries across chunks (the last chunk shorter than the window) and the training features give the one-forward
     scores (1e-4), in three forwards for 45 tokens in chunks of 20."""
     model = tiny_model("qwen2")

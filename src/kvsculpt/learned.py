@@ -129,7 +129,7 @@ def prefill_scores(model, context_ids: torch.Tensor, weights: torch.Tensor, sink
                          f"{(dims.layers, dims.kv_heads)}")  # fmt: skip
     parts: dict[int, list[torch.Tensor]] = {li: [] for li in range(dims.layers)}
 
-    def on_input(li, hidden):  # once per layer and forward (the prefill reads PREFILL_CHUNK tokens a forward)
+    def on_input(li, hidden):  # once per layer and forward (several with PREFILL_CHUNK)
         parts[li].append(lin.hidden_part(weights[li], hidden[0]))
 
     t0 = time.perf_counter()
@@ -151,7 +151,7 @@ def _kv(cache, li: int, c: int | None = None):
 
 
 def _prefill(model, context_ids: torch.Tensor, on_input, last: int | None = None, cache=None, start: int = 0):
-    """A plain prefill, ``PREFILL_CHUNK`` tokens a forward, with ``on_input`` hooked on every attention input
+    """A plain prefill (``PREFILL_CHUNK`` tokens a forward if set), with ``on_input`` hooked on every attention input
     (once per layer and forward): ``(cache, per layer the last ``t = max(last, WINDOW)`` queries pooled
     [Hkv, G·t, d], the last logits [vocab])``."""
     dims, t = model_dims(model), max(last or 0, lin.WINDOW)

@@ -75,7 +75,11 @@ def full_cache(model, context_ids: torch.Tensor):
     return out
 
 
-PREFILL_CHUNK = 2048  # the compressor's prefill reads this many tokens a forward (capture, full_cache)
+# Tokens a forward for the compressor's prefill (capture, full_cache, the learned scorer); None: one forward.
+# Reading in chunks gives the same cache and bounds the prefill's transients, but on SmolLM2 at n ≤ 8192 on a CPU
+# it did not lower the compression's peak (the repeat pass sets it) and, under glibc's default heap, raised it:
+# docs/long-context.md, "Reading the context in chunks". On CUDA a chunk over a cache takes SDPA's masked path.
+PREFILL_CHUNK: int | None = None
 
 
 @torch.inference_mode()
