@@ -55,7 +55,7 @@ def trace(model_name: str, text: str, n: int, ratio: float, chunk: int) -> dict:
     from kvsculpt.hf.models import load_model
 
     modules = {"capture": capture, "compress": sys.modules["kvsculpt.compress"]}
-    capture.PREFILL_CHUNK = decode.PREFILL_CHUNK = chunk or None  # 0: one forward
+    decode.PREFILL_CHUNK = chunk or None  # 0: one forward
     current, peaks = ["other"], {}
 
     def labelled(label, fn):

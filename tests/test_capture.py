@@ -67,11 +67,11 @@ def test_capture_prefills_in_chunks(tiny, monkeypatch):
     """With ``PREFILL_CHUNK`` set, the compressor's prefill reads that many tokens a forward (its transients are
     one chunk's, whatever n is), and the capture (keys, values, the context's own queries) is the one-forward
     capture."""
-    from kvsculpt.hf import capture as capture_module
+    from kvsculpt.hf import decode as decode_module
 
     ids = torch.randint(0, 97, (1, 40))
     whole = capture(tiny, ids, queries="context", keep_context_queries=True)
-    monkeypatch.setattr(capture_module, "PREFILL_CHUNK", 16)
+    monkeypatch.setattr(decode_module, "PREFILL_CHUNK", 16)
     lengths = []
     hook = tiny.model.embed_tokens.register_forward_hook(lambda m, a, out: lengths.append(a[0].shape[1]))
     try:

@@ -269,7 +269,9 @@ def test_learned_scores_read_in_chunks_are_the_one_forward_scores(tmp_path, monk
     ids = torch.randint(0, 97, (1, 45), generator=torch.Generator().manual_seed(7))
     _, whole, tail, last, _ = L.prefill_scores(model, ids, weights)
     features = L.layer_features(model, ids)
-    monkeypatch.setattr(L, "PREFILL_CHUNK", 20)
+    from kvsculpt.hf import decode
+
+    monkeypatch.setattr(decode, "PREFILL_CHUNK", 20)
     calls = []
     handle = model.register_forward_hook(lambda *a: calls.append(1))
     try:

@@ -29,7 +29,7 @@ from .cache_io import _fingerprint, _umask
 from .core import learned as lin
 from .hf.attention import attention_inputs, capture_queries, use_kvsculpt_attention
 from .hf.capture import pool_gqa
-from .hf.decode import PREFILL_CHUNK, check_ids, prefill
+from .hf.decode import check_ids, prefill
 from .hf.dims import model_dims
 from .hf.models import cache_dir
 
@@ -151,12 +151,12 @@ def _kv(cache, li: int, c: int | None = None):
 
 
 def _prefill(model, context_ids: torch.Tensor, on_input, last: int | None = None, cache=None, start: int = 0):
-    """A plain prefill (``PREFILL_CHUNK`` tokens a forward if set), with ``on_input`` hooked on every attention input
+    """A plain prefill (``hf.decode.PREFILL_CHUNK`` tokens a forward if set), with ``on_input`` hooked on every attention input
     (once per layer and forward): ``(cache, per layer the last ``t = max(last, WINDOW)`` queries pooled
     [Hkv, G·t, d], the last logits [vocab])``."""
     dims, t = model_dims(model), max(last or 0, lin.WINDOW)
     with attention_inputs(model, on_input), capture_queries(model, t) as found:
-        cache, last_logits, _ = prefill(model, context_ids, cache, start, chunk=PREFILL_CHUNK)
+        cache, last_logits, _ = prefill(model, context_ids, cache, start)
     return cache, [pool_gqa(torch.cat(q, 2)[:, :, -t:].float(), dims.kv_heads) for q in found], last_logits
 
 

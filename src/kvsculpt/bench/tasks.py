@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -357,10 +357,7 @@ def same_samples(rows, ratio: float) -> tuple[list[dict], list[str]]:
 def same_samples_table(rows, tasks: list[str], ratio: float) -> list[str]:
     """Accuracy in % at ``ratio`` on :func:`same_samples` (nothing when every method has the same samples)."""
     kept, methods = same_samples(rows, ratio)
-    counts = {(r["task"], r["method"]): 0 for r in rows if r["ratio"] == ratio}
-    for r in rows:
-        if r["ratio"] == ratio:
-            counts[r["task"], r["method"]] += 1
+    counts = Counter((r["task"], r["method"]) for r in rows if r["ratio"] == ratio)
     if len(set(counts.values())) <= 1 or not kept:
         return []
     summ = summarise(kept)

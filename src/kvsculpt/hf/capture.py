@@ -29,7 +29,7 @@ from ..config import CompressConfig
 from ..core.attention import Reference, local_lse, logits, reference
 from ..core.fit import subsample_index
 from .attention import capture_queries
-from .decode import PREFILL_CHUNK, check_ids, decode, forward, prefill, text_ids, top_p_pick
+from .decode import check_ids, decode, forward, prefill, text_ids, top_p_pick
 from .dims import check_supported, model_dims
 
 REPEAT_PROMPT = "\n\nRepeat the text above.\n\n"  # repeat_prompt="plain"
@@ -373,10 +373,10 @@ def capture(model, context_ids: torch.Tensor, cfg: CompressConfig | None = None,
     stage(progress, f"prefill of {n} tokens")
     if want_ctx:
         with capture_queries(model) as sinks:
-            cache, last, prefill_s = prefill(model, context_ids, chunk=PREFILL_CHUNK)
+            cache, last, prefill_s = prefill(model, context_ids)
         ctx_q = [torch.cat(s, dim=2) for s in sinks]  # [1, H, n, d] per layer
     else:
-        cache, last, prefill_s = prefill(model, context_ids, chunk=PREFILL_CHUNK)
+        cache, last, prefill_s = prefill(model, context_ids)
     keys = [layer.keys[0] for layer in cache.layers]  # the model's dtype, as the cache holds them
     values = [layer.values[0] for layer in cache.layers]
     if "repeat" not in cfg.sources:

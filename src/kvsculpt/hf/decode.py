@@ -67,7 +67,7 @@ def full_cache(model, context_ids: torch.Tensor):
     from .attention import use_kvsculpt_attention
 
     use_kvsculpt_attention(model)
-    full, _, _ = prefill(model, context_ids, chunk=PREFILL_CHUNK)
+    full, _, _ = prefill(model, context_ids)
     out = shared_cache(
         model, [layer.keys[0] for layer in full.layers], [layer.values[0] for layer in full.layers]
     )
@@ -75,7 +75,8 @@ def full_cache(model, context_ids: torch.Tensor):
     return out
 
 
-# Tokens a forward for the compressor's prefill (capture, full_cache, the learned scorer); None: one forward.
+# Tokens a forward for every prefill that does not say (capture, full_cache, the learned scorer, evaluation);
+# None: one forward.
 # Reading in chunks gives the same cache and bounds the prefill's transients, but on SmolLM2 at n ≤ 8192 on a CPU
 # it did not lower the compression's peak (the repeat pass sets it) and, under glibc's default heap, raised it:
 # docs/long-context.md, "Reading the context in chunks". On CUDA a chunk over a cache takes SDPA's masked path.
@@ -88,13 +89,14 @@ def prefill(model, context_ids: torch.Tensor, cache=None, start: int = 0, chunk:
     ``start`` (a part read after ``start`` tokens the cache holds). Returns ``(cache, last_logits [vocab] fp32,
     seconds)``.
 
-    ``chunk``: read the context ``chunk`` tokens a forward, each over the cache of the ones before (None or 0:
-    one forward). The same cache up to rounding; the forward's transients (the MLP's ``[chunk, 3·D_ff]``
+    ``chunk``: read the context ``chunk`` tokens a forward, each over the cache of the ones before (None:
+    :data:`PREFILL_CHUNK`; 0, or both None: one forward). The same cache up to rounding; the forward's transients (the MLP's ``[chunk, 3·D_ff]``
     activations, the attention's working set) are then those of ``chunk`` tokens whatever n is, at the cost of
     growing each layer's cache once per chunk (one layer's copy at a time)."""
     context_ids = check_ids(context_ids, model.device)
     cache = DynamicCache() if cache is None else cache
-    n, step = context_ids.shape[1], chunk or context_ids.shape[1]
+    n = context_ids.shape[1]
+    step = (PREFILL_CHUNK if chunk is None else chunk) or n
     t0 = time.perf_counter()
     for a in range(0, n, step):
         logits = forward(model, context_ids[:, a : a + step], cache, start + a, last_only=True)

@@ -7,6 +7,7 @@ seconds. Everything lives under ``$KVSCULPT_CACHE`` (default ``~/.cache/kvsculpt
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
@@ -186,16 +187,13 @@ def _materialise_packaged(name: str) -> Path:
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=out.name + ".", suffix=".partial"))
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
-    if (out / "config.json").exists():
-        shutil.rmtree(tmp, ignore_errors=True)
-        return out
-    shutil.rmtree(out, ignore_errors=True)  # an incomplete copy (no config.json)
-    try:
-        os.replace(tmp, out)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not (out / "config.json").exists():
-            raise
+    if not (out / "config.json").exists():
+        shutil.rmtree(out, ignore_errors=True)  # an incomplete copy
+        with contextlib.suppress(OSError):  # another process's copy won the race
+            os.replace(tmp, out)
+    shutil.rmtree(tmp, ignore_errors=True)
+    if not (out / "config.json").exists():
+        raise ModelError(f"could not place the converted copy of {name} at {out}")
     return out
 
 
