@@ -28,12 +28,17 @@ from kvsculpt.bench.runner import RowFile, results_file
 
 STAGES = {  # module attribute → label, in the order a compression reaches them
     "capture.prefill": "prefill",
+    "learned.prefill": "prefill",  # --method learned: its one prefill; its scoring after it is "other"
     "capture.sample_self_queries": "self samples",
     "capture._repeat_queries": "repeat pass",
     "capture.join_sources": "join queries",
     "compress.chunked_entry_scores": "scores",
     "compress.solve_chunks": "solve",
 }
+METHODS = {
+    "default": {},
+    "learned": {"method": "learned", "fit": False},
+}  # learned: one prefill, copied values
 ALLOCATORS = {
     "default": {},
     "mmap64k": {"MALLOC_MMAP_THRESHOLD_": "65536"},
@@ -46,15 +51,15 @@ def anon_mb() -> int:
         return int(f.read().split("RssAnon:")[1].split()[0]) // 1024
 
 
-def trace(model_name: str, text: str, n: int, ratio: float, chunk: int) -> dict:
+def trace(model_name: str, text: str, n: int, ratio: float, chunk: int, method: str = "default") -> dict:
     """One compression of the first ``n`` tokens of ``text`` in this process: peak MB above the loaded model
     per stage, the meter's ``peak_extra_bytes``, seconds."""
-    from kvsculpt import compress
+    from kvsculpt import compress, learned
     from kvsculpt.eval.texts import load_text
     from kvsculpt.hf import capture, decode
     from kvsculpt.hf.models import load_model
 
-    modules = {"capture": capture, "compress": sys.modules["kvsculpt.compress"]}
+    modules = {"capture": capture, "compress": sys.modules["kvsculpt.compress"], "learned": learned}
     decode.PREFILL_CHUNK = chunk or None  # 0: one forward
     current, peaks = ["other"], {}
 
@@ -83,7 +88,8 @@ def trace(model_name: str, text: str, n: int, ratio: float, chunk: int) -> dict:
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
     t0 = time.perf_counter()
-    cache = compress(model, ids, ratio=ratio, tokenizer=tok, progress=False)
+    kw = METHODS[method]
+    cache = compress(model, ids, ratio=ratio, tokenizer=tok, progress=False, **kw)
     seconds = time.perf_counter() - t0
     done.set()
     watcher.join()
@@ -93,7 +99,8 @@ def trace(model_name: str, text: str, n: int, ratio: float, chunk: int) -> dict:
 
 
 def key(row: dict) -> tuple:
-    return row["model"], row["text"], row["n"], row["ratio"], row["prefill_chunk"], row["allocator"]
+    return (row["model"], row["text"], row["n"], row["ratio"], row["prefill_chunk"], row["allocator"],
+            row.get("method", "default"))  # fmt: skip
 
 
 def write_report(rows: list[dict], out, command: str) -> None:
@@ -103,11 +110,21 @@ def write_report(rows: list[dict], out, command: str) -> None:
              "Commands:", "", "```bash", *commands, "```", "",
              "Peak anonymous resident MB above the loaded model, by stage (`benchmarks/memory.py`); one fresh process per "
              "row; seconds on a shared core are not comparable between rows.", "",
-             "| text | n | r | prefill chunk | allocator | " + " | ".join(labels) + " | peak | full cache | s |",
-             "|---" * (8 + len(labels)) + "|"]  # fmt: skip
-    for r in sorted(rows, key=lambda r: (r["text"], r["n"], r["ratio"], r["allocator"], r["prefill_chunk"])):
+             "| method | text | n | r | prefill chunk | allocator | " + " | ".join(labels) + " | peak | full cache | s |",
+             "|---" * (9 + len(labels)) + "|"]  # fmt: skip
+    for r in sorted(
+        rows,
+        key=lambda r: (
+            r.get("method", "default"),
+            r["text"],
+            r["n"],
+            r["ratio"],
+            r["allocator"],
+            r["prefill_chunk"],
+        ),
+    ):
         cells = [str(round(r["stage_peak_mb"].get(s, 0))) for s in labels]
-        lines.append(f"| {r['text']} | {r['n']} | {r['ratio']} | {r['prefill_chunk'] or 'one forward'} | {r['allocator']} | "
+        lines.append(f"| {r.get('method', 'default')} | {r['text']} | {r['n']} | {r['ratio']} | {r['prefill_chunk'] or 'one forward'} | {r['allocator']} | "
                      + " | ".join(cells) + f" | **{round(r['peak_mb'])}** | {round(r['full_cache_mb'])} | {r['seconds']:.0f} |")  # fmt: skip
     results_file(out, ".md").write_text("\n".join(lines) + "\n")
 
@@ -122,13 +139,16 @@ def main() -> None:
         "--prefill-chunk", type=int, nargs="+", default=[0], help="tokens a prefill forward (0: one)"
     )
     p.add_argument("--allocator", nargs="+", default=["default"], choices=list(ALLOCATORS))
+    p.add_argument(
+        "--method", default="default", choices=list(METHODS), help="learned: one prefill, copied values"
+    )
     p.add_argument("--out", default="benchmarks/results/memory_smollm2")
     p.add_argument(
         "--one", action="store_true", help=argparse.SUPPRESS
     )  # a child: one trace, a JSON line out
     a = p.parse_args()
     if a.one:
-        print(json.dumps(trace(a.model, a.text, a.lengths[0], a.ratios[0], a.prefill_chunk[0])))
+        print(json.dumps(trace(a.model, a.text, a.lengths[0], a.ratios[0], a.prefill_chunk[0], a.method)))
         return
     command = "python benchmarks/memory.py " + " ".join(sys.argv[1:])
     rows = RowFile(results_file(a.out, ".jsonl"), key=key)
@@ -143,6 +163,7 @@ def main() -> None:
                         "ratio": ratio,
                         "prefill_chunk": chunk,
                         "allocator": alloc,
+                        "method": a.method,
                     }
                     if key(row) in rows:
                         continue
@@ -151,7 +172,7 @@ def main() -> None:
                         flush=True,
                     )
                     child = [sys.executable, __file__, "--one", "--model", a.model, "--text", a.text, "--lengths", str(n),
-                             "--ratios", str(ratio), "--prefill-chunk", str(chunk)]  # fmt: skip
+                             "--ratios", str(ratio), "--prefill-chunk", str(chunk), "--method", a.method]  # fmt: skip
                     done = subprocess.run(
                         child, env={**os.environ, **ALLOCATORS[alloc]}, capture_output=True, text=True
                     )
