@@ -13,12 +13,17 @@ the context's last 64 queries (SnapKV's window), the position. ``fit`` fits one 
 the training windows and reports, on the validation windows, R² of the log scores and the recall of the
 default's global selection at r = 0.1 and 0.3 (the share of the entries the default keeps that the prediction
 keeps too): the figure the learned method's KL follows. Writes OUT.json and OUT.md.
+
+``fit --mlp M`` instead fits, on top of the chosen linear set, a two-layer correction of width M by Adam (the
+last ``--stop-windows`` training windows pick its step) and reports it beside the linear row (KVzap's larger
+variant; ``benchmarks/results/learned_mlp_smollm2``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from functools import partial
@@ -90,6 +95,160 @@ def feature_sets(d: dict) -> dict[str, list[torch.Tensor]]:
     return out
 
 
+# --- A two-layer correction (KVzap's larger variant) on top of the linear model -----------------------------------
+#
+#     log score = x · w[l, h] + Σ_m a[l, h, m] · relu(ĥ_t · U[l, :, m] + e_t · V[l, h, :, m])
+#
+# ``ĥ_t`` the unit-scaled attention input (D), ``e_t`` the extra features of entry t in head h. ``U`` is shared by
+# the layer's heads, so a prefill hook keeps ``[n, M]`` per layer (``ĥ U``), as the linear part keeps ``[H, n]``.
+# ``a`` starts at zero: training starts from the ridge solution and can only learn a correction to it.
+
+
+def mlp_init(layers: int, heads: int, dim: int, hidden: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Parameters of the correction: ``U [L, D, M]``, ``V [L, H, lin.EXTRA, M]``, ``a [L, H, M]`` (zero)."""
+    g = torch.Generator().manual_seed(seed)
+    return {"U": torch.randn(layers, dim, hidden, generator=g) / math.sqrt(dim),
+            "V": torch.randn(layers, heads, lin.EXTRA, hidden, generator=g) / math.sqrt(lin.EXTRA),
+            "a": torch.zeros(layers, heads, hidden)}  # fmt: skip
+
+
+def mlp_hidden_part(U: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    """``ĥ U [n, M]`` of one layer from its attention input ``hidden [n, D]`` and ``U [D, M]`` (a prefill hook's
+    share). O(n · D · M)."""
+    return lin.unit_rows(hidden) @ U.float().to(hidden.device)
+
+
+def mlp_correction(
+    V: torch.Tensor, a: torch.Tensor, hidden_z: torch.Tensor, extra: torch.Tensor
+) -> torch.Tensor:
+    """The correction ``[H, n]`` of one layer: ``V [H, lin.EXTRA, M]``, ``a [H, M]``, ``hidden_z [n, M]``
+    (:func:`mlp_hidden_part`, or ``[H, n, M]``), ``extra [H, n, lin.EXTRA]``. O(H · n · M · lin.EXTRA)."""
+    z = torch.relu(hidden_z.to(extra.device) + extra @ V.float().to(extra.device))  # [H, n, M]
+    return (z * a.float().to(extra.device)[:, None]).sum(-1)
+
+
+def fit_mlp(
+    examples,
+    linear: torch.Tensor,
+    hidden: int = 64,
+    steps: int = 1500,
+    batch: int = 2048,
+    lr: float = 3e-3,
+    decay: float = 1e-4,
+    seed: int = 0,
+    check=None,
+    progress=None,
+) -> tuple[dict[str, torch.Tensor], list[float]]:
+    """Fit the correction by Adam on the squared error of the log scores, every layer at once.
+
+    ``examples``: a list of windows, each ``(hidden [L, n, D] (any float dtype), extra [L, H, n, lin.EXTRA],
+    y [L, H, n], use [L, H, n] bool)``; ``linear [L, H, F]``: the ridge weights the correction is added to. Each
+    step draws ``batch`` tokens of one random window. ``check(params) -> float`` (a loss on windows held out of
+    the fit), called every 100 steps: the parameters with the lowest value are returned (early stopping), with
+    the history. Cost per step O(L · batch · D · M)."""
+    L, H, F = linear.shape
+    D = F - lin.EXTRA
+    params = mlp_init(L, H, D, hidden, seed)
+    for p in params.values():
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params.values(), lr=lr, weight_decay=decay)
+    g = torch.Generator().manual_seed(seed + 1)
+    best, best_params, history = float("inf"), {k: v.detach().clone() for k, v in params.items()}, []
+    for step in range(1, steps + 1):
+        hid, extra, y, use = examples[int(torch.randint(len(examples), (1,), generator=g))]
+        n = hid.shape[1]
+        idx = torch.randint(n, (min(batch, n),), generator=g)
+        h = lin.unit_rows(hid[:, idx].float())  # [L, B, D]
+        e = extra[:, :, idx].float()  # [L, H, B, E]
+        base = torch.einsum("lbd,lhd->lhb", h, linear[..., :D]) + (e @ linear[..., D:, None])[..., 0]
+        z = torch.relu((h @ params["U"])[:, None] + e @ params["V"])  # [L, H, B, M]
+        pred = base + (z * params["a"][:, :, None]).sum(-1)
+        m = use[:, :, idx].float()
+        loss = (((pred - y[:, :, idx]) ** 2) * m).sum() / m.sum().clamp_min(1.0)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if progress is not None:
+            progress(step, float(loss))
+        if check is not None and (step % 100 == 0 or step == steps):
+            with torch.no_grad():
+                value = check({k: v.detach() for k, v in params.items()})
+            history.append(value)
+            if value < best:
+                best, best_params = value, {k: v.detach().clone() for k, v in params.items()}
+    if check is None:
+        best_params = {k: v.detach().clone() for k, v in params.items()}
+    return best_params, history
+
+
+CHOSEN = "h+rho+knorm+window+pos"  # the linear scorer's features (core.learned)
+
+
+def extra_of(d: dict) -> torch.Tensor:
+    """The chosen set's features beyond the hidden state, ``[L, H, n, EXTRA]``, in ``core.learned``'s order."""
+    L, H, n = d["scores"].shape
+    pos = torch.arange(n, dtype=torch.float32)
+    return torch.stack([lin.rel_log(d["vnorm"]), lin.rel_log(d["knorm"]), d["window"].clamp_min(1e-8).log(),
+                        torch.log1p(pos).expand(L, H, n), torch.log1p(n - 1 - pos).expand(L, H, n),
+                        torch.ones(L, H, n)], -1)  # fmt: skip
+
+
+def mlp_rows(args, train, val, W, lam) -> dict:
+    """The chosen features with a two-layer correction (``core.learned.fit_mlp``) of each width in ``--mlp`` on
+    top of the ridge weights ``W``: fitted on the training windows but the last ``--stop-windows``, which pick
+    the step (early stopping); judged on the validation windows as the linear rows are."""
+
+    def example(p):
+        d = torch.load(p)
+        y, use = lin.target(d["scores"])
+        return d["hidden"], extra_of(d), y, use
+
+    fit_on = [example(p) for p in train[: -args.stop_windows]]
+    stop_on = [example(p) for p in train[-args.stop_windows :]]
+    linear = torch.stack(W)
+
+    def predict(params, hidden, extra):
+        out = []
+        for li in range(linear.shape[0]):
+            h = hidden[li].float()
+            base = lin.hidden_part(linear[li], h) + (extra[li] @ linear[li, :, -lin.EXTRA :, None])[..., 0]
+            if params is not None:
+                base = base + mlp_correction(params["V"][li], params["a"][li],
+                                                 mlp_hidden_part(params["U"][li], h), extra[li])  # fmt: skip
+            out.append(base)
+        return torch.stack(out)
+
+    def mse(params, data):
+        num = den = 0.0
+        for hidden, extra, y, use in data:
+            num += float((((predict(params, hidden, extra) - y) ** 2) * use).sum())
+            den += float(use.sum())
+        return num / den
+
+    rows = {}
+    print(f"linear: stop-window MSE {mse(None, stop_on):.4f}", flush=True)
+    for M in args.mlp:
+        t0 = time.perf_counter()
+        params, history = fit_mlp(fit_on, linear, hidden=M, steps=args.steps, lr=args.lr,
+                                      check=lambda p: mse(p, stop_on))  # fmt: skip
+        r2s, recalls = [], {0.1: [], 0.3: []}
+        for p in val:
+            d = torch.load(p)
+            pred = predict(params, d["hidden"], extra_of(d))
+            y, use = lin.target(d["scores"])
+            r2s.append(float(1 - ((pred - y)[use] ** 2).sum() / ((y[use] - y[use].mean()) ** 2).sum()))
+            pred[~use] = float("inf")
+            for r in recalls:
+                recalls[r].append(recall(d["scores"], pred, r))
+        rows[(f"{CHOSEN} + MLP({M})", lam)] = {
+            "r2": sum(r2s) / len(r2s), **{f"recall@{r}": sum(v) / len(v) for r, v in recalls.items()},
+            "worst_recall@0.1": min(recalls[0.1]), "features": linear.shape[-1], "hidden": M,
+            "stop_mse": history, "fit_seconds": time.perf_counter() - t0}  # fmt: skip
+        print(M, {k: v for k, v in rows[(f"{CHOSEN} + MLP({M})", lam)].items() if k != "stop_mse"},
+              "stop MSE by 100 steps:", [round(x, 4) for x in history], flush=True)  # fmt: skip
+    return rows
+
+
 def fit(args):
     train = sorted(Path(args.train).glob("*.pt"))
     val = sorted(Path(args.val).glob("*.pt"))
@@ -97,6 +256,8 @@ def fit(args):
     for p in train:
         d = torch.load(p)
         for name, Xs in feature_sets(d).items():
+            if args.mlp and name != CHOSEN:
+                continue
             for li, X in enumerate(Xs):
                 y, use = lin.target(d["scores"][li])
                 F = X.shape[-1]
@@ -108,9 +269,13 @@ def fit(args):
                     )
                 lin.add_stats(st[li][0], st[li][1], X, y, use)
     results = {}
+    if args.mlp:  # only the chosen set, at the first lam
+        args.lams = args.lams[:1]
     for lam in args.lams:
         for name, st in stats.items():
             W = [lin.solve(a, b, lam) for a, b in st]
+            if args.mlp:
+                results.update(mlp_rows(args, train, val, W, lam))
             r2s, recalls = [], {0.1: [], 0.3: []}
             for p in val:
                 d = torch.load(p)
@@ -168,6 +333,23 @@ def main(argv=None):
     p.add_argument("--train", required=True)
     p.add_argument("--val", required=True)
     p.add_argument("--lams", type=float, nargs="+", default=[1e-3])
+    p.add_argument(
+        "--mlp",
+        type=int,
+        nargs="*",
+        default=[],
+        help="widths M of a two-layer correction to fit on top of the chosen linear set (default: none)",
+    )
+    p.add_argument("--steps", type=int, default=1500, help="Adam steps of the correction (default 1500)")
+    p.add_argument(
+        "--lr", type=float, default=3e-3, help="Adam learning rate of the correction (default 3e-3)"
+    )
+    p.add_argument(
+        "--stop-windows",
+        type=int,
+        default=3,
+        help="training windows held out of the correction's fit to pick its step (default 3)",
+    )
     p.add_argument("--out", required=True)
     args = ap.parse_args(argv)
     dump(args) if args.cmd == "dump" else fit(args)

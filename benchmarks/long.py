@@ -107,7 +107,7 @@ def learned_name(spec: str) -> str:
 
 def learned_config(spec: str) -> dict:
     """``--learned PATH``: method="learned" with that scorer; ``PATH#K``: its weights after K training windows;
-    ``PATH#nofit``: values copied instead of fitted; ``PATH#wN``: fitted on the prefill's last N queries (else on self samples); ``PATH#sN``: N self samples; ``PATH#uniform``: allocation="uniform"; ``PATH#rN``: compressed while reading, in parts of N tokens; flags
+    ``PATH#nofit``: values copied instead of fitted; ``PATH#wN``: fitted on the prefill's last N queries (else on self samples); ``PATH#sN``: N self samples; ``PATH#lN``: each N tokens long; ``PATH#uniform``: allocation="uniform"; ``PATH#rN``: compressed while reading, in parts of N tokens; flags
     joined by commas (``PATH#8,nofit``)."""
     path, _, rest = spec.partition("#")
     flags = [f for f in rest.split(",") if f]
@@ -119,6 +119,8 @@ def learned_config(spec: str) -> dict:
             options["fit_window"], options["fit_queries"] = int(f[1:]), "tail"
         elif f.startswith("s"):
             config["self_samples"] = int(f[1:])
+        elif f.startswith("l"):
+            config["self_length"] = int(f[1:])
         elif f.startswith("r"):
             config["chunk_tokens"] = int(f[1:])
         elif f == "uniform":
@@ -221,7 +223,7 @@ def main(argv=None):
     )
     ap.add_argument("--learned", nargs="*", default=[], metavar="WEIGHTS",
                     help="also method='learned' with each of these scorer files (`kvsculpt train-scorer`); PATH#K: its "
-                         "weights after K training windows; PATH#nofit: values copied; PATH#uniform: every head the same m; PATH#wN: fitted on the last N queries; PATH#sN: N self samples; PATH#rN: read in parts of N tokens")  # fmt: skip
+                         "weights after K training windows; PATH#nofit: values copied; PATH#uniform: every head the same m; PATH#wN: fitted on the last N queries; PATH#sN: N self samples; PATH#lN: each N tokens long; PATH#rN: read in parts of N tokens")  # fmt: skip
     ap.add_argument(
         "--uniform",
         action="store_true",

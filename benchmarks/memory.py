@@ -6,7 +6,8 @@
 Each setting runs in a fresh process (``--one``), so no run inherits another's heap. Stages: the prefill, the self
 samples, the repeat pass, joining the queries, scoring, the solve; the peak of each is the largest anonymous
 resident set (``RssAnon``: the model's weights are file-backed and not counted) above what the process held
-after loading the model, in MB. ``--prefill-chunk`` sets ``hf.decode.PREFILL_CHUNK`` (0: one forward).
+after loading the model, in MB. ``--prefill-chunk`` sets ``hf.decode.PREFILL_CHUNK`` (0: one forward), ``--repeat-forward``
+``hf.capture.REPEAT_FORWARD`` (the tokens of a repeat request per forward).
 ``--allocator mmap64k`` runs the process under ``MALLOC_MMAP_THRESHOLD_=65536`` (``mmap1m``: 1 MiB): glibc then
 serves every allocation of that size or more by its own ``mmap`` and returns it when freed, instead of from its
 heap, whose dynamic threshold rises after the first large frees and keeps freed tensors resident. Linux and
@@ -17,6 +18,7 @@ OUT.md.
 """
 
 import argparse
+import itertools
 import json
 import os
 import subprocess
@@ -51,7 +53,8 @@ def anon_mb() -> int:
         return int(f.read().split("RssAnon:")[1].split()[0]) // 1024
 
 
-def trace(model_name: str, text: str, n: int, ratio: float, chunk: int, method: str = "default") -> dict:
+def trace(model_name: str, text: str, n: int, ratio: float, chunk: int, method: str = "default",
+          repeat_forward: int = 2048) -> dict:  # fmt: skip
     """One compression of the first ``n`` tokens of ``text`` in this process: peak MB above the loaded model
     per stage, the meter's ``peak_extra_bytes``, seconds."""
     from kvsculpt import compress, learned
@@ -61,6 +64,7 @@ def trace(model_name: str, text: str, n: int, ratio: float, chunk: int, method: 
 
     modules = {"capture": capture, "compress": sys.modules["kvsculpt.compress"], "learned": learned}
     decode.PREFILL_CHUNK = chunk or None  # 0: one forward
+    capture.REPEAT_FORWARD = repeat_forward
     current, peaks = ["other"], {}
 
     def labelled(label, fn):
@@ -100,7 +104,7 @@ def trace(model_name: str, text: str, n: int, ratio: float, chunk: int, method: 
 
 def key(row: dict) -> tuple:
     return (row["model"], row["text"], row["n"], row["ratio"], row["prefill_chunk"], row["allocator"],
-            row.get("method", "default"))  # fmt: skip
+            row.get("method", "default"), row.get("repeat_forward", 2048))  # fmt: skip
 
 
 def write_report(rows: list[dict], out, command: str) -> None:
@@ -110,8 +114,8 @@ def write_report(rows: list[dict], out, command: str) -> None:
              "Commands:", "", "```bash", *commands, "```", "",
              "Peak anonymous resident MB above the loaded model, by stage (`benchmarks/memory.py`); one fresh process per "
              "row; seconds on a shared core are not comparable between rows.", "",
-             "| method | text | n | r | prefill chunk | allocator | " + " | ".join(labels) + " | peak | full cache | s |",
-             "|---" * (9 + len(labels)) + "|"]  # fmt: skip
+             "| method | text | n | r | prefill chunk | repeat forward | allocator | " + " | ".join(labels)
+             + " | peak | full cache | s |", "|---" * (10 + len(labels)) + "|"]  # fmt: skip
     for r in sorted(
         rows,
         key=lambda r: (
@@ -121,10 +125,11 @@ def write_report(rows: list[dict], out, command: str) -> None:
             r["ratio"],
             r["allocator"],
             r["prefill_chunk"],
+            -r.get("repeat_forward", 2048),
         ),
     ):
         cells = [str(round(r["stage_peak_mb"].get(s, 0))) for s in labels]
-        lines.append(f"| {r.get('method', 'default')} | {r['text']} | {r['n']} | {r['ratio']} | {r['prefill_chunk'] or 'one forward'} | {r['allocator']} | "
+        lines.append(f"| {r.get('method', 'default')} | {r['text']} | {r['n']} | {r['ratio']} | {r['prefill_chunk'] or 'one forward'} | {r.get('repeat_forward', 2048)} | {r['allocator']} | "
                      + " | ".join(cells) + f" | **{round(r['peak_mb'])}** | {round(r['full_cache_mb'])} | {r['seconds']:.0f} |")  # fmt: skip
     results_file(out, ".md").write_text("\n".join(lines) + "\n")
 
@@ -138,6 +143,8 @@ def main() -> None:
     p.add_argument(
         "--prefill-chunk", type=int, nargs="+", default=[0], help="tokens a prefill forward (0: one)"
     )
+    p.add_argument("--repeat-forward", type=int, nargs="+", default=[2048],
+                   help="tokens per forward of a repeat request (hf.capture.REPEAT_FORWARD)")  # fmt: skip
     p.add_argument("--allocator", nargs="+", default=["default"], choices=list(ALLOCATORS))
     p.add_argument(
         "--method", default="default", choices=list(METHODS), help="learned: one prefill, copied values"
@@ -148,37 +155,26 @@ def main() -> None:
     )  # a child: one trace, a JSON line out
     a = p.parse_args()
     if a.one:
-        print(json.dumps(trace(a.model, a.text, a.lengths[0], a.ratios[0], a.prefill_chunk[0], a.method)))
+        print(json.dumps(trace(a.model, a.text, a.lengths[0], a.ratios[0], a.prefill_chunk[0], a.method,
+                               a.repeat_forward[0])))  # fmt: skip
         return
     command = "python benchmarks/memory.py " + " ".join(sys.argv[1:])
     rows = RowFile(results_file(a.out, ".jsonl"), key=key)
-    for n in a.lengths:
-        for ratio in a.ratios:
-            for chunk in a.prefill_chunk:
-                for alloc in a.allocator:
-                    row = {
-                        "model": a.model,
-                        "text": a.text,
-                        "n": n,
-                        "ratio": ratio,
-                        "prefill_chunk": chunk,
-                        "allocator": alloc,
-                        "method": a.method,
-                    }
-                    if key(row) in rows:
-                        continue
-                    print(
-                        f"memory: n={n} r={ratio} prefill chunk {chunk or 'off'} allocator {alloc}",
-                        flush=True,
-                    )
-                    child = [sys.executable, __file__, "--one", "--model", a.model, "--text", a.text, "--lengths", str(n),
-                             "--ratios", str(ratio), "--prefill-chunk", str(chunk), "--method", a.method]  # fmt: skip
-                    done = subprocess.run(
-                        child, env={**os.environ, **ALLOCATORS[alloc]}, capture_output=True, text=True
-                    )
-                    if done.returncode != 0:
-                        sys.exit(f"memory: the trace failed:\n{done.stderr[-2000:]}")
-                    rows.add({**row, "command": command, **json.loads(done.stdout.strip().splitlines()[-1])})
+    grid = itertools.product(a.lengths, a.ratios, a.prefill_chunk, a.repeat_forward, a.allocator)
+    for n, ratio, chunk, width, alloc in grid:
+        row = {"model": a.model, "text": a.text, "n": n, "ratio": ratio, "prefill_chunk": chunk, "allocator": alloc,
+               "method": a.method, "repeat_forward": width}  # fmt: skip
+        if key(row) in rows:
+            continue
+        print(f"memory: n={n} r={ratio} prefill chunk {chunk or 'off'} repeat forward {width} allocator {alloc}",
+              flush=True)  # fmt: skip
+        child = [sys.executable, __file__, "--one", "--model", a.model, "--text", a.text, "--lengths", str(n),
+                 "--ratios", str(ratio), "--prefill-chunk", str(chunk), "--method", a.method,
+                 "--repeat-forward", str(width)]  # fmt: skip
+        done = subprocess.run(child, env={**os.environ, **ALLOCATORS[alloc]}, capture_output=True, text=True)
+        if done.returncode != 0:
+            sys.exit(f"memory: the trace failed:\n{done.stderr[-2000:]}")
+        rows.add({**row, "command": command, **json.loads(done.stdout.strip().splitlines()[-1])})
     write_report(list(rows.values()), a.out, command)
     print(f"memory: wrote {results_file(a.out, '.md')}")
 

@@ -290,7 +290,7 @@ def test_the_repeat_pass_in_chunks_gives_the_same_queries_and_masses(tiny, style
 
     ids = torch.randint(0, 97, (1, 24))
     whole = capture(tiny, ids, queries="repeat", repeat_prompt=style, tokenizer=_StubTokenizer())
-    monkeypatch.setattr(capture_module, "REPEAT_CHUNK", 5)
+    monkeypatch.setattr(capture_module, "REPEAT_FORWARD", 5)
     chunked = capture(tiny, ids, queries="repeat", repeat_prompt=style, tokenizer=_StubTokenizer())
     for a, b, la, lb in zip(whole.queries, chunked.queries, whole.local_lse, chunked.local_lse, strict=True):
         torch.testing.assert_close(b, a, rtol=0, atol=1e-6)
@@ -394,7 +394,7 @@ def test_a_requests_held_rows_and_scores_do_not_depend_on_how_its_forwards_are_c
     rows = subsample_index(G * t, 7, seed=3)
     out = {}
     for chunk in (64, 5):
-        monkeypatch.setattr(capture_module, "REPEAT_CHUNK", chunk)
+        monkeypatch.setattr(capture_module, "REPEAT_FORWARD", chunk)
         cache, _, _ = prefill(tiny, ids)
         with torch.inference_mode():
             out[chunk, "all"] = request_queries(tiny, cache, req, n, t, (a, b))

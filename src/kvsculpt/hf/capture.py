@@ -148,6 +148,7 @@ def repeat_prompt_ids(tokenizer, style: str) -> torch.Tensor:
 
 
 REPEAT_CHUNK = 2048  # context tokens per repeat request (KVzip and kvpress reconstruct in chunks of 2048 too)
+REPEAT_FORWARD = 2048  # tokens per forward of a repeat request; its transients grow with it (O(G·w·n))
 CHUNK_OVERLAP = 8  # tokens of the previous chunk quoted in a later chunk's request, as KVzip does
 KVZIP_PART_PROMPT = "\n\nRepeat the part of the previous context exactly, starting with"
 
@@ -191,7 +192,7 @@ def request_queries(model, cache, ids: torch.Tensor, start: int, t: int, span: t
     else None. ``rows`` (sorted indices into the ``G·t`` pooled queries): only those are returned, while every
     query still scores the span. The cache is cropped back to ``start``.
 
-    Forwards of :data:`REPEAT_CHUNK` tokens; each layer's queries are scored and thinned inside the forward, as
+    Forwards of :data:`REPEAT_FORWARD` tokens; each layer's queries are scored and thinned inside the forward, as
     soon as the layer has attended (:func:`~kvsculpt.hf.attention.capture_queries` with ``consume``), so the
     pass holds one layer's queries of one forward at a time, not every layer's: O(G·chunk·d) working memory
     beyond what is kept. Scoring costs two matmuls per layer, ``G·t × t`` (own keys) and ``G·t × (b − a)``."""
@@ -230,9 +231,9 @@ def request_queries(model, cache, ids: torch.Tensor, start: int, t: int, span: t
         return take
 
     with capture_queries(model, consume=consume):
-        for c in range(0, p, REPEAT_CHUNK):
+        for c in range(0, p, REPEAT_FORWARD):
             window.update(first=c)
-            forward(model, ids[:, c : c + REPEAT_CHUNK], cache, start + c, last_only=True)
+            forward(model, ids[:, c : c + REPEAT_FORWARD], cache, start + c, last_only=True)
     qs, lses = [], []
     for li in range(dims.layers):
         if len(parts[li]) == 1:  # one forward: already in pool_gqa's order
