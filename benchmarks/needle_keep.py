@@ -57,14 +57,21 @@ def selection(model, cfg: CompressConfig, scores: torch.Tensor):
     return plan[0], kept
 
 
-VARIANTS = ("full", "default", "needles kept", "uniform budgets")
+VARIANTS = (
+    "full",
+    "default",
+    "needles kept",
+    "uniform budgets",
+    "copied values",
+    "needles kept, copied values",
+)
 
 
 def answers(model, tok, s, cap, cfg, scores, needle, have: dict) -> dict:
     """The scores of the replies after each of :data:`VARIANTS` not in ``have`` (a row's earlier answers): the
     full cache; the default's cache; the oracle's (the default with every needle entry kept in every head, the
     budget otherwise as the global rule gives it); the default with every head the same budget
-    (``allocation="uniform"``)."""
+    (``allocation="uniform"``); the default's and the oracle's selections with the values copied (``fit=False``)."""
     n, out = s.context.shape[1], dict(have)
     for variant in (v for v in VARIANTS if v not in have):
         if variant == "full":
@@ -74,12 +81,14 @@ def answers(model, tok, s, cap, cfg, scores, needle, have: dict) -> dict:
         elif variant == "uniform budgets":
             cache = compress_captured(model, cap, cfg.replace(allocation="uniform"), progress=False,
                                       tokenizer=tok).fork()  # fmt: skip
-        else:
-            forced = scores.clone()
-            forced[..., needle] = float("inf")
-            budgets, _ = selection(model, cfg, forced)
-            cache = compress_captured(model, cap, cfg, progress=False, tokenizer=tok, budgets=budgets,
-                                      scores=forced).fork()  # fmt: skip
+        else:  # the default's selection, or the oracle's (needles kept whole); values fitted or copied
+            chosen = scores.clone()
+            if variant.startswith("needles kept"):
+                chosen[..., needle] = float("inf")
+            budgets, _ = selection(model, cfg, chosen)
+            solve = cfg.replace(fit=False) if variant.endswith("copied values") else cfg
+            cache = compress_captured(model, cap, solve, progress=False, tokenizer=tok, budgets=budgets,
+                                      scores=chosen).fork()  # fmt: skip
         out[variant] = reply(model, tok, cache, n, s)[1]
     return out
 
@@ -145,8 +154,8 @@ def write_report(rows: list[dict], out, command: str) -> None:
     answered = [r for r in rows if "answer_scores" in r]
     if answered:
         lines += ["", "Reply scores (`--answer`; the share of the answer's items in the reply), mean over the samples:", "",
-                  "| task | samples | full cache | default | default, needle entries kept whole | default, uniform budgets |",
-                  "|---|---|---|---|---|---|"]  # fmt: skip
+                  "| task | samples | full cache | default | default, needle entries kept whole | default, uniform budgets "
+                  "| default, values copied | needle entries kept whole, values copied |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for task in sorted({r["task"] for r in answered}):
             rs = [r["answer_scores"] for r in answered if r["task"] == task]
             cells = [f"{100 * sum(x[k] for x in rs if k in x) / sum(k in x for x in rs):.0f}"
