@@ -17,6 +17,7 @@ import re
 import sys
 
 import torch
+from learned_features import kept_mask  # benchmarks/, on the path when run as a script
 
 from kvsculpt.bench.runner import RowFile, results_file
 from kvsculpt.bench.tasks import reply
@@ -50,11 +51,7 @@ def selection(model, cfg: CompressConfig, scores: torch.Tensor):
     """The global rule's budgets over ``scores [L, Hkv, n]`` and the entries it keeps ``[L, Hkv, n]`` bool."""
     dims = model_dims(model)
     plan = cfg.rule.plan(scores.shape[-1], cfg.ratio, dims.layers, dims.kv_heads, entry_scores=lambda: scores)
-    kept = torch.zeros_like(scores, dtype=torch.bool)
-    for li in range(dims.layers):
-        for h in range(dims.kv_heads):
-            kept[li, h, scores[li, h].topk(int(plan[0][li][h])).indices] = True
-    return plan[0], kept
+    return plan[0], kept_mask(scores, [[int(m) for m in row] for row in plan[0]])
 
 
 VARIANTS = (

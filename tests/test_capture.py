@@ -291,7 +291,12 @@ def test_the_repeat_pass_in_chunks_gives_the_same_queries_and_masses(tiny, style
     ids = torch.randint(0, 97, (1, 24))
     whole = capture(tiny, ids, queries="repeat", repeat_prompt=style, tokenizer=_StubTokenizer())
     monkeypatch.setattr(capture_module, "REPEAT_FORWARD", 5)
+    widths, forward = [], capture_module.forward
+    monkeypatch.setattr(
+        capture_module, "forward", lambda m, x, *a, **k: widths.append(x.shape[1]) or forward(m, x, *a, **k)
+    )
     chunked = capture(tiny, ids, queries="repeat", repeat_prompt=style, tokenizer=_StubTokenizer())
+    assert max(widths) == 5 and len(widths) > 5  # the repeat pass really ran in forwards of at most 5 tokens
     for a, b, la, lb in zip(whole.queries, chunked.queries, whole.local_lse, chunked.local_lse, strict=True):
         torch.testing.assert_close(b, a, rtol=0, atol=1e-6)
         torch.testing.assert_close(lb, la, rtol=0, atol=1e-6)
