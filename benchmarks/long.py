@@ -56,7 +56,8 @@ def run(args) -> dict:
                 configs = {
                     DEFAULT: {},
                     **({f"{DEFAULT} uniform": {"allocation": "uniform"}} if args.uniform else {}),
-                    **{f"kvsculpt reading {c}": {"chunk_tokens": c} for c in args.reading},
+                    **{f"kvsculpt reading {c}": {"chunk_tokens": c, "read_ahead": 0} for c in args.reading},
+                    **{f"kvsculpt reading {c} ahead {c}": {"chunk_tokens": c} for c in args.reading},
                     **{learned_name(p): learned_config(p) for p in args.learned},
                     **{
                         f"kvsculpt {name}": json.loads(opts)
@@ -219,7 +220,8 @@ def main(argv=None):
         type=int,
         nargs="*",
         default=[],
-        help="also compress while reading, in parts of these many tokens (CompressConfig.chunk_tokens)",
+        help="also compress while reading, in parts of these many tokens (CompressConfig.chunk_tokens): each "
+        "part alone (read_ahead=0), and each read one part ahead (the library's default when reading)",
     )
     ap.add_argument("--learned", nargs="*", default=[], metavar="WEIGHTS",
                     help="also method='learned' with each of these scorer files (`kvsculpt train-scorer`); PATH#K: its "

@@ -33,6 +33,8 @@ STAGES = {  # module attribute → label, in the order a compression reaches the
     "learned.prefill": "prefill",  # --method learned: its one prefill; its scoring after it is "other"
     "capture.sample_self_queries": "self samples",
     "capture._repeat_queries": "repeat pass",
+    "capture.capture_part": "read a part",  # compress while reading: a part's forward (its stages inside it)
+    "capture.request_queries": "repeat pass",
     "capture.join_sources": "join queries",
     "compress.chunked_entry_scores": "scores",
     "compress.solve_chunks": "solve",
@@ -40,7 +42,9 @@ STAGES = {  # module attribute → label, in the order a compression reaches the
 METHODS = {
     "default": {},
     "learned": {"method": "learned", "fit": False},
-}  # learned: one prefill, copied values
+    "reading": {"chunk_tokens": 2048, "read_ahead": 0},
+    "reading-ahead": {"chunk_tokens": 2048},
+}  # learned: one prefill, copied values; reading: compress while reading in parts of 2048 (read ahead by 2048)
 ALLOCATORS = {
     "default": {},
     "mmap64k": {"MALLOC_MMAP_THRESHOLD_": "65536"},
@@ -147,7 +151,10 @@ def main() -> None:
                    help="tokens per forward of a repeat request (hf.capture.REPEAT_FORWARD)")  # fmt: skip
     p.add_argument("--allocator", nargs="+", default=["default"], choices=list(ALLOCATORS))
     p.add_argument(
-        "--method", default="default", choices=list(METHODS), help="learned: one prefill, copied values"
+        "--method",
+        default="default",
+        choices=list(METHODS),
+        help="learned: one prefill, copied values; reading: in parts of 2048 tokens; reading-ahead: each read 2048 ahead",
     )
     p.add_argument("--out", default="benchmarks/results/memory_smollm2")
     p.add_argument(

@@ -40,7 +40,7 @@ def test_reading_in_parts_keeps_the_ratio_and_everything_when_asked(allocation):
     parts are read over exact prefixes: the block is the full cache and continues as it does."""
     model = tiny_model("llama")
     ids, cont = torch.randint(0, 97, (1, 48)), torch.randint(0, 97, (1, 6))
-    cfg = CFG.replace(ratio=0.5, chunk_tokens=16, allocation=allocation)
+    cfg = CFG.replace(ratio=0.5, chunk_tokens=16, read_ahead=0, allocation=allocation)  # each part read alone
     cache = compress(model, ids, cfg, tokenizer=_Tok(), progress=False)
     parts = cache.info["part_entries"]  # [part][layer][head]: what each part holds at the end
     assert cache.info["read_in_parts"] == 3 and cache.kept_entries() == 96 and cache.n == 48
@@ -94,7 +94,10 @@ def test_a_parts_queries_carry_their_mass_on_the_compressed_prefix():
 @pytest.mark.parametrize(
     "changes, match",
     [({"chunk_tokens": -1}, "chunk_tokens must be"), ({"chunk_tokens": 16, "kv_bits": 4}, "with kv_bits"),
-     ({"chunk_tokens": 16, "refine": "kl"}, "with refine")],
+     ({"chunk_tokens": 16, "refine": "kl"}, "with refine"), ({"read_ahead": 16}, "set chunk_tokens"),
+     ({"chunk_tokens": 16, "read_ahead": -1}, "read_ahead must be"),
+     ({"chunk_tokens": 16, "read_ahead": 8, "method": "learned"}, "learned"),
+     ({"chunk_tokens": 16, "read_ahead": 8, "method": "snapkv"}, "context's own queries")],
 )  # fmt: skip
 def test_compress_while_reading_refuses_what_it_cannot_do(changes, match):
     with pytest.raises(ValueError, match=match):
@@ -223,3 +226,96 @@ def test_a_fork_that_does_not_hold_its_layout_continues_the_same():
         assert gone() is None
     finally:
         gc.enable()
+
+
+def test_a_part_read_ahead_is_scored_on_queries_drawn_after_the_tokens_ahead(monkeypatch):
+    """``read_to``: the part [16, 24) read with [24, 32) after it. Its keys are those a reading of [16, 32) gives
+    (the same forward), its self samples are drawn after token 32 (the same queries as that reading's), and a
+    self query's mass on [24, 32) is carried outside the part. The repeat request is the part's alone, and its
+    scores (counted in the pass) are normalised over the part and the request, as its carried mass says: the
+    tokens read ahead are left out of both, as the one-shot pass leaves out the other chunks."""
+    import kvsculpt.hf.capture as capture_mod
+    from kvsculpt.core.attention import logits
+    from kvsculpt.hf.capture import source_rows
+
+    model = tiny_model("qwen2")
+    ids = torch.randint(0, 97, (1, 40))
+    prefix = compress(model, ids[:, :16], CFG.replace(ratio=0.5), tokenizer=_Tok(), progress=False)
+    whole = capture_part(model, prefix, ids, 16, 32, CFG, _Tok())
+    # every repeat query held, and still scored in the pass (as when only repeat_fit_rows of them are held)
+    monkeypatch.setattr(capture_mod, "subsample_index", lambda N, *args, **kw: torch.arange(N))
+    ahead = capture_part(model, prefix, ids, 16, 24, CFG, _Tok(), read_to=32)
+    assert ahead.info["part"] == (16, 24) and ahead.info["read_to"] == 32 and ahead.n == 8
+    s_w = source_rows(whole.info, whole.groups.shape[0], "self")
+    s_a = source_rows(ahead.info, ahead.groups.shape[0], "self")
+    rep = source_rows(ahead.info, ahead.groups.shape[0], "repeat")
+    assert int(rep.sum()) > 8  # the request (prompt and the part copied) scored the part
+    for li in range(2):
+        torch.testing.assert_close(ahead.keys[li], whole.keys[li][:, :8], rtol=0, atol=1e-6)
+        q = whole.queries[li][:, s_w]
+        torch.testing.assert_close(ahead.queries[li][:, s_a], q, rtol=0, atol=1e-5)
+        tail = torch.logsumexp(logits(q, whole.keys[li][:, 8:].float(), whole.scale), -1)
+        want = torch.logaddexp(whole.local_lse[li][:, s_w], tail)
+        torch.testing.assert_close(ahead.local_lse[li][:, s_a], want, rtol=0, atol=1e-5)
+        qr, kr = ahead.queries[li][:, rep], ahead.keys[li].float()  # every repeat query is held here
+        lg = logits(qr, kr, ahead.scale)
+        total = torch.logaddexp(ahead.local_lse[li][:, rep], torch.logsumexp(lg, -1))
+        assert ahead.repeat_scores[li].peak.shape == (2, 8)
+        torch.testing.assert_close(ahead.repeat_scores[li].peak, (lg - total[..., None]).amax(1).exp(),
+                                   rtol=1e-5, atol=1e-6)  # fmt: skip
+
+
+def test_reading_ahead_keeps_the_ratio_and_at_r_1_continues_as_the_full_cache():
+    """Read ahead by 8 or 16 tokens in parts of 16: the block holds r of the entries (96 of 192 at r = 0.5),
+    its parts' entries differ from a reading without read-ahead, and at r = 1 it is the full cache."""
+    model = tiny_model("llama")
+    ids, cont = torch.randint(0, 97, (1, 48)), torch.randint(0, 97, (1, 6))
+    plain = compress(model, ids, CFG.replace(ratio=0.5, chunk_tokens=16, read_ahead=0), tokenizer=_Tok(),
+                     progress=False)  # fmt: skip
+    for ahead in (8, 16):
+        cfg = CFG.replace(ratio=0.5, chunk_tokens=16, read_ahead=ahead)
+        cache = compress(model, ids, cfg, tokenizer=_Tok(), progress=False)
+        assert cache.info["read_in_parts"] == 3 and cache.kept_entries() == 96
+        assert torch.tensor(cache.info["part_entries"]).sum(0).tolist() == cache.budgets
+        assert any(not torch.equal(_head(cache, 1, h)[1], _head(plain, 1, h)[1]) for h in range(2))
+    full, _, _ = prefill(model, ids)
+    whole = compress(model, ids, CFG.replace(ratio=1.0, chunk_tokens=16, read_ahead=16), tokenizer=_Tok(),
+                     progress=False)  # fmt: skip
+    ref = continuation_logits(model, full, cont, 48)
+    torch.testing.assert_close(continuation_logits(model, whole, cont, 48), ref, rtol=0, atol=1e-3)
+
+
+def test_a_part_read_ahead_is_taken_over_by_the_next_part_so_each_token_is_read_once(monkeypatch):
+    """By default a reader reads one part ahead where its method allows. In parts of 16 read 16 ahead, the second part's tokens were read by the first part's forward, over the
+    exact first part: the second part takes their keys over (its kept keys are the full prefill's; read again over
+    the compressed first part, layer 1's would differ), and the context's tokens go through the model once."""
+    import kvsculpt.hf.capture as capture_mod
+
+    model = tiny_model("llama")
+    ids = torch.randint(0, 97, (1, 48))
+    read, plain_forward = [], capture_mod.forward
+    for method, ahead in (
+        ("kvzip-v", 16),
+        ("sculpt", 16),
+        ("learned", 0),
+        ("snapkv", 0),
+    ):  # by default: one part
+        assert CFG.replace(method=method, chunk_tokens=16).ahead_tokens == ahead, method
+    assert CFG.ahead_tokens == 0 and "read_ahead" not in repr(CFG)  # not reading in parts
+
+    def counting(model_, x, cache, start, last_only=False):
+        if x.shape[0] == 1 and torch.equal(x.cpu(), ids[:, start : start + x.shape[1]]):
+            read.append((start, x.shape[1]))  # a forward of the context's own tokens at their positions
+        return plain_forward(model_, x, cache, start, last_only)
+
+    monkeypatch.setattr(capture_mod, "forward", counting)
+    cache = compress(model, ids, CFG.replace(ratio=0.5, chunk_tokens=16), tokenizer=_Tok(), progress=False)
+    assert sorted(read) == [(0, 32), (32, 16)]  # the first part and its 16 ahead, then the third part
+    full, _, _ = prefill(model, ids)
+    for h in range(2):
+        keys = _head(cache, 1, h)[0]
+        parts = cache.info["part_entries"]
+        second = keys[parts[0][1][h] : parts[0][1][h] + parts[1][1][h]]
+        assert len(second) > 0
+        dist = torch.cdist(second, full.layers[1].keys[0, h, 16:32].float()).min(-1).values
+        assert (dist < 1e-5).all()

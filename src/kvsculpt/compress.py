@@ -132,19 +132,28 @@ def compress_while_reading(model, context_ids: torch.Tensor, cfg: CompressConfig
 
     Memory: the block (≈ ratio · n entries) plus one part, its keys, values and queries, whatever n; time:
     linear in n (each part's forward reads ≈ ratio · a entries). ``chunk_tokens ≥ n``: one part, the same cache
-    as the one-shot path."""
+    as the one-shot path.
+
+    ``cfg.ahead_tokens`` (``read_ahead``; by default one part): each part is read with that many tokens after it, and its queries, the repeat
+    request's and the self samples drawn after all of them, score and fit the part's own entries
+    (:func:`~kvsculpt.hf.capture.capture_part`'s ``read_to``). The next part takes those tokens' keys and values
+    over (read over the exact part before them), so each token is still read once; the self samples and the
+    repeat request each read one part more. Memory: one more part."""
     ids = check_ids(context_ids, model.device)
     n, step = ids.shape[1], cfg.chunk_tokens
-    part_cfg = cfg.replace(chunk_tokens=0)
+    part_cfg = cfg.replace(chunk_tokens=0, read_ahead=0)
     dims = model_dims(model)
     running = isinstance(cfg.rule, Global) and cfg.rule.scope == "all"  # budgets move between parts
     running = running and not isinstance(cfg.solver, Identity)
     block, parts = None, []
     held = None  # per layer and head, in block order: what kept_records says of each entry the block holds
+    ahead = None  # the keys, values and last logits of the tokens the previous part read past itself
     for i, a in enumerate(tqdm(range(0, n, step), desc=f"read in parts of {step}", unit="part",
                                disable=not progress)):  # fmt: skip
         b = min(n, a + step)
-        cap = capture_part(model, block, ids, a, b, part_cfg, tokenizer, progress)
+        cap = capture_part(model, block, ids, a, b, part_cfg, tokenizer, progress, min(n, b + cfg.ahead_tokens),
+                           read=ahead)  # fmt: skip
+        ahead, cap.ahead = cap.ahead, None  # the tokens read past this part: the next one takes them over
         if not running:
             part = compress_captured(model, cap, part_cfg, progress=False)
             block = join_blocks(model, block, part, b)

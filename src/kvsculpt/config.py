@@ -223,6 +223,13 @@ class CompressConfig:
         "cache of the parts before it, and compress it to the ratio before reading on (peak memory: the "
         "budget plus one part, whatever the length); 0: read the whole context first",
     )
+    read_ahead: int | None = opt(
+        None,
+        "compress while reading: read this many tokens past each part before compressing it, so that its "
+        "entries are scored and fitted on queries drawn after more of the context (the next part takes those "
+        "tokens over: each is still read once; memory: one more part); none: chunk_tokens, where the method "
+        "allows it (not 'learned', not the context's own queries); 0: off",
+    )
     max_queries: int | None = opt(
         None, "reference queries kept per KV head (a random subset; 0 or none keeps all)"
     )
@@ -332,6 +339,18 @@ class CompressConfig:
             raise ValueError(
                 f"chunk_tokens must be a whole number of tokens >= 0 (0: off); got {self.chunk_tokens!r}"
             )
+        if self.read_ahead is not None and (not isinstance(self.read_ahead, int) or self.read_ahead < 0):
+            raise ValueError(
+                f"read_ahead must be a whole number of tokens >= 0 (0: off; none: chunk_tokens); got {self.read_ahead!r}"
+            )
+        if self.read_ahead and not self.chunk_tokens:
+            raise ValueError(
+                "read_ahead reads past each part of compress-while-reading; set chunk_tokens too"
+            )
+        if self.read_ahead and not self._can_read_ahead():
+            raise ValueError(
+                "read_ahead does not combine with method 'learned' or with the context's own queries yet"
+            )
         if self.chunk_tokens:
             for name, off in (("refine", "none"), ("on_policy", 0), ("kv_bits", 16)):
                 if getattr(self, name) != off:
@@ -410,6 +429,7 @@ class CompressConfig:
         skip = {"kv_bits", "key_bits", "kv_group", "kv_refit"} if self.kv_bits == 16 else set()
         skip |= {"repeat_chunk"} if self.repeat_chunk == 2048 else set()
         skip |= {"chunk_tokens"} if self.chunk_tokens == 0 else set()
+        skip |= {"read_ahead"} if self.read_ahead == 0 or not self.chunk_tokens else set()
         skip |= {"repeat_fit_rows"} if self.repeat_fit_rows == 1024 else set()
         skip |= {"refine_schedule"} if self.refine_schedule == "constant" else set()
         body = ", ".join(
@@ -434,6 +454,21 @@ class CompressConfig:
         """The refine data sources, in order."""
         return tuple(self.refine_data.split("+"))
 
+    def _can_read_ahead(self) -> bool:
+        return not (
+            self.method == "learned" or "context" in self.sources or self.solver.needs_context_queries
+        )
+
+    @property
+    def ahead_tokens(self) -> int:
+        """The tokens compress-while-reading reads past each part (``read_ahead``; None: ``chunk_tokens`` where
+        the method allows it); 0 when not reading in parts."""
+        if not self.chunk_tokens:
+            return 0
+        if self.read_ahead is None:
+            return self.chunk_tokens if self._can_read_ahead() else 0
+        return self.read_ahead
+
     @property
     def sources(self) -> tuple[str, ...]:
         """The query sources, in order."""
@@ -441,7 +476,7 @@ class CompressConfig:
 
     def capture_key(self) -> tuple:
         """What a capture depends on: configs with equal keys can share one capture of a context."""
-        return (self.queries, self.repeat_prompt, self.repeat_chunk, self.repeat_fit_rows, self.chunk_tokens, self.max_queries, self.self_samples, self.self_length,
+        return (self.queries, self.repeat_prompt, self.repeat_chunk, self.repeat_fit_rows, self.chunk_tokens, self.ahead_tokens, self.max_queries, self.self_samples, self.self_length,
                 self.temperature, self.top_p, self.seed)  # fmt: skip
 
     def refine_data_key(self) -> tuple:

@@ -67,6 +67,9 @@ class Capture:
     # (peak and total [Hkv, n], Reference's), counted during the pass before most of those queries were let go
     repeat_scores: list | None = None
     prescored: torch.Tensor | None = None  # [N] bool: the kept queries whose attention repeat_scores counts
+    # capture_part with read_to: the tokens read past the part, (keys, values) per layer [Hkv, t, d] and the
+    # logits [vocab] after them, for the next part to take over instead of reading those tokens again
+    ahead: tuple | None = None
 
     @property
     def n(self) -> int:
@@ -447,7 +450,7 @@ def prefix_lse(
 
 @torch.inference_mode()
 def capture_part(model, prefix, context_ids: torch.Tensor, a: int, b: int, cfg: CompressConfig, tokenizer=None,
-                 progress: bool = False) -> Capture:  # fmt: skip
+                 progress: bool = False, read_to: int | None = None, read: tuple | None = None) -> Capture:  # fmt: skip
     """Read the part ``[a, b)`` of ``context_ids [1, n]`` after ``prefix`` (a
     :class:`~kvsculpt.cache.CompressedCache` of the first ``a`` tokens, already compressed; None when ``a = 0``)
     and capture what the part's own solve needs, as :func:`capture` does for a whole context: the part's keys
@@ -462,7 +465,16 @@ def capture_part(model, prefix, context_ids: torch.Tensor, a: int, b: int, cfg: 
     A context or self query's log-mass on the prefix's entries is carried outside the block (``local_lse``), so
     its weight on the part is exact. Cost: one forward of ``b − a`` tokens over the prefix's entries, one request
     of ``p + b − a`` tokens, ``S·L`` sampled tokens; memory: the prefix, the part and the part's queries,
-    whatever ``a`` is."""
+    whatever ``a`` is.
+
+    ``read_to > b`` (compress-while-reading's ``read_ahead``): the tokens ``[b, read_to)`` are read too, after
+    the part; the repeat request (of the part alone) runs after them, and the self samples are drawn after them,
+    so the part's entries are scored and fitted on queries that have seen more of the context. A self query's
+    log-mass on the tokens read ahead is carried outside the part too; a repeat query's is left out, as the
+    one-shot pass leaves out the other chunks. The capture holds the part's own keys and values; those of the
+    tokens read ahead, and the logits after them, are its ``ahead``. ``read``: the previous part's ``ahead``, the
+    first tokens from ``a`` already read (over the exact previous part): they are taken over, not read again, so
+    each token is read once."""
     check_supported(model)
     context_ids = check_ids(context_ids, model.device)
     dims = model_dims(model)
@@ -470,17 +482,34 @@ def capture_part(model, prefix, context_ids: torch.Tensor, a: int, b: int, cfg: 
     if "repeat" in cfg.sources and tokenizer is None:
         raise ValueError("query source 'repeat' needs the tokenizer (pass tokenizer=...)")
     want_ctx = "context" in cfg.sources or cfg.solver.needs_context_queries
+    e = b if read_to is None else read_to  # the tokens read: the part and those read ahead
+    if e < b or (e > b and want_ctx):
+        raise ValueError(
+            f"read_to must be >= b = {b} and cannot combine with the context's own queries; got {e}"
+        )
     # a few long forwards over the prefix: its padded layout is made per forward, not held
     cache = DynamicCache() if prefix is None else prefix.fork(hold_layout=False)
     where = "" if prefix is None else f" after {prefix.kept_entries()} compressed entries"
-    stage(progress, f"read tokens {a}-{b}{where}")
+    done = 0  # tokens from a already read by the previous part (read ahead), taken over as they are
+    if read is not None:
+        done = read[0][0].shape[1]
+        if want_ctx or done > e - a:
+            raise ValueError(f"read: {done} tokens from {a} cannot be taken over here (read_to {e})")
+        for li, (k, v) in enumerate(zip(*read[:2], strict=True)):
+            cache.update(k[None], v[None], li)
+    stage(progress, f"read tokens {a + done}-{e}{where}")
     t0 = time.perf_counter()
-    with capture_queries(model) if want_ctx else contextlib.nullcontext() as sinks:
-        last = forward(model, context_ids[:, a:b], cache, a, last_only=True)[0, -1].float()
+    last = None if read is None else read[2]
+    if a + done < e:
+        with capture_queries(model) if want_ctx else contextlib.nullcontext() as sinks:
+            last = forward(model, context_ids[:, a + done : e], cache, a + done, last_only=True)[
+                0, -1
+            ].float()
     prefill_s = time.perf_counter() - t0
     ctx_q = [torch.cat(s, dim=2) for s in sinks] if want_ctx else None  # [1, H, c, d] per layer
-    keys = [layer.keys[0, :, -c:] for layer in cache.layers]
-    values = [layer.values[0, :, -c:] for layer in cache.layers]
+    read = [layer.keys[0, :, -(e - a) :] for layer in cache.layers]  # [Hkv, e − a, d]: the part, then ahead
+    read_values = [layer.values[0, :, -(e - a) :] for layer in cache.layers]
+    keys, values = [k[:, :c] for k in read], [v[:, :c] for v in read_values]
 
     info, found, samples, scored = {"sources": list(cfg.sources), "part": (a, b)}, [], None, None
     t0 = time.perf_counter()
@@ -496,13 +525,13 @@ def capture_part(model, prefix, context_ids: torch.Tensor, a: int, b: int, cfg: 
             # part's keys are the first the attention is handed), and only repeat_fit_rows are held for the fit
             several = (a, b) != (0, context_ids.shape[1])
             rows = subsample_index(G * t, cfg.repeat_fit_rows, cfg.seed + a) if several else None
-            q, lse, scored = request_queries(model, cache, ids, b, t, None if rows is None else (0, c), rows)
+            q, lse, scored = request_queries(model, cache, ids, e, t, None if rows is None else (0, c), rows)
             g = _position_groups(t, G) if rows is None else _position_groups(t, G)[rows]
         else:
-            joined = block_and_part(model, prefix, keys, values, b)
-            q, g, samples = sample_self_queries(model, joined, b, last, cfg, progress)
+            joined = block_and_part(model, prefix, read, read_values, e)
+            q, g, samples = sample_self_queries(model, joined, e, last, cfg, progress)
             del joined  # a padded copy of the block and the part: not held through the repeat pass
-            lse = prefix_lse(prefix, q, dims.scale)
+            lse = carried_lse(prefix_lse(prefix, q, dims.scale), q, [k[:, c:] for k in read], dims.scale)
         found.append((src, q, g, lse, None, time.perf_counter() - t_src))
         del q, lse
     query_s = time.perf_counter() - t0
@@ -511,8 +540,28 @@ def capture_part(model, prefix, context_ids: torch.Tensor, a: int, b: int, cfg: 
     per_head = (
         [x[0].float().reshape(Hkv, G, c, -1) for x in ctx_q] if cfg.solver.needs_context_queries else None
     )
+    info["read_to"] = e
+    # copies: a view would keep the whole buffer (the part, and room for the repeat request) through the next part
+    ahead = (
+        ([k[:, c:].clone() for k in read], [v[:, c:].clone() for v in read_values], last) if e > b else None
+    )
     return Capture(keys, values, qs, groups, dims.scale, last, prefill_s, query_s, samples, per_head,
-                   context_ids[:, a:b].cpu(), info, local, None, scored, prescored)  # fmt: skip
+                   context_ids[:, a:b].cpu(), info, local, None, scored, prescored, ahead)  # fmt: skip
+
+
+def carried_lse(carried: list[torch.Tensor] | None, queries: list[torch.Tensor], keys: list[torch.Tensor],
+                scale: float, rows: int = 2048) -> list[torch.Tensor] | None:  # fmt: skip
+    """``carried`` (per layer ``[Hkv, N]`` log-masses outside the part, or None) with each query's log-mass on
+    ``keys [Hkv, t, d]`` added: the tokens a part was read ahead of. ``t = 0``: ``carried`` as it is.
+    O(N · t · d) per layer, ``rows`` queries at a time."""
+    if keys[0].shape[1] == 0:
+        return carried
+    out = []
+    for li, (q, k) in enumerate(zip(queries, keys, strict=True)):
+        lse = torch.cat([torch.logsumexp(logits(q[:, i : i + rows], k.float(), scale), -1)
+                         for i in range(0, q.shape[1], rows)], dim=1)  # fmt: skip
+        out.append(lse if carried is None else torch.logaddexp(carried[li], lse))
+    return out
 
 
 @torch.inference_mode()
