@@ -173,8 +173,9 @@ def pivot(rows: list[dict]) -> list[str]:
 def report(rows: list[dict], args) -> dict:
     out = Path(args.out)
     command = "python " + shlex.join(sys.argv)
-    if args.report_only and results_file(out, ".json").exists():  # the run's command, not the report's
-        command = json.loads(results_file(out, ".json").read_text())["command"]
+    if results_file(out, ".json").exists():  # the runs' commands, not the report's; a run adds its own
+        before = json.loads(results_file(out, ".json").read_text())["command"]
+        command = before if args.report_only or command in before else f"{before}; then {command}"
     rows = sorted(rows, key=lambda r: (r["text"], r["n"], r["ratio"], r["config"]))
     mb = lambda b: "–" if b is None else f"{b / 1e6:.0f}"  # noqa: E731
     lines = [f"# Long contexts: {args.model}", "", f"Command: `{command}`", "",
