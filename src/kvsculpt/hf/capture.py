@@ -432,19 +432,30 @@ def _context_keys_values(cache, n: int) -> tuple[list[torch.Tensor], list[torch.
 
 
 def prefix_lse(
-    prefix, queries: list[torch.Tensor], scale: float, rows: int = 2048
+    prefix,
+    queries: list[torch.Tensor],
+    scale: float,
+    ahead: list[torch.Tensor] | None = None,
+    rows: int = 2048,
 ) -> list[torch.Tensor] | None:
-    """Each pooled query's log-mass on a compressed prefix's entries, per layer ``[Hkv, N]`` from ``queries``
-    ``[Hkv, N, d]`` (None without a prefix): what a part's query attended to outside the part, carried so that
-    its weight on the part is exact. ``rows`` queries at a time: O(N · m · d) per layer."""
-    if prefix is None:
+    """Each pooled query's log-mass outside a part, per layer ``[Hkv, N]`` from ``queries`` ``[Hkv, N, d]``:
+    on a compressed prefix's entries (its padding's ``-inf`` bias included) and on ``ahead [Hkv, t, d]``, the
+    keys of the tokens read past the part (compress-while-reading's ``read_ahead``). What a part's query
+    attended to outside the part, carried so that its weight on the part is exact. None when there is neither.
+    ``rows`` queries at a time: O(N · (m + t) · d) per layer."""
+    if prefix is None and (ahead is None or ahead[0].shape[1] == 0):
         return None
     out = []
-    for layer, x in zip(prefix.layers, queries, strict=True):
-        bk, _, bias = layer.padded_block(torch.float32)
-        bk, bias = bk.float(), None if bias is None else bias.float()
-        out.append(torch.cat([torch.logsumexp(logits(x[:, i : i + rows], bk, scale, bias), -1)
-                              for i in range(0, x.shape[1], rows)], dim=1))  # fmt: skip
+    for li, x in enumerate(queries):
+        parts = []  # (keys [Hkv, s, d] fp32, bias [Hkv, s] or None) outside the part
+        if prefix is not None:
+            bk, _, bias = prefix.layers[li].padded_block(torch.float32)
+            parts.append((bk.float(), None if bias is None else bias.float()))
+        if ahead is not None and ahead[li].shape[1]:
+            parts.append((ahead[li].float(), None))
+        lse = [torch.cat([torch.logsumexp(logits(x[:, i : i + rows], k, scale, bias), -1)
+                          for i in range(0, x.shape[1], rows)], dim=1) for k, bias in parts]  # fmt: skip
+        out.append(lse[0] if len(lse) == 1 else torch.logaddexp(lse[0], lse[1]))
     return out
 
 
@@ -507,9 +518,11 @@ def capture_part(model, prefix, context_ids: torch.Tensor, a: int, b: int, cfg: 
             ].float()
     prefill_s = time.perf_counter() - t0
     ctx_q = [torch.cat(s, dim=2) for s in sinks] if want_ctx else None  # [1, H, c, d] per layer
-    read = [layer.keys[0, :, -(e - a) :] for layer in cache.layers]  # [Hkv, e − a, d]: the part, then ahead
+    read_keys = [
+        layer.keys[0, :, -(e - a) :] for layer in cache.layers
+    ]  # [Hkv, e − a, d]: the part, then ahead
     read_values = [layer.values[0, :, -(e - a) :] for layer in cache.layers]
-    keys, values = [k[:, :c] for k in read], [v[:, :c] for v in read_values]
+    keys, values = [k[:, :c] for k in read_keys], [v[:, :c] for v in read_values]
 
     info, found, samples, scored = {"sources": list(cfg.sources), "part": (a, b)}, [], None, None
     t0 = time.perf_counter()
@@ -528,10 +541,10 @@ def capture_part(model, prefix, context_ids: torch.Tensor, a: int, b: int, cfg: 
             q, lse, scored = request_queries(model, cache, ids, e, t, None if rows is None else (0, c), rows)
             g = _position_groups(t, G) if rows is None else _position_groups(t, G)[rows]
         else:
-            joined = block_and_part(model, prefix, read, read_values, e)
+            joined = block_and_part(model, prefix, read_keys, read_values, e)
             q, g, samples = sample_self_queries(model, joined, e, last, cfg, progress)
             del joined  # a padded copy of the block and the part: not held through the repeat pass
-            lse = carried_lse(prefix_lse(prefix, q, dims.scale), q, [k[:, c:] for k in read], dims.scale)
+            lse = prefix_lse(prefix, q, dims.scale, ahead=[k[:, c:] for k in read_keys])
         found.append((src, q, g, lse, None, time.perf_counter() - t_src))
         del q, lse
     query_s = time.perf_counter() - t0
@@ -543,25 +556,12 @@ def capture_part(model, prefix, context_ids: torch.Tensor, a: int, b: int, cfg: 
     info["read_to"] = e
     # copies: a view would keep the whole buffer (the part, and room for the repeat request) through the next part
     ahead = (
-        ([k[:, c:].clone() for k in read], [v[:, c:].clone() for v in read_values], last) if e > b else None
+        ([k[:, c:].clone() for k in read_keys], [v[:, c:].clone() for v in read_values], last)
+        if e > b
+        else None
     )
     return Capture(keys, values, qs, groups, dims.scale, last, prefill_s, query_s, samples, per_head,
                    context_ids[:, a:b].cpu(), info, local, None, scored, prescored, ahead)  # fmt: skip
-
-
-def carried_lse(carried: list[torch.Tensor] | None, queries: list[torch.Tensor], keys: list[torch.Tensor],
-                scale: float, rows: int = 2048) -> list[torch.Tensor] | None:  # fmt: skip
-    """``carried`` (per layer ``[Hkv, N]`` log-masses outside the part, or None) with each query's log-mass on
-    ``keys [Hkv, t, d]`` added: the tokens a part was read ahead of. ``t = 0``: ``carried`` as it is.
-    O(N · t · d) per layer, ``rows`` queries at a time."""
-    if keys[0].shape[1] == 0:
-        return carried
-    out = []
-    for li, (q, k) in enumerate(zip(queries, keys, strict=True)):
-        lse = torch.cat([torch.logsumexp(logits(q[:, i : i + rows], k.float(), scale), -1)
-                         for i in range(0, q.shape[1], rows)], dim=1)  # fmt: skip
-        out.append(lse if carried is None else torch.logaddexp(carried[li], lse))
-    return out
 
 
 @torch.inference_mode()
