@@ -98,8 +98,9 @@ def run_model(name: str, args, done: dict, jsonl: Path) -> None:
         budget = max(2, round(frac * T))
         base_rule, _, scope = rule.partition("@")
         keep, _, refit = base_rule.partition("+")
+        scope, _, floor = scope.partition(":")
         cache = context.fork(decode_budget=budget, every=every, keep=keep, refit=refit == "refit",
-                             scope=scope or "appended")  # fmt: skip
+                             scope=scope or "appended", context_floor=float(floor or 0))  # fmt: skip
         got, seconds, peak = read(model, cache, n, prompt, tokens)
         add({**base, "rule": rule, "budget": frac, "every": every, "budget_tokens": budget,
              **read_agreement(ref, got, tokens), "tokens_per_s": (T - 1) / seconds, "peak_extra_bytes": peak,
@@ -172,7 +173,8 @@ def main(argv=None) -> None:
     ap.add_argument("--rules", nargs="+", default=["attention+refit@all", "attention+refit", "recent"],
                     help="keep rules (attention, recent), each with +refit to refit the kept values at each cut "
                     "and @all to let the cuts drop the context's entries too (a whole-cache budget, as kvpress's "
-                    "DecodingPress has; kept at the end then counts entries beyond n) (default: %(default)s)")  # fmt: skip
+                    "DecodingPress has; kept at the end then counts entries beyond n), @all:F with a context floor F (a cut "
+                    "keeps at least that share of each head's context entries) (default: %(default)s)")  # fmt: skip
     ap.add_argument("--peers", nargs="*", default=["TOVAPress", "KnormPress"], metavar="PRESS",
                     help="kvpress scorer presses run inside kvpress's DecodingPress as peers, in kvpress's own "
                     "environment (default: %(default)s; none with a bare --peers)")  # fmt: skip

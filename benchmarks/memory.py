@@ -18,6 +18,7 @@ OUT.md.
 """
 
 import argparse
+import contextlib
 import itertools
 import json
 import os
@@ -26,6 +27,7 @@ import sys
 import threading
 import time
 
+from kvsculpt.bench.live_tensors import LiveTensors
 from kvsculpt.bench.runner import RowFile, results_file
 
 STAGES = {  # module attribute → label, in the order a compression reaches them
@@ -33,7 +35,7 @@ STAGES = {  # module attribute → label, in the order a compression reaches the
     "learned.prefill": "prefill",  # --method learned: its one prefill; its scoring after it is "other"
     "capture.sample_self_queries": "self samples",
     "capture._repeat_queries": "repeat pass",
-    "capture.capture_part": "read a part",  # compress while reading: a part's forward (its stages inside it)
+    "compress.capture_part": "read a part",  # compress while reading: a part's forward (its stages inside it)
     "capture.request_queries": "repeat pass",
     "capture.join_sources": "join queries",
     "compress.chunked_entry_scores": "scores",
@@ -58,9 +60,10 @@ def anon_mb() -> int:
 
 
 def trace(model_name: str, text: str, n: int, ratio: float, chunk: int, method: str = "default",
-          repeat_forward: int = 2048) -> dict:  # fmt: skip
+          repeat_forward: int = 2048, tensors: bool = False) -> dict:  # fmt: skip
     """One compression of the first ``n`` tokens of ``text`` in this process: peak MB above the loaded model
-    per stage, the meter's ``peak_extra_bytes``, seconds."""
+    per stage, the meter's ``peak_extra_bytes``, seconds; with ``tensors``, also the most that live tensors
+    held at once and what held it (:class:`~kvsculpt.bench.live_tensors.LiveTensors`)."""
     from kvsculpt import compress, learned
     from kvsculpt.eval.texts import load_text
     from kvsculpt.hf import capture, decode
@@ -97,18 +100,26 @@ def trace(model_name: str, text: str, n: int, ratio: float, chunk: int, method: 
     watcher.start()
     t0 = time.perf_counter()
     kw = METHODS[method]
-    cache = compress(model, ids, ratio=ratio, tokenizer=tok, progress=False, **kw)
+    with LiveTensors(label=lambda: current[0]) if tensors else contextlib.nullcontext() as live:
+        cache = compress(model, ids, ratio=ratio, tokenizer=tok, progress=False, **kw)
     seconds = time.perf_counter() - t0
     done.set()
     watcher.join()
-    return {"stage_peak_mb": peaks, "peak_mb": max(peaks.values()), "meter_peak_mb": cache.info["peak_extra_bytes"] / 2**20,
+    held = {} if live is None else {"tensor_peak_mb": live.peak_bytes / 2**20,
+                                    "holders": [{**g, "mb": g.pop("bytes") / 2**20} for g in live.at_peak[:20]]}  # fmt: skip
+    return {**held, "stage_peak_mb": peaks, "peak_mb": max(peaks.values()), "meter_peak_mb": cache.info["peak_extra_bytes"] / 2**20,
             "full_cache_mb": cache.info["full_cache_bytes"] / 2**20, "seconds": seconds,
             "prefill_seconds": cache.info.get("prefill_seconds")}  # fmt: skip
 
 
 def key(row: dict) -> tuple:
     return (row["model"], row["text"], row["n"], row["ratio"], row["prefill_chunk"], row["allocator"],
-            row.get("method", "default"), row.get("repeat_forward", 2048))  # fmt: skip
+            row.get("method", "default"), row.get("repeat_forward", 2048), row.get("tensors", False),
+            row.get("tag", ""))  # fmt: skip
+
+
+def method_label(row: dict) -> str:
+    return row.get("method", "default") + (f" ({row['tag']})" if row.get("tag") else "")
 
 
 def write_report(rows: list[dict], out, command: str) -> None:
@@ -123,7 +134,7 @@ def write_report(rows: list[dict], out, command: str) -> None:
     for r in sorted(
         rows,
         key=lambda r: (
-            r.get("method", "default"),
+            method_label(r),
             r["text"],
             r["n"],
             r["ratio"],
@@ -133,8 +144,18 @@ def write_report(rows: list[dict], out, command: str) -> None:
         ),
     ):
         cells = [str(round(r["stage_peak_mb"].get(s, 0))) for s in labels]
-        lines.append(f"| {r.get('method', 'default')} | {r['text']} | {r['n']} | {r['ratio']} | {r['prefill_chunk'] or 'one forward'} | {r.get('repeat_forward', 2048)} | {r['allocator']} | "
+        lines.append(f"| {method_label(r)} | {r['text']} | {r['n']} | {r['ratio']} | {r['prefill_chunk'] or 'one forward'} | {r.get('repeat_forward', 2048)} | {r['allocator']} | "
                      + " | ".join(cells) + f" | **{round(r['peak_mb'])}** | {round(r['full_cache_mb'])} | {r['seconds']:.0f} |")  # fmt: skip
+    for r in rows:
+        if "holders" not in r:
+            continue
+        lines += ["", f"## Live tensors: {method_label(r)}, {r['text']}, n = {r['n']}, r = {r['ratio']}, "
+                  f"{r['allocator']} heap", "", f"At most **{r['tensor_peak_mb']:.0f} MB** in live tensors made during "
+                  f"the compression (resident peak in the same run: {r['peak_mb']:.0f} MB; the run is slower under "
+                  "the count). What held them at that moment, largest first (MB; storages under 1 MB together as "
+                  "`small`):", "", "| MB | tensors | largest shape | stage | made at |", "|---|---|---|---|---|"]  # fmt: skip
+        lines += [f"| {g['mb']:.1f} | {g['tensors']} | {tuple(g['shape'])} | {g['label']} | `{g['site']}` |"
+                  for g in r["holders"]]  # fmt: skip
     results_file(out, ".md").write_text("\n".join(lines) + "\n")
 
 
@@ -156,6 +177,14 @@ def main() -> None:
         choices=list(METHODS),
         help="learned: one prefill, copied values; reading: in parts of 2048 tokens; reading-ahead: each read 2048 ahead",
     )
+    p.add_argument(
+        "--tensors",
+        action="store_true",
+        help="also count the bytes of live tensors and list what held them at their peak (slower)",
+    )
+    p.add_argument(
+        "--tag", default="", help="a label kept with the rows (e.g. the code's commit), shown by the method"
+    )
     p.add_argument("--out", default="benchmarks/results/memory_smollm2")
     p.add_argument(
         "--one", action="store_true", help=argparse.SUPPRESS
@@ -163,21 +192,22 @@ def main() -> None:
     a = p.parse_args()
     if a.one:
         print(json.dumps(trace(a.model, a.text, a.lengths[0], a.ratios[0], a.prefill_chunk[0], a.method,
-                               a.repeat_forward[0])))  # fmt: skip
+                               a.repeat_forward[0], a.tensors)))  # fmt: skip
         return
     command = "python benchmarks/memory.py " + " ".join(sys.argv[1:])
     rows = RowFile(results_file(a.out, ".jsonl"), key=key)
     grid = itertools.product(a.lengths, a.ratios, a.prefill_chunk, a.repeat_forward, a.allocator)
     for n, ratio, chunk, width, alloc in grid:
         row = {"model": a.model, "text": a.text, "n": n, "ratio": ratio, "prefill_chunk": chunk, "allocator": alloc,
-               "method": a.method, "repeat_forward": width}  # fmt: skip
+               "method": a.method, "repeat_forward": width, **({"tensors": True} if a.tensors else {}),
+               **({"tag": a.tag} if a.tag else {})}  # fmt: skip
         if key(row) in rows:
             continue
         print(f"memory: n={n} r={ratio} prefill chunk {chunk or 'off'} repeat forward {width} allocator {alloc}",
               flush=True)  # fmt: skip
         child = [sys.executable, __file__, "--one", "--model", a.model, "--text", a.text, "--lengths", str(n),
                  "--ratios", str(ratio), "--prefill-chunk", str(chunk), "--method", a.method,
-                 "--repeat-forward", str(width)]  # fmt: skip
+                 "--repeat-forward", str(width), *(["--tensors"] if a.tensors else [])]  # fmt: skip
         done = subprocess.run(child, env={**os.environ, **ALLOCATORS[alloc]}, capture_output=True, text=True)
         if done.returncode != 0:
             sys.exit(f"memory: the trace failed:\n{done.stderr[-2000:]}")

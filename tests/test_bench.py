@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 
 from kvsculpt.cli import main
 
@@ -126,3 +127,27 @@ def test_paper_report_pairs_an_opt_in_method_on_its_windows_and_keeps_the_others
     md = (tmp_path / "paper_m.md").read_text()
     assert "| default + KL refine | 0.3 | 1 | 0.0400 | 0.1000 | 2.50× (2.50×) | 6.25× (6.25×) | 90 |" in md
     assert "Left out" not in md
+
+
+def test_live_tensors_counts_each_storage_once_until_freed():
+    """The live-tensor count: a view is not counted again, a freed storage leaves the count, the peak is the
+    most held at once, and the holders at the peak are the tensors alive then, by where they were made."""
+    from kvsculpt.bench.live_tensors import LiveTensors
+
+    with LiveTensors(min_bytes=1000, resnap=1) as live:
+        a = torch.zeros(1000, 1000)  # 4 MB
+        view = a[:10]
+        c = torch.ones(500, 1000) * 2  # a 2 MB temporary, then 2 MB kept
+        del a  # still held by its view
+        d = torch.empty(3000, 1000)  # 12 MB: the peak, 18 MB
+        del view, d
+        e = torch.empty(1000, 1000)  # 4 MB, after the peak
+    assert live.peak_bytes == 18_000_000
+    assert live.bytes == 6_000_000  # c and e
+    assert [(g["bytes"], g["shape"]) for g in live.at_peak] == [
+        (12_000_000, (3000, 1000)),
+        (4_000_000, (1000, 1000)),
+        (2_000_000, (500, 1000)),
+    ]
+    assert all("test_bench.py" in g["site"] for g in live.at_peak)
+    del c, e

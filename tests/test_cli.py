@@ -28,6 +28,8 @@ def _refused(capsys, argv) -> str:
         (["generate", "--cache", "x.kvs", "--prompt", "Q", "--max-new-tokens", "-1"], "must be at least 1; got -1"),
         (["generate", "--cache", "x.kvs", "--prompt", "Q", "--decode-budget", "64", "--every", "64"],
          "decode_budget must be a whole number of tokens above every (64)"),
+        (["generate", "--cache", "x.kvs", "--prompt", "Q", "--decode-budget", "64", "--context-floor", "0.5",
+          "--decode-scope", "appended"], "it needs scope 'all'"),
         (["eval", "--refine", "kl", "--refine-steps", "0"], "needs refine_steps >= 1"),
         (["bench", "paper", "--methods", "bogus", "--no-peers"], "unknown 'bogus'"),
     ],

@@ -254,32 +254,46 @@ def test_a_whole_cache_budget_larger_than_the_generation_changes_nothing(compres
                        decode(model, cache.fork(decode_budget=200, every=16, scope="all"), prompt, N, 30))  # fmt: skip
 
 
+def _each_token(model, fork, cache, budget: int, steps: int = 30):
+    """Feed ``fork`` (a whole-cache budget over ``cache``) one token at a time; after each, check every layer
+    holds at most its block plus ``budget`` entries, and yield the step."""
+    x = torch.randint(0, 97, (1, 1), generator=torch.Generator().manual_seed(2))
+    for step in range(steps):
+        with torch.inference_mode():
+            forward(model, x, fork, N + step)
+        for layer, block in zip(fork.layers, cache.layers, strict=True):
+            assert layer.appended() <= max(block.lengths) + budget
+        yield step
+
+
+def _context_entries(layer) -> torch.Tensor:
+    """``[Hkv, a]`` bool: which entries a whole-cache fork (row 0) holds are the block's real ones (born -1; the
+    padding has a -inf bias)."""
+    real = layer.born[0] < 0
+    if layer.key_bias is not None:
+        real &= layer.key_bias[0].isfinite()
+    return real
+
+
 def test_a_whole_cache_budget_cuts_block_entries_and_never_exceeds_block_plus_budget(compressed):
     """scope="all": after every single-token forward each layer holds at most max m_h + budget entries; the
     cuts drop entries of the block too (the default scope never does), the shared block is untouched (a plain
     fork still reads every entry), and the logical length counts every token."""
     model, cache = compressed
-    budget, every = 6, 3
-    small = cache.fork(decode_budget=budget, every=every, scope="all")
-    x = torch.randint(0, 97, (1, 1), generator=torch.Generator().manual_seed(2))
-    for step in range(30):
-        with torch.inference_mode():
-            forward(model, x, small, N + step)
-        for layer, block in zip(small.layers, cache.layers, strict=True):
-            assert layer.appended() <= max(block.lengths) + budget
+    budget = 6
+    small = cache.fork(decode_budget=budget, every=3, scope="all")
+    for step in _each_token(model, small, cache, budget):
         assert small.get_seq_length() == N + step + 1
-    # born = -1 marks the block's entries (a -inf bias its padding): some real ones are gone from some head
+    # some real entries of the block are gone from some head
     cut = 0
     for layer, block in zip(small.layers, cache.layers, strict=True):
-        real = layer.born[0] < 0
-        if layer.key_bias is not None:
-            real &= layer.key_bias[0].isfinite()
-        cut += sum(m - int(k) for m, k in zip(block.lengths, real.sum(-1).tolist(), strict=True))
+        held = _context_entries(layer).sum(-1).tolist()
+        cut += sum(m - int(k) for m, k in zip(block.lengths, held, strict=True))
     assert cut > 0
     assert all(layer.evicted + layer.appended() == layer.adopted + 30 for layer in small.layers)
     plain = cache.fork()
     with torch.inference_mode():
-        forward(model, x, plain, N)
+        forward(model, torch.randint(0, 97, (1, 1)), plain, N)
     assert all(layer.appended() == 1 for layer in plain.layers)
 
 
@@ -307,3 +321,35 @@ def test_appending_writes_into_room_to_spare_instead_of_copying_what_is_held(com
         forward(model, x, plain, N)
     torch.testing.assert_close(layer.keys, plain.layers[1].keys, rtol=1e-5, atol=1e-5)
     assert layer.scores.shape[-1] == layer.born.shape[-1] == 12
+
+
+@pytest.mark.parametrize("floor", [0.5, 1.0])
+def test_a_context_floor_keeps_that_share_of_each_heads_context_through_every_cut(compressed, floor):
+    """``context_floor=f`` under scope "all": after every single-token forward each head still holds at least
+    ⌈f · m_h⌉ of the context's real entries (f = 1: all of them, where the same run without a floor cuts some,
+    as the test above shows), they lead the head (``context_held`` counts them), and the cache never holds more
+    than the block plus the budget."""
+    import math
+
+    model, cache = compressed
+    budget = 6
+    small = cache.fork(decode_budget=budget, every=3, scope="all", context_floor=floor)
+    for _ in _each_token(model, small, cache, budget):
+        for layer, block in zip(small.layers, cache.layers, strict=True):
+            real = _context_entries(layer)
+            held = real.sum(-1).tolist()
+            assert held == layer.context_held[0].tolist()
+            for h, m in enumerate(block.lengths):
+                assert held[h] >= math.ceil(floor * m)
+                assert bool(real[h, : held[h]].all())  # they lead the head
+    assert sum(layer.evicted for layer in small.layers) > 0  # the budget did cut (generated tokens at least)
+
+
+@pytest.mark.parametrize(("changes", "match"), [
+    ({"context_floor": 1.5}, "context_floor must be a share"),
+    ({"context_floor": 0.5, "scope": "appended"}, "it needs scope 'all'"),
+])  # fmt: skip
+def test_a_context_floor_that_cannot_work_is_refused_in_one_line(compressed, changes, match):
+    _, cache = compressed
+    with pytest.raises(ValueError, match=match):
+        cache.fork(decode_budget=16, every=4, **changes)

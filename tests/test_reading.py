@@ -179,10 +179,11 @@ def test_a_reader_rescores_the_block_as_one_shot_scores_an_entry():
     assert len({m for row in prefix.budgets for m in row}) > 1
 
 
-def test_the_block_and_the_part_laid_out_padded_continue_as_joined_and_are_read_in_place():
-    """The cache a part's self samples are drawn from (block_and_part): padded to one length per head with
-    ``-inf`` bias, it gives the same logits as the block and the part joined entry by entry, and a fork reads
-    its block in place (the same storage), where the joined cache's fork lays out a padded copy."""
+def test_the_block_and_the_part_read_together_continue_as_joined_and_copy_nothing():
+    """The cache a part's self samples are drawn from (block_and_part): each head's entries padded to one length
+    with ``-inf`` bias, then the part's keys, gives the same logits as the block and the part joined entry by
+    entry. It copies neither (it holds the prefix's block and the part's own tensors) and lays them out at each
+    forward, one layer at a time. Without a block it reads as the part's full cache."""
     from kvsculpt.cache import block_and_part, join_blocks, shared_cache
     from kvsculpt.hf.decode import forward
 
@@ -201,8 +202,17 @@ def test_the_block_and_the_part_laid_out_padded_continue_as_joined_and_are_read_
     with torch.inference_mode():
         a, b = padded.fork(), joined.fork()
         torch.testing.assert_close(forward(model, x, a, 32), forward(model, x, b, 32), rtol=0, atol=1e-5)
-    assert a.layers[li]._block[0].data_ptr() == padded.layers[li].block_keys.data_ptr()
-    assert b.layers[li]._block[0].data_ptr() != joined.layers[li].block_keys.data_ptr()
+    assert (
+        padded.layers[li].block_keys is prefix.layers[li].block_keys and padded.layers[li].part[0] is keys[li]
+    )
+    assert callable(a.layers[li]._block)  # laid out per forward, not held
+    alone = block_and_part(model, None, keys, values, 16)
+    with torch.inference_mode():
+        got = forward(model, x, alone.fork(), 16)
+        torch.testing.assert_close(
+            got, forward(model, x, shared_cache(model, keys, values).fork(), 16), rtol=0, atol=1e-5
+        )
+    assert alone.layers[li].part[0] is keys[li]
 
 
 def test_a_fork_that_does_not_hold_its_layout_continues_the_same():
@@ -319,3 +329,75 @@ def test_a_part_read_ahead_is_taken_over_by_the_next_part_so_each_token_is_read_
         assert len(second) > 0
         dist = torch.cdist(second, full.layers[1].keys[0, h, 16:32].float()).min(-1).values
         assert (dist < 1e-5).all()
+
+
+def test_a_reader_and_the_repeat_pass_write_into_room_and_never_copy_the_cache(monkeypatch):
+    """A part read ahead, then its repeat request appended and cropped away: each layer's keys and values are
+    allocated once, with room for all of it, so the views the capture holds of the part's keys are the cache's
+    own memory (a reallocation would keep the old copy alive beside the new one: +1 cache during the pass).
+    The next part, which takes the tokens read ahead over, also allocates once, and lets the taken-over copy go.
+    The same for the one-shot capture's prefill and its repeat requests, and the keys are those of a plain
+    ``DynamicCache`` prefill."""
+    from transformers import DynamicCache
+
+    import kvsculpt.cache as cache_mod
+    from kvsculpt.hf.capture import capture
+    from kvsculpt.hf.decode import forward
+
+    made, plain = [], cache_mod.append_into_room
+
+    def counting(old, buf, new, dim, room):
+        view, out = plain(old, buf, new, dim, room)
+        if (
+            out is not buf and out.shape[0] == 1
+        ):  # the context's cache (the self samples are a batch of their own)
+            made.append(tuple(out.shape))
+        return view, out
+
+    monkeypatch.setattr(cache_mod, "append_into_room", counting)
+    model = tiny_model("llama")
+    ids = torch.randint(0, 97, (1, 48))
+    layers = 2
+    first = capture_part(model, None, ids, 0, 8, CFG, _Tok(), read_to=16)
+    assert len(made) == 2 * layers, made  # keys and values, once per layer
+    read = first.ahead  # the tokens [8, 16): taken over by the next part, then let go
+    prefix = compress(model, ids[:, :8], CFG.replace(ratio=0.5), tokenizer=_Tok(), progress=False)
+    made.clear()
+    second = capture_part(model, prefix, ids, 8, 16, CFG, _Tok(), read_to=24, read=read)
+    assert len(made) == 2 * layers, made
+    assert read[0] == [] and read[1] == [] and second.info["read_to"] == 24
+    # what the capture keeps are copies of their own size, not views holding the cache's buffer (part, tokens
+    # read ahead and the request's room) through the solve and the join
+    for x in (*second.keys, *second.values, *second.ahead[0], *second.ahead[1]):
+        assert x.untyped_storage().nbytes() == x.numel() * x.element_size()
+    made.clear()
+    cap = capture(model, ids, CFG.replace(repeat_chunk=16), _Tok())  # three requests after the prefill
+    assert cap.info["repeat_chunks"] == 3
+    assert len(made) == 2 * layers, made
+    ref = DynamicCache()
+    forward(model, ids, ref, 0)
+    for li in range(layers):
+        torch.testing.assert_close(cap.keys[li], ref.layers[li].keys[0], rtol=0, atol=0)
+
+
+def test_the_context_keys_cut_from_a_cache_with_room_let_the_room_go():
+    """After the repeat pass, the context's keys and values are copied to their length one layer at a time and
+    the buffer behind them (with the request's room) is freed: held beside the copies it was one more cache."""
+    from kvsculpt.hf.capture import _context_keys_values
+    from kvsculpt.hf.decode import forward
+
+    model = tiny_model("llama")
+    ids = torch.randint(0, 97, (1, 48))
+    cache, _, _ = prefill(model, ids, reserve=16)
+    with torch.inference_mode():
+        forward(model, torch.randint(0, 97, (1, 16)), cache, 48)  # a request, then cropped away
+    cache.crop(-16)
+    buffers = [weakref.ref(x.untyped_storage()) for layer in cache.layers for x in (layer.keys, layer.values)]
+    keys, values = _context_keys_values(cache, 48)
+    gc.collect()
+    assert all(b() is None for b in buffers)
+    ref, _, _ = prefill(model, ids)
+    for li in range(2):
+        assert keys[li].shape == (2, 48, 16) and keys[li].is_contiguous()
+        torch.testing.assert_close(keys[li], ref.layers[li].keys[0], rtol=0, atol=0)
+        torch.testing.assert_close(values[li], ref.layers[li].values[0], rtol=0, atol=0)

@@ -128,7 +128,9 @@ def cmd_generate(args):
 
     if (args.cache is None) == (args.store is None) or (args.store is None) != (args.doc is None):
         raise ValueError("give --cache FILE, or --store STORE with --doc ID")
-    check_decode_budget(args.decode_budget, args.every, scope=args.decode_scope)
+    check_decode_budget(
+        args.decode_budget, args.every, scope=args.decode_scope, context_floor=args.context_floor
+    )
     for i, prompt in enumerate(args.prompt, 1):
         if not prompt.strip():
             raise ValueError(f"--prompt {i} is empty")
@@ -151,7 +153,7 @@ def cmd_generate(args):
         model, tok = _load(args)
         cache = load(args.cache, model)
     budget = {"decode_budget": args.decode_budget, "every": args.every, "refit": not args.no_refit,
-              "scope": args.decode_scope}  # fmt: skip
+              "scope": args.decode_scope, "context_floor": args.context_floor}  # fmt: skip
     answers = {"compressed": ask(model, tok, cache, args.prompt, args.max_new_tokens, args.stop, **budget)}
     if args.full:
         if cache.context_ids is None:
@@ -477,6 +479,9 @@ def build_parser(benchmarks: bool = True) -> argparse.ArgumentParser:
                    help="what --decode-budget bounds: the answer's tokens only (appended) or the whole cache, so a "
                    "cut may drop the context's entries too (all: at most the block plus N entries per head) "
                    "(default: %(default)s)")  # fmt: skip
+    p.add_argument("--context-floor", type=float, default=0.0, metavar="F",
+                   help="under --decode-scope all, a cut keeps at least this share of each head's context entries, "
+                   "the best-scored (0: none; 1: the whole context) (default: %(default)s)")  # fmt: skip
     p.set_defaults(func=cmd_generate)
 
     p = command("compress-corpus", "compress many documents into a cache store, resumably, here or on Ray",

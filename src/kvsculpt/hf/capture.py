@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
-from ..cache import block_and_part, shared_cache
+from ..cache import RoomyLayer, block_and_part, roomy_cache
 from ..config import CompressConfig
 from ..core.attention import Reference, local_lse, logits, reference
 from ..core.fit import subsample_index
@@ -252,6 +252,17 @@ def request_queries(model, cache, ids: torch.Tensor, start: int, t: int, span: t
     return qs, lses, refs
 
 
+def max_request(tokenizer, context_ids: torch.Tensor, cfg: CompressConfig) -> int:
+    """The most tokens one repeat request of ``cfg`` takes after ``context_ids [1, n]``, so that the context's
+    cache can hold them from its prefill on (tokenising only)."""
+    if tokenizer is None:
+        raise ValueError("query source 'repeat' needs the tokenizer (pass tokenizer=...)")
+    chunk = REPEAT_CHUNK if cfg.repeat_chunk is None else cfg.repeat_chunk
+    return max(
+        ids.shape[1] for _, _, ids in repeat_requests(tokenizer, context_ids, cfg.repeat_prompt, chunk)
+    )
+
+
 @torch.inference_mode()
 def _repeat_queries(model, context_ids, tokenizer, style: str, cache=None, chunk: int | None = None,
                     keep: int | None = None, seed: int = 0):  # fmt: skip
@@ -375,12 +386,14 @@ def capture(model, context_ids: torch.Tensor, cfg: CompressConfig | None = None,
     keep_context = cfg.solver.needs_context_queries if keep_context_queries is None else keep_context_queries
     want_ctx = "context" in cfg.sources or keep_context
     stage(progress, f"prefill of {n} tokens")
+    # room for the longest repeat request after the context: the pass then never copies the cache
+    reserve = max_request(tokenizer, context_ids, cfg) if "repeat" in cfg.sources else 0
     if want_ctx:
         with capture_queries(model) as sinks:
-            cache, last, prefill_s = prefill(model, context_ids)
+            cache, last, prefill_s = prefill(model, context_ids, reserve=reserve)
         ctx_q = [torch.cat(s, dim=2) for s in sinks]  # [1, H, n, d] per layer
     else:
-        cache, last, prefill_s = prefill(model, context_ids)
+        cache, last, prefill_s = prefill(model, context_ids, reserve=reserve)
     keys = [layer.keys[0] for layer in cache.layers]  # the model's dtype, as the cache holds them
     values = [layer.values[0] for layer in cache.layers]
     if "repeat" not in cfg.sources:
@@ -403,8 +416,10 @@ def capture(model, context_ids: torch.Tensor, cfg: CompressConfig | None = None,
             keys, values = _context_keys_values(cache, n)
             del cache
         else:
+            # the context's keys as the samples' shared block, read in place: they may be views of a cache with
+            # room for the repeat request, which a flat copy (shared_cache) would copy whole
             q, g, samples = sample_self_queries(
-                model, shared_cache(model, keys, values), n, last, cfg, progress
+                model, block_and_part(model, None, keys, values, n), n, last, cfg, progress
             )
         found.append((src, q, g, lse, spans, time.perf_counter() - t_src))
         del q, lse
@@ -426,6 +441,8 @@ def _context_keys_values(cache, n: int) -> tuple[list[torch.Tensor], list[torch.
     for layer in cache.layers:
         if layer.keys.untyped_storage().nbytes() > layer.keys.numel() * layer.keys.element_size():
             layer.keys, layer.values = layer.keys[..., :n, :].clone(), layer.values[..., :n, :].clone()
+            if isinstance(layer, RoomyLayer):
+                layer.let_room_go()
         keys.append(layer.keys[0])
         values.append(layer.values[0])
     return keys, values
@@ -485,7 +502,7 @@ def capture_part(model, prefix, context_ids: torch.Tensor, a: int, b: int, cfg: 
     one-shot pass leaves out the other chunks. The capture holds the part's own keys and values; those of the
     tokens read ahead, and the logits after them, are its ``ahead``. ``read``: the previous part's ``ahead``, the
     first tokens from ``a`` already read (over the exact previous part): they are taken over, not read again, so
-    each token is read once."""
+    each token is read once; its lists of keys and values are emptied once the cache holds them."""
     check_supported(model)
     context_ids = check_ids(context_ids, model.device)
     dims = model_dims(model)
@@ -498,8 +515,14 @@ def capture_part(model, prefix, context_ids: torch.Tensor, a: int, b: int, cfg: 
         raise ValueError(
             f"read_to must be >= b = {b} and cannot combine with the context's own queries; got {e}"
         )
+    # room for every token appended (read, read ahead, then the request): the cache never reallocates, so the
+    # views of the part's keys below are the cache's own memory, not a second copy held beside a new one
+    request = (
+        repeat_request(tokenizer, context_ids, a, b, cfg.repeat_prompt) if "repeat" in cfg.sources else None
+    )
+    reserve = e - a + (0 if request is None else request.shape[1])
     # a few long forwards over the prefix: its padded layout is made per forward, not held
-    cache = DynamicCache() if prefix is None else prefix.fork(hold_layout=False)
+    cache = roomy_cache(reserve) if prefix is None else prefix.fork(hold_layout=False, reserve=reserve)
     where = "" if prefix is None else f" after {prefix.kept_entries()} compressed entries"
     done = 0  # tokens from a already read by the previous part (read ahead), taken over as they are
     if read is not None:
@@ -508,6 +531,7 @@ def capture_part(model, prefix, context_ids: torch.Tensor, a: int, b: int, cfg: 
             raise ValueError(f"read: {done} tokens from {a} cannot be taken over here (read_to {e})")
         for li, (k, v) in enumerate(zip(*read[:2], strict=True)):
             cache.update(k[None], v[None], li)
+        read[0].clear(), read[1].clear()  # taken over: from here the cache's copy is the only one
     stage(progress, f"read tokens {a + done}-{e}{where}")
     t0 = time.perf_counter()
     last = None if read is None else read[2]
@@ -522,7 +546,6 @@ def capture_part(model, prefix, context_ids: torch.Tensor, a: int, b: int, cfg: 
         layer.keys[0, :, -(e - a) :] for layer in cache.layers
     ]  # [Hkv, e − a, d]: the part, then ahead
     read_values = [layer.values[0, :, -(e - a) :] for layer in cache.layers]
-    keys, values = [k[:, :c] for k in read_keys], [v[:, :c] for v in read_values]
 
     info, found, samples, scored = {"sources": list(cfg.sources), "part": (a, b)}, [], None, None
     t0 = time.perf_counter()
@@ -532,7 +555,7 @@ def capture_part(model, prefix, context_ids: torch.Tensor, a: int, b: int, cfg: 
             q, g = [pool_gqa(x.float(), Hkv) for x in ctx_q], _position_groups(c, G)
             lse = prefix_lse(prefix, q, dims.scale)
         elif src == "repeat":
-            ids = repeat_request(tokenizer, context_ids, a, b, cfg.repeat_prompt)
+            ids = request
             t = c + (ids.shape[1] - c if cfg.repeat_prompt == "kvzip" else 0)
             # read in several parts: every query scores the part's entries during the pass (span (0, c): the
             # part's keys are the first the attention is handed), and only repeat_fit_rows are held for the fit
@@ -543,7 +566,7 @@ def capture_part(model, prefix, context_ids: torch.Tensor, a: int, b: int, cfg: 
         else:
             joined = block_and_part(model, prefix, read_keys, read_values, e)
             q, g, samples = sample_self_queries(model, joined, e, last, cfg, progress)
-            del joined  # a padded copy of the block and the part: not held through the repeat pass
+            del joined  # block and part read together (no copy): its per-forward layout is gone with it
             lse = prefix_lse(prefix, q, dims.scale, ahead=[k[:, c:] for k in read_keys])
         found.append((src, q, g, lse, None, time.perf_counter() - t_src))
         del q, lse
@@ -554,12 +577,20 @@ def capture_part(model, prefix, context_ids: torch.Tensor, a: int, b: int, cfg: 
         [x[0].float().reshape(Hkv, G, c, -1) for x in ctx_q] if cfg.solver.needs_context_queries else None
     )
     info["read_to"] = e
-    # copies: a view would keep the whole buffer (the part, and room for the repeat request) through the next part
-    ahead = (
-        ([k[:, c:].clone() for k in read_keys], [v[:, c:].clone() for v in read_values], last)
-        if e > b
-        else None
-    )
+    # copies, layer by layer, each layer's buffer let go as soon as it is copied: a view would keep the cache's
+    # whole buffer (the part, the tokens read ahead and the repeat request's room: up to 3× the part) through the
+    # solve and the join, and the tokens read ahead through the next part
+    keys, values, ahead_keys, ahead_values = [], [], [], []
+    for li, layer in enumerate(cache.layers):
+        k, v = read_keys[li], read_values[li]
+        keys.append(k[:, :c].clone())
+        values.append(v[:, :c].clone())
+        if e > b:
+            ahead_keys.append(k[:, c:].clone())
+            ahead_values.append(v[:, c:].clone())
+        read_keys[li] = read_values[li] = k = v = None
+        layer.reset()
+    ahead = (ahead_keys, ahead_values, last) if e > b else None
     return Capture(keys, values, qs, groups, dims.scale, last, prefill_s, query_s, samples, per_head,
                    context_ids[:, a:b].cpu(), info, local, None, scored, prescored, ahead)  # fmt: skip
 

@@ -11,7 +11,6 @@ import time
 from collections.abc import Callable
 
 import torch
-from transformers import DynamicCache
 
 from .attention import reuse_masks
 
@@ -84,18 +83,23 @@ PREFILL_CHUNK: int | None = None
 
 
 @torch.inference_mode()
-def prefill(model, context_ids: torch.Tensor, cache=None, start: int = 0, chunk: int | None = None):
-    """Run the context once into ``cache`` (a new ``DynamicCache`` by default), its first token at position
-    ``start`` (a part read after ``start`` tokens the cache holds). Returns ``(cache, last_logits [vocab] fp32,
-    seconds)``.
+def prefill(model, context_ids: torch.Tensor, cache=None, start: int = 0, chunk: int | None = None,
+            reserve: int = 0):  # fmt: skip
+    """Run the context once into ``cache`` (by default a new cache with room for the ``n`` tokens and
+    ``reserve`` more: :func:`~kvsculpt.cache.roomy_cache`), its first token at position ``start`` (a part read
+    after ``start`` tokens the cache holds). Returns ``(cache, last_logits [vocab] fp32, seconds)``.
 
     ``chunk``: read the context ``chunk`` tokens a forward, each over the cache of the ones before (None:
     :data:`PREFILL_CHUNK`; 0, or both None: one forward). The same cache up to rounding; the forward's transients (the MLP's ``[chunk, 3·D_ff]``
-    activations, the attention's working set) are then those of ``chunk`` tokens whatever n is, at the cost of
-    growing each layer's cache once per chunk (one layer's copy at a time)."""
+    activations, the attention's working set) are then those of ``chunk`` tokens whatever n is; each chunk is
+    written into the cache's room, not concatenated. ``reserve``: tokens that will be appended and cropped
+    again (a repeat request), so the cache never reallocates: without it the first append copies every layer,
+    and a view of the context's keys taken before it keeps the old copy alive."""
+    from ..cache import roomy_cache
+
     context_ids = check_ids(context_ids, model.device)
-    cache = DynamicCache() if cache is None else cache
     n = context_ids.shape[1]
+    cache = roomy_cache(n + reserve) if cache is None else cache
     step = (PREFILL_CHUNK if chunk is None else chunk) or n
     t0 = time.perf_counter()
     for a in range(0, n, step):
@@ -182,19 +186,20 @@ def answer_text(tokenizer, tokens: list[int], stop: str | None = None) -> str:
 
 
 def ask(model, tokenizer, cache, questions, max_new_tokens: int = 64, stop: str | None = None,
-        decode_budget: int | None = None, every: int = 64, refit: bool = True, scope: str = "all"):  # fmt: skip
+        decode_budget: int | None = None, every: int = 64, refit: bool = True, scope: str = "all",
+        context_floor: float = 0.0):  # fmt: skip
     """Answer each question (a string, or a list of them) from the same compressed context, greedily; stops
     at EOS or where ``stop`` appears (after the answer's leading white space). Returns the answers' texts.
 
     Each question runs on a fork of ``cache`` (the compressed block is shared, nothing is recomputed), so no
     question's tokens leak into the next. ``decode_budget``: at most that many of the question's and answer's
     tokens are kept per head, cut every ``every`` tokens, the kept values refitted at each cut unless ``refit=False``;
-    ``scope="all"``: the budget bounds the whole cache, the context's entries included
-    (:meth:`~kvsculpt.cache.CompressedCache.fork`).
+    ``scope="all"``: the budget bounds the whole cache, the context's entries included, though never below
+    ``context_floor`` of each head's (:meth:`~kvsculpt.cache.CompressedCache.fork`).
     """
     from ..cache import check_decode_budget
 
-    check_decode_budget(decode_budget, every, scope=scope)
+    check_decode_budget(decode_budget, every, scope=scope, context_floor=context_floor)
     single = isinstance(questions, str)
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1; got {max_new_tokens}")
@@ -203,7 +208,8 @@ def ask(model, tokenizer, cache, questions, max_new_tokens: int = 64, stop: str 
     eos, answers = eos_ids(model, tokenizer), []
     for question in [questions] if single else questions:
         q = text_ids(tokenizer, question)
-        tokens = decode(model, cache.fork(decode_budget, every, refit=refit, scope=scope), q, cache.n, max_new_tokens,
+        fork = cache.fork(decode_budget, every, refit=refit, scope=scope, context_floor=context_floor)
+        tokens = decode(model, fork, q, cache.n, max_new_tokens,
                         stop=text_stop(eos, tokenizer, stop))  # fmt: skip
         answers.append(answer_text(tokenizer, tokens[0].tolist(), stop))
     return answers[0] if single else answers
