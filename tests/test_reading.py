@@ -383,7 +383,7 @@ def test_a_reader_and_the_repeat_pass_write_into_room_and_never_copy_the_cache(m
 def test_the_context_keys_cut_from_a_cache_with_room_let_the_room_go():
     """After the repeat pass, the context's keys and values are copied to their length one layer at a time and
     the buffer behind them (with the request's room) is freed: held beside the copies it was one more cache."""
-    from kvsculpt.hf.capture import _context_keys_values
+    from kvsculpt.hf.capture import _copy_out
     from kvsculpt.hf.decode import forward
 
     model = tiny_model("llama")
@@ -393,7 +393,7 @@ def test_the_context_keys_cut_from_a_cache_with_room_let_the_room_go():
         forward(model, torch.randint(0, 97, (1, 16)), cache, 48)  # a request, then cropped away
     cache.crop(-16)
     buffers = [weakref.ref(x.untyped_storage()) for layer in cache.layers for x in (layer.keys, layer.values)]
-    keys, values = _context_keys_values(cache, 48)
+    ((keys, values),) = _copy_out(cache, [(0, 48)])
     gc.collect()
     assert all(b() is None for b in buffers)
     ref, _, _ = prefill(model, ids)

@@ -171,11 +171,6 @@ class RoomyLayer(DynamicLayer):
     def get_seq_length(self) -> int:
         return 0 if self.keys is None else self.keys.shape[-2]
 
-    def let_room_go(self) -> None:
-        """Forget the buffers behind keys and values (the caller has replaced them with copies of their length,
-        so the room is freed); a later append starts a new buffer."""
-        self._room = {}
-
     def reset(self) -> None:
         self._room = {}
         super().reset()
@@ -352,9 +347,7 @@ class CompressedLayer(CacheLayerMixin):
             kept_values = self._refit(index, kept_values)
         self.keys, self.values = self.keys.gather(-2, rows), kept_values
         self.scores = self.scores.gather(-1, index)
-        if (
-            self.context_held is not None
-        ):  # the kept indices are in order, so the context's entries still lead
+        if self.context_held is not None:  # the kept indices are in order: the context's entries still lead
             self.context_held = (index < self.context_held[..., None]).sum(-1)
         if self.born is not None:
             self.born = self.born.gather(-1, index)
@@ -453,9 +446,8 @@ class CompressedLayer(CacheLayerMixin):
         self.added = min(keep, self.added)
 
     def reset(self) -> None:
-        self.keys = self.values = self._block = self.scores = self.born = self.key_bias = (
-            self.context_held
-        ) = None
+        self.keys = self.values = self._block = self.scores = self.born = self.key_bias = None
+        self.context_held = None
         self._room = {}
         self.read_by = []
         self.evicted = self.added = self.adopted = 0

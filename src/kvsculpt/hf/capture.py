@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
-from ..cache import RoomyLayer, block_and_part, roomy_cache
+from ..cache import block_and_part, roomy_cache
 from ..config import CompressConfig
 from ..core.attention import Reference, local_lse, logits, reference
 from ..core.fit import subsample_index
@@ -413,7 +413,7 @@ def capture(model, context_ids: torch.Tensor, cfg: CompressConfig | None = None,
                                                        cfg.repeat_chunk, cfg.repeat_fit_rows, cfg.seed)  # fmt: skip
             info["repeat_chunks"] = len(torch.unique(spans[:, 0]))
             spans = spans if info["repeat_chunks"] > 1 else None  # None: one request reads the whole context
-            keys, values = _context_keys_values(cache, n)
+            ((keys, values),) = _copy_out(cache, [(0, n)])  # cropped back to n; its room goes
             del cache
         else:
             # the context's keys as the samples' shared block, read in place: they may be views of a cache with
@@ -433,19 +433,18 @@ def capture(model, context_ids: torch.Tensor, cfg: CompressConfig | None = None,
                    context_ids.cpu(), info, local, spans, scored, prescored)  # fmt: skip
 
 
-def _context_keys_values(cache, n: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """The context's keys and values ``[Hkv, n, d]`` per layer (the model's dtype) from a cache cropped back to ``n`` whose
-    tensors may hold room beyond it: each layer's are cut to n in the cache itself, one layer at a time, so the
-    room is let go without a second copy of the whole cache."""
-    keys, values = [], []
+def _copy_out(cache, spans: list[tuple[int, int]]) -> list[tuple[list[torch.Tensor], list[torch.Tensor]]]:
+    """Per span ``(start, end)`` of each layer's tokens (its keys ``[1, Hkv, a, d]``): copies of the keys and
+    values ``[Hkv, end − start, d]`` per layer, in the model's dtype. Made layer by layer, each layer of
+    ``cache`` reset as soon as it is copied, so its buffer (with any room for a request) is freed then, not
+    held beside the copies; the cache is spent."""
+    out = [([], []) for _ in spans]
     for layer in cache.layers:
-        if layer.keys.untyped_storage().nbytes() > layer.keys.numel() * layer.keys.element_size():
-            layer.keys, layer.values = layer.keys[..., :n, :].clone(), layer.values[..., :n, :].clone()
-            if isinstance(layer, RoomyLayer):
-                layer.let_room_go()
-        keys.append(layer.keys[0])
-        values.append(layer.values[0])
-    return keys, values
+        for (keys, values), (start, end) in zip(out, spans, strict=True):
+            keys.append(layer.keys[0, :, start:end].clone())
+            values.append(layer.values[0, :, start:end].clone())
+        layer.reset()
+    return out
 
 
 def prefix_lse(
@@ -577,19 +576,13 @@ def capture_part(model, prefix, context_ids: torch.Tensor, a: int, b: int, cfg: 
         [x[0].float().reshape(Hkv, G, c, -1) for x in ctx_q] if cfg.solver.needs_context_queries else None
     )
     info["read_to"] = e
-    # copies, layer by layer, each layer's buffer let go as soon as it is copied: a view would keep the cache's
-    # whole buffer (the part, the tokens read ahead and the repeat request's room: up to 3× the part) through the
-    # solve and the join, and the tokens read ahead through the next part
-    keys, values, ahead_keys, ahead_values = [], [], [], []
-    for li, layer in enumerate(cache.layers):
-        k, v = read_keys[li], read_values[li]
-        keys.append(k[:, :c].clone())
-        values.append(v[:, :c].clone())
-        if e > b:
-            ahead_keys.append(k[:, c:].clone())
-            ahead_values.append(v[:, c:].clone())
-        read_keys[li] = read_values[li] = k = v = None
-        layer.reset()
+    # copies: a view would keep the cache's whole buffer (the part, the tokens read ahead and the repeat request's
+    # room: up to 3× the part) through the solve and the join, and the tokens read ahead through the next part
+    del read_keys, read_values
+    first = cache.layers[0].keys.shape[-2] - (e - a)  # the part's first token among the appended ones (0)
+    (keys, values), (ahead_keys, ahead_values) = _copy_out(
+        cache, [(first, first + c), (first + c, first + e - a)]
+    )
     ahead = (ahead_keys, ahead_values, last) if e > b else None
     return Capture(keys, values, qs, groups, dims.scale, last, prefill_s, query_s, samples, per_head,
                    context_ids[:, a:b].cpu(), info, local, None, scored, prescored, ahead)  # fmt: skip
