@@ -46,6 +46,7 @@ METHODS = {
     "learned": {"method": "learned", "fit": False},
     "reading": {"chunk_tokens": 2048, "read_ahead": 0},
     "reading-ahead": {"chunk_tokens": 2048},
+    "reading-ahead-1024": {"chunk_tokens": 1024},
 }  # learned: one prefill, copied values; reading: compress while reading in parts of 2048 (read ahead by 2048)
 ALLOCATORS = {
     "default": {},
@@ -175,7 +176,8 @@ def main() -> None:
         "--method",
         default="default",
         choices=list(METHODS),
-        help="learned: one prefill, copied values; reading: in parts of 2048 tokens; reading-ahead: each read 2048 ahead",
+        help="learned: one prefill, copied values; reading: in parts of 2048 tokens; reading-ahead: each read 2048 "
+        "ahead; reading-ahead-1024: in parts of 1024, each read 1024 ahead",
     )
     p.add_argument(
         "--tensors",

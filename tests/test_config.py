@@ -80,6 +80,7 @@ CLI_VALUES = {
     "repeat_chunk": (["--repeat-chunk", "512"], 512), "repeat_fit_rows": (["--repeat-fit-rows", "none"], None),
     "chunk_tokens": (["--chunk-tokens", "4096"], 4096),
     "read_ahead": (["--chunk-tokens", "4096", "--read-ahead", "1024"], 1024),
+    "read_slack": (["--chunk-tokens", "4096", "--read-slack", "1.5"], 1.5),
     "self_samples": (["--self-samples", "3"], 3), "self_length": (["--self-length", "5"], 5),
     "temperature": (["--temperature", "0.7"], 0.7), "top_p": (["--top-p", "0.5"], 0.5),
     "heldout": (["--heldout", "0.1"], 0.1), "on_policy": (["--on-policy", "2"], 2), "seed": (["--seed", "4"], 4),

@@ -2,6 +2,7 @@
 
 import dataclasses
 import gc
+import importlib
 import weakref
 
 import pytest
@@ -69,6 +70,44 @@ def test_reading_in_parts_keeps_the_ratio_and_everything_when_asked(allocation):
     torch.testing.assert_close(continuation_logits(model, whole, cont, 48), ref, rtol=0, atol=1e-3)
 
 
+@pytest.mark.parametrize("method", ["default", "learned"])
+def test_reading_with_slack_holds_more_until_the_last_part(monkeypatch, method, tmp_path):
+    """``read_slack``: in parts of 16 of 48 tokens at r = 0.25 (2 layers × 2 heads), the block holds
+    ``kept(b, r · slack)`` of the b tokens read per head after each part but the last, and r of all of them at
+    the end: 1.5 → 24, 48, then 48 entries; 4 (r · slack = 1) → everything read (64, 128), then 48."""
+    compress_module = importlib.import_module("kvsculpt.compress")
+
+    sizes = []
+    join = compress_module.join_blocks
+
+    def counted(*args, **kwargs):
+        out = join(*args, **kwargs)
+        sizes.append(out.kept_entries())
+        return out
+
+    monkeypatch.setattr(compress_module, "join_blocks", counted)
+    model = tiny_model("llama")
+    ids = torch.randint(0, 97, (1, 48), generator=torch.Generator().manual_seed(5))
+    cfg = CFG.replace(ratio=0.25, chunk_tokens=16)
+    if method == "learned":
+        from kvsculpt import learned
+
+        wins = [("w0", torch.randint(0, 97, (1, 40), generator=torch.Generator().manual_seed(0)))]
+        path = learned.train_scorer(
+            model,
+            _Tok(),
+            wins,
+            tmp_path / "s.safetensors",
+            CompressConfig(self_samples=3, self_length=4),
+            progress=False,
+        )
+        cfg = cfg.replace(method="learned", queries="repeat", options={"weights": str(path)})
+    for slack, expected in ((1.5, [24, 48, 48]), (4, [64, 128, 48])):
+        sizes.clear()
+        cache = compress(model, ids, cfg.replace(read_slack=slack), tokenizer=_Tok(), progress=False)
+        assert sizes == expected and cache.kept_entries() == 48
+
+
 def test_a_parts_queries_carry_their_mass_on_the_compressed_prefix():
     """A self query's log-mass on the part ⊕ its carried log-mass is its log-mass over the compressed prefix's
     entries and the part's keys (what it attended to); without a prefix nothing is carried."""
@@ -97,7 +136,8 @@ def test_a_parts_queries_carry_their_mass_on_the_compressed_prefix():
      ({"chunk_tokens": 16, "refine": "kl"}, "with refine"), ({"read_ahead": 16}, "set chunk_tokens"),
      ({"chunk_tokens": 16, "read_ahead": -1}, "read_ahead must be"),
      ({"chunk_tokens": 16, "read_ahead": 8, "method": "learned"}, "learned"),
-     ({"chunk_tokens": 16, "read_ahead": 8, "method": "snapkv"}, "context's own queries")],
+     ({"chunk_tokens": 16, "read_ahead": 8, "method": "snapkv"}, "context's own queries"),
+     ({"chunk_tokens": 16, "read_slack": 0.5}, "read_slack must be"), ({"read_slack": 2}, "set chunk_tokens")],
 )  # fmt: skip
 def test_compress_while_reading_refuses_what_it_cannot_do(changes, match):
     with pytest.raises(ValueError, match=match):
@@ -401,3 +441,42 @@ def test_the_context_keys_cut_from_a_cache_with_room_let_the_room_go():
         assert keys[li].shape == (2, 48, 16) and keys[li].is_contiguous()
         torch.testing.assert_close(keys[li], ref.layers[li].keys[0], rtol=0, atol=0)
         torch.testing.assert_close(values[li], ref.layers[li].values[0], rtol=0, atol=0)
+
+
+def test_a_block_joined_in_place_lets_each_old_layer_go_before_the_next_is_joined(monkeypatch):
+    """``join_blocks(in_place=True)`` (how a reader joins a part into its block): the block is the same as a
+    join into a new cache, and each layer's old block is freed as soon as its joined layer is made, before the
+    next layer is joined, so the old block and the new are never held whole side by side."""
+    import kvsculpt.cache as cache_module
+
+    model = tiny_model("qwen2")
+    ids = torch.randint(0, 97, (1, 32), generator=torch.Generator().manual_seed(6))
+    first = compress(model, ids[:, :16], CFG.replace(ratio=0.5), tokenizer=_Tok(), progress=False)
+    part, _, _ = prefill(model, ids[:, 16:32])
+    second = cache_module.shared_cache(
+        model, [x.keys[0] for x in part.layers], [x.values[0] for x in part.layers]
+    )
+    keep = [[torch.arange(m) % 2 == 0 for m in layer] for layer in first.budgets]
+    joined = cache_module.join_blocks(model, first, second, 32, keep)
+    old = [
+        weakref.ref(x.untyped_storage())
+        for layer in first.layers
+        for x in (layer.block_keys, layer.block_values)
+    ]
+    alive_at_each_layer = []
+    made = cache_module.CompressedLayer
+
+    def layer_made(*args, **kwargs):
+        alive_at_each_layer.append([o() is not None for o in old])
+        return made(*args, **kwargs)
+
+    monkeypatch.setattr(cache_module, "CompressedLayer", layer_made)
+    same = cache_module.join_blocks(model, first, second, 32, keep, in_place=True)
+    assert same is first and same.n == 32 and same.budgets == joined.budgets
+    assert alive_at_each_layer == [
+        [True] * 4,
+        [False, False, True, True],
+    ]  # layer 0's block gone before layer 1
+    assert all(o() is None for o in old)
+    for a, b in zip(same.layers, joined.layers, strict=True):
+        assert torch.equal(a.block_keys, b.block_keys) and torch.equal(a.block_values, b.block_values)

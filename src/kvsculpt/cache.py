@@ -664,16 +664,19 @@ def block_and_part(model, block: CompressedCache | None, keys, values, n: int) -
 
 
 def join_blocks(model, first: CompressedCache | None, second: CompressedCache, n: int,
-                keep_first: list[list[torch.Tensor]] | None = None) -> CompressedCache:  # fmt: skip
+                keep_first: list[list[torch.Tensor]] | None = None, in_place: bool = False) -> CompressedCache:  # fmt: skip
     """One cache of logical length ``n`` whose block is ``first``'s entries then ``second``'s, head by head (a
     block of ``first``'s context followed by one of the next part's; keys keep their rotary positions). A bias
     is kept if either has one (zeros for the other's entries); ``first`` None: ``second`` with length ``n``.
     ``keep_first[l][h]`` (bool ``[m_lh]``): only those of ``first``'s entries are kept. Neither may be
-    quantised."""
+    quantised. ``in_place``: ``first``'s layers are replaced by the joined ones one layer at a time, and
+    ``first`` is returned, so the old block and the new one are never held whole side by side (memory: the
+    larger block plus one layer, not both blocks; compress-while-reading joins this way)."""
     if any(c is not None and c.layers[0].quantized for c in (first, second)):
         raise ValueError("join_blocks takes unquantised blocks")
     caches = [c for c in (first, second) if c is not None]
-    keys, values, biases, has_bias = [], [], [], any(c.layers[0].block_bias is not None for c in caches)
+    has_bias = any(c.layers[0].block_bias is not None for c in caches)
+    layers = []
     for li in range(len(second.layers)):
         parts = [c.layers[li] for c in caches]
         split = [(layer.block_keys.split(layer.lengths), layer.block_values.split(layer.lengths),
@@ -683,10 +686,19 @@ def join_blocks(model, first: CompressedCache | None, second: CompressedCache, n
         heads = range(len(parts[0].lengths))
         if keep_first is not None and first is not None:
             split[0] = [[x[h][keep_first[li][h].to(x[h].device)] for h in heads] for x in split[0]]
-        keys.append([torch.cat([p[0][h] for p in split]) for h in heads])
-        values.append([torch.cat([p[1][h] for p in split]) for h in heads])
-        biases.append([torch.cat([p[2][h].float() for p in split]) for h in heads])
-    return CompressedCache.from_heads(model, keys, values, n, biases if has_bias else None)
+        keys, values, bias = ([torch.cat([p[i][h] for p in split]) for h in heads] for i in range(3))
+        del parts, split
+        layer = CompressedLayer(torch.cat(keys), torch.cat(values), [k.shape[0] for k in keys],
+                                torch.cat([b.float() for b in bias]) if has_bias else None, n)  # fmt: skip
+        del keys, values, bias
+        if in_place and first is not None:
+            first.layers[li] = layer  # the old layer's block goes now, before the next layer is joined
+        else:
+            layers.append(layer)
+    if in_place and first is not None:
+        first.n = n
+        return first
+    return CompressedCache(model, layers)
 
 
 def quantize_cache(

@@ -139,11 +139,11 @@ def compress_while_reading(model, context_ids: torch.Tensor, cfg: CompressConfig
     part's own entries (:func:`~kvsculpt.hf.capture.capture_part`'s ``read_to``). The next part takes those
     tokens' keys and values over (read over the exact part before them), so each token is still read once; the
     self samples and the repeat request each read one part more. Memory: one more part's keys and values while a
-    part is read (at n = 8192 on SmolLM2 the peak is 475 MB against 457 MB for each part alone, measured: it is
-    set by the join of the last part into the block)."""
+    part is read (at n = 8192 on SmolLM2 the peak is 454 MB against 394 MB for each part alone, measured: it is
+    set by the last part's repeat pass: the part, the tokens read ahead and the request's room)."""
     ids = check_ids(context_ids, model.device)
     n, step = ids.shape[1], cfg.chunk_tokens
-    part_cfg = cfg.replace(chunk_tokens=0, read_ahead=0)
+    part_cfg = cfg.replace(chunk_tokens=0, read_ahead=0, read_slack=1)
     dims = model_dims(model)
     running = isinstance(cfg.rule, Global) and cfg.rule.scope == "all"  # budgets move between parts
     running = running and not isinstance(cfg.solver, Identity)
@@ -158,7 +158,8 @@ def compress_while_reading(model, context_ids: torch.Tensor, cfg: CompressConfig
         ahead, cap.ahead = cap.ahead, None  # the tokens read past this part: the next one takes them over
         if not running:
             part = compress_captured(model, cap, part_cfg, progress=False)
-            block = join_blocks(model, block, part, b)
+            del cap
+            block = join_blocks(model, block, part, b, in_place=True)
         else:
             solver = _part_solver(cfg.solver, a)  # sinks are the context's first tokens, not each part's
             scores = captured_entry_scores(cap, part_cfg, solver=solver)  # [L, Hkv, b - a]
@@ -167,17 +168,18 @@ def compress_while_reading(model, context_ids: torch.Tensor, cfg: CompressConfig
                 peaks = block_peaks(block, cap, source_rows(cap.info, cap.groups.shape[0], "self"))
                 held["score"] = [[torch.maximum(r, p * f) for r, p, f in zip(hr, hp, hf, strict=True)]
                                  for hr, hp, hf in zip(held["repeat"], peaks, held["factor"], strict=True)]  # fmt: skip
-            total_kept = kept(b, cfg.ratio) * dims.layers * dims.kv_heads  # ratio of the tokens read so far
+            total_kept = block_total(cfg, b, n, dims)
             floor = head_floor(b - a, kept(b - a, cfg.ratio), cfg.rule.floor)  # each head's least of the part
             keep, budgets = allocate_running(
                 None if held is None else held["score"], scores.cpu(), total_kept, floor
             )
             part = compress_captured(model, cap, part_cfg, progress=False, budgets=budgets, scores=scores)
-            block = join_blocks(model, block, part, b, keep)
             new = kept_records(cap, solver, scores, budgets, i)
+            del cap  # the part's keys, values and queries go before the join
+            block = join_blocks(model, block, part, b, keep, in_place=True)
             held = {key: _carry(None if held is None else held[key], keep, x) for key, x in new.items()}
         parts.append(part.info)
-        del cap, part
+        del part
     total = lambda key: sum(p[key] for p in parts)  # noqa: E731
     by_source = {}
     for p in parts:
@@ -194,6 +196,14 @@ def compress_while_reading(model, context_ids: torch.Tensor, cfg: CompressConfig
                   "stats": {key: [row for p in parts for row in p["stats"][key]] for key in parts[0]["stats"]}}  # fmt: skip
     block.info.pop("pilot", None)
     return block
+
+
+def block_total(cfg: CompressConfig, b: int, n: int, dims) -> int:
+    """The entries (all layers and heads) the block of compress-while-reading keeps once ``b`` of the ``n``
+    tokens are read, under the global rule: ``ratio`` of them, × ``read_slack`` (at most all) before the last
+    part."""
+    share = cfg.ratio if b >= n else min(1.0, cfg.ratio * cfg.read_slack)
+    return kept(b, share) * dims.layers * dims.kv_heads
 
 
 def block_peaks(block: CompressedCache, cap: Capture, rows: torch.Tensor, chunk: int = 1024) -> list:
@@ -378,7 +388,7 @@ def learned_while_reading(model, context_ids: torch.Tensor, cfg: CompressConfig,
         t0 = time.perf_counter()
         if running:
             floor = head_floor(b - a, kept(b - a, cfg.ratio), cfg.rule.floor)
-            keep, budgets = allocate_running(held, scores, kept(b, cfg.ratio) * L * Hkv, floor)
+            keep, budgets = allocate_running(held, scores, block_total(cfg, b, n, dims), floor)
         else:
             planned, _ = cfg.rule.plan(b - a, cfg.ratio, L, Hkv, entry_scores=lambda s=scores: s)
             keep, budgets = None, torch.tensor(planned)
@@ -393,7 +403,7 @@ def learned_while_reading(model, context_ids: torch.Tensor, cfg: CompressConfig,
             kept_idx = [top_indices(scores[li, h : h + 1], int(m))[0] for h, m in enumerate(budgets[li])]
             new.append([scores[li, h][j] for h, j in enumerate(kept_idx)])  # what the block holds, in order
         part = CompressedCache.from_heads(model, part_keys, part_values, b)
-        block = join_blocks(model, block, part, b, keep)
+        block = join_blocks(model, block, part, b, keep, in_place=True)
         held = _carry(held, keep, new) if running else None
         part_budgets.append(budgets.tolist())
         seconds["solve"] += time.perf_counter() - t0

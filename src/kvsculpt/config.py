@@ -230,6 +230,13 @@ class CompressConfig:
         "tokens over: each is still read once; memory: one more part); none: chunk_tokens, where the method "
         "allows it (not 'learned', not the context's own queries); 0: off",
     )
+    read_slack: float = opt(
+        1.0,
+        "compress while reading: until the last part the block keeps this multiple of the ratio of the tokens "
+        "read so far (at most all of them), so that entries a later part needs are not dropped early; the last "
+        "part cuts it to the ratio (memory: the block grows by this factor while reading); 1: the ratio "
+        "throughout",
+    )
     max_queries: int | None = opt(
         None, "reference queries kept per KV head (a random subset; 0 or none keeps all)"
     )
@@ -343,6 +350,12 @@ class CompressConfig:
             raise ValueError(
                 f"read_ahead must be a whole number of tokens >= 0 (0: off; none: chunk_tokens); got {self.read_ahead!r}"
             )
+        if not isinstance(self.read_slack, (int, float)) or self.read_slack < 1:
+            raise ValueError(
+                f"read_slack must be a number >= 1 (1: the ratio throughout); got {self.read_slack!r}"
+            )
+        if self.read_slack != 1 and not self.chunk_tokens:
+            raise ValueError("read_slack applies to compress-while-reading; set chunk_tokens too")
         if self.read_ahead and not self.chunk_tokens:
             raise ValueError(
                 "read_ahead reads past each part of compress-while-reading; set chunk_tokens too"
@@ -430,6 +443,7 @@ class CompressConfig:
         skip |= {"repeat_chunk"} if self.repeat_chunk == 2048 else set()
         skip |= {"chunk_tokens"} if self.chunk_tokens == 0 else set()
         skip |= {"read_ahead"} if self.read_ahead == 0 or not self.chunk_tokens else set()
+        skip |= {"read_slack"} if self.read_slack == 1 else set()
         skip |= {"repeat_fit_rows"} if self.repeat_fit_rows == 1024 else set()
         skip |= {"refine_schedule"} if self.refine_schedule == "constant" else set()
         body = ", ".join(
