@@ -22,6 +22,7 @@ import contextlib
 import itertools
 import json
 import os
+import shlex
 import subprocess
 import sys
 import threading
@@ -196,7 +197,7 @@ def main() -> None:
         print(json.dumps(trace(a.model, a.text, a.lengths[0], a.ratios[0], a.prefill_chunk[0], a.method,
                                a.repeat_forward[0], a.tensors)))  # fmt: skip
         return
-    command = "python benchmarks/memory.py " + " ".join(sys.argv[1:])
+    command = "python benchmarks/memory.py " + shlex.join(sys.argv[1:])
     rows = RowFile(results_file(a.out, ".jsonl"), key=key)
     grid = itertools.product(a.lengths, a.ratios, a.prefill_chunk, a.repeat_forward, a.allocator)
     for n, ratio, chunk, width, alloc in grid:

@@ -353,3 +353,40 @@ def test_a_context_floor_that_cannot_work_is_refused_in_one_line(compressed, cha
     _, cache = compressed
     with pytest.raises(ValueError, match=match):
         cache.fork(decode_budget=16, every=4, **changes)
+
+
+def _cut_twice(floor):
+    """A whole-cache layer (2 heads, 8 context entries each, budget 8, every 4) fed one token at a time, its
+    attention set by hand: up to the first cut head 0 reads context entry 0 (and its newest token a little),
+    head 1 its newest token; after it, both read only their newest token. The heads' context entries held after
+    each cut."""
+    d, m = 4, 8
+    g = torch.Generator().manual_seed(0)
+    keys, values = torch.randn(2 * m, d, generator=g), torch.randn(2 * m, d, generator=g)
+    layer = CompressedLayer(keys, values, [m, m], None, m, decode_budget=8, every=4, refit=False,
+                            context_floor=floor)  # fmt: skip
+    held, cuts = [], 0
+    for _ in range(20):
+        layer.update(torch.randn(1, 2, 1, d, generator=g), torch.randn(1, 2, 1, d, generator=g))
+        if layer.evicted and layer.evicted != cuts:  # a cut came before this token
+            cuts = layer.evicted
+            held.append(layer.context_held[0].tolist())
+        if not held:
+            layer.scores[0, 0, 0] += 1.0
+            layer.scores[0, 0, -1] += 0.01
+        else:
+            layer.scores[0, 0, -1] += 1.0
+        layer.scores[0, 1, -1] += 1.0
+    return held
+
+
+def test_an_auto_context_floor_splits_each_heads_room_as_its_latest_attention_went():
+    """``context_floor="auto"``: at a cut each head keeps at least ⌈s · room⌉ of its context entries, ``s`` the
+    share of its attention that went to the context since the last cut. Head 0 read the context (s ≈ 0.99):
+    its whole context stays, where without a floor the entries it has not read yet are cut for generated
+    tokens. Head 1 read only generated tokens (s = 0): no floor, the same cut as without one. At the next cut
+    head 0 has read only generated tokens since the first: its share counts from that cut (0), so the context
+    it has not read goes then (counted from the fork's start, s = 8 / 12.08 would keep ⌈0.66 · 8⌉ = 6)."""
+    auto, none = _cut_twice("auto"), _cut_twice(0.0)
+    assert auto[0] == [8, none[0][1]] and none[0][0] < 8
+    assert auto[1][0] < 6 and auto[1][1] == 0

@@ -56,12 +56,14 @@ def check_decode_budget(
     every: int,
     keep: str = "attention",
     scope: str = "all",
-    context_floor: float = 0.0,
+    context_floor: float | str = 0.0,
 ) -> None:
     """One-line errors for a decode budget that cannot work: ``every`` tokens must fit under it."""
-    if not isinstance(context_floor, (int, float)) or not 0 <= context_floor <= 1:
+    if context_floor != "auto" and (
+        not isinstance(context_floor, (int, float)) or not 0 <= context_floor <= 1
+    ):
         raise ValueError(
-            f"context_floor must be a share of the context's entries in [0, 1]; got {context_floor!r}"
+            f"context_floor must be a share of the context's entries in [0, 1], or 'auto'; got {context_floor!r}"
         )
     if context_floor and scope != "all":
         raise ValueError(
@@ -188,7 +190,7 @@ class CompressedLayer(CacheLayerMixin):
 
     def __init__(self, keys, values, lengths: list[int], bias=None, n: int = 0, decode_budget: int | None = None,
                  every: int = 64, keep: str = "attention", refit: bool = True, scope: str = "all",
-                 hold_layout: bool = True, reserve: int = 0, part=None, context_floor: float = 0.0):  # fmt: skip
+                 hold_layout: bool = True, reserve: int = 0, part=None, context_floor: float | str = 0.0):  # fmt: skip
         """``keys``, ``values``: ``[Σ m_h, d]`` tensors, or :class:`~kvsculpt.core.quant.Quantized` ones;
         ``decode_budget``, ``every``, ``keep``, ``refit``, ``scope``, ``context_floor``: see the module's
         docstring (None: every appended token is kept); ``hold_layout``, ``reserve``: see
@@ -214,7 +216,10 @@ class CompressedLayer(CacheLayerMixin):
         self.decode_budget, self.every, self.keep, self.refit = decode_budget, int(every), keep, bool(refit)
         self.scope, self.hold_layout, self.reserve = scope, bool(hold_layout), int(reserve)
         self.part = part
-        self.context_floor = float(context_floor)
+        self.context_floor = context_floor if context_floor == "auto" else float(context_floor)
+        self.context_read = (
+            None  # [B, Hkv, 2] ("auto"): attention on the context, and in all, at the last cut
+        )
         self.context_held = None  # [B, Hkv] (scope "all"): the context's real entries still held; they lead
         self.added = 0  # tokens appended so far, cut or not (the logical length is n + added)
         self.adopted = 0  # block entries this fork took over (scope "all"): they lead keys and values
@@ -349,6 +354,8 @@ class CompressedLayer(CacheLayerMixin):
         self.scores = self.scores.gather(-1, index)
         if self.context_held is not None:  # the kept indices are in order: the context's entries still lead
             self.context_held = (index < self.context_held[..., None]).sum(-1)
+            if self.context_floor == "auto":  # what the next cut's share is counted from
+                self.context_read = self._attention_on_context()
         if self.born is not None:
             self.born = self.born.gather(-1, index)
         if self.key_bias is not None:
@@ -359,14 +366,33 @@ class CompressedLayer(CacheLayerMixin):
         """``older`` (scores ``[B, Hkv, s]`` of the entries a cut may drop) with ``+inf`` on the best-scored
         ``⌈context_floor · m_h⌉`` of the context's real entries still held in each head (at most ``room``), so
         the cut keeps them: a floor under the context's share of the cache, which the generation's scores
-        cannot cut through (an entry the answer has not read yet has no score)."""
+        cannot cut through (an entry the answer has not read yet has no score). ``"auto"``: each head's floor
+        is ``⌈s_h · room⌉``, with ``s_h`` the share of its attention that went to the context's entries since the
+        last cut (:meth:`_context_share`): the room is split as the head's latest queries read."""
         s = older.shape[-1]
-        lengths = torch.tensor(self.lengths, device=older.device)
-        floor = torch.ceil(self.context_floor * lengths).long()[None]  # [1, Hkv]
-        floor = torch.minimum(torch.minimum(floor, self.context_held), torch.full_like(floor, room))
         is_context = torch.arange(s, device=older.device) < self.context_held[..., None]
+        if self.context_floor == "auto":
+            floor = torch.ceil(self._context_share() * room).long()  # [B, Hkv]
+        else:
+            lengths = torch.tensor(self.lengths, device=older.device)
+            floor = torch.ceil(self.context_floor * lengths).long()[None]  # [1, Hkv]
+        floor = torch.minimum(torch.minimum(floor, self.context_held), torch.full_like(floor, room))
         rank = older.masked_fill(~is_context, float("-inf")).argsort(-1, descending=True).argsort(-1)
         return older.masked_fill(is_context & (rank < floor[..., None]), float("inf"))
+
+    def _attention_on_context(self) -> torch.Tensor:
+        """``[B, Hkv, 2]``: the attention the context's entries still held have had, and all held entries'."""
+        a = self.scores.shape[-1]
+        is_context = torch.arange(a, device=self.scores.device) < self.context_held[..., None]
+        return torch.stack([(self.scores * is_context).sum(-1), self.scores.sum(-1)], -1)
+
+    def _context_share(self) -> torch.Tensor:
+        """``[B, Hkv]`` in [0, 1]: of the attention each head's queries gave since the last cut (since the fork
+        began, at the first), the share on the context's entries (the attention's scores, which each forward
+        adds to, less what they held after the last cut)."""
+        now = self._attention_on_context()
+        new = now if self.context_read is None else now - self.context_read
+        return (new[..., 0] / new[..., 1].clamp_min(1e-30)).clamp(0, 1)
 
     def _refit(self, index, kept_values, lam: float = REFIT_LAM):
         """Refit the kept values so that, for the generation's latest queries (up to ``every`` of them, each
@@ -447,14 +473,14 @@ class CompressedLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         self.keys = self.values = self._block = self.scores = self.born = self.key_bias = None
-        self.context_held = None
+        self.context_held = self.context_read = None
         self._room = {}
         self.read_by = []
         self.evicted = self.added = self.adopted = 0
 
     def fork(self, decode_budget: int | None = None, every: int = 64, keep: str = "attention", refit: bool = True,
              scope: str = "all", hold_layout: bool = True, reserve: int = 0,
-             context_floor: float = 0.0) -> CompressedLayer:  # fmt: skip
+             context_floor: float | str = 0.0) -> CompressedLayer:  # fmt: skip
         return CompressedLayer(self.block_keys, self.block_values, self.lengths, self.block_bias, self.n,
                                decode_budget, every, keep, refit, scope, hold_layout, reserve, self.part,
                                context_floor)  # fmt: skip
@@ -467,6 +493,8 @@ class CompressedLayer(CacheLayerMixin):
                 self.key_bias = self.key_bias.repeat_interleave(repeats, 0)
             if self.context_held is not None:
                 self.context_held = self.context_held.repeat_interleave(repeats, 0)
+            if self.context_read is not None:
+                self.context_read = self.context_read.repeat_interleave(repeats, 0)
             if self.scores is not None:
                 self.scores = self.scores.repeat_interleave(repeats, 0)
                 if self.born is not None:
@@ -480,6 +508,8 @@ class CompressedLayer(CacheLayerMixin):
                 self.key_bias = self.key_bias[indices]
             if self.context_held is not None:
                 self.context_held = self.context_held[indices]
+            if self.context_read is not None:
+                self.context_read = self.context_read[indices]
             if self.scores is not None:
                 self.scores = self.scores[indices]
                 self.born = None if self.born is None else self.born[indices]
@@ -551,7 +581,7 @@ class CompressedCache(Cache):
 
     def fork(self, decode_budget: int | None = None, every: int = 64, keep: str = "attention", refit: bool = True,
              scope: str = "all", hold_layout: bool = True, reserve: int = 0,
-             context_floor: float = 0.0) -> CompressedCache:  # fmt: skip
+             context_floor: float | str = 0.0) -> CompressedCache:  # fmt: skip
         """A cache sharing this one's compressed block (no copy) with no appended tokens. ``decode_budget``:
         bound the cache while generating, cut every ``every`` tokens (the module's docstring). ``scope``: ``"all"``
         (the default: each head holds at most ``max m_h + decode_budget`` entries, and a cut may drop the block's
@@ -559,7 +589,8 @@ class CompressedCache(Cache):
         ``"appended"`` (the block is kept whole; at most ``decode_budget`` appended tokens per head).
         ``context_floor`` (scope ``"all"``, in [0, 1], default 0): a cut never takes a head below that share of
         its context entries; it keeps the best-scored of them (1 keeps the context whole, as ``"appended"`` does,
-        but within the whole-cache bound). Each cut
+        but within the whole-cache bound); ``"auto"``: at each cut a head keeps at least the share of its room
+        that its attention gave the context since the last cut. Each cut
         costs a top-k over the scores and a gather, per layer, and with ``refit`` (the default) the outputs of the
         latest ``every`` queries over everything held and a ridge solve per head in its smaller form
         (``G · every`` rows or the kept entries, whichever is fewer). ``keep``: ``"attention"`` (the default rule)

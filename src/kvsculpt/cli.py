@@ -74,6 +74,16 @@ def positive_int(text: str) -> int:
     return value
 
 
+def _floor(text: str) -> float | str:
+    """``--context-floor``: a share in [0, 1] (checked by the fork, in one line) or ``auto`` (argparse type)."""
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a share in [0, 1] or 'auto', got {text!r}") from None
+
+
 # ------------------------------------------------------------------------------------------ commands
 def cmd_models(args):
     from .hf.models import fetch, hf_copy_dir, is_cached, load_model
@@ -479,9 +489,10 @@ def build_parser(benchmarks: bool = True) -> argparse.ArgumentParser:
                    help="what --decode-budget bounds: the answer's tokens only (appended) or the whole cache, so a "
                    "cut may drop the context's entries too (all: at most the block plus N entries per head) "
                    "(default: %(default)s)")  # fmt: skip
-    p.add_argument("--context-floor", type=float, default=0.0, metavar="F",
+    p.add_argument("--context-floor", type=_floor, default=0.0, metavar="F",
                    help="under --decode-scope all, a cut keeps at least this share of each head's context entries, "
-                   "the best-scored (0: none; 1: the whole context) (default: %(default)s)")  # fmt: skip
+                   "the best-scored (0: none; 1: the whole context; auto: each head's share of the room is the "
+                   "share of its latest attention that went to the context) (default: %(default)s)")  # fmt: skip
     p.set_defaults(func=cmd_generate)
 
     p = command("compress-corpus", "compress many documents into a cache store, resumably, here or on Ray",

@@ -187,7 +187,7 @@ def answer_text(tokenizer, tokens: list[int], stop: str | None = None) -> str:
 
 def ask(model, tokenizer, cache, questions, max_new_tokens: int = 64, stop: str | None = None,
         decode_budget: int | None = None, every: int = 64, refit: bool = True, scope: str = "all",
-        context_floor: float = 0.0):  # fmt: skip
+        context_floor: float | str = 0.0):  # fmt: skip
     """Answer each question (a string, or a list of them) from the same compressed context, greedily; stops
     at EOS or where ``stop`` appears (after the answer's leading white space). Returns the answers' texts.
 
