@@ -48,6 +48,7 @@ METHODS = {
     "reading": {"chunk_tokens": 2048, "read_ahead": 0},
     "reading-ahead": {"chunk_tokens": 2048},
     "reading-ahead-1024": {"chunk_tokens": 1024},
+    "reading-ahead-4096": {"chunk_tokens": 2048, "read_ahead": 4096},
 }  # learned: one prefill, copied values; reading: compress while reading in parts of 2048 (read ahead by 2048)
 ALLOCATORS = {
     "default": {},
@@ -178,7 +179,8 @@ def main() -> None:
         default="default",
         choices=list(METHODS),
         help="learned: one prefill, copied values; reading: in parts of 2048 tokens; reading-ahead: each read 2048 "
-        "ahead; reading-ahead-1024: in parts of 1024, each read 1024 ahead",
+        "ahead; reading-ahead-1024: in parts of 1024, each read 1024 ahead; reading-ahead-4096: in parts of 2048, "
+        "each read 4096 ahead",
     )
     p.add_argument(
         "--tensors",
