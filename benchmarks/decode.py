@@ -52,6 +52,7 @@ def teacher(model, cache, start: int, prompt: torch.Tensor, steps: int) -> list[
 
 
 def run_model(name: str, args, done: dict, jsonl: Path) -> None:
+    from kvsculpt.cli import context_floor_arg
     from kvsculpt.eval.metrics import read_agreement
     from kvsculpt.eval.texts import load_text
     from kvsculpt.hf.decode import full_cache, text_ids
@@ -100,7 +101,7 @@ def run_model(name: str, args, done: dict, jsonl: Path) -> None:
         keep, _, refit = base_rule.partition("+")
         scope, _, floor = scope.partition(":")
         cache = context.fork(decode_budget=budget, every=every, keep=keep, refit=refit == "refit",
-                             scope=scope or "appended", context_floor=floor if floor == "auto" else float(floor or 0))  # fmt: skip
+                             scope=scope or "appended", context_floor=context_floor_arg(floor or "0"))  # fmt: skip
         got, seconds, peak = read(model, cache, n, prompt, tokens)
         add({**base, "rule": rule, "budget": frac, "every": every, "budget_tokens": budget,
              **read_agreement(ref, got, tokens), "tokens_per_s": (T - 1) / seconds, "peak_extra_bytes": peak,

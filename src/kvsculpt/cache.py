@@ -218,7 +218,7 @@ class CompressedLayer(CacheLayerMixin):
         self.part = part
         self.context_floor = context_floor if context_floor == "auto" else float(context_floor)
         self.context_read = (
-            None  # [B, Hkv, 2] ("auto"): attention on the context, and in all, at the last cut
+            None  # [B, Hkv, 2] ("auto"): attention on the context, and on all, at the last cut
         )
         self.context_held = None  # [B, Hkv] (scope "all"): the context's real entries still held; they lead
         self.added = 0  # tokens appended so far, cut or not (the logical length is n + added)

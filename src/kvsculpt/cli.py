@@ -74,8 +74,9 @@ def positive_int(text: str) -> int:
     return value
 
 
-def _floor(text: str) -> float | str:
-    """``--context-floor``: a share in [0, 1] (checked by the fork, in one line) or ``auto`` (argparse type)."""
+def context_floor_arg(text: str) -> float | str:
+    """``--context-floor`` (and the decode benchmark's ``rule@all:F``): a share in [0, 1] (checked by the fork, in
+    one line) or ``auto`` (argparse type)."""
     if text == "auto":
         return text
     try:
@@ -489,7 +490,7 @@ def build_parser(benchmarks: bool = True) -> argparse.ArgumentParser:
                    help="what --decode-budget bounds: the answer's tokens only (appended) or the whole cache, so a "
                    "cut may drop the context's entries too (all: at most the block plus N entries per head) "
                    "(default: %(default)s)")  # fmt: skip
-    p.add_argument("--context-floor", type=_floor, default=0.0, metavar="F",
+    p.add_argument("--context-floor", type=context_floor_arg, default=0.0, metavar="F",
                    help="under --decode-scope all, a cut keeps at least this share of each head's context entries, "
                    "the best-scored (0: none; 1: the whole context; auto: each head's share of the room is the "
                    "share of its latest attention that went to the context) (default: %(default)s)")  # fmt: skip
